@@ -1,0 +1,508 @@
+"""``Queue``: ezpq's API, served by an ezpq_mgr server.
+
+With no address (and no ``$EZPQ_ADDRESS``) a Queue starts a private server
+(``embedded.py``) and stops it in ``dispose()``; with one, it connects to a
+shared ``ezpq-server``. Either way the client only pickles jobs, talks to
+the ``Service`` through a manager proxy, and unpickles results. A daemon
+thread per Queue takes the server's notices about its finished jobs: it
+prints tracebacks (unless ``suppress_errors``), runs ``callback`` and writes
+``log_file`` rows, then tells the server the jobs are processed.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import multiprocessing
+import os
+import pickle
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterable, List, Optional
+
+from . import serialize
+from .connection import Remote, default_authkey, parse_address
+from .embedded import PrivateServer
+from .errors import EzpqError
+from .job import Job, normalize_args
+from .jobdict import log_csv, to_job_dict
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Queue"]
+
+_RUNNERS = {"process": "process", "thread": "thread"}
+
+
+def _runner_name(job_runner: Any) -> str:
+    import threading as _threading
+    if isinstance(job_runner, str) and job_runner in _RUNNERS:
+        return job_runner
+    if isinstance(job_runner, type):
+        if issubclass(job_runner, _threading.Thread):
+            return "thread"
+        if issubclass(job_runner, multiprocessing.process.BaseProcess):
+            return "process"
+    raise ValueError(
+        f"job_runner must be multiprocessing.Process, threading.Thread, 'process' or 'thread', "
+        f"not {job_runner!r}")
+
+
+def _fast_dumps(value: Any) -> bytes:
+    """pickle when it is safe (nothing from __main__), else cloudpickle."""
+    try:
+        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        if b"__main__" not in blob and b"__mp_main__" not in blob:
+            return blob
+    except Exception:
+        pass
+    return serialize.dump_call_args(*value) if isinstance(value, tuple) and len(value) == 2 \
+        else serialize.dump_value(value)
+
+
+def _plain_name(name: Any) -> Any:
+    if name is None or isinstance(name, (str, int, float)) and not isinstance(name, bool):
+        return name
+    return str(name)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return str(os.getuid())
+
+
+class Queue:
+    """A parallel priority queue of jobs (ezpq 0.2.2's API).
+
+    Args (ezpq's, plus ``address``/``authkey``/``start_method``): see the README.
+    """
+
+    def __init__(
+        self,
+        n_workers: Optional[int] = None,
+        max_size: int = 0,
+        job_runner: Any = multiprocessing.Process,
+        auto_remove: bool = False,
+        auto_start: bool = True,
+        auto_stop: bool = False,
+        callback: Optional[Callable[[dict], Any]] = None,
+        log_file: Optional[str] = None,
+        poll: float = 0.1,
+        show_progress: bool = False,
+        qid: Optional[str] = None,
+        address: Any = None,
+        authkey: Optional[bytes] = None,
+        start_method: Optional[str] = None,
+    ):
+        self._runner = _runner_name(job_runner)
+        if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, int)
+                                      or n_workers < 1):
+            raise ValueError(f"n_workers must be an int >= 1, got {n_workers!r}")
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0:
+            raise ValueError(f"max_size must be an int >= 0, got {max_size!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        if qid is not None and not isinstance(qid, str):
+            raise TypeError(f"qid must be a string, not {type(qid).__name__}")
+        start_method = start_method or os.environ.get("EZPQ_START_METHOD") or None
+        if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
+                             f"not {start_method!r}")
+        self._qid = qid or uuid.uuid4().hex[:8]
+        self._token = uuid.uuid4().hex
+        self._callback = callback
+        self._log_file = log_file
+        self._poll = poll
+        self.show_progress = show_progress
+        self._max_size = max_size
+        self._user = _user()
+        self._server: Optional[PrivateServer] = None
+        self._disposed = False
+        if address is None:
+            address = os.environ.get("EZPQ_ADDRESS") or None
+        if address is None:
+            self._server = PrivateServer(n_workers or os.cpu_count() or 1, start_method,
+                                         prestart=self._runner == "process")
+            address, key = self._server.address, self._server.authkey
+        else:
+            address = parse_address(address)
+            key = authkey if authkey is not None else default_authkey()
+        try:
+            self._remote = Remote(address, key)
+            holding = callback is not None or log_file is not None
+            hello = self._remote.call("hello", self._token, os.getcwd(), list(sys.path), holding)
+            self._env_id = hello["env_id"]
+            settings = {"max_size": max_size, "auto_stop": auto_stop, "auto_remove": auto_remove}
+            if not auto_start:
+                settings["paused"] = True
+            if self._server is None and n_workers is not None:
+                settings["cap"] = n_workers
+            self._remote.call("configure", self._qid, settings)
+        except BaseException:
+            if self._server is not None:
+                self._server.stop()
+            raise
+        self._notices = threading.Thread(target=self._take_notices, name=f"ezpq-notices-{self._qid}",
+                                         daemon=True)
+        self._notices.start()
+
+    # ----------------------------------------------------------- internals
+    def _call(self, method: str, *args):
+        if self._disposed:
+            raise EzpqError(f"queue {self._qid!r} is disposed")
+        return self._remote.call(method, *args)
+
+    def _record(self, job: Job, fn_blob: Optional[bytes] = None) -> dict:
+        """Check and pickle one job; raises before anything is sent."""
+        if not isinstance(job, Job):
+            raise TypeError(f"submit() takes an ezpq_mgr.Job, not {type(job).__name__}")
+        if self._runner == "thread" and job.timeout > 0:
+            raise ValueError("thread jobs cannot be killed: a timeout needs job_runner=Process")
+        if self._runner == "thread" and job.max_memory:
+            raise ValueError("thread jobs cannot be killed: max_memory needs job_runner=Process")
+        return {
+            "client": self._token,
+            "user": self._user,
+            "name": _plain_name(job.name),
+            "priority": job.priority,
+            "lane_key": None if job.lane is None else serialize.dump_value(job.lane, "lane"),
+            "timeout": float(job.timeout),
+            "function": getattr(job.function, "__name__", type(job.function).__name__),
+            "fn_blob": fn_blob if fn_blob is not None else serialize.dump_function(job.function),
+            "args_blob": _fast_dumps((job.args, job.kwargs)),
+            "runner": self._runner,
+            "suppress_errors": job.suppress_errors,
+            "stop_on_lane_error": job.stop_on_lane_error,
+            "retries": job.retries,
+            "max_memory": job.max_memory,
+            "env_id": self._env_id,
+        }
+
+    def _put_jobs(self, jobs: List[Job]) -> List[int]:
+        """Pickle every job first (all or nothing), then send them in one call."""
+        fn_blobs = {}
+        records = []
+        for job in jobs:
+            key = id(job.function)
+            if key not in fn_blobs:
+                fn_blobs[key] = (job.function, serialize.dump_function(job.function)) \
+                    if callable(job.function) else (None, None)
+            records.append(self._record(job, fn_blobs[key][1]))
+        if not records:
+            return []
+        return self._call("put", self._qid, records)
+
+    def _take_notices(self) -> None:
+        """Daemon thread: react to this client's finished jobs."""
+        while True:
+            try:
+                notices = self._remote.call("take_notices", self._token, 5.0)
+            except Exception:
+                return
+            if notices is None:
+                return
+            processed = []
+            for snap in notices:
+                job = to_job_dict(snap)
+                if job["exception"] and not snap["suppress_errors"] and job["status"] not in (
+                        "cancelled", "skipped"):
+                    sys.stderr.write(f"ezpq job {job['id']} ({job['function']}) {job['status']}:\n"
+                                     f"{job['exception']}\n")
+                    sys.stderr.flush()
+                if snap["held"]:
+                    processed.append((snap["seq"], self._post_process(job)))
+            if processed:
+                try:
+                    self._remote.call("mark_processed", processed)
+                except Exception:
+                    return
+
+    def _post_process(self, job: dict) -> Optional[bytes]:
+        result = None
+        if self._callback is not None:
+            try:
+                result = self._callback(job)
+            except Exception as exc:
+                result = str(exc)
+            job["callback"] = result
+        if self._log_file is not None:
+            from datetime import datetime
+            job["processed"] = datetime.now()
+            log_csv(job, self._log_file)
+        if result is None:
+            return None
+        try:
+            return serialize.dump_value(result, "callback result")
+        except EzpqError:
+            return serialize.dump_value(repr(result))
+
+    def _wait_loop(self, step: Callable[[float], Any], done: Callable[[Any], bool],
+                   timeout: float = 0):
+        """Call ``step(slice)`` until ``done(result)`` or ``timeout`` (0 = none) passes."""
+        deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
+        while True:
+            left = 5.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            result = step(min(left, 5.0) if left > 0 else 0.0001)
+            if done(result) or (deadline is not None and time.monotonic() >= deadline):
+                return result
+
+    # ------------------------------------------------------------- ezpq API
+    def __call__(self, fun: Callable) -> Callable:
+        """Decorator: ``@Queue(6)`` makes ``f(iterable=...)`` map f and dispose."""
+        self.start()
+
+        def wrapped_f(iterable, *args, **kwargs):
+            try:
+                ids = self._put_jobs([Job(fun, args=[x] + list(args), kwargs=kwargs or None)
+                                      for x in iterable])
+                self.wait(show_progress=self.show_progress)
+                return self._collect_ids(ids)
+            finally:
+                self.dispose()
+
+        wrapped_f.__wrapped__ = fun
+        wrapped_f.__name__ = getattr(fun, "__name__", "wrapped_f")
+        return wrapped_f
+
+    def __enter__(self) -> "Queue":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.dispose()
+
+    def __repr__(self) -> str:
+        where = "embedded" if self._server else self._remote.where
+        return f"<ezpq_mgr.Queue qid={self._qid!r} {where}{' disposed' if self._disposed else ''}>"
+
+    @property
+    def qid(self) -> str:
+        return self._qid
+
+    @property
+    def is_running(self) -> bool:
+        """True while jobs of this queue may start (ezpq's pulse is running)."""
+        if self._disposed:
+            return False
+        return not self._call("counts", self._qid)["paused"]
+
+    log_csv = staticmethod(log_csv)
+
+    def start(self) -> None:
+        """Let this queue's waiting jobs start (after auto_start=False or _stop())."""
+        self._call("configure", self._qid, {"paused": False})
+
+    def _stop(self) -> None:
+        """Hold this queue's waiting jobs (running ones go on), as ezpq's _stop()."""
+        self._call("configure", self._qid, {"paused": True})
+
+    def put(self, function: Callable, args: Any = None, kwargs: Optional[dict] = None,
+            name: Any = None, priority: int = 100, lane: Any = None, timeout: float = 0,
+            suppress_errors: bool = False, stop_on_lane_error: bool = False,
+            retries: int = 0, max_memory: Optional[int] = None) -> int:
+        """Create a job and submit it; returns its id."""
+        return self.submit(Job(function, args, kwargs, name, priority, lane, timeout,
+                               suppress_errors, stop_on_lane_error, retries, max_memory))
+
+    def submit(self, job: Job) -> int:
+        """Submit an ``ezpq_mgr.Job``; returns its id."""
+        return self._call("put", self._qid, [self._record(job)])[0]
+
+    def _collect_ids(self, ids: List[int]) -> List[dict]:
+        return [to_job_dict(s) for s in self._call("pop_ids", self._qid, ids) if s is not None]
+
+    def _map_jobs(self, jobs: List[Job], show_progress: bool) -> List[dict]:
+        ids = self._put_jobs(jobs)
+        if show_progress:
+            self._progress(lambda s: self._call("wait_client", self._token, s), len(ids))
+        else:
+            self._wait_loop(lambda s: self._call("wait_client", self._token, s), lambda n: n == 0)
+        return self._collect_ids(ids)
+
+    def map(self, function: Callable, iterable: Iterable, args: Any = None,
+            kwargs: Optional[dict] = None, timeout: float = 0, show_progress: bool = False) -> List[dict]:
+        """Run ``function(x, *args, **kwargs)`` for each x; job dicts in input order."""
+        extra = normalize_args(args) or []
+        return self._map_jobs([Job(function, [x] + extra, kwargs, timeout=timeout)
+                               for x in _iterable(iterable)], show_progress)
+
+    def starmap(self, function: Callable, iterable: Iterable, args: Any = None,
+                kwargs: Optional[dict] = None, timeout: float = 0, show_progress: bool = False) -> List[dict]:
+        """Run ``function(*x, *args, **kwargs)`` for each x; job dicts in input order."""
+        extra = normalize_args(args) or []
+        jobs = []
+        for x in _iterable(iterable):
+            if not isinstance(x, (list, tuple)):
+                raise TypeError(f"starmap items must be lists or tuples, got {type(x).__name__}")
+            jobs.append(Job(function, list(x) + extra, kwargs, timeout=timeout))
+        return self._map_jobs(jobs, show_progress)
+
+    def starmapkw(self, function: Callable, iterable: Iterable, args: Any = None,
+                  kwargs: Optional[dict] = None, timeout: float = 0, show_progress: bool = False) -> List[dict]:
+        """Run ``function(*args, **x, **kwargs)`` for each dict x; job dicts in input order."""
+        jobs = []
+        for x in _iterable(iterable):
+            if not isinstance(x, dict):
+                raise TypeError(f"starmapkw items must be dicts, got {type(x).__name__}")
+            jobs.append(Job(function, args, {**x, **(kwargs or {})}, timeout=timeout))
+        return self._map_jobs(jobs, show_progress)
+
+    def wait(self, poll: float = 0, timeout: float = 0, show_progress: bool = False) -> int:
+        """Block until this queue has no waiting or working job (or ``timeout``).
+
+        Returns how many are still waiting or working (0 = all done)."""
+        if show_progress:
+            return self.waitpb(poll, timeout)
+        return self._wait_loop(lambda s: self._call("wait_pending", self._qid, 1, s),
+                               lambda n: n == 0, timeout)
+
+    def waitpb(self, poll: float = 0, timeout: float = 0) -> int:
+        """``wait()`` with a tqdm progress bar."""
+        total = self.size(waiting=True, working=True)
+        return self._progress(lambda s: self._call("wait_pending", self._qid, 1, s), total, timeout)
+
+    def _progress(self, step: Callable[[float], int], total: int, timeout: float = 0) -> int:
+        from .progress import bar
+        left = total
+        with bar(total) as pb:
+            def tick(slice_: float) -> int:
+                nonlocal left
+                n = step(min(slice_, 0.2))
+                if n < left:
+                    pb.update(left - n)
+                    left = n
+                return n
+            return self._wait_loop(tick, lambda n: n == 0, timeout)
+
+    def get(self, wait: bool = False, poll: float = 0, timeout: float = 0) -> Optional[dict]:
+        """Pop the best completed job (lowest priority, then earliest), or None.
+
+        Blocks when ``wait``, ``poll`` or ``timeout`` is given, until a job
+        completes, the queue is empty, or ``timeout`` passes."""
+        if not (wait or poll or timeout):
+            job, _ = self._call("get", self._qid, False, 0)
+            return None if job is None else to_job_dict(job)
+        job, _ = self._wait_loop(lambda s: self._call("get", self._qid, True, s),
+                                 lambda r: r[0] is not None or r[1] == 0, timeout)
+        return None if job is None else to_job_dict(job)
+
+    def collect(self, n: int = 0) -> List[dict]:
+        """Pop ``n`` completed jobs (all when n <= 0), best first."""
+        return [to_job_dict(s) for s in self._call("collect", self._qid, int(n))]
+
+    def size(self, waiting: bool = False, working: bool = False, completed: bool = False) -> int:
+        """Jobs waiting + working + completed (only the ones asked, if any)."""
+        c = self._call("counts", self._qid)
+        if not (waiting or working or completed):
+            waiting = working = completed = True
+        return (c["waiting"] if waiting else 0) + (c["working"] if working else 0) + (
+            c["completed"] if completed else 0)
+
+    def clear_waiting(self) -> int:
+        """Cancel every waiting job of this queue; they go to the completed queue."""
+        return self._call("cancel_all", self._qid, None, False)
+
+    def stop_all(self, wait: bool = True) -> None:
+        """Cancel waiting jobs and stop running ones; optionally wait for the stops."""
+        self._call("cancel_all", self._qid, None, True)
+        if wait:
+            self.wait()
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a waiting job or kill a running one; False if it had finished."""
+        return self._call("cancel", self._qid, int(job_id))
+
+    def jobs(self) -> List[dict]:
+        """Snapshot of every job of this queue still on the server, in id order."""
+        return [to_job_dict(s) for s in self._call("jobs", self._qid)]
+
+    def n_submitted(self) -> int:
+        return self._call("counts", self._qid)["submitted"]
+
+    def n_completed(self) -> int:
+        return self._call("counts", self._qid)["n_completed"]
+
+    def n_workers(self) -> int:
+        """Concurrent jobs allowed for this queue."""
+        cap = self._call("counts", self._qid)["cap"]
+        return cap or self._call("n_workers")
+
+    def set_workers(self, n: int) -> None:
+        """Change concurrency: the private server's workers, or this queue's cap."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if self._server is not None:
+            self._call("set_workers", n)
+        else:
+            self._call("configure", self._qid, {"cap": n})
+
+    def n_workers_free(self) -> int:
+        return self.n_workers() - self._call("counts", self._qid)["running"]
+
+    def is_working(self) -> bool:
+        return self._call("counts", self._qid)["working"] > 0
+
+    def is_busy(self) -> bool:
+        return self.n_workers_free() <= 0 or self._call("counts", self._qid)["waiting"] > 0
+
+    def is_empty(self) -> bool:
+        return self.size() == 0
+
+    def is_full(self) -> bool:
+        return self._max_size > 0 and self.size() >= self._max_size
+
+    def remaining_jobs(self) -> int:
+        c = self._call("counts", self._qid)
+        return c["submitted"] - c["n_completed"]
+
+    def wait_worker(self, poll: float = 0, timeout: float = 0) -> bool:
+        """Block until a worker is free for this queue; True if one is."""
+        version = [0]
+
+        def step(slice_: float) -> bool:
+            if not self.is_busy():
+                return True
+            version[0] = self._call("wait_change", version[0], slice_)
+            return not self.is_busy()
+
+        return self._wait_loop(step, bool, timeout)
+
+    def dispose(self) -> None:
+        """Cancel this client's waiting jobs, stop its running ones, wait, disconnect.
+
+        Embedded: also stops the private server. Jobs other clients put on
+        the same qid are left alone."""
+        if self._disposed:
+            return
+        try:
+            self._remote.call("cancel_all", self._qid, self._token, True)
+            self._wait_loop(lambda s: self._remote.call("wait_client", self._token, s),
+                            lambda n: n == 0, 30)
+            self._remote.call("goodbye", self._token, self._qid, True)
+        finally:
+            self._release()
+
+    def detach(self) -> None:
+        """Disconnect and leave this client's jobs to run (shared servers)."""
+        if self._disposed:
+            return
+        try:
+            self._remote.call("goodbye", self._token, self._qid, False)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._disposed = True
+        self._notices.join(10)
+        self._remote.close()
+        if self._server is not None:
+            self._server.stop()
+
+
+def _iterable(iterable: Any) -> Iterable:
+    if not hasattr(iterable, "__iter__"):
+        raise TypeError(f"iterable must be iterable, not {type(iterable).__name__}")
+    return iterable

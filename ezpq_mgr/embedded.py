@@ -1,0 +1,99 @@
+"""The private server of an embedded queue: started, watched, stopped.
+
+The server runs as ``python -m ezpq_mgr.server --embedded`` in a fresh
+interpreter (never a fork or spawn of the client), so the client's
+``__main__`` is not re-imported there and unguarded scripts work under
+every start method. It listens on a Unix socket in a private 0700 temp
+directory with a random authkey. Its stdin is a pipe from the client: when
+the client closes it, or dies (SIGKILL included), the server stops and
+kills its workers. It runs in its own session, so a Ctrl+C meant for the
+client does not kill it before the client has cleaned up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from typing import Optional
+
+from .errors import ServerError
+
+__all__ = ["PrivateServer"]
+
+START_TIMEOUT = 60.0
+
+
+class PrivateServer:
+    """A server process owned by this client."""
+
+    def __init__(self, workers: int, start_method: Optional[str], prestart: bool):
+        self.dir = tempfile.mkdtemp(prefix="ezpq-")
+        self.address = os.path.join(self.dir, "server.sock")
+        self.authkey = os.urandom(32)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        ready_r, ready_w = os.pipe()
+        try:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "ezpq_mgr.server", "--embedded", "--ready-fd", str(ready_w)],
+                stdin=subprocess.PIPE, pass_fds=[ready_w], start_new_session=True, env=env,
+            )
+        except BaseException:
+            os.close(ready_r)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        finally:
+            os.close(ready_w)
+        self._finalizer = weakref.finalize(self, _stop, self.popen, self.dir, 10.0)
+        config = {"address": self.address, "authkey": self.authkey.hex(), "workers": workers,
+                  "start_method": start_method, "prestart": prestart, "sys_path": sys.path}
+        try:
+            self.popen.stdin.write((json.dumps(config) + "\n").encode())
+            self.popen.stdin.flush()
+            self._await_ready(ready_r)
+        except BaseException:
+            self._finalizer()
+            raise
+        finally:
+            os.close(ready_r)
+
+    def _await_ready(self, fd: int) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        data = b""
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServerError(f"the private ezpq server did not start within {START_TIMEOUT:.0f} s")
+            readable, _, _ = select.select([fd], [], [], left)
+            if readable:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    code = self.popen.wait(5)
+                    raise ServerError(f"the private ezpq server exited during start-up (exit code {code})")
+                data += chunk
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the lifeline and wait for the server to exit (kill it past ``timeout``)."""
+        self._finalizer.detach()
+        _stop(self.popen, self.dir, timeout)
+
+
+def _stop(popen: subprocess.Popen, directory: str, timeout: float) -> None:
+    try:
+        popen.stdin.close()
+    except OSError:
+        pass
+    try:
+        popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait()
+    shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,188 @@
+"""Jobs: the user's ``Job`` request, the server's ``JobRecord``, and their states.
+
+A ``Job`` is what a user builds (ezpq's class, same signature). The client
+turns it into a ``JobRecord``: plain data only (numbers, strings, bytes), so
+the server can keep, copy and journal it without ever unpickling user
+objects. Function, arguments, lane and output travel as opaque pickles that
+only the client and the worker load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import numbers
+from typing import Any, Callable, Optional
+
+__all__ = ["Job", "JobStatus", "JobRecord", "FIELDS", "FINISHED", "normalize_args"]
+
+
+class JobStatus(str, enum.Enum):
+    """Where a job is in its life. Every finished state is final."""
+
+    WAITING = "waiting"
+    WORKING = "working"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    KILLED = "killed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+    LOST = "lost"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED = frozenset(
+    {
+        JobStatus.COMPLETED,
+        JobStatus.FAILED,
+        JobStatus.TIMEOUT,
+        JobStatus.KILLED,
+        JobStatus.CANCELLED,
+        JobStatus.SKIPPED,
+        JobStatus.LOST,
+    }
+)
+
+#: Keys of a job dict, in order: ezpq 0.2.2's first, then ezpq_mgr's.
+FIELDS = (
+    "qid", "id", "name", "priority", "lane", "timeout", "function", "args",
+    "kwargs", "submitted", "started", "ended", "processed", "exitcode",
+    "cancelled", "runtime", "output", "exception", "callback",
+    "status", "cpu_user", "cpu_system", "max_rss", "max_rss_method",
+    "max_rss_children", "pid", "host", "user", "retries", "attempts",
+    "max_memory",
+)
+
+
+def normalize_args(args: Any) -> Optional[list]:
+    """ezpq's rule: a list/tuple is the positional arguments, None is none,
+    anything else (a string included) is the single first argument."""
+    if args is None:
+        return None
+    if isinstance(args, (list, tuple)):
+        return list(args)
+    return [args]
+
+
+def _check_number(name: str, value: Any, allow_zero: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+class Job:
+    """Defines what to run within an ``ezpq_mgr.Queue``, and how to run it.
+
+    Same signature as ezpq 0.2.2's ``Job``, plus ``retries`` (run again up to
+    N times after a failure) and ``max_memory`` (bytes; kill the job past it).
+    Arguments are checked here so bad input fails at the call that made it.
+    """
+
+    def __init__(
+        self,
+        function: Callable,
+        args: Any = None,
+        kwargs: Optional[dict] = None,
+        name: Any = None,
+        priority: int = 100,
+        lane: Any = None,
+        timeout: float = 0,
+        suppress_errors: bool = False,
+        stop_on_lane_error: bool = False,
+        retries: int = 0,
+        max_memory: Optional[int] = None,
+    ):
+        if not callable(function):
+            raise TypeError(f"function must be callable, not {type(function).__name__}")
+        if kwargs is not None:
+            try:
+                kwargs = dict(kwargs)
+            except (TypeError, ValueError):
+                raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}") from None
+            bad = [k for k in kwargs if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"kwargs keys must be strings, got {bad[0]!r}")
+        if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
+            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+        try:
+            hash(lane)
+        except TypeError:
+            raise TypeError(f"lane must be hashable, not {type(lane).__name__}") from None
+        _check_number("timeout", timeout)
+        if isinstance(retries, bool) or not isinstance(retries, numbers.Integral):
+            raise TypeError(f"retries must be an int, not {type(retries).__name__}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries!r}")
+        if max_memory is not None:
+            _check_number("max_memory", max_memory)
+        self.function = function
+        self.args = normalize_args(args)
+        self.kwargs = kwargs
+        self.name = name
+        self.priority = int(priority)
+        self.lane = lane
+        self.timeout = timeout
+        self.suppress_errors = bool(suppress_errors)
+        self.stop_on_lane_error = bool(stop_on_lane_error)
+        self.retries = int(retries)
+        self.max_memory = None if max_memory is None else int(max_memory)
+
+    def __repr__(self) -> str:
+        fn = getattr(self.function, "__name__", repr(self.function))
+        return f"Job({fn}, args={self.args!r}, priority={self.priority}, lane={self.lane!r})"
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """One job as the server keeps it: plain data, no live handles."""
+
+    seq: int                      # global submission order (unique key)
+    qid: str
+    id: int                       # per-queue id, 1, 2, ... as in ezpq
+    client: str                   # token of the submitting Queue object
+    user: str
+    name: Any                     # str/int/float/None (other names are str()'d)
+    priority: int
+    lane_key: Optional[bytes]     # pickled lane, compared as bytes
+    timeout: float
+    function: str                 # the function's name
+    fn_blob: bytes                # cloudpickled function (opaque to the server)
+    args_blob: bytes              # pickled (args, kwargs) (opaque to the server)
+    runner: str = "process"
+    suppress_errors: bool = False
+    stop_on_lane_error: bool = False
+    retries: int = 0
+    max_memory: Optional[int] = None
+    env_id: int = 0               # which client environment (cwd, sys.path) to run in
+    status: JobStatus = JobStatus.WAITING
+    submitted: Optional[float] = None
+    started: Optional[float] = None
+    ended: Optional[float] = None
+    processed: Optional[float] = None
+    exitcode: Optional[int] = None
+    cancelled: bool = False
+    output_blob: Optional[bytes] = None
+    exception: Optional[str] = None
+    callback_blob: Optional[bytes] = None
+    cpu_user: Optional[float] = None
+    cpu_system: Optional[float] = None
+    max_rss: Optional[int] = None
+    max_rss_method: Optional[str] = None
+    max_rss_children: Optional[int] = None
+    pid: Optional[int] = None
+    host: Optional[str] = None
+    attempts: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def snapshot(self) -> dict:
+        """Plain-data copy for a client; the function blob stays on the server."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "fn_blob"}
+        d["status"] = self.status.value
+        return d

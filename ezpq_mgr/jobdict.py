@@ -1,0 +1,57 @@
+"""Turning the server's plain snapshots into ezpq job dicts, and back to CSV."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from datetime import datetime
+from typing import Optional
+
+from . import serialize
+from .job import FIELDS
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["to_job_dict", "log_csv"]
+
+_TIMES = ("submitted", "started", "ended", "processed")
+
+
+def _load(blob: Optional[bytes], what: str):
+    try:
+        return serialize.load_or_none(blob)
+    except Exception as exc:  # e.g. the output's class is not importable here
+        return f"<{what} cannot be unpickled here: {exc!r}>"
+
+
+def to_job_dict(snap: dict) -> dict:
+    """ezpq's job dict (in ezpq's key order, then ours) from a server snapshot."""
+    args, kwargs = _load(snap["args_blob"], "arguments") or (None, None)
+    d = {key: snap.get(key) for key in FIELDS}
+    d["args"], d["kwargs"] = args, kwargs
+    d["lane"] = _load(snap["lane_key"], "lane")
+    d["output"] = _load(snap["output_blob"], "output")
+    d["callback"] = _load(snap["callback_blob"], "callback result")
+    for key in _TIMES:
+        if snap[key] is not None:
+            d[key] = datetime.fromtimestamp(snap[key])
+    if snap["started"] is not None and snap["ended"] is not None:
+        d["runtime"] = snap["ended"] - snap["started"]
+    return d
+
+
+def log_csv(job: dict, path: str = "ezpq_log.csv", append: bool = True) -> int:
+    """Write one job dict as a CSV row (header when the file is new). 0 ok, -1 error."""
+    try:
+        exists = os.path.exists(path) and os.path.getsize(path) > 0
+        mode = "a" if (exists and append) else "w"
+        with open(path, mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(job.keys()))
+            if mode == "w":
+                writer.writeheader()
+            writer.writerow(job)
+        return 0
+    except OSError as exc:
+        logger.error("cannot write the job log %s: %s", path, exc)
+        return -1

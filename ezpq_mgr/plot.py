@@ -1,0 +1,109 @@
+"""Job tables and Gantt charts (pandas + plotnine, the ``plot`` extra).
+
+``Plot(jobs).build(...)`` draws ezpq's chart on current pandas/plotnine:
+a gray bar from submitted to started, a coloured bar from started to ended,
+a gray bar from ended to processed; one row per job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, List, Optional, Sequence, Union
+
+__all__ = ["Plot", "to_dataframe", "COLUMNS", "THEMES"]
+
+COLUMNS = ("qid", "priority", "lane", "cancelled", "exitcode", "name", "output",
+           "status", "user", "host", "function")
+THEMES = ("bw", "classic", "gray", "grey", "seaborn", "538", "dark", "matplotlib",
+          "minimal", "xkcd", "light")
+SCALES = ("fixed", "free", "free_x", "free_y")
+_TIMES = ("submitted", "started", "ended", "processed")
+_NUMERIC = ("cpu_user", "cpu_system", "max_rss", "max_rss_children", "runtime", "exitcode", "pid")
+
+
+def _import(name: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        raise ImportError(f"{name} is needed for tables and plots: pip install 'ezpq_mgr[plot]'") from None
+
+
+def to_dataframe(jobs: Union[Sequence[dict], Any]):
+    """A pandas DataFrame of job dicts: datetimes as datetimes, status categorical."""
+    pd = _import("pandas")
+    if isinstance(jobs, pd.DataFrame):
+        df = jobs.copy()
+    elif isinstance(jobs, str):
+        df = pd.read_csv(jobs)
+    else:
+        df = pd.DataFrame(list(jobs))
+    for col in _TIMES:
+        if col in df:
+            df[col] = pd.to_datetime(df[col])
+    for col in _NUMERIC:
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce")
+    if "status" in df:
+        from .job import JobStatus
+        df["status"] = pd.Categorical(df["status"], categories=[s.value for s in JobStatus])
+    return df
+
+
+class Plot:
+    """Gantt chart of job timings, as in ezpq."""
+
+    def __init__(self, jobs: Union[Sequence[dict], Any]):
+        df = to_dataframe(jobs)
+        if df.empty:
+            raise ValueError("Plot needs at least one job")
+        start = df["submitted"].min()
+        for col in _TIMES:
+            df[col + "_offset"] = (df[col] - start).dt.total_seconds()
+        self.jobs_df = df
+
+    def _check(self, color_by: str, facet_by: Optional[str], facet_scale: str, theme: str) -> None:
+        for arg, value in (("color_by", color_by), ("facet_by", facet_by)):
+            if value is not None and value not in COLUMNS:
+                raise ValueError(f"{arg} must be one of {COLUMNS}, not {value!r}")
+        if facet_scale not in SCALES:
+            raise ValueError(f"facet_scale must be one of {SCALES}, not {facet_scale!r}")
+        if theme not in THEMES:
+            raise ValueError(f"theme must be one of {THEMES}, not {theme!r}")
+
+    def build(self, color_by: str = "qid", facet_by: Optional[str] = "qid", facet_scale: str = "fixed",
+              show_legend: bool = True, bar_width: float = 1, title: Optional[str] = None,
+              color_pal: Optional[List[str]] = None, theme: str = "bw"):
+        """The plotnine ggplot; ``.save(path)`` it or display it."""
+        self._check(color_by, facet_by, facet_scale, theme)
+        gg = _import("plotnine")
+        df = self.jobs_df.copy()
+        for col in {color_by, facet_by} - {None}:
+            df[col] = df[col].map(lambda v: "" if v is None or v != v else str(v))
+        waiting = df.dropna(subset=["submitted_offset", "started_offset"])
+        running = df.dropna(subset=["started_offset", "ended_offset"])
+        after = df.dropna(subset=["ended_offset", "processed_offset"])
+        labs = {"x": "duration (s)", "y": "job id", "color": color_by}
+        if title is not None:
+            labs["title"] = title
+        plot = (
+            gg.ggplot(df, gg.aes(y="id"))
+            + gg.geom_segment(gg.aes(x="submitted_offset", xend="started_offset", yend="id"),
+                              data=waiting, color="gray", size=bar_width, alpha=0.3)
+            + gg.geom_segment(gg.aes(x="started_offset", xend="ended_offset", yend="id", color=color_by),
+                              data=running, size=bar_width, show_legend=bool(show_legend))
+            + gg.geom_segment(gg.aes(x="ended_offset", xend="processed_offset", yend="id"),
+                              data=after, color="gray", size=bar_width, alpha=0.3)
+            + gg.labs(**labs)
+            + getattr(gg, "theme_" + theme)()
+            + gg.theme(panel_border=gg.element_blank(), axis_line=gg.element_line(color="black"),
+                       panel_grid_major_y=gg.element_blank(), panel_grid_minor_y=gg.element_blank())
+        )
+        if facet_by is not None:
+            plot += gg.facet_grid(rows=facet_by, labeller="label_both", scales=facet_scale)
+        n_colors = df[color_by].nunique()
+        if color_pal is None:
+            plot += gg.scale_color_hue(h=0.65)
+        else:
+            if len(color_pal) < n_colors:
+                raise ValueError(f"color_pal has {len(color_pal)} colours; {color_by!r} needs {n_colors}")
+            plot += gg.scale_color_manual(values=list(color_pal[:n_colors]))
+        return plot

@@ -1,0 +1,121 @@
+"""psutil helpers: kill a whole process tree, measure one job's CPU and peak memory.
+
+Per-job figures from a persistent worker must not include earlier jobs:
+CPU is a ``cpu_times()`` delta around the job (children fields included, so
+waited-for subprocesses count), and on Linux the peak-RSS high-water mark is
+reset before each job by writing ``5`` to ``/proc/self/clear_refs`` and read
+back from ``VmHWM``. Where that reset is not possible, the peak is sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Iterable, List, Optional, Tuple
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["kill_tree", "descendants", "PeakMemory", "cpu_seconds"]
+
+
+def descendants(pid: int) -> List[psutil.Process]:
+    """Snapshot of ``pid``'s descendants (empty if it is gone)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def kill_tree(procs: Iterable[psutil.Process], grace: float = 0.05) -> List[int]:
+    """SIGTERM every process, wait ``grace`` s, SIGKILL the rest.
+
+    Takes a snapshot (processes that started their own session are still in
+    it), so a parent dying first cannot hide its children. Returns the pids
+    still alive afterwards (normally none).
+    """
+    procs = list(procs)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=1.0)
+    survivors = [p.pid for p in alive]
+    if survivors:
+        logger.error("processes survived SIGKILL: %s", survivors)
+    return survivors
+
+
+def cpu_seconds(proc: psutil.Process) -> Tuple[float, float]:
+    """(user, system) CPU seconds of ``proc`` plus its waited-for children."""
+    t = proc.cpu_times()
+    return (t.user + getattr(t, "children_user", 0.0),
+            t.system + getattr(t, "children_system", 0.0))
+
+
+class PeakMemory:
+    """Peak RSS of this process for one job at a time.
+
+    ``start()`` before the job, ``stop()`` after: returns (bytes, method),
+    method being ``"vmhwm"`` (kernel high-water mark, exact) or ``"sampled"``
+    (psutil every 10 ms; misses spikes shorter than that).
+    """
+
+    CLEAR_REFS = "/proc/self/clear_refs"
+    STATUS = "/proc/self/status"
+
+    def __init__(self) -> None:
+        self._proc = psutil.Process()
+        self._exact = self._can_reset()
+        self._stop_evt: Optional[threading.Event] = None
+        self._sampled = 0
+
+    def _can_reset(self) -> bool:
+        try:
+            self._reset()
+            return self._read_hwm() is not None
+        except OSError:
+            return False
+
+    def _reset(self) -> None:
+        with open(self.CLEAR_REFS, "w") as f:
+            f.write("5")
+
+    def _read_hwm(self) -> Optional[int]:
+        with open(self.STATUS, "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return None
+
+    def start(self) -> None:
+        if self._exact:
+            self._reset()
+            return
+        self._sampled = self._proc.memory_info().rss
+        self._stop_evt = threading.Event()
+        threading.Thread(target=self._sample, args=(self._stop_evt,), daemon=True).start()
+
+    def _sample(self, stop: threading.Event) -> None:
+        while not stop.wait(0.01):
+            try:
+                self._sampled = max(self._sampled, self._proc.memory_info().rss)
+            except psutil.Error:
+                return
+
+    def stop(self) -> Tuple[int, str]:
+        if self._exact:
+            return self._read_hwm() or 0, "vmhwm"
+        self._stop_evt.set()
+        self._sampled = max(self._sampled, self._proc.memory_info().rss)
+        return self._sampled, "sampled"

@@ -1,0 +1,79 @@
+"""Pickling of what travels: functions and arguments out, outputs back.
+
+Functions and arguments are pickled with cloudpickle in the client at
+``put()`` time, so ``__main__`` functions, lambdas and closures work on any
+server, and a value that cannot be pickled is reported right there, named.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Optional, Tuple
+
+import cloudpickle
+
+from .errors import UnpicklableError
+
+__all__ = ["dump_function", "dump_call_args", "dump_value", "load", "load_or_none", "dump_output"]
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def dump_function(function: Any) -> bytes:
+    """cloudpickle ``function``; raise UnpicklableError naming it on failure."""
+    try:
+        return cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise UnpicklableError(f"function {_describe(function)} cannot be pickled: {exc}") from exc
+
+
+def dump_call_args(args: Optional[list], kwargs: Optional[dict]) -> bytes:
+    """Pickle (args, kwargs); on failure name the argument that broke it."""
+    try:
+        return cloudpickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        for i, value in enumerate(args or ()):
+            _probe(value, f"args[{i}]")
+        for key, value in (kwargs or {}).items():
+            _probe(value, f"kwargs[{key!r}]")
+        raise UnpicklableError(f"arguments cannot be pickled: {exc}") from exc
+
+
+def _probe(value: Any, where: str) -> None:
+    try:
+        cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise UnpicklableError(f"{where} = {_describe(value)} cannot be pickled: {exc}") from exc
+
+
+def dump_value(value: Any, what: str = "value") -> bytes:
+    """Pickle a small value (a lane, a callback result)."""
+    try:
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise UnpicklableError(f"{what} {_describe(value)} cannot be pickled: {exc}") from exc
+
+
+def dump_output(value: Any) -> Tuple[Optional[bytes], Optional[str]]:
+    """Pickle a job's output in the worker: (blob, None) or (None, error text)."""
+    if value is None:
+        return None, None
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), None
+    except Exception:
+        try:
+            return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), None
+        except Exception as exc:
+            return None, (f"output {_describe(value)} of type {type(value).__name__} "
+                          f"cannot be pickled: {exc!r}")
+
+
+def load(blob: bytes) -> Any:
+    return pickle.loads(blob)
+
+
+def load_or_none(blob: Optional[bytes]) -> Any:
+    return None if blob is None else pickle.loads(blob)

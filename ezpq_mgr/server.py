@@ -1,0 +1,128 @@
+"""The server process: a ``BaseManager`` serving one ``Service``.
+
+``serve()`` builds the state, the worker pool and the manager's listener,
+then blocks until it is told to stop: SIGTERM/SIGINT, or, for the private
+server of an embedded queue, end-of-file on its stdin (the client closed
+it, or died: even a SIGKILLed client closes its end of the pipe, so the
+private server never outlives it). Stopping kills every worker's process
+tree and removes the socket file.
+
+Run as ``python -m ezpq_mgr.server --embedded`` by ``embedded.py``; the
+``ezpq-server`` command (``cli.py``) calls ``serve()`` too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from multiprocessing.managers import BaseManager
+from typing import Optional, Union
+
+from .service import Service
+from .state import QueueState
+from .supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ServerManager", "serve"]
+
+_SERVICE: Optional[Service] = None
+
+
+def _get_service() -> Service:
+    if _SERVICE is None:
+        raise RuntimeError("no ezpq service in this process")
+    return _SERVICE
+
+
+class ServerManager(BaseManager):
+    """The manager both sides use: the server serves, clients connect."""
+
+
+ServerManager.register("service", callable=_get_service, exposed=Service.EXPOSED)
+
+
+def serve(address: Union[str, tuple], authkey: bytes, workers: int,
+          start_method: Optional[str] = None, prestart: bool = True,
+          embedded: bool = False, on_ready=None, stop_event: Optional[threading.Event] = None) -> None:
+    """Run a server until ``stop_event`` is set or SIGTERM/SIGINT arrives."""
+    global _SERVICE
+    stop = stop_event or threading.Event()
+    state = QueueState()
+    supervisor = Supervisor(state, workers, start_method)
+    _SERVICE = Service(state, supervisor, embedded=embedded)
+    manager = ServerManager(address=address, authkey=authkey)
+    server = manager.get_server()
+    if isinstance(address, str):
+        os.chmod(address, 0o600)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    supervisor.start(prestart=workers if prestart else 0)
+    server.stop_event = threading.Event()  # serve_forever() would make it; we run the accepter ourselves
+    threading.Thread(target=server.accepter, name="ezpq-accepter", daemon=True).start()
+    logger.info("ezpq server pid %s listening on %s with %s workers", os.getpid(), server.address, workers)
+    if on_ready is not None:
+        on_ready(server.address)
+    try:
+        while not stop.wait():
+            pass
+    finally:
+        logger.info("ezpq server stopping")
+        server.stop_event.set()
+        supervisor.stop()
+        try:
+            server.listener.close()
+        except OSError:
+            pass
+        if isinstance(address, str):
+            try:
+                os.unlink(address)
+            except OSError:
+                pass
+
+
+def _main_embedded() -> None:
+    import faulthandler; faulthandler.register(signal.SIGUSR1)
+    """Private server of one client: config on stdin's first line, stdin EOF = stop."""
+    ready_fd = int(sys.argv[sys.argv.index("--ready-fd") + 1])
+    stdin_fd = os.dup(0)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(stdin_fd, 1)
+        if not chunk:
+            return
+        line += chunk
+    config = json.loads(line)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.path[:] = config["sys_path"] + [p for p in sys.path if p not in config["sys_path"]]
+    logging.basicConfig(level=os.environ.get("EZPQ_LOG_LEVEL", "WARNING"),
+                        format="ezpq-server[%(process)d] %(levelname)s %(message)s")
+    stop = threading.Event()
+
+    def watch_stdin() -> None:
+        # os.read on the raw fd: a thread blocked in sys.stdin would hold its
+        # buffer lock across fork() and deadlock the worker's stdin close.
+        while os.read(stdin_fd, 4096):
+            pass
+        stop.set()
+
+    def ready(address) -> None:
+        os.write(ready_fd, (json.dumps({"address": address}) + "\n").encode())
+        os.close(ready_fd)
+
+    threading.Thread(target=watch_stdin, name="ezpq-lifeline", daemon=True).start()
+    serve(config["address"], bytes.fromhex(config["authkey"]), config["workers"],
+          config.get("start_method"), config.get("prestart", True), embedded=True,
+          on_ready=ready, stop_event=stop)
+
+
+if __name__ == "__main__":
+    if "--embedded" in sys.argv:
+        _main_embedded()

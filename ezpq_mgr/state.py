@@ -1,0 +1,564 @@
+"""QueueState: every queue's jobs, as plain data, behind one Condition.
+
+No processes and no I/O live here, so the whole scheduling logic is tested
+with a fake clock (``tests/test_state.py``). The server's connection threads
+and the supervisor thread share one ``QueueState``; each public method takes
+the lock once ("lock the state once per unit of work") and every change that
+someone may wait for ends in ``notify_all``.
+
+Data flow of one job::
+
+    add() ──> waiting heap of its qid ──pick()──> working ──finish()──┐
+      │        (a lane exposes only its best      │                   │
+      │         waiting job to that heap)         │ held for the      v
+      │                                           │ client's callback/log
+      └──cancel()──────────────────────────────> completed heap of its qid
+                                                   ──get()/collect()──> client
+
+Heap entries are ``(priority, seq)`` tuples (seq is the global submission
+counter), so ties are FIFO and records are never compared. Stale entries
+(cancelled jobs, lanes re-exposed) are dropped lazily when they reach the top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import threading
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from .errors import JobNotFound, QueueFull
+from .job import FINISHED, JobRecord, JobStatus
+
+__all__ = ["QueueState", "QueueInfo", "Outcome"]
+
+FAILED_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED, JobStatus.TIMEOUT)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a worker (or the supervisor) reports about one finished run."""
+
+    status: JobStatus
+    exitcode: Optional[int]
+    output_blob: Optional[bytes] = None
+    exception: Optional[str] = None
+    cpu_user: Optional[float] = None
+    cpu_system: Optional[float] = None
+    max_rss: Optional[int] = None
+    max_rss_method: Optional[str] = None
+    max_rss_children: Optional[int] = None
+    pid: Optional[int] = None
+    host: Optional[str] = None
+    ended: Optional[float] = None
+
+
+@dataclasses.dataclass
+class Lane:
+    """Jobs of one (qid, lane): they run one at a time, best first."""
+
+    heap: List[Tuple[int, int]] = dataclasses.field(default_factory=list)
+    running: Optional[int] = None     # seq of the running job
+    exposed: Optional[int] = None     # seq currently offered to the qid heap
+
+
+@dataclasses.dataclass
+class QueueInfo:
+    """One qid: its settings and its jobs."""
+
+    qid: str
+    waiting: List[Tuple[int, int]] = dataclasses.field(default_factory=list)
+    completed: List[Tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    ids: Dict[int, int] = dataclasses.field(default_factory=dict)   # id -> seq
+    lanes: Dict[bytes, Lane] = dataclasses.field(default_factory=dict)
+    next_id: int = 1
+    n_waiting: int = 0
+    n_running: int = 0
+    n_held: int = 0
+    n_submitted: int = 0
+    n_completed: int = 0
+    n_done: int = 0                    # jobs in ``completed`` still to be collected
+    cap: int = 0                       # max concurrent jobs of this qid; 0 = none
+    max_size: int = 0
+    paused: bool = False
+    auto_stop: bool = False
+    auto_remove: bool = False
+
+    @property
+    def n_working(self) -> int:
+        return self.n_running + self.n_held
+
+    @property
+    def pending(self) -> int:
+        return self.n_waiting + self.n_working
+
+
+class QueueState:
+    """All queues of one server. Thread-safe: every method locks ``cond``."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.cond = threading.Condition()
+        self.clock = clock
+        self.records: Dict[int, JobRecord] = {}
+        self.queues: Dict[str, QueueInfo] = {}
+        self.seq = 0
+        self.n_running = 0
+        self.user_running: Dict[str, int] = {}
+        self.holding_clients: set = set()          # clients that post-process jobs
+        self.notices: Dict[str, List[int]] = {}    # client -> seqs to tell it about
+        self.kill_requests: List[Tuple[int, JobStatus, str]] = []
+        self.client_pending: Dict[str, int] = {}  # client -> its jobs not yet completed
+        self.version = 0                            # bumped on every change
+
+    # ----------------------------------------------------------------- queues
+    def queue(self, qid: str) -> QueueInfo:
+        """The QueueInfo of ``qid``, created on first use. Caller holds the lock."""
+        q = self.queues.get(qid)
+        if q is None:
+            q = self.queues[qid] = QueueInfo(qid)
+        return q
+
+    def configure(self, qid: str, **settings) -> None:
+        """Set queue settings (cap, max_size, paused, auto_stop, auto_remove)."""
+        with self.cond:
+            q = self.queue(qid)
+            for key, value in settings.items():
+                if not hasattr(q, key) or key in ("qid", "waiting", "completed", "ids", "lanes"):
+                    raise ValueError(f"unknown queue setting {key!r}")
+                setattr(q, key, value)
+            self._changed()
+
+    def set_holding(self, client: str, holding: bool) -> None:
+        """A holding client runs callbacks/logging before its jobs count as done."""
+        with self.cond:
+            if holding:
+                self.holding_clients.add(client)
+            else:
+                self.holding_clients.discard(client)
+                self._release_held(client)
+
+    # ------------------------------------------------------------------- add
+    def add(self, qid: str, records: List[JobRecord]) -> List[int]:
+        """Enqueue a batch, all or nothing; returns the new per-queue ids."""
+        with self.cond:
+            q = self.queue(qid)
+            if q.max_size > 0 and self._size(q) + len(records) > q.max_size:
+                raise QueueFull(
+                    f"queue {qid!r} holds {self._size(q)} of max_size={q.max_size} jobs; "
+                    f"cannot add {len(records)} more"
+                )
+            now = self.clock()
+            ids = []
+            for rec in records:
+                self.seq += 1
+                rec.seq = self.seq
+                rec.qid = qid
+                rec.id = q.next_id
+                q.next_id += 1
+                if rec.name is None:
+                    rec.name = rec.id
+                rec.submitted = now
+                rec.status = JobStatus.WAITING
+                self.records[rec.seq] = rec
+                q.ids[rec.id] = rec.seq
+                q.n_submitted += 1
+                q.n_waiting += 1
+                self.client_pending[rec.client] = self.client_pending.get(rec.client, 0) + 1
+                self._enqueue(q, rec)
+                ids.append(rec.id)
+            self._changed()
+            return ids
+
+    def _enqueue(self, q: QueueInfo, rec: JobRecord) -> None:
+        entry = (rec.priority, rec.seq)
+        if rec.lane_key is None:
+            heapq.heappush(q.waiting, entry)
+            return
+        lane = q.lanes.get(rec.lane_key)
+        if lane is None:
+            lane = q.lanes[rec.lane_key] = Lane()
+        heapq.heappush(lane.heap, entry)
+        self._expose(q, lane)
+
+    def _expose(self, q: QueueInfo, lane: Lane) -> None:
+        """Offer the lane's best waiting job to the qid heap, if the lane is idle."""
+        if lane.running is not None:
+            return
+        self._clean_lane(lane)
+        if not lane.heap:
+            return
+        best = lane.heap[0]
+        if lane.exposed != best[1]:
+            lane.exposed = best[1]
+            heapq.heappush(q.waiting, best)
+
+    def _clean_lane(self, lane: Lane) -> None:
+        while lane.heap:
+            rec = self.records.get(lane.heap[0][1])
+            if rec is not None and rec.status == JobStatus.WAITING:
+                return
+            heapq.heappop(lane.heap)
+
+    # ------------------------------------------------------------- dispatch
+    def _head(self, q: QueueInfo) -> Optional[JobRecord]:
+        """The qid's best runnable waiting job, dropping stale heap entries."""
+        while q.waiting:
+            seq = q.waiting[0][1]
+            rec = self.records.get(seq)
+            if rec is not None and rec.status == JobStatus.WAITING:
+                if rec.lane_key is None:
+                    return rec
+                lane = q.lanes.get(rec.lane_key)
+                if lane is not None and lane.running is None and lane.exposed == seq:
+                    return rec
+            heapq.heappop(q.waiting)
+        return None
+
+    def pick(self) -> Optional[JobRecord]:
+        """Take the next job to run and mark it working. Caller holds the lock.
+
+        Order: lowest priority first; among equals the user with the fewest
+        running jobs (fair share), then submission order.
+        """
+        best_key, best = None, None
+        for q in self.queues.values():
+            if q.paused or not q.waiting or (q.cap and q.n_running >= q.cap):
+                continue
+            rec = self._head(q)
+            if rec is None:
+                continue
+            key = (rec.priority, self.user_running.get(rec.user, 0), rec.seq)
+            if best_key is None or key < best_key:
+                best_key, best = key, rec
+        if best is None:
+            return None
+        q = self.queues[best.qid]
+        heapq.heappop(q.waiting)
+        if best.lane_key is not None:
+            lane = q.lanes[best.lane_key]
+            lane.heap.remove((best.priority, best.seq))
+            heapq.heapify(lane.heap)
+            lane.running, lane.exposed = best.seq, None
+        best.status = JobStatus.WORKING
+        best.started = self.clock()
+        best.attempts += 1
+        q.n_waiting -= 1
+        q.n_running += 1
+        self.n_running += 1
+        self.user_running[best.user] = self.user_running.get(best.user, 0) + 1
+        self.version += 1
+        return best
+
+    # --------------------------------------------------------------- finish
+    def finish(self, seq: int, outcome: Outcome) -> None:
+        """Record a working job's outcome (retry it, hold it, or complete it)."""
+        with self.cond:
+            rec = self.records.get(seq)
+            if rec is None or rec.status != JobStatus.WORKING:
+                return
+            q = self.queues[rec.qid]
+            q.n_running -= 1
+            self.n_running -= 1
+            self.user_running[rec.user] -= 1
+            for f in dataclasses.fields(outcome):
+                if f.name != "status":
+                    setattr(rec, f.name, getattr(outcome, f.name))
+            if rec.ended is None:
+                rec.ended = self.clock()
+            rec.status = outcome.status
+            rec.cancelled = outcome.status in (JobStatus.TIMEOUT, JobStatus.CANCELLED, JobStatus.SKIPPED)
+            lane = q.lanes.get(rec.lane_key) if rec.lane_key is not None else None
+            if lane is not None:
+                lane.running = None
+            if outcome.status in FAILED_STATES and rec.attempts <= rec.retries:
+                self._retry(q, rec)
+            else:
+                self._done(q, rec)
+                if lane is not None:
+                    self._advance_lane(q, rec, lane)
+            self._changed()
+
+    def _retry(self, q: QueueInfo, rec: JobRecord) -> None:
+        rec.status = JobStatus.WAITING
+        rec.started = rec.ended = rec.exitcode = None
+        rec.cancelled = False
+        q.n_waiting += 1
+        self._enqueue(q, rec)
+
+    def _advance_lane(self, q: QueueInfo, pred: JobRecord, lane: Lane) -> None:
+        """Skip the lane's jobs that asked to stop after a failure, then expose the next."""
+        failed = pred.exitcode is not None and pred.exitcode != 0
+        while failed:
+            self._clean_lane(lane)
+            if not lane.heap:
+                break
+            nxt = self.records[lane.heap[0][1]]
+            if not nxt.stop_on_lane_error:
+                break
+            heapq.heappop(lane.heap)
+            q.n_waiting -= 1
+            nxt.status = JobStatus.SKIPPED
+            nxt.cancelled = True
+            nxt.exitcode = pred.exitcode
+            nxt.exception = (
+                f"stop_on_lane_error=True and preceding job ({pred.id}) "
+                f"exit code is {pred.exitcode}"
+            )
+            self._done(q, nxt, held_ok=False)
+        lane.exposed = None
+        self._expose(q, lane)
+        if lane.running is None and not lane.heap:
+            del q.lanes[pred.lane_key]
+
+    def _done(self, q: QueueInfo, rec: JobRecord, held_ok: bool = True) -> None:
+        """A job reached a final state: hand it to its client or complete it."""
+        holding = held_ok and rec.client in self.holding_clients
+        tell = holding or (rec.status != JobStatus.COMPLETED and not rec.suppress_errors
+                           and rec.status not in (JobStatus.CANCELLED, JobStatus.SKIPPED))
+        if tell and rec.client in self.notices:
+            self.notices[rec.client].append(rec.seq)
+        if holding and rec.client in self.notices:
+            q.n_held += 1
+        else:
+            self._complete(q, rec)
+        if q.auto_stop and q.pending == 0:
+            q.paused = True
+
+    def _complete(self, q: QueueInfo, rec: JobRecord) -> None:
+        rec.processed = self.clock()
+        q.n_completed += 1
+        self.client_pending[rec.client] -= 1
+        if q.auto_remove:
+            self._forget(q, rec)
+        else:
+            heapq.heappush(q.completed, (rec.priority, rec.id, rec.seq))
+            q.n_done += 1
+
+    def _forget(self, q: QueueInfo, rec: JobRecord) -> None:
+        """Drop a record; its completed-heap entry (if any) is skipped later."""
+        self.records.pop(rec.seq, None)
+        q.ids.pop(rec.id, None)
+        if rec.processed is not None and not q.auto_remove:
+            q.n_done -= 1
+
+    # ------------------------------------------------ client post-processing
+    def open_notices(self, client: str) -> None:
+        with self.cond:
+            self.notices.setdefault(client, [])
+
+    def take_notices(self, client: str, timeout: float) -> Optional[List[dict]]:
+        """Block up to ``timeout`` for finished jobs this client must look at.
+
+        Returns None once the client's notices are closed."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.notices.get(client, True), timeout)
+            seqs = self.notices.get(client)
+            if seqs is None:
+                return None
+            self.notices[client] = []
+            out = []
+            for seq in seqs:
+                rec = self.records.get(seq)
+                if rec is not None:
+                    snap = rec.snapshot()
+                    snap["held"] = rec.processed is None
+                    out.append(snap)
+            return out
+
+    def mark_processed(self, results: Iterable[Tuple[int, Optional[bytes]]]) -> None:
+        """The client ran its callback/log for these jobs; complete them."""
+        with self.cond:
+            for seq, callback_blob in results:
+                rec = self.records.get(seq)
+                if rec is None or rec.processed is not None:
+                    continue
+                rec.callback_blob = callback_blob
+                q = self.queues[rec.qid]
+                q.n_held -= 1
+                self._complete(q, rec)
+            self._changed()
+
+    def close_notices(self, client: str) -> None:
+        """The client goes away: complete what it held, stop telling it."""
+        with self.cond:
+            self.holding_clients.discard(client)
+            self._release_held(client)
+            self.notices.pop(client, None)
+            self._changed()
+
+    def _release_held(self, client: str) -> None:
+        for rec in list(self.records.values()):
+            if rec.client == client and rec.finished and rec.processed is None:
+                q = self.queues[rec.qid]
+                q.n_held -= 1
+                self._complete(q, rec)
+
+    # ---------------------------------------------------------------- cancel
+    def cancel(self, qid: str, job_id: int, client: Optional[str] = None) -> bool:
+        """Cancel a waiting job or ask the supervisor to stop a running one."""
+        with self.cond:
+            q = self.queues.get(qid)
+            seq = q.ids.get(job_id) if q else None
+            rec = self.records.get(seq) if seq else None
+            if rec is None:
+                raise JobNotFound(f"no job {job_id} in queue {qid!r}")
+            done = self._cancel(q, rec)
+            self._changed()
+            return done
+
+    def _cancel(self, q: QueueInfo, rec: JobRecord) -> bool:
+        if rec.status == JobStatus.WAITING:
+            rec.status = JobStatus.CANCELLED
+            rec.cancelled = True
+            q.n_waiting -= 1
+            self._done(q, rec, held_ok=False)
+            if rec.lane_key is not None and rec.lane_key in q.lanes:
+                lane = q.lanes[rec.lane_key]
+                if lane.exposed == rec.seq:
+                    lane.exposed = None
+                self._expose(q, lane)
+                if lane.running is None and not lane.heap:
+                    del q.lanes[rec.lane_key]
+            return True
+        if rec.status == JobStatus.WORKING:
+            self.kill_requests.append((rec.seq, JobStatus.CANCELLED, "cancelled by request"))
+            return True
+        return False
+
+    def cancel_all(self, qid: str, client: Optional[str] = None, running: bool = True) -> int:
+        """Cancel the qid's waiting jobs (and stop running ones): only ``client``'s if given."""
+        with self.cond:
+            q = self.queues.get(qid)
+            if q is None:
+                return 0
+            n = 0
+            for seq in sorted(q.ids.values()):
+                rec = self.records[seq]
+                if client is not None and rec.client != client:
+                    continue
+                if rec.status == JobStatus.WAITING or (running and rec.status == JobStatus.WORKING):
+                    n += self._cancel(q, rec)
+            self._changed()
+            return n
+
+    def take_kill_requests(self) -> List[Tuple[int, JobStatus, str]]:
+        """For the supervisor: running jobs that must be stopped. Caller holds the lock."""
+        out, self.kill_requests = self.kill_requests, []
+        return out
+
+    # ---------------------------------------------------------------- output
+    def pop_completed(self, qid: str, n: int = 1) -> List[dict]:
+        """Remove and return up to ``n`` (all if n <= 0) completed jobs, best first."""
+        with self.cond:
+            return self._pop_completed(qid, n)
+
+    def _pop_completed(self, qid: str, n: int) -> List[dict]:
+        q = self.queues.get(qid)
+        if q is None:
+            return []
+        out = []
+        while q.completed and (n <= 0 or len(out) < n):
+            _, _, seq = heapq.heappop(q.completed)
+            rec = self.records.get(seq)
+            if rec is not None and rec.qid == qid:
+                out.append(rec.snapshot())
+                self._forget(q, rec)
+        if out:
+            self._changed()
+        return out
+
+    def pop_ids(self, qid: str, ids: List[int]) -> List[Optional[dict]]:
+        """Remove and return these completed jobs, in the order asked (None if not done)."""
+        with self.cond:
+            q = self.queue(qid)
+            out = []
+            for job_id in ids:
+                rec = self.records.get(q.ids.get(job_id, -1))
+                if rec is None or rec.processed is None:
+                    out.append(None)
+                    continue
+                out.append(rec.snapshot())
+                self._forget(q, rec)
+            self._changed()
+            return out
+
+    def forget_client(self, qid: str, client: str) -> int:
+        """Drop a departing client's completed jobs that nobody collected."""
+        with self.cond:
+            q = self.queues.get(qid)
+            if q is None:
+                return 0
+            gone = [self.records[s] for s in list(q.ids.values())
+                    if self.records[s].client == client and self.records[s].processed is not None]
+            for rec in gone:
+                self._forget(q, rec)
+            self.client_pending.pop(client, None)
+            self._changed()
+            return len(gone)
+
+    def wait_client(self, client: str, timeout: float) -> int:
+        """Block up to ``timeout`` until all of a client's jobs completed."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.client_pending.get(client, 0) == 0, timeout)
+            return self.client_pending.get(client, 0)
+
+    def get(self, qid: str, wait: bool, timeout: float) -> Tuple[Optional[dict], int]:
+        """Pop the best completed job; optionally wait up to ``timeout`` for one.
+
+        Returns (job or None, jobs left in the queue) so the client knows
+        whether waiting longer can ever succeed."""
+        with self.cond:
+            q = self.queue(qid)
+            if wait:
+                self.cond.wait_for(lambda: q.n_done or q.pending == 0, timeout)
+            got = self._pop_completed(qid, 1)
+            return (got[0] if got else None), self._size(q)
+
+    def wait_pending(self, qid: str, below: int, timeout: float) -> int:
+        """Block up to ``timeout`` until fewer than ``below`` jobs are pending."""
+        with self.cond:
+            q = self.queue(qid)
+            self.cond.wait_for(lambda: q.pending < below, timeout)
+            return q.pending
+
+    def wait_change(self, version: int, timeout: float) -> int:
+        """Block until the state changed since ``version``; returns the new version."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.version != version, timeout)
+            return self.version
+
+    # ---------------------------------------------------------------- counts
+    @staticmethod
+    def _size(q: QueueInfo, waiting=True, working=True, completed=True) -> int:
+        return (q.n_waiting if waiting else 0) + (q.n_working if working else 0) + (
+            q.n_done if completed else 0)
+
+    def counts(self, qid: str) -> dict:
+        with self.cond:
+            q = self.queue(qid)
+            return {
+                "waiting": q.n_waiting, "working": q.n_working,
+                "completed": q.n_done, "submitted": q.n_submitted,
+                "n_completed": q.n_completed, "paused": q.paused, "cap": q.cap,
+                "running": q.n_running, "max_size": q.max_size,
+            }
+
+    def jobs(self, qid: str) -> List[dict]:
+        with self.cond:
+            q = self.queues.get(qid)
+            if q is None:
+                return []
+            return [self.records[s].snapshot() for s in sorted(q.ids.values())]
+
+    def job(self, qid: str, job_id: int) -> dict:
+        with self.cond:
+            q = self.queues.get(qid)
+            seq = q.ids.get(job_id) if q else None
+            if seq is None:
+                raise JobNotFound(f"no job {job_id} in queue {qid!r}")
+            return self.records[seq].snapshot()
+
+    def _changed(self) -> None:
+        self.version += 1
+        self.cond.notify_all()

@@ -1,0 +1,315 @@
+"""The worker pool: dispatch, results, timeouts, kills and replacements.
+
+One thread (``Supervisor.run``) owns every worker handle and blocks on
+``multiprocessing.connection.wait`` over the busy workers' result pipes,
+every worker's sentinel and a wakeup pipe, with the nearest job deadline as
+its timeout: no polling::
+
+      QueueState ──pick()──> Supervisor ──(seq, fn, args, env)──> worker process
+          ^                    │   ^                                   │
+          └──── finish() ──────┘   └──── (seq, outcome figures) ───────┘
+                                   sentinel fires: worker died → job lost/killed,
+                                   worker replaced on the next dispatch
+
+Thread jobs run on threads of this process and report through ``finish``
+then ``wake``. A job is stopped (timeout, memory limit, cancel) by killing
+its worker's whole process tree in a helper thread; the job's final status
+is recorded at that moment, and the dead worker is replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import psutil
+
+from .job import JobRecord, JobStatus
+from .procutil import descendants, kill_tree
+from .state import Outcome, QueueState
+from .worker import HOST, run_call, thread_cpu, worker_main
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Supervisor"]
+
+MEMORY_CHECK_INTERVAL = 0.05
+
+
+@dataclasses.dataclass
+class WorkerHandle:
+    proc: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+    seq: Optional[int] = None          # the job it runs
+    deadline: Optional[float] = None   # monotonic time its job times out
+    max_memory: Optional[int] = None
+    env_id: int = -1                   # the environment last sent to it
+    dead: bool = False                 # being killed or gone: never reused
+
+
+class Supervisor:
+    """Runs the state's jobs on ``slots`` concurrent workers."""
+
+    def __init__(self, state: QueueState, slots: int, start_method: Optional[str] = None,
+                 envs: Optional[Dict[int, Tuple[str, list]]] = None):
+        self.state = state
+        self.slots = slots
+        self.ctx = multiprocessing.get_context(start_method)
+        self.envs = envs if envs is not None else {}
+        self.workers: List[WorkerHandle] = []
+        self.n_thread_jobs = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._woken = False
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self, prestart: int = 0) -> None:
+        with self.state.cond:
+            for _ in range(min(prestart, self.slots)):
+                self._start_worker()
+        self._thread = threading.Thread(target=self.run, name="ezpq-supervisor", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Make the supervisor look at the state again (called by any thread)."""
+        if not self._woken:
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass
+
+    def set_slots(self, n: int) -> None:
+        with self.state.cond:
+            self.slots = n
+        self.wake()
+
+    def stop(self) -> None:
+        """Stop running jobs (recorded as lost), end every worker, join the thread."""
+        self._stopping = True
+        self.wake()
+        if self._thread is not None:
+            self._thread.join(10)
+        with self.state.cond:
+            workers = list(self.workers)
+            for w in workers:
+                if w.seq is not None and not w.dead:
+                    self._finalize(w, JobStatus.LOST, -signal.SIGTERM, "the server stopped while it ran")
+        procs = []
+        for w in workers:
+            procs.append(w.proc.pid)
+        trees = []
+        for pid in procs:
+            trees.extend(descendants(pid))
+            try:
+                trees.append(psutil.Process(pid))
+            except psutil.Error:
+                pass
+        kill_tree(trees, grace=0.2)
+        for w in workers:
+            w.proc.join(1)
+            w.conn.close()
+        self.workers.clear()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ----------------------------------------------------------------- loop
+    def run(self) -> None:
+        while not self._stopping:
+            with self.state.cond:
+                busy = [w.conn for w in self.workers if w.seq is not None and not w.dead]
+                sentinels = {w.proc.sentinel: w for w in self.workers}
+                timeout = self._next_timeout()
+            ready = multiprocessing.connection.wait(busy + list(sentinels) + [self._wake_r], timeout)
+            if self._stopping:
+                break
+            results = []
+            for obj in ready:
+                if obj == self._wake_r:
+                    self._woken = False
+                    os.read(self._wake_r, 4096)
+                elif obj in sentinels:
+                    continue
+                else:
+                    try:
+                        results.append(obj.recv())
+                    except (EOFError, OSError):
+                        pass  # the sentinel reports the death
+            for msg in results:
+                self._on_result(msg)
+            with self.state.cond:
+                for sentinel, w in sentinels.items():
+                    if sentinel in ready:
+                        self._on_death(w)
+                self._enforce_limits()
+                self._dispatch()
+
+    def _next_timeout(self) -> Optional[float]:
+        deadlines = [w.deadline for w in self.workers if w.deadline is not None and not w.dead]
+        timeout = None
+        if deadlines:
+            timeout = max(0.0, min(deadlines) - time.monotonic())
+        if any(w.max_memory for w in self.workers if w.seq is not None and not w.dead):
+            timeout = MEMORY_CHECK_INTERVAL if timeout is None else min(timeout, MEMORY_CHECK_INTERVAL)
+        return timeout
+
+    # ------------------------------------------------------------- dispatch
+    def _live(self) -> List[WorkerHandle]:
+        return [w for w in self.workers if not w.dead]
+
+    def _dispatch(self) -> None:
+        """Start waiting jobs while slots are free. Caller holds the lock."""
+        while self.state.n_running < self.slots:
+            rec = self.state.pick()
+            if rec is None:
+                break
+            if rec.runner == "thread":
+                self._start_thread_job(rec)
+            else:
+                self._send(rec)
+        idle = [w for w in self._live() if w.seq is None]
+        surplus = len(self._live()) - self.slots
+        for w in idle[:max(0, surplus)]:
+            self._retire(w)
+
+    def _send(self, rec: JobRecord) -> None:
+        worker = next((w for w in self._live() if w.seq is None), None)
+        if worker is None:
+            worker = self._start_worker()
+        env = None
+        if worker.env_id != rec.env_id:
+            env = self.envs.get(rec.env_id)
+            worker.env_id = rec.env_id
+        worker.seq = rec.seq
+        worker.deadline = time.monotonic() + rec.timeout if rec.timeout else None
+        worker.max_memory = rec.max_memory
+        rec.pid, rec.host = worker.proc.pid, HOST
+        try:
+            worker.conn.send((rec.seq, rec.fn_blob, rec.args_blob, env))
+        except (OSError, EOFError):
+            pass  # the worker died; its sentinel reports the job as lost
+
+    def _start_worker(self) -> WorkerHandle:
+        parent_conn, child_conn = self.ctx.Pipe()
+        proc = self.ctx.Process(target=worker_main, args=(child_conn,), name="ezpq-worker")
+        proc.start()
+        child_conn.close()
+        w = WorkerHandle(proc, parent_conn)
+        self.workers.append(w)
+        logger.debug("started worker %s", proc.pid)
+        return w
+
+    def _retire(self, w: WorkerHandle) -> None:
+        w.dead = True
+        try:
+            w.conn.send(None)
+        except (OSError, EOFError):
+            pass
+
+    def _start_thread_job(self, rec: JobRecord) -> None:
+        rec.pid, rec.host = os.getpid(), HOST
+        self.n_thread_jobs += 1
+        threading.Thread(target=self._run_thread_job, args=(rec.seq, rec.fn_blob, rec.args_blob),
+                         name=f"ezpq-job-{rec.qid}-{rec.id}", daemon=True).start()
+
+    def _run_thread_job(self, seq: int, fn_blob: bytes, args_blob: bytes) -> None:
+        u0, s0 = thread_cpu()
+        status, exitcode, out, exc = run_call(fn_blob, args_blob)
+        u1, s1 = thread_cpu()
+        self.state.finish(seq, Outcome(status, exitcode, out, exc, u1 - u0, s1 - s0,
+                                       pid=os.getpid(), host=HOST))
+        with self.state.cond:
+            self.n_thread_jobs -= 1
+        self.wake()
+
+    # -------------------------------------------------------------- results
+    def _on_result(self, msg: tuple) -> None:
+        seq, status, exitcode, out, exc, cpu_u, cpu_s, rss, method, pid = msg
+        with self.state.cond:
+            w = next((w for w in self.workers if w.seq == seq and w.proc.pid == pid), None)
+            if w is not None and not w.dead:
+                w.seq = w.deadline = w.max_memory = None
+        self.state.finish(seq, Outcome(JobStatus(status), exitcode, out, exc, cpu_u, cpu_s,
+                                       rss, method, pid=pid, host=HOST))
+
+    def _on_death(self, w: WorkerHandle) -> None:
+        """A worker process ended. Caller holds the lock."""
+        w.proc.join(0.1)
+        code = w.proc.exitcode
+        if w.seq is not None and not w.dead:
+            status = JobStatus.KILLED if code is not None and code < 0 else JobStatus.LOST
+            self._finalize(w, status, code if code else -signal.SIGKILL,
+                           f"the worker process (pid {w.proc.pid}) died while running the job "
+                           f"(exit code {code})")
+            logger.warning("worker %s died with exit code %s", w.proc.pid, code)
+        w.dead = True
+        w.conn.close()
+        self.workers.remove(w)
+
+    def _finalize(self, w: WorkerHandle, status: JobStatus, exitcode: int, why: str) -> None:
+        """Record the outcome of the job on a worker we lost or are killing."""
+        seq = w.seq
+        w.seq = w.deadline = w.max_memory = None
+        rec = self.state.records.get(seq)
+        if rec is not None:
+            self.state.finish(seq, Outcome(status, exitcode, exception=why, pid=w.proc.pid, host=HOST))
+
+    # --------------------------------------------------------------- limits
+    def _enforce_limits(self) -> None:
+        """Kill jobs past their timeout or memory limit, or asked to stop."""
+        now = time.monotonic()
+        for seq, status, why in self.state.take_kill_requests():
+            w = next((w for w in self._live() if w.seq == seq), None)
+            if w is not None:
+                self._kill(w, status, why)
+        for w in self._live():
+            if w.seq is None:
+                continue
+            if w.deadline is not None and now >= w.deadline:
+                rec = self.state.records.get(w.seq)
+                timeout = rec.timeout if rec else "?"
+                self._kill(w, JobStatus.TIMEOUT, f"timed out after {timeout} s")
+            elif w.max_memory:
+                rss = _tree_rss(w.proc.pid)
+                if rss > w.max_memory:
+                    self._kill(w, JobStatus.KILLED,
+                               f"killed: memory {rss} bytes passed max_memory={w.max_memory}")
+
+    def _kill(self, w: WorkerHandle, status: JobStatus, why: str) -> None:
+        tree = descendants(w.proc.pid)
+        try:
+            tree.insert(0, psutil.Process(w.proc.pid))
+        except psutil.Error:
+            pass
+        self._finalize(w, status, -signal.SIGTERM, why)
+        w.dead = True
+        threading.Thread(target=_kill_and_report, args=(tree, why), daemon=True).start()
+
+
+def _kill_and_report(tree: List[psutil.Process], why: str) -> None:
+    survivors = kill_tree(tree)
+    if survivors:
+        logger.error("after %s, processes %s survived", why, survivors)
+
+
+def _tree_rss(pid: int) -> int:
+    total = 0
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total

@@ -1,0 +1,122 @@
+"""Running one job: in a persistent worker process, or on a server thread.
+
+A worker process loops ``recv job → run → send outcome`` over its pipe to
+the supervisor. Between jobs it keeps nothing of the job but a small cache
+of unpickled functions (a ``map`` sends the same function bytes each time).
+A watcher thread ends the worker, and any process its job started, as soon
+as its parent (the server) is gone, so a SIGKILLed server leaves no orphan.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import socket
+import sys
+import threading
+import traceback
+from typing import Any, Dict, Optional, Tuple
+
+import psutil
+
+from . import serialize
+from .job import JobStatus
+from .procutil import PeakMemory, cpu_seconds, descendants, kill_tree
+
+__all__ = ["worker_main", "run_call", "apply_env", "thread_cpu", "HOST"]
+
+HOST = socket.gethostname()
+_FN_CACHE_SIZE = 32
+
+#: One finished run: (status, exitcode, output_blob, exception text).
+CallResult = Tuple[JobStatus, int, Optional[bytes], Optional[str]]
+
+
+def apply_env(env: Optional[Tuple[str, list]]) -> None:
+    """Run in the submitting client's working directory with its sys.path."""
+    if env is None:
+        return
+    cwd, path = env
+    if path is not None:
+        sys.path[:] = list(path)
+    if cwd is not None and os.getcwd() != cwd:
+        os.chdir(cwd)
+
+
+def run_call(fn_blob: bytes, args_blob: bytes, fn_cache: Optional[Dict[bytes, Any]] = None) -> CallResult:
+    """Unpickle and call the job; never raises."""
+    try:
+        fn = fn_cache.get(fn_blob) if fn_cache is not None else None
+        if fn is None:
+            fn = serialize.load(fn_blob)
+            if fn_cache is not None:
+                if len(fn_cache) >= _FN_CACHE_SIZE:
+                    fn_cache.clear()
+                fn_cache[fn_blob] = fn
+        args, kwargs = serialize.load(args_blob)
+        output = fn(*(args or ()), **(kwargs or {}))
+    except BaseException:  # the job's own SystemExit/KeyboardInterrupt fail the job only
+        return JobStatus.FAILED, 1, None, traceback.format_exc()
+    blob, error = serialize.dump_output(output)
+    if error is not None:
+        return JobStatus.FAILED, 1, None, error
+    return JobStatus.COMPLETED, 0, blob, None
+
+
+def thread_cpu() -> Tuple[float, float]:
+    """(user, system) CPU seconds of the calling thread."""
+    try:
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_THREAD)
+        return ru.ru_utime, ru.ru_stime
+    except (ImportError, AttributeError, OSError):
+        import time
+        return time.thread_time(), 0.0
+
+
+def _watch_parent() -> None:
+    """Exit (killing the job's processes) as soon as the parent process is gone."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        kill_tree(descendants(os.getpid()), grace=0.05)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ezpq-parent-watch", daemon=True).start()
+
+
+def worker_main(conn: multiprocessing.connection.Connection) -> None:
+    """Entry point of a worker process."""
+    _watch_parent()
+    me = psutil.Process()
+    pid = os.getpid()
+    peak = PeakMemory()
+    fn_cache: Dict[bytes, Any] = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            break
+        if msg is None:
+            break
+        seq, fn_blob, args_blob, env = msg
+        apply_env(env)
+        peak.start()
+        user0, sys0 = cpu_seconds(me)
+        status, exitcode, out, exc = run_call(fn_blob, args_blob, fn_cache)
+        user1, sys1 = cpu_seconds(me)
+        rss, method = peak.stop()
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+        try:
+            conn.send((seq, status.value, exitcode, out, exc,
+                       user1 - user0, sys1 - sys0, rss, method, pid))
+        except (EOFError, OSError):
+            break
