@@ -208,8 +208,8 @@ class Queue:
             processed = []
             for snap in notices:
                 job = to_job_dict(snap)
-                if job["exception"] and not snap["suppress_errors"] and job["status"] not in (
-                        "cancelled", "skipped"):
+                if job["exception"] and not snap["suppress_errors"] and job["status"] in (
+                        "failed", "lost", "killed"):
                     sys.stderr.write(f"ezpq job {job['id']} ({job['function']}) {job['status']}:\n"
                                      f"{job['exception']}\n")
                     sys.stderr.flush()

@@ -62,7 +62,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    supervisor.start(prestart=workers if prestart else 0)
+    supervisor.start(prestart=bool(prestart))
     server.stop_event = threading.Event()  # serve_forever() would make it; we run the accepter ourselves
     threading.Thread(target=server.accepter, name="ezpq-accepter", daemon=True).start()
     logger.info("ezpq server pid %s listening on %s with %s workers", os.getpid(), server.address, workers)

@@ -34,6 +34,8 @@ from .job import FINISHED, JobRecord, JobStatus
 __all__ = ["QueueState", "QueueInfo", "Outcome"]
 
 FAILED_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED, JobStatus.TIMEOUT)
+#: Outcomes whose error text is printed on the client's stderr (unless suppress_errors).
+ERROR_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED)
 
 
 @dataclasses.dataclass
@@ -51,6 +53,7 @@ class Outcome:
     max_rss_children: Optional[int] = None
     pid: Optional[int] = None
     host: Optional[str] = None
+    started: Optional[float] = None    # when the worker really began (None: keep dispatch time)
     ended: Optional[float] = None
 
 
@@ -107,6 +110,7 @@ class QueueState:
         self.user_running: Dict[str, int] = {}
         self.holding_clients: set = set()          # clients that post-process jobs
         self.notices: Dict[str, List[int]] = {}    # client -> seqs to tell it about
+        self.closing: set = set()                   # clients whose notices end when drained
         self.kill_requests: List[Tuple[int, JobStatus, str]] = []
         self.client_pending: Dict[str, int] = {}  # client -> its jobs not yet completed
         self.version = 0                            # bumped on every change
@@ -215,18 +219,28 @@ class QueueState:
             heapq.heappop(q.waiting)
         return None
 
-    def pick(self) -> Optional[JobRecord]:
+    def has_waiting(self, runner: str) -> bool:
+        """Is some runnable job of this runner waiting? Caller holds the lock."""
+        for q in self.queues.values():
+            if not q.paused and q.waiting:
+                rec = self._head(q)
+                if rec is not None and rec.runner == runner:
+                    return True
+        return False
+
+    def pick(self, runner_ok: Callable[[str], bool] = lambda runner: True) -> Optional[JobRecord]:
         """Take the next job to run and mark it working. Caller holds the lock.
 
         Order: lowest priority first; among equals the user with the fewest
-        running jobs (fair share), then submission order.
+        running jobs (fair share), then submission order. Jobs whose runner
+        has no free capacity (``runner_ok`` says no) are left waiting.
         """
         best_key, best = None, None
         for q in self.queues.values():
             if q.paused or not q.waiting or (q.cap and q.n_running >= q.cap):
                 continue
             rec = self._head(q)
-            if rec is None:
+            if rec is None or not runner_ok(rec.runner):
                 continue
             key = (rec.priority, self.user_running.get(rec.user, 0), rec.seq)
             if best_key is None or key < best_key:
@@ -262,8 +276,9 @@ class QueueState:
             self.n_running -= 1
             self.user_running[rec.user] -= 1
             for f in dataclasses.fields(outcome):
-                if f.name != "status":
-                    setattr(rec, f.name, getattr(outcome, f.name))
+                value = getattr(outcome, f.name)
+                if f.name != "status" and not (f.name == "started" and value is None):
+                    setattr(rec, f.name, value)
             if rec.ended is None:
                 rec.ended = self.clock()
             rec.status = outcome.status
@@ -314,8 +329,7 @@ class QueueState:
     def _done(self, q: QueueInfo, rec: JobRecord, held_ok: bool = True) -> None:
         """A job reached a final state: hand it to its client or complete it."""
         holding = held_ok and rec.client in self.holding_clients
-        tell = holding or (rec.status != JobStatus.COMPLETED and not rec.suppress_errors
-                           and rec.status not in (JobStatus.CANCELLED, JobStatus.SKIPPED))
+        tell = holding or (rec.status in ERROR_STATES and not rec.suppress_errors)
         if tell and rec.client in self.notices:
             self.notices[rec.client].append(rec.seq)
         if holding and rec.client in self.notices:
@@ -350,11 +364,14 @@ class QueueState:
     def take_notices(self, client: str, timeout: float) -> Optional[List[dict]]:
         """Block up to ``timeout`` for finished jobs this client must look at.
 
-        Returns None once the client's notices are closed."""
+        Returns None once the client's notices are closed and drained."""
         with self.cond:
-            self.cond.wait_for(lambda: self.notices.get(client, True), timeout)
+            self.cond.wait_for(lambda: self.notices.get(client, True)
+                               or client in self.closing, timeout)
             seqs = self.notices.get(client)
-            if seqs is None:
+            if seqs is None or (not seqs and client in self.closing):
+                self.notices.pop(client, None)
+                self.closing.discard(client)
                 return None
             self.notices[client] = []
             out = []
@@ -380,11 +397,13 @@ class QueueState:
             self._changed()
 
     def close_notices(self, client: str) -> None:
-        """The client goes away: complete what it held, stop telling it."""
+        """The client goes away: complete what it held; its notice reader
+        gets what is left, then None."""
         with self.cond:
             self.holding_clients.discard(client)
             self._release_held(client)
-            self.notices.pop(client, None)
+            if client in self.notices:
+                self.closing.add(client)
             self._changed()
 
     def _release_held(self, client: str) -> None:

@@ -51,7 +51,12 @@ class WorkerHandle:
     deadline: Optional[float] = None   # monotonic time its job times out
     max_memory: Optional[int] = None
     env_id: int = -1                   # the environment last sent to it
+    ready: bool = False                # booted and waiting for a job
     dead: bool = False                 # being killed or gone: never reused
+
+    @property
+    def idle(self) -> bool:
+        return self.ready and self.seq is None and not self.dead
 
 
 class Supervisor:
@@ -65,6 +70,7 @@ class Supervisor:
         self.envs = envs if envs is not None else {}
         self.workers: List[WorkerHandle] = []
         self.n_thread_jobs = 0
+        self.want_processes = False        # keep ``slots`` worker processes alive
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._woken = False
@@ -72,10 +78,10 @@ class Supervisor:
         self._thread: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------ lifecycle
-    def start(self, prestart: int = 0) -> None:
+    def start(self, prestart: bool = True) -> None:
         with self.state.cond:
-            for _ in range(min(prestart, self.slots)):
-                self._start_worker()
+            self.want_processes = prestart
+            self._top_up()
         self._thread = threading.Thread(target=self.run, name="ezpq-supervisor", daemon=True)
         self._thread.start()
 
@@ -126,10 +132,11 @@ class Supervisor:
     def run(self) -> None:
         while not self._stopping:
             with self.state.cond:
-                busy = [w.conn for w in self.workers if w.seq is not None and not w.dead]
+                conns = {w.conn: w for w in self.workers if not w.dead}
                 sentinels = {w.proc.sentinel: w for w in self.workers}
                 timeout = self._next_timeout()
-            ready = multiprocessing.connection.wait(busy + list(sentinels) + [self._wake_r], timeout)
+            ready = multiprocessing.connection.wait(list(conns) + list(sentinels) + [self._wake_r],
+                                                    timeout)
             if self._stopping:
                 break
             results = []
@@ -141,9 +148,13 @@ class Supervisor:
                     continue
                 else:
                     try:
-                        results.append(obj.recv())
+                        msg = obj.recv()
                     except (EOFError, OSError):
-                        pass  # the sentinel reports the death
+                        continue  # the sentinel reports the death
+                    if msg == "ready":
+                        conns[obj].ready = True
+                    else:
+                        results.append(msg)
             for msg in results:
                 self._on_result(msg)
             with self.state.cond:
@@ -167,24 +178,35 @@ class Supervisor:
         return [w for w in self.workers if not w.dead]
 
     def _dispatch(self) -> None:
-        """Start waiting jobs while slots are free. Caller holds the lock."""
+        """Start waiting jobs while slots are free. Caller holds the lock.
+
+        A process job goes only to a worker that said it is ready, so its
+        timeout counts from the moment it really starts."""
         while self.state.n_running < self.slots:
-            rec = self.state.pick()
+            idle = [w for w in self.workers if w.idle]
+            rec = self.state.pick(lambda runner: runner == "thread" or bool(idle))
             if rec is None:
                 break
             if rec.runner == "thread":
                 self._start_thread_job(rec)
             else:
-                self._send(rec)
-        idle = [w for w in self._live() if w.seq is None]
-        surplus = len(self._live()) - self.slots
-        for w in idle[:max(0, surplus)]:
+                self.want_processes = True
+                self._send(rec, idle[0])
+        if not self.want_processes and self.state.has_waiting("process"):
+            self.want_processes = True
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Keep ``slots`` worker processes (once process jobs are wanted); retire extras."""
+        live = self._live()
+        if self.want_processes:
+            for _ in range(self.slots - len(live)):
+                self._start_worker()
+        surplus = len(live) - self.slots
+        for w in [w for w in live if w.seq is None][:max(0, surplus)]:
             self._retire(w)
 
-    def _send(self, rec: JobRecord) -> None:
-        worker = next((w for w in self._live() if w.seq is None), None)
-        if worker is None:
-            worker = self._start_worker()
+    def _send(self, rec: JobRecord, worker: WorkerHandle) -> None:
         env = None
         if worker.env_id != rec.env_id:
             env = self.envs.get(rec.env_id)
@@ -233,13 +255,13 @@ class Supervisor:
 
     # -------------------------------------------------------------- results
     def _on_result(self, msg: tuple) -> None:
-        seq, status, exitcode, out, exc, cpu_u, cpu_s, rss, method, pid = msg
+        seq, status, exitcode, out, exc, cpu_u, cpu_s, rss, method, pid, started, ended = msg
         with self.state.cond:
             w = next((w for w in self.workers if w.seq == seq and w.proc.pid == pid), None)
             if w is not None and not w.dead:
                 w.seq = w.deadline = w.max_memory = None
         self.state.finish(seq, Outcome(JobStatus(status), exitcode, out, exc, cpu_u, cpu_s,
-                                       rss, method, pid=pid, host=HOST))
+                                       rss, method, pid=pid, host=HOST, started=started, ended=ended))
 
     def _on_death(self, w: WorkerHandle) -> None:
         """A worker process ended. Caller holds the lock."""

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Dict, Optional, Tuple
 
@@ -96,6 +97,7 @@ def worker_main(conn: multiprocessing.connection.Connection) -> None:
     pid = os.getpid()
     peak = PeakMemory()
     fn_cache: Dict[bytes, Any] = {}
+    conn.send("ready")
     while True:
         try:
             msg = conn.recv()
@@ -107,7 +109,9 @@ def worker_main(conn: multiprocessing.connection.Connection) -> None:
         apply_env(env)
         peak.start()
         user0, sys0 = cpu_seconds(me)
+        started = time.time()
         status, exitcode, out, exc = run_call(fn_blob, args_blob, fn_cache)
+        ended = time.time()
         user1, sys1 = cpu_seconds(me)
         rss, method = peak.stop()
         try:
@@ -117,6 +121,6 @@ def worker_main(conn: multiprocessing.connection.Connection) -> None:
             pass
         try:
             conn.send((seq, status.value, exitcode, out, exc,
-                       user1 - user0, sys1 - sys0, rss, method, pid))
+                       user1 - user0, sys1 - sys0, rss, method, pid, started, ended))
         except (EOFError, OSError):
             break
