@@ -64,6 +64,8 @@ class Lane:
     heap: List[Tuple[int, int]] = dataclasses.field(default_factory=list)
     running: Optional[int] = None     # seq of the running job
     exposed: Optional[int] = None     # seq currently offered to the qid heap
+    last_exit: Optional[int] = None   # exit code of the lane's last finished job
+    last_id: Optional[int] = None     # and its id
 
 
 @dataclasses.dataclass
@@ -183,13 +185,25 @@ class QueueState:
         if lane is None:
             lane = q.lanes[rec.lane_key] = Lane()
         heapq.heappush(lane.heap, entry)
-        self._expose(q, lane)
+        self._settle(q, lane)
 
-    def _expose(self, q: QueueInfo, lane: Lane) -> None:
-        """Offer the lane's best waiting job to the qid heap, if the lane is idle."""
+    def _settle(self, q: QueueInfo, lane: Lane) -> None:
+        """If the lane is idle: skip the jobs that asked to stop after its last
+        job failed, then offer its best waiting job to the qid heap."""
         if lane.running is not None:
             return
         self._clean_lane(lane)
+        failed = lane.last_exit not in (0, None)
+        while failed and lane.heap and self.records[lane.heap[0][1]].stop_on_lane_error:
+            nxt = self.records[heapq.heappop(lane.heap)[1]]
+            q.n_waiting -= 1
+            nxt.status = JobStatus.SKIPPED
+            nxt.cancelled = True
+            nxt.exitcode = lane.last_exit
+            nxt.exception = (f"stop_on_lane_error=True and preceding job ({lane.last_id}) "
+                             f"exit code is {lane.last_exit}")
+            self._done(q, nxt, held_ok=False)
+            self._clean_lane(lane)
         if not lane.heap:
             return
         best = lane.heap[0]
@@ -291,7 +305,8 @@ class QueueState:
             else:
                 self._done(q, rec)
                 if lane is not None:
-                    self._advance_lane(q, rec, lane)
+                    lane.last_exit, lane.last_id, lane.exposed = rec.exitcode, rec.id, None
+                    self._settle(q, lane)
             self._changed()
 
     def _retry(self, q: QueueInfo, rec: JobRecord) -> None:
@@ -300,31 +315,6 @@ class QueueState:
         rec.cancelled = False
         q.n_waiting += 1
         self._enqueue(q, rec)
-
-    def _advance_lane(self, q: QueueInfo, pred: JobRecord, lane: Lane) -> None:
-        """Skip the lane's jobs that asked to stop after a failure, then expose the next."""
-        failed = pred.exitcode is not None and pred.exitcode != 0
-        while failed:
-            self._clean_lane(lane)
-            if not lane.heap:
-                break
-            nxt = self.records[lane.heap[0][1]]
-            if not nxt.stop_on_lane_error:
-                break
-            heapq.heappop(lane.heap)
-            q.n_waiting -= 1
-            nxt.status = JobStatus.SKIPPED
-            nxt.cancelled = True
-            nxt.exitcode = pred.exitcode
-            nxt.exception = (
-                f"stop_on_lane_error=True and preceding job ({pred.id}) "
-                f"exit code is {pred.exitcode}"
-            )
-            self._done(q, nxt, held_ok=False)
-        lane.exposed = None
-        self._expose(q, lane)
-        if lane.running is None and not lane.heap:
-            del q.lanes[pred.lane_key]
 
     def _done(self, q: QueueInfo, rec: JobRecord, held_ok: bool = True) -> None:
         """A job reached a final state: hand it to its client or complete it."""
@@ -436,9 +426,7 @@ class QueueState:
                 lane = q.lanes[rec.lane_key]
                 if lane.exposed == rec.seq:
                     lane.exposed = None
-                self._expose(q, lane)
-                if lane.running is None and not lane.heap:
-                    del q.lanes[rec.lane_key]
+                self._settle(q, lane)
             return True
         if rec.status == JobStatus.WORKING:
             self.kill_requests.append((rec.seq, JobStatus.CANCELLED, "cancelled by request"))

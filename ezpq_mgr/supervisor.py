@@ -142,8 +142,10 @@ class Supervisor:
             results = []
             for obj in ready:
                 if obj == self._wake_r:
-                    self._woken = False
+                    # drain first, then clear: a wake() skipped in between
+                    # changed the state before the dispatch below, so none is lost
                     os.read(self._wake_r, 4096)
+                    self._woken = False
                 elif obj in sentinels:
                     continue
                 else:
