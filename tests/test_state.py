@@ -1,0 +1,159 @@
+"""The scheduling state machine alone: no processes, a fake clock."""
+
+import itertools
+import pickle
+
+import pytest
+
+from ezpq_mgr.errors import JobNotFound, QueueFull
+from ezpq_mgr.job import JobRecord, JobStatus
+from ezpq_mgr.state import Outcome, QueueState
+
+
+@pytest.fixture
+def state():
+    ticks = itertools.count(1000)
+    return QueueState(clock=lambda: float(next(ticks)))
+
+
+def rec(priority=100, lane=None, user="u", client="c", stop=False, retries=0):
+    return JobRecord(seq=0, qid="", id=0, client=client, user=user, name=None,
+                     priority=priority, lane_key=None if lane is None else pickle.dumps(lane),
+                     timeout=0, function="f", fn_blob=b"", args_blob=b"",
+                     stop_on_lane_error=stop, retries=retries)
+
+
+def run_all(state, exitcodes=None):
+    """Pick and finish jobs one at a time; returns the ids in run order."""
+    order = []
+    while True:
+        with state.cond:
+            r = state.pick()
+        if r is None:
+            return order
+        order.append((r.qid, r.id))
+        code = (exitcodes or {}).get(r.id, 0)
+        state.finish(r.seq, Outcome(JobStatus.COMPLETED if code == 0 else JobStatus.FAILED, code))
+
+
+def test_priority_then_fifo(state):
+    state.add("q", [rec(5), rec(1), rec(5), rec(1)])
+    assert run_all(state) == [("q", 2), ("q", 4), ("q", 1), ("q", 3)]
+    out = state.pop_completed("q", 0)
+    assert [(j["priority"], j["id"]) for j in out] == [(1, 2), (1, 4), (5, 1), (5, 3)]
+
+
+def test_times_come_from_the_clock(state):
+    state.add("q", [rec()])
+    with state.cond:
+        r = state.pick()
+    state.finish(r.seq, Outcome(JobStatus.COMPLETED, 0))
+    j = state.pop_completed("q")[0]
+    assert j["submitted"] < j["started"] < j["ended"] < j["processed"]
+
+
+def test_lane_runs_one_at_a_time_in_priority_order(state):
+    state.add("q", [rec(lane="a"), rec(lane="a", priority=1), rec(lane="b")])
+    with state.cond:
+        first = state.pick()
+        second = state.pick()
+        assert state.pick() is None  # lane a is busy, lane b started
+    assert (first.id, second.id) == (2, 3)  # lane a's priority-1 job first
+    state.finish(first.seq, Outcome(JobStatus.COMPLETED, 0))
+    with state.cond:
+        third = state.pick()
+    assert third.id == 1
+
+
+def test_stop_on_lane_error_skips_with_predecessor_exitcode(state):
+    state.add("q", [rec(lane=0), rec(lane=0, stop=True), rec(lane=0, stop=True), rec(lane=0)])
+    order = run_all(state, exitcodes={1: 3})
+    assert order == [("q", 1), ("q", 4)]
+    jobs = {j["id"]: j for j in state.pop_completed("q", 0)}
+    assert jobs[2]["status"] == jobs[3]["status"] == "skipped"
+    assert jobs[2]["exitcode"] == jobs[3]["exitcode"] == 3
+    assert jobs[2]["cancelled"] and jobs[2]["started"] is None
+    assert "preceding job (1)" in jobs[2]["exception"]
+
+
+def test_lane_error_is_remembered_after_the_lane_emptied(state):
+    state.add("q", [rec(lane="x")])
+    run_all(state, exitcodes={1: 1})
+    state.add("q", [rec(lane="x", stop=True)])
+    assert run_all(state) == []
+    assert state.job("q", 2)["status"] == "skipped"
+
+
+def test_max_size_is_all_or_nothing(state):
+    state.configure("q", max_size=3)
+    state.add("q", [rec(), rec()])
+    with pytest.raises(QueueFull):
+        state.add("q", [rec(), rec()])
+    assert state.counts("q")["waiting"] == 2
+    state.add("q", [rec()])
+
+
+def test_cancel_waiting_and_unknown(state):
+    state.add("q", [rec(), rec()])
+    assert state.cancel("q", 1) is True
+    assert run_all(state) == [("q", 2)]
+    assert state.job("q", 1)["status"] == "cancelled"
+    with pytest.raises(JobNotFound):
+        state.cancel("q", 99)
+
+
+def test_cancel_running_asks_the_supervisor(state):
+    state.add("q", [rec()])
+    with state.cond:
+        r = state.pick()
+    assert state.cancel("q", 1) is True
+    with state.cond:
+        assert state.take_kill_requests() == [(r.seq, JobStatus.CANCELLED, "cancelled by request")]
+
+
+def test_paused_queue_and_cap(state):
+    state.configure("p", paused=True)
+    state.configure("c", cap=1)
+    state.add("p", [rec()])
+    state.add("c", [rec(), rec()])
+    with state.cond:
+        a = state.pick()
+        assert state.pick() is None
+    assert a.qid == "c"
+
+
+def test_fair_share_between_users(state):
+    state.add("qa", [rec(user="a") for _ in range(5)])
+    state.add("qb", [rec(user="b")])
+    with state.cond:
+        first = state.pick()
+        second = state.pick()
+    assert (first.user, second.user) == ("a", "b")
+
+
+def test_retries(state):
+    state.add("q", [rec(retries=2)])
+    attempts = 0
+    while True:
+        with state.cond:
+            r = state.pick()
+        if r is None:
+            break
+        attempts += 1
+        state.finish(r.seq, Outcome(JobStatus.FAILED, 1))
+    assert attempts == 3
+    assert state.job("q", 1)["status"] == "failed"
+
+
+def test_holding_client_counts_job_as_working_until_processed(state):
+    state.open_notices("c")
+    state.set_holding("c", True)
+    state.add("q", [rec()])
+    run_all(state)
+    assert state.counts("q")["working"] == 1
+    notes = state.take_notices("c", 0)
+    assert [n["id"] for n in notes] == [1] and notes[0]["held"]
+    state.mark_processed([(notes[0]["seq"], b"x")])
+    assert state.counts("q") ["completed"] == 1
+    state.close_notices("c")
+    assert state.take_notices("c", 0) is None
