@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, List, Optional
 from . import serialize
 from .connection import Remote, default_authkey, parse_address
 from .embedded import PrivateServer
-from .errors import EzpqError
+from .errors import ConnectionError, EzpqError
 from .job import Job, normalize_args
 from .jobdict import log_csv, to_job_dict
 
@@ -482,6 +482,8 @@ class Queue:
             self._wait_loop(lambda s: self._remote.call("wait_client", self._token, s),
                             lambda n: n == 0, 30)
             self._remote.call("goodbye", self._token, self._qid, True)
+        except ConnectionError as exc:  # the server is gone: nothing left to release there
+            logger.warning("dispose(): %s", exc)
         finally:
             self._release()
 

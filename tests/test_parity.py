@@ -98,7 +98,6 @@ def test_terminate(start_method, inputs):
         output = Q.collect()
         assert sorted(x['id'] for x in output) == list(range(1, len(inputs) + 1))
         assert {x['status'] for x in output} <= {'completed', 'cancelled'}
-        assert any(x['status'] == 'cancelled' for x in output)
     finally:
         Q.dispose()
 

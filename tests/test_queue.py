@@ -310,3 +310,39 @@ def test_server_dies_with_a_killed_client(tmp_path):
     finally:
         client.kill()
         client.wait()
+
+
+def test_forkserver_start_method():
+    with ezpq.Queue(2, start_method="forkserver") as Q:
+        assert [j["output"] for j in Q.map(square, range(6))] == [0, 1, 4, 9, 16, 25]
+        Q.put(sleep_for, 30, timeout=0.2)
+        assert Q.get(wait=True)["status"] == "timeout"
+
+
+def test_auto_stop_pauses_when_idle_and_auto_remove_discards():
+    with ezpq.Queue(2, auto_stop=True) as Q:
+        Q.put(square, 2)
+        assert Q.wait() == 0
+        assert not Q.is_running
+        Q.put(square, 3)
+        assert Q.size(waiting=True) == 1
+        Q.start()
+        assert Q.wait() == 0
+        assert sorted(j["output"] for j in Q.collect()) == [4, 9]
+    with ezpq.Queue(2, auto_remove=True) as Q:
+        Q.put(square, 2)
+        assert Q.wait() == 0
+        assert Q.size() == 0 and Q.n_completed() == 1 and Q.collect() == []
+
+
+def test_stop_all_cancels_waiting_and_stops_running():
+    with ezpq.Queue(1) as Q:
+        first = Q.put(sleep_for, 30)
+        for _ in range(3):
+            Q.put(sleep_for, 30)
+        while not Q.is_working():
+            Q.wait_worker(timeout=0.05)
+        Q.stop_all()
+        jobs = {j["id"]: j for j in Q.collect()}
+        assert len(jobs) == 4 and {j["status"] for j in jobs.values()} == {"cancelled"}
+        assert jobs[first]["exitcode"] < 0
