@@ -257,13 +257,14 @@ class Supervisor:
 
     # -------------------------------------------------------------- results
     def _on_result(self, msg: tuple) -> None:
-        seq, status, exitcode, out, exc, cpu_u, cpu_s, rss, method, pid, started, ended = msg
+        seq, status, exitcode, out, exc, cpu_u, cpu_s, rss, method, rss_ch, pid, started, ended = msg
         with self.state.cond:
             w = next((w for w in self.workers if w.seq == seq and w.proc.pid == pid), None)
             if w is not None and not w.dead:
                 w.seq = w.deadline = w.max_memory = None
         self.state.finish(seq, Outcome(JobStatus(status), exitcode, out, exc, cpu_u, cpu_s,
-                                       rss, method, pid=pid, host=HOST, started=started, ended=ended))
+                                       rss, method, rss_ch, pid=pid, host=HOST, started=started,
+                                       ended=ended))
 
     def _on_death(self, w: WorkerHandle) -> None:
         """A worker process ended. Caller holds the lock."""
@@ -309,20 +310,32 @@ class Supervisor:
                                f"killed: memory {rss} bytes passed max_memory={w.max_memory}")
 
     def _kill(self, w: WorkerHandle, status: JobStatus, why: str) -> None:
+        """Stop a job by killing its worker's process tree, in a helper thread.
+
+        The job stays working until the tree is gone; then its outcome is
+        recorded with the signal that ended the worker, and any survivor is
+        named in ``exception``. The worker is never reused."""
         tree = descendants(w.proc.pid)
         try:
             tree.insert(0, psutil.Process(w.proc.pid))
         except psutil.Error:
             pass
-        self._finalize(w, status, -signal.SIGTERM, why)
+        seq, pid = w.seq, w.proc.pid
+        w.seq = w.deadline = w.max_memory = None
         w.dead = True
-        threading.Thread(target=_kill_and_report, args=(tree, why), daemon=True).start()
+        threading.Thread(target=self._kill_and_record, args=(seq, pid, tree, status, why),
+                         name="ezpq-kill", daemon=True).start()
 
-
-def _kill_and_report(tree: List[psutil.Process], why: str) -> None:
-    survivors = kill_tree(tree)
-    if survivors:
-        logger.error("after %s, processes %s survived", why, survivors)
+    def _kill_and_record(self, seq: int, pid: int, tree: List[psutil.Process],
+                         status: JobStatus, why: str) -> None:
+        survivors = kill_tree(tree)
+        code = next((p.returncode for p in tree if p.pid == pid and p.returncode), None)
+        exitcode = code if code is not None and code < 0 else -signal.SIGTERM
+        if survivors:
+            why += f"; processes {survivors} survived SIGKILL"
+            logger.error("job %s: %s", seq, why)
+        self.state.finish(seq, Outcome(status, exitcode, exception=why, pid=pid, host=HOST))
+        self.wake()
 
 
 def _tree_rss(pid: int) -> int:

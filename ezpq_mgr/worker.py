@@ -23,7 +23,8 @@ import psutil
 
 from . import serialize
 from .job import JobStatus
-from .procutil import PeakMemory, cpu_seconds, descendants, kill_tree
+from .procutil import (ChildPeak, PeakMemory, become_subreaper, cpu_seconds, descendants,
+                       kill_tree, reap_zombies)
 
 __all__ = ["worker_main", "run_call", "apply_env", "thread_cpu", "HOST"]
 
@@ -93,9 +94,11 @@ def _watch_parent() -> None:
 def worker_main(conn: multiprocessing.connection.Connection) -> None:
     """Entry point of a worker process."""
     _watch_parent()
+    become_subreaper()
     me = psutil.Process()
     pid = os.getpid()
     peak = PeakMemory()
+    child_peak = ChildPeak()
     fn_cache: Dict[bytes, Any] = {}
     conn.send("ready")
     while True:
@@ -108,12 +111,15 @@ def worker_main(conn: multiprocessing.connection.Connection) -> None:
         seq, fn_blob, args_blob, env = msg
         apply_env(env)
         peak.start()
+        child_peak.start()
         user0, sys0 = cpu_seconds(me)
         started = time.time()
         status, exitcode, out, exc = run_call(fn_blob, args_blob, fn_cache)
         ended = time.time()
         user1, sys1 = cpu_seconds(me)
         rss, method = peak.stop()
+        rss_children = child_peak.stop()
+        reap_zombies()
         try:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -121,6 +127,6 @@ def worker_main(conn: multiprocessing.connection.Connection) -> None:
             pass
         try:
             conn.send((seq, status.value, exitcode, out, exc,
-                       user1 - user0, sys1 - sys0, rss, method, pid, started, ended))
+                       user1 - user0, sys1 - sys0, rss, method, rss_children, pid, started, ended))
         except (EOFError, OSError):
             break
