@@ -73,17 +73,28 @@ def kill_tree(procs: Iterable[psutil.Process], grace: float = 0.05) -> List[int]
             p.send_signal(signal.SIGTERM)
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
+    alive = _living(psutil.wait_procs(procs, timeout=grace)[1])
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(alive, timeout=1.0)
-    survivors = [p.pid for p in alive]
+    survivors = [p.pid for p in _living(psutil.wait_procs(alive, timeout=1.0)[1])]
     if survivors:
         logger.error("processes survived SIGKILL: %s", survivors)
     return survivors
+
+
+def _living(procs: List[psutil.Process]) -> List[psutil.Process]:
+    """Drop zombies: dead, merely not yet reaped by their (new) parent."""
+    out = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
 
 
 def cpu_seconds(proc: psutil.Process) -> Tuple[float, float]:

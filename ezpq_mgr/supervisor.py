@@ -323,18 +323,20 @@ class Supervisor:
         seq, pid = w.seq, w.proc.pid
         w.seq = w.deadline = w.max_memory = None
         w.dead = True
-        threading.Thread(target=self._kill_and_record, args=(seq, pid, tree, status, why),
+        threading.Thread(target=self._kill_and_record,
+                         args=(seq, pid, tree, status, why, time.time()),
                          name="ezpq-kill", daemon=True).start()
 
     def _kill_and_record(self, seq: int, pid: int, tree: List[psutil.Process],
-                         status: JobStatus, why: str) -> None:
+                         status: JobStatus, why: str, ended: float) -> None:
         survivors = kill_tree(tree)
         code = next((p.returncode for p in tree if p.pid == pid and p.returncode), None)
         exitcode = code if code is not None and code < 0 else -signal.SIGTERM
         if survivors:
             why += f"; processes {survivors} survived SIGKILL"
             logger.error("job %s: %s", seq, why)
-        self.state.finish(seq, Outcome(status, exitcode, exception=why, pid=pid, host=HOST))
+        self.state.finish(seq, Outcome(status, exitcode, exception=why, pid=pid, host=HOST,
+                                       ended=ended))
         self.wake()
 
 

@@ -52,8 +52,9 @@ def spawn_sleeper_tree(pidfile):
     child = subprocess.Popen(["sleep", "30"])
     grand = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
                              start_new_session=True)
-    with open(pidfile, "w") as f:
+    with open(pidfile + ".tmp", "w") as f:
         f.write(f"{child.pid} {grand.pid}\n")
+    os.rename(pidfile + ".tmp", pidfile)
     time.sleep(30)
 
 
@@ -62,3 +63,44 @@ def wait_for_file(path, limit=30):
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
     return os.path.exists(path)
+
+
+def burn_cpu(seconds):
+    """Spin until this process used ``seconds`` of CPU; returns os.times() delta."""
+    t0 = os.times()
+    while True:
+        t = os.times()
+        used = (t.user - t0.user) + (t.system - t0.system)
+        if used >= seconds:
+            return used
+
+
+def touch_memory(mib):
+    block = bytearray(mib * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    return len(block)
+
+
+def child_burns_cpu(seconds):
+    code = ("import os\nt0=os.times()\n"
+            f"while (os.times().user-t0.user)+(os.times().system-t0.system) < {seconds}: pass\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def child_touches_memory(mib):
+    code = (f"b=bytearray({mib}*1024*1024)\nfor i in range(0,len(b),4096): b[i]=1\n"
+            "import time; time.sleep(0.3)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def segfault():
+    import ctypes
+    ctypes.string_at(0)
+
+
+def write_pid_and_sleep(path):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
+    time.sleep(30)

@@ -1,0 +1,109 @@
+"""psutil's side: per-job CPU and peak memory, whole-tree timeouts, crashes."""
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+import ezpq_mgr as ezpq
+from jobs import (burn_cpu, child_burns_cpu, child_touches_memory, exit_hard, segfault,
+                  spawn_sleeper_tree, square, touch_memory, wait_for_file, write_pid_and_sleep)
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def Q1():
+    queue = ezpq.Queue(1)
+    yield queue
+    queue.dispose()
+
+
+def test_cpu_seconds_match_a_direct_run(Q1):
+    t0 = os.times()
+    burn_cpu(0.5)
+    t1 = os.times()
+    direct = (t1.user - t0.user) + (t1.system - t0.system)
+    Q1.put(burn_cpu, 0.5)
+    job = Q1.get(wait=True)
+    measured = job["cpu_user"] + job["cpu_system"]
+    assert measured == pytest.approx(direct, rel=0.15)
+
+
+def test_peak_memory_is_per_job(Q1):
+    Q1.put(touch_memory, 200)
+    Q1.put(square, 3)
+    big, small = Q1.get(wait=True), Q1.get(wait=True)
+    assert big["pid"] == small["pid"]  # same persistent worker
+    assert big["max_rss_method"] == "vmhwm"
+    assert 200 * MiB <= big["max_rss"] <= 260 * MiB
+    assert small["max_rss"] < 60 * MiB
+
+
+def test_child_process_cpu_and_memory_count(Q1):
+    Q1.put(child_burns_cpu, 0.3)
+    job = Q1.get(wait=True)
+    assert job["status"] == "completed"
+    assert job["cpu_user"] + job["cpu_system"] >= 0.3 * 0.85
+    Q1.put(child_touches_memory, 100)
+    job = Q1.get(wait=True)
+    assert job["max_rss_children"] >= 100 * MiB
+    assert job["max_rss"] < 60 * MiB
+
+
+def test_timeout_kills_the_whole_tree(Q1, tmp_path):
+    pidfile = str(tmp_path / "tree")
+    Q1.put(spawn_sleeper_tree, pidfile, timeout=1.0)
+    assert wait_for_file(pidfile)
+    pids = [int(p) for p in open(pidfile).read().split()]
+    job = Q1.get(wait=True)
+    ended = time.monotonic()
+    assert job["status"] == "timeout" and job["cancelled"] and job["exitcode"] < 0
+    assert job["runtime"] == pytest.approx(1.0, abs=0.2)
+    procs = [psutil.Process(p) for p in pids if psutil.pid_exists(p)]
+    gone, alive = psutil.wait_procs(procs, timeout=max(0.0, ended + 0.5 - time.monotonic()))
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive
+    Q1.put(square, 5)
+    assert Q1.get(wait=True)["output"] == 25
+
+
+@pytest.mark.parametrize("job,status,code", [
+    ((exit_hard, 3), "lost", 3),
+    ((segfault,), "killed", -signal.SIGSEGV),
+])
+def test_crashes_are_reported(Q1, job, status, code):
+    Q1.put(job[0], args=list(job[1:]), suppress_errors=True)
+    got = Q1.get(wait=True)
+    assert got["status"] == status and got["exitcode"] == code
+    assert "died" in got["exception"]
+    assert [j["output"] for j in Q1.map(square, [1, 2])] == [1, 4]
+
+
+def test_outside_sigkill_is_reported(Q1, tmp_path):
+    path = str(tmp_path / "pid")
+    Q1.put(write_pid_and_sleep, path, suppress_errors=True)
+    assert wait_for_file(path)
+    os.kill(int(open(path).read()), signal.SIGKILL)
+    job = Q1.get(wait=True)
+    assert job["status"] == "killed" and job["exitcode"] == -signal.SIGKILL
+    assert Q1.map(square, [3])[0]["output"] == 9
+
+
+def test_max_memory_breach_kills_the_job(Q1):
+    Q1.put(touch_memory, 300, max_memory=100 * MiB, suppress_errors=True)
+    job = Q1.get(wait=True)
+    assert job["status"] == "killed" and job["exitcode"] < 0
+    assert "max_memory" in job["exception"]
+    assert Q1.map(square, [4])[0]["output"] == 16
+
+
+def test_thread_jobs_measure_their_own_thread():
+    with ezpq.Queue(2, job_runner=threading.Thread) as Q:
+        Q.put(burn_cpu, 0.3)
+        job = Q.get(wait=True)
+    assert job["cpu_user"] + job["cpu_system"] == pytest.approx(0.3, rel=0.2)
+    assert job["max_rss"] is None and job["pid"] != os.getpid()
