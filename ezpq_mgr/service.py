@@ -37,7 +37,7 @@ class Service:
     """Thread-safe facade over the queue state and the worker pool."""
 
     EXPOSED = (
-        "hello", "configure", "put", "counts", "get", "collect", "pop_ids",
+        "hello", "configure", "put", "reserve_ids", "counts", "get", "collect", "pop_ids",
         "wait_pending", "wait_client", "wait_change", "cancel", "cancel_all",
         "jobs", "job", "take_notices", "mark_processed", "set_holding",
         "goodbye", "set_workers", "n_workers", "info",
@@ -87,9 +87,13 @@ class Service:
         self.supervisor.wake()
         return self.state.counts(qid)
 
+    def reserve_ids(self, qid: str, n: int) -> int:
+        return self.state.reserve_ids(qid, int(n))
+
     def put(self, qid: str, records: List[dict]) -> List[int]:
         """Enqueue a batch of job records, all or nothing."""
-        recs = [JobRecord(seq=0, qid=qid, id=0, **r) for r in records]
+        recs = [JobRecord(seq=0, qid=qid, **r) if "id" in r else JobRecord(seq=0, qid=qid, id=0, **r)
+                for r in records]
         ids = self.state.add(qid, recs)
         self.supervisor.wake()
         return ids

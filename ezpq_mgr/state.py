@@ -160,8 +160,9 @@ class QueueState:
                 self.seq += 1
                 rec.seq = self.seq
                 rec.qid = qid
-                rec.id = q.next_id
-                q.next_id += 1
+                if not rec.id:  # clients that buffer puts reserve their ids first
+                    rec.id = q.next_id
+                    q.next_id += 1
                 if rec.name is None:
                     rec.name = rec.id
                 rec.submitted = now
@@ -175,6 +176,14 @@ class QueueState:
                 ids.append(rec.id)
             self._changed()
             return ids
+
+    def reserve_ids(self, qid: str, n: int) -> int:
+        """Set aside ``n`` job ids for a client that buffers its puts; returns the first."""
+        with self.cond:
+            q = self.queue(qid)
+            first = q.next_id
+            q.next_id += n
+            return first
 
     def _enqueue(self, q: QueueInfo, rec: JobRecord) -> None:
         entry = (rec.priority, rec.seq)

@@ -19,12 +19,10 @@ import time
 import traceback
 from typing import Any, Dict, Optional, Tuple
 
-import psutil
-
 from . import serialize
 from .job import JobStatus
-from .procutil import (ChildPeak, PeakMemory, become_subreaper, cpu_seconds, descendants,
-                       kill_tree, reap_zombies)
+from .meter import JobMeter
+from .procutil import become_subreaper, descendants, kill_tree, reap_zombies
 
 __all__ = ["worker_main", "run_call", "apply_env", "thread_cpu", "HOST"]
 
@@ -92,13 +90,16 @@ def _watch_parent() -> None:
 
 
 def worker_main(conn: multiprocessing.connection.Connection) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process.
+
+    ``EZPQ_ACCOUNTING=0`` in the server's environment turns the per-job CPU
+    and memory figures off (they are then None); the benchmarks use it to
+    show what accounting costs."""
     _watch_parent()
     become_subreaper()
-    me = psutil.Process()
+    accounting = os.environ.get("EZPQ_ACCOUNTING", "1") != "0"
     pid = os.getpid()
-    peak = PeakMemory()
-    child_peak = ChildPeak()
+    meter = JobMeter() if accounting else None
     fn_cache: Dict[bytes, Any] = {}
     conn.send("ready")
     while True:
@@ -110,23 +111,22 @@ def worker_main(conn: multiprocessing.connection.Connection) -> None:
             break
         seq, fn_blob, args_blob, env = msg
         apply_env(env)
-        peak.start()
-        child_peak.start()
-        user0, sys0 = cpu_seconds(me)
+        if meter:
+            meter.start()
         started = time.time()
         status, exitcode, out, exc = run_call(fn_blob, args_blob, fn_cache)
         ended = time.time()
-        user1, sys1 = cpu_seconds(me)
-        rss, method = peak.stop()
-        rss_children = child_peak.stop()
-        reap_zombies()
+        figures = (None, None, None, None, None)
+        if meter:
+            figures, spawned = meter.stop()
+            if spawned:
+                reap_zombies()  # orphans of the job's processes were adopted by us
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         except Exception:
             pass
         try:
-            conn.send((seq, status.value, exitcode, out, exc,
-                       user1 - user0, sys1 - sys0, rss, method, rss_children, pid, started, ended))
+            conn.send((seq, status.value, exitcode, out, exc) + figures + (pid, started, ended))
         except (EOFError, OSError):
             break

@@ -1,0 +1,149 @@
+"""JobMeter: one job's CPU seconds and peak memory, in a persistent worker.
+
+Figures must be the job's own, never left over from an earlier job of the
+same worker, and cheap enough for no-op jobs (about 5 us a job):
+
+- CPU: ``getrusage`` deltas of this process and of its waited-for children
+  around the job (the counters psutil's ``cpu_times()`` reads, children
+  fields included), so a ``subprocess.run`` child's CPU counts.
+- ``max_rss``: the kernel's high-water mark, reset before each job by
+  writing 5 to ``/proc/self/clear_refs``, read back through ``getrusage``
+  when that is known to equal the reset mark, else from ``VmHWM`` (a thread
+  that exited can leave an older, larger figure in ``getrusage``).
+  Method ``"vmhwm"``. Where the reset is impossible, psutil samples RSS every
+  10 ms: method ``"sampled"`` (short spikes can be missed).
+- ``max_rss_children``: the largest peak among the job's descendants that a
+  sampler thread saw (every 50 ms once the job has run that long; each
+  child's own VmHWM, so spikes between samples count), and the peak of
+  children reaped during the job (``RUSAGE_CHILDREN.ru_maxrss`` when it grew).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from typing import Optional, Tuple
+
+import psutil
+
+from .procutil import descendants, own_peak
+
+__all__ = ["JobMeter"]
+
+#: (cpu_user, cpu_system, max_rss, max_rss_method, max_rss_children)
+Figures = Tuple[float, float, int, str, Optional[int]]
+
+_SELF, _CHILDREN = resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN
+
+
+class JobMeter:
+    """``start()`` before a job, ``stop()`` after it: the job's figures."""
+
+    PAGE = os.sysconf("SC_PAGE_SIZE")
+    SLACK = 64 * 1024          # rss may move this much between reset and read
+    CHILD_INTERVAL = 0.05
+
+    def __init__(self) -> None:
+        self._proc = psutil.Process()
+        self._pid = os.getpid()
+        try:
+            self._clear_fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+            self._status_fd = os.open("/proc/self/status", os.O_RDONLY)
+            self._statm_fd = os.open("/proc/self/statm", os.O_RDONLY)
+            os.write(self._clear_fd, b"5")
+            self.exact = self._read_hwm() is not None
+        except OSError:
+            self.exact = False
+        self._fast = False
+        self._self0 = self._children0 = None
+        self._sampled = 0
+        self._sampling = threading.Event()
+        # the children sampler: flags only on the hot path, a wake-up only after idleness
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._sleeping = False
+        self._active = False
+        self._gen = 0
+        self._t0 = 0.0
+        self._child_peak = 0
+        self._saw_children = False
+        threading.Thread(target=self._child_loop, name="ezpq-child-peak", daemon=True).start()
+        if not self.exact:
+            threading.Thread(target=self._rss_loop, name="ezpq-rss-sampler", daemon=True).start()
+
+    # ------------------------------------------------------------- per job
+    def start(self) -> None:
+        if self.exact:
+            os.write(self._clear_fd, b"5")
+            rss = int(os.pread(self._statm_fd, 256, 0).split()[1]) * self.PAGE
+            self._self0 = resource.getrusage(_SELF)
+            self._fast = self._self0.ru_maxrss * 1024 <= rss + self.SLACK
+        else:
+            self._self0 = resource.getrusage(_SELF)
+            self._sampled = self._proc.memory_info().rss
+            self._sampling.set()
+        self._children0 = resource.getrusage(_CHILDREN)
+        self._child_peak = 0
+        self._saw_children = False
+        self._gen += 1
+        self._t0 = time.monotonic()
+        self._active = True
+        if self._sleeping:
+            with self._lock:
+                self._idle.notify()
+
+    def stop(self) -> Tuple[Figures, bool]:
+        """The job's figures, and whether it started any process."""
+        self._active = False
+        s1, c1 = resource.getrusage(_SELF), resource.getrusage(_CHILDREN)
+        s0, c0 = self._self0, self._children0
+        cpu_user = (s1.ru_utime - s0.ru_utime) + (c1.ru_utime - c0.ru_utime)
+        cpu_system = (s1.ru_stime - s0.ru_stime) + (c1.ru_stime - c0.ru_stime)
+        if self.exact:
+            peak, method = (s1.ru_maxrss * 1024 if self._fast else self._read_hwm() or 0), "vmhwm"
+        else:
+            self._sampling.clear()
+            peak, method = max(self._sampled, self._proc.memory_info().rss), "sampled"
+        spawned = self._saw_children or c1 != c0
+        child_peak = self._child_peak
+        if c1.ru_maxrss > c0.ru_maxrss:
+            child_peak = max(child_peak, c1.ru_maxrss * 1024)
+        return (cpu_user, cpu_system, peak, method, child_peak or None), spawned
+
+    # ------------------------------------------------------------- helpers
+    def _read_hwm(self) -> Optional[int]:
+        data = os.pread(self._status_fd, 8192, 0)
+        i = data.find(b"VmHWM:")
+        if i < 0:
+            return None
+        return int(data[i + 6:data.index(b"kB", i)]) * 1024
+
+    def _rss_loop(self) -> None:
+        while True:
+            self._sampling.wait()
+            time.sleep(0.01)
+            try:
+                self._sampled = max(self._sampled, self._proc.memory_info().rss)
+            except psutil.Error:
+                pass
+
+    def _child_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._sleeping = True
+                self._idle.wait_for(lambda: self._active)
+                self._sleeping = False
+            last_gen = -1
+            while self._active or self._gen != last_gen:  # block only after an idle interval
+                last_gen = self._gen
+                time.sleep(self.CHILD_INTERVAL)
+                gen, t0 = self._gen, self._t0
+                if not self._active or time.monotonic() - t0 < self.CHILD_INTERVAL:
+                    continue
+                procs = descendants(self._pid)
+                peak = max((own_peak(p) for p in procs), default=0)
+                if self._gen == gen and self._active:
+                    self._saw_children = self._saw_children or bool(procs)
+                    self._child_peak = max(self._child_peak, peak)
