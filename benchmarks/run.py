@@ -1,0 +1,152 @@
+"""Side-by-side benchmarks: ezpq_mgr vs ezpq 0.2.2, ProcessPoolExecutor, multiprocessing.Pool.
+
+    python benchmarks/run.py           # full run
+    python benchmarks/run.py --quick   # under 2 minutes
+
+Writes benchmarks/results/<timestamp>.json and the Markdown table in
+benchmarks/README.md; prints the table with each target and its figure.
+Every workload checks its outputs (a wrong result aborts the run).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import psutil  # noqa: E402
+
+from jobs import sleep_durations  # noqa: E402
+from systems import EzpqMgr, Ezpq022, MpPool, ProcessPool  # noqa: E402
+
+
+def greedy_makespan(durations, workers):
+    free = [0.0] * workers
+    for d in durations:
+        i = free.index(min(free))
+        free[i] += d
+    return max(free)
+
+
+def ideal_time(n_jobs, workers):
+    d = sleep_durations(n_jobs)
+    return max(sum(d) / workers, greedy_makespan(d, workers))
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def measure(args):
+    quick = args.quick
+    n = 2000 if quick else 5000
+    n_ezpq = 60 if quick else 200
+    rounds = 200 if quick else 500
+    rounds_ezpq = 10 if quick else 40
+    res = {}
+    systems = [EzpqMgr(), ProcessPool(), MpPool()]
+    try:
+        systems.append(Ezpq022())
+    except ImportError:
+        print("ezpq 0.2.2 not installed (pip install -e '.[bench]'): skipped", file=sys.stderr)
+    for s in systems:
+        print(f"-- {s.name}", file=sys.stderr)
+        r = res[s.name] = {}
+        size = n_ezpq if s.name == "ezpq 0.2.2" else n
+        r["w1_put"] = statistics.median(s.w1_put(size) for _ in range(args.repeat))
+        r["w1b_map"] = statistics.median(s.w1b_map(size) for _ in range(args.repeat))
+        r["w2_eff"] = ideal_time(60, 6) / s.w2(60, 6)
+        lat = s.w3(rounds_ezpq if s.name == "ezpq 0.2.2" else rounds)
+        r["w3_p50_ms"], r["w3_p99_ms"] = pct(lat, 0.5) * 1e3, pct(lat, 0.99) * 1e3
+        if hasattr(s, "w4"):
+            r["w4_report_s"], r["w4_child_left"] = s.w4()
+    mgr = res["ezpq_mgr"]
+    from shared import w5
+    mgr["w5_jobs_s"], mgr["w5_own_results"] = w5(4, 500 if quick else 1000)
+    w6 = EzpqMgr().w6(20000 if quick else 100000)
+    mgr["w6_submit_s"], mgr["w6_rss_per_job"], mgr["w6_drain_s"] = w6
+    mgr["w7_cpu_pct"] = EzpqMgr().w7(2.0 if quick else 5.0)
+    os.environ["EZPQ_ACCOUNTING"] = "0"
+    mgr["w1_put_no_accounting"] = statistics.median(EzpqMgr().w1_put(n) for _ in range(args.repeat))
+    del os.environ["EZPQ_ACCOUNTING"]
+    return res
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:,.{digits}f}"
+
+
+def table(res):
+    mgr, ppe, pool = res["ezpq_mgr"], res["ProcessPoolExecutor"], res["multiprocessing.Pool"]
+    rows = ["| system | W1 put jobs/s | W1b map jobs/s | W2 eff. | W3 p50 / p99 ms | W4 report s / child left |",
+            "|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        w4 = f"{fmt(r['w4_report_s'], 2)} / {fmt(r['w4_child_left'])}" if "w4_report_s" in r else "n/a"
+        rows.append(f"| {name} | {fmt(r['w1_put'])} | {fmt(r['w1b_map'])} | {fmt(r['w2_eff'], 2)} | "
+                    f"{fmt(r['w3_p50_ms'], 2)} / {fmt(r['w3_p99_ms'], 2)} | {w4} |")
+    acct = 1 - mgr["w1_put"] / mgr["w1_put_no_accounting"]
+    targets = [
+        ("W1 put vs ProcessPoolExecutor", ">= 1.0x", mgr["w1_put"] / ppe["w1_put"]),
+        ("W1 put vs multiprocessing.Pool", "(report)", mgr["w1_put"] / pool["w1_put"]),
+        ("W1b map vs ProcessPoolExecutor.map(chunksize=1)", ">= 1.0x", mgr["w1b_map"] / ppe["w1b_map"]),
+        ("W2 efficiency", ">= 0.98", mgr["w2_eff"]),
+        ("W3 p50 vs ProcessPoolExecutor", "<= 1.0x", mgr["w3_p50_ms"] / ppe["w3_p50_ms"]),
+        ("W3 p99 ms", "<= 2", mgr["w3_p99_ms"]),
+        ("W4 reported after submit, s", "<= 0.6", mgr["w4_report_s"]),
+        ("W4 child left alive", "no", mgr["w4_child_left"]),
+        ("W5 4 clients, aggregate jobs/s", ">= 5,000", mgr["w5_jobs_s"]),
+        ("W5 each client exactly its own", "yes", mgr["w5_own_results"]),
+        ("W6 submits/s (100,000 waiting)", ">= 50,000", mgr["w6_submit_s"]),
+        ("W6 server RSS per waiting job, bytes", "<= 2,048", mgr["w6_rss_per_job"]),
+        ("W6 drain jobs/s", ">= W1", mgr["w6_drain_s"]),
+        ("W7 idle CPU %, server + client", "<= 1", mgr["w7_cpu_pct"]),
+        ("accounting cost, % of W1", "< 5", 100 * acct),
+    ]
+    if "ezpq 0.2.2" in res:
+        targets.insert(0, ("W1 put vs ezpq 0.2.2", "(report)", mgr["w1_put"] / res["ezpq 0.2.2"]["w1_put"]))
+    rows += ["", "| target | wanted | measured |", "|---|---|---|"]
+    for name, want, got in targets:
+        rows.append(f"| {name} | {want} | {fmt(got, 2) if not isinstance(got, bool) else fmt(got)} |")
+    return "\n".join(rows)
+
+
+def machine():
+    return (f"{platform.node()}: {psutil.cpu_count()} cores, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}, "
+            f"Python {platform.python_version()}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer jobs and rounds (under 2 minutes)")
+    p.add_argument("--repeat", type=int, default=None, help="runs per throughput figure (median)")
+    args = p.parse_args()
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    started = time.time()
+    res = measure(args)
+    md = table(res)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", f"{stamp}{'-quick' if args.quick else ''}.json"), "w") as f:
+        json.dump({"machine": machine(), "quick": args.quick, "results": res}, f, indent=1, default=str)
+    header = (f"# Benchmarks\n\n`python benchmarks/run.py{' --quick' if args.quick else ''}` on {machine()}, "
+              f"{datetime.date.today()}, {time.time() - started:.0f} s. 2 workers unless said; "
+              f"W2 = 60 jobs of 0.05-0.15 s on 6 workers. All figures from one run.\n\n")
+    with open(os.path.join(HERE, "README.md"), "w") as f:
+        f.write(header + md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

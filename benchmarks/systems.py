@@ -1,0 +1,248 @@
+"""One adapter per system under test: ezpq_mgr, ezpq 0.2.2, ProcessPoolExecutor,
+multiprocessing.Pool. Each method runs one workload and returns its figures;
+``None`` means the system cannot do it."""
+
+import concurrent.futures
+import multiprocessing
+import os
+import tempfile
+import time
+
+import psutil
+
+from jobs import child_sleeper, noop, random_sleep, sleep_durations
+
+
+def _check(outputs, expected):
+    if list(outputs) != list(expected):
+        raise AssertionError("wrong outputs")
+
+
+def _pid_file_survivor(pidfile, wait=1.0):
+    """Seconds later, is the child noted in pidfile still alive?"""
+    time.sleep(wait)
+    try:
+        pid = int(open(pidfile).read())
+    except (OSError, ValueError):
+        return None
+    try:
+        p = psutil.Process(pid)
+        alive = p.status() != psutil.STATUS_ZOMBIE
+        if alive:
+            p.kill()
+        return alive
+    except psutil.NoSuchProcess:
+        return False
+
+
+class EzpqMgr:
+    name = "ezpq_mgr"
+
+    def __init__(self):
+        import ezpq_mgr
+        self.ezpq = ezpq_mgr
+
+    def w1_put(self, n, workers=2):
+        with self.ezpq.Queue(workers) as Q:
+            Q.map(noop, range(20))
+            t = time.perf_counter()
+            for i in range(n):
+                Q.put(noop, i)
+            Q.wait()
+            out = Q.collect()
+            dt = time.perf_counter() - t
+        _check(sorted(j["output"] for j in out), range(n))
+        return n / dt
+
+    def w1b_map(self, n, workers=2):
+        with self.ezpq.Queue(workers) as Q:
+            Q.map(noop, range(20))
+            t = time.perf_counter()
+            out = Q.map(noop, range(n))
+            dt = time.perf_counter() - t
+        _check([j["output"] for j in out], range(n))
+        return n / dt
+
+    def w2(self, n_jobs, workers):
+        with self.ezpq.Queue(workers) as Q:
+            Q.map(noop, range(workers))
+            t = time.perf_counter()
+            out = Q.map(random_sleep, range(n_jobs))
+            dt = time.perf_counter() - t
+        _check([j["output"] for j in out], sleep_durations(n_jobs))
+        return dt
+
+    def w3(self, rounds):
+        lat = []
+        with self.ezpq.Queue(2) as Q:
+            Q.map(noop, range(20))
+            for _ in range(rounds):
+                t = time.perf_counter()
+                Q.put(noop, 1)
+                job = Q.get(wait=True)
+                lat.append(time.perf_counter() - t)
+                assert job["output"] == 1
+        return lat
+
+    def w4(self):
+        pidfile = tempfile.mktemp()
+        with self.ezpq.Queue(2) as Q:
+            t = time.perf_counter()
+            Q.put(child_sleeper, pidfile, timeout=0.5)
+            job = Q.get(wait=True)
+            reported = time.perf_counter() - t
+            assert job["status"] == "timeout"
+        return reported, _pid_file_survivor(pidfile)
+
+    def w6(self, n):
+        with self.ezpq.Queue(2, auto_start=False) as Q:
+            server = psutil.Process(Q._server.popen.pid)
+            Q.map  # noqa: B018 (warm import)
+            rss0 = server.memory_info().rss
+            t = time.perf_counter()
+            for i in range(n):
+                Q.put(noop, i)
+            assert Q.size(waiting=True) == n
+            submit = n / (time.perf_counter() - t)
+            rss1 = server.memory_info().rss
+            t = time.perf_counter()
+            Q.start()
+            Q.wait()
+            drain = n / (time.perf_counter() - t)
+            assert len(Q.collect()) == n
+        return submit, (rss1 - rss0) / n, drain
+
+    def w7(self, seconds=5.0):
+        with self.ezpq.Queue(2) as Q:
+            Q.put(time.sleep, seconds + 2)
+            Q.put(time.sleep, seconds + 2)
+            while Q.size(working=True) < 2:
+                Q.wait_worker(timeout=0.01)
+            server = psutil.Process(Q._server.popen.pid)
+            me = psutil.Process()
+            c0 = sum(server.cpu_times()[:2]) + sum(me.cpu_times()[:2])
+            time.sleep(seconds)
+            c1 = sum(server.cpu_times()[:2]) + sum(me.cpu_times()[:2])
+            Q.stop_all()
+        return 100.0 * (c1 - c0) / seconds
+
+
+class Ezpq022:
+    name = "ezpq 0.2.2"
+
+    def __init__(self):
+        import ezpq
+        self.ezpq = ezpq
+
+    def w1_put(self, n, workers=2):
+        with self.ezpq.Queue(workers) as Q:
+            t = time.perf_counter()
+            for i in range(n):
+                Q.put(noop, i)
+            Q.wait()
+            out = Q.collect()
+            dt = time.perf_counter() - t
+        _check(sorted(j["output"] for j in out), range(n))
+        return n / dt
+
+    def w1b_map(self, n, workers=2):
+        with self.ezpq.Queue(workers) as Q:
+            t = time.perf_counter()
+            out = Q.map(noop, range(n))
+            dt = time.perf_counter() - t
+        _check(sorted(j["output"] for j in out), range(n))
+        return n / dt
+
+    def w2(self, n_jobs, workers):
+        with self.ezpq.Queue(workers) as Q:
+            t = time.perf_counter()
+            out = Q.map(random_sleep, range(n_jobs))
+            dt = time.perf_counter() - t
+        _check(sorted(j["output"] for j in out), sorted(sleep_durations(n_jobs)))
+        return dt
+
+    def w3(self, rounds):
+        lat = []
+        with self.ezpq.Queue(2) as Q:
+            for _ in range(rounds):
+                t = time.perf_counter()
+                Q.put(noop, 1)
+                job = Q.get(wait=True)
+                lat.append(time.perf_counter() - t)
+                assert job["output"] == 1
+        return lat
+
+    def w4(self):
+        pidfile = tempfile.mktemp()
+        with self.ezpq.Queue(2) as Q:
+            t = time.perf_counter()
+            Q.put(child_sleeper, [pidfile], timeout=0.5)  # ezpq splits a bare string
+            Q.get(wait=True)
+            reported = time.perf_counter() - t
+        return reported, _pid_file_survivor(pidfile)
+
+
+class _Executor:
+    def w1_put(self, n, workers=2):
+        with self.make(workers) as ex:
+            self.warm(ex)
+            t = time.perf_counter()
+            futs = [ex.submit(noop, i) if hasattr(ex, "submit") else ex.apply_async(noop, (i,))
+                    for i in range(n)]
+            out = [f.result() if hasattr(f, "result") else f.get() for f in futs]
+            dt = time.perf_counter() - t
+        _check(out, range(n))
+        return n / dt
+
+    def w1b_map(self, n, workers=2):
+        with self.make(workers) as ex:
+            self.warm(ex)
+            t = time.perf_counter()
+            out = list(self.map(ex, n))
+            dt = time.perf_counter() - t
+        _check(out, range(n))
+        return n / dt
+
+    def w2(self, n_jobs, workers):
+        with self.make(workers) as ex:
+            self.warm(ex)
+            t = time.perf_counter()
+            out = list(ex.map(random_sleep, range(n_jobs), chunksize=1) if hasattr(ex, "submit")
+                       else ex.imap(random_sleep, range(n_jobs), chunksize=1))
+            dt = time.perf_counter() - t
+        _check(out, sleep_durations(n_jobs))
+        return dt
+
+    def w3(self, rounds):
+        lat = []
+        with self.make(2) as ex:
+            self.warm(ex)
+            for _ in range(rounds):
+                t = time.perf_counter()
+                r = ex.submit(noop, 1).result() if hasattr(ex, "submit") else ex.apply_async(noop, (1,)).get()
+                lat.append(time.perf_counter() - t)
+                assert r == 1
+        return lat
+
+    def warm(self, ex):
+        list(ex.map(noop, range(20)))
+
+
+class ProcessPool(_Executor):
+    name = "ProcessPoolExecutor"
+
+    def make(self, workers):
+        return concurrent.futures.ProcessPoolExecutor(workers)
+
+    def map(self, ex, n):
+        return ex.map(noop, range(n), chunksize=1)
+
+
+class MpPool(_Executor):
+    name = "multiprocessing.Pool"
+
+    def make(self, workers):
+        return multiprocessing.Pool(workers)
+
+    def map(self, ex, n):
+        return ex.map(noop, range(n))  # its default chunking
