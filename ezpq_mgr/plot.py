@@ -1,8 +1,11 @@
-"""Job tables and Gantt charts (pandas + plotnine, the ``plot`` extra).
+"""Job tables and charts (pandas + plotnine, the ``plot`` extra).
 
-``Plot(jobs).build(...)`` draws ezpq's chart on current pandas/plotnine:
-a gray bar from submitted to started, a coloured bar from started to ended,
-a gray bar from ended to processed; one row per job.
+``Plot(jobs).build(...)`` draws ezpq's Gantt chart on current pandas and
+plotnine: a gray bar from submitted to started, a coloured bar from started
+to ended, a gray bar from ended to processed; one row per job.
+``resources()`` shows each job's CPU seconds and peak memory;
+``utilization()`` the running jobs and CPU cores in use over the run.
+``jobs`` may be a list of job dicts, a DataFrame, or an accounting CSV path.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ def to_dataframe(jobs: Union[Sequence[dict], Any]):
     return df
 
 
+def _label(value: Any) -> str:
+    """Text for a colour/facet key: None and NaN become ''."""
+    return "" if value is None or value != value else str(value)
+
+
 class Plot:
     """Gantt chart of job timings, as in ezpq."""
 
@@ -59,6 +67,59 @@ class Plot:
         for col in _TIMES:
             df[col + "_offset"] = (df[col] - start).dt.total_seconds()
         self.jobs_df = df
+
+    def resources(self, color_by: str = "function", title: Optional[str] = None, theme: str = "bw"):
+        """Per-job CPU seconds (user + system) and peak memory (MiB), one bar per job."""
+        self._check(color_by, None, "fixed", theme)
+        gg = _import("plotnine")
+        pd = _import("pandas")
+        df = self.jobs_df
+        cpu = df[["id", color_by]].assign(metric="CPU seconds", value=df["cpu_user"] + df["cpu_system"])
+        mem = df[["id", color_by]].assign(metric="peak RSS (MiB)", value=df["max_rss"] / 2**20)
+        long = pd.concat([cpu, mem], ignore_index=True).dropna(subset=["value"])
+        long[color_by] = long[color_by].map(_label)
+        if long.empty:
+            raise ValueError("no job has CPU or memory figures (thread jobs have no max_rss)")
+        labs = {"x": "job id", "y": "", "fill": color_by}
+        if title is not None:
+            labs["title"] = title
+        return (gg.ggplot(long, gg.aes(x="id", y="value", fill=color_by))
+                + gg.geom_col()
+                + gg.facet_wrap("metric", ncol=1, scales="free_y")
+                + gg.labs(**labs)
+                + getattr(gg, "theme_" + theme)())
+
+    def utilization(self, points: int = 400, title: Optional[str] = None, theme: str = "bw"):
+        """Running jobs and CPU cores in use over the run (a job's CPU seconds
+        spread evenly over its runtime)."""
+        self._check("qid", None, "fixed", theme)
+        gg = _import("plotnine")
+        pd = _import("pandas")
+        df = self.jobs_df.dropna(subset=["started_offset", "ended_offset"])
+        if df.empty:
+            raise ValueError("no job has run")
+        end = float(df["ended_offset"].max())
+        grid = [end * i / (points - 1) for i in range(points)]
+        cpu = (df["cpu_user"].fillna(0) + df["cpu_system"].fillna(0)).tolist()
+        spans = list(zip(df["started_offset"], df["ended_offset"], cpu))
+        running, cores = [], []
+        for t in grid:
+            live = [(a, b, c) for a, b, c in spans if a <= t < b]
+            running.append(len(live))
+            cores.append(sum(c / (b - a) for a, b, c in live if b > a))
+        long = pd.DataFrame({
+            "time": grid * 2,
+            "value": running + cores,
+            "metric": ["running jobs"] * points + ["CPU cores in use"] * points,
+        })
+        labs = {"x": "time since first submit (s)", "y": ""}
+        if title is not None:
+            labs["title"] = title
+        return (gg.ggplot(long, gg.aes(x="time", y="value"))
+                + gg.geom_step(color="steelblue")
+                + gg.facet_wrap("metric", ncol=1, scales="free_y")
+                + gg.labs(**labs)
+                + getattr(gg, "theme_" + theme)())
 
     def _check(self, color_by: str, facet_by: Optional[str], facet_scale: str, theme: str) -> None:
         for arg, value in (("color_by", color_by), ("facet_by", facet_by)):
@@ -77,7 +138,7 @@ class Plot:
         gg = _import("plotnine")
         df = self.jobs_df.copy()
         for col in {color_by, facet_by} - {None}:
-            df[col] = df[col].map(lambda v: "" if v is None or v != v else str(v))
+            df[col] = df[col].map(_label)
         waiting = df.dropna(subset=["submitted_offset", "started_offset"])
         running = df.dropna(subset=["started_offset", "ended_offset"])
         after = df.dropna(subset=["ended_offset", "processed_offset"])

@@ -23,9 +23,10 @@ CASES = {
     "lanes.py": "any overlap within a lane: False",
     "lane_error.py": "> Statuses:",
     "lanes2.py": "> Statuses:",
+    "resources.py": "peak",
 }
 PLOTS = {"quickstart.py": "quickstart.png", "submit.py": "submit.png", "lanes.py": "lanes.png",
-         "lane_error.py": "lane_error.png", "lanes2.py": "lanes2.png"}
+         "lane_error.py": "lane_error.png", "lanes2.py": "lanes2.png", "resources.py": "resources.png"}
 
 
 def test_every_example_is_covered():
