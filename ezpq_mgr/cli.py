@@ -1,4 +1,12 @@
-"""Command line: ``ezpq-server`` runs a shared server in the foreground."""
+"""Command line: ``ezpq-server`` runs a shared server in the foreground;
+``ezpq`` uses one like a small batch system (status, submit, cancel, wait,
+show, report, plot, workers).
+
+``ezpq`` exit codes: 0 ok, 1 a job failed or was not found, 2 usage error
+(argparse's own), 3 cannot connect or not allowed. Job numbers on the
+command line are server-wide (the ``job`` column), unlike a job dict's
+per-queue ``id``.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ from .connection import DEFAULT_PORT, authkey_path, parse_address
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["server_main", "ensure_authkey"]
+__all__ = ["server_main", "main", "ensure_authkey"]
 
 
 def ensure_authkey(path: str) -> bytes:
@@ -49,6 +57,7 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     where.add_argument("--socket", help="Unix socket path to listen on instead of TCP")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="concurrent jobs")
     p.add_argument("--authkey-file", default=None, help=f"key file (default {authkey_path()})")
+    p.add_argument("--log-file", default=None, help="accounting CSV: one row per finished job")
     p.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], default=None)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -60,4 +69,239 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     address = args.socket if args.socket else parse_address(args.address)
     if isinstance(address, str) and os.path.exists(address):
         os.unlink(address)
-    serve(address, key, args.workers, args.start_method)
+    serve(address, key, args.workers, args.start_method, shared=True, log_file=args.log_file,
+          on_ready=_socket_mode)
+
+
+def _socket_mode(address) -> None:
+    """A Unix socket is reachable by every local user: the authkey and
+    SO_PEERCRED guard it, and each user sees only their own jobs."""
+    if isinstance(address, str):
+        os.chmod(address, 0o666)
+
+
+# --------------------------------------------------------------------- ezpq
+EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
+
+
+def _connect(args):
+    from .connection import Remote, default_authkey
+    if args.socket:
+        address = args.socket
+    else:
+        address = parse_address(args.address or os.environ.get("EZPQ_ADDRESS")
+                                or f"127.0.0.1:{DEFAULT_PORT}")
+    key = default_authkey(args.authkey_file) if args.authkey_file else default_authkey()
+    return Remote(address, key, shared=True), address, key
+
+
+def _fmt_bytes(n) -> str:
+    if n in (None, ""):
+        return "-"
+    n = float(n)
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+
+
+def _fmt_s(x) -> str:
+    return "-" if x in (None, "") else f"{float(x):.2f}"
+
+
+def _table(rows: List[list], headers: List[str], widths: List[int]) -> str:
+    """Fixed-width columns, cut to fit (the default widths fit 80 columns)."""
+    def cell(v, w):
+        v = "-" if v is None else str(v)
+        return v if len(v) <= w else v[:w - 1] + "~"
+    lines = [" ".join(cell(h, w).ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for r in rows:
+        lines.append(" ".join(cell(v, w).ljust(w) for v, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _status_rows(snaps: List[dict]) -> str:
+    rows = []
+    for s in snaps:
+        runtime = (s["ended"] - s["started"]) if s.get("started") and s.get("ended") else None
+        cpu = None if s.get("cpu_user") is None else s["cpu_user"] + (s.get("cpu_system") or 0)
+        rows.append([s["seq"], s["qid"], s["id"], s["user"], s["name"], s["status"], s["priority"],
+                     s.get("lane_text"), _fmt_s(runtime), _fmt_s(cpu), _fmt_bytes(s.get("max_rss"))])
+    return _table(rows, ["job", "qid", "id", "user", "name", "status", "prio", "lane", "runtime", "cpu",
+                         "max_rss"], [5, 8, 4, 8, 8, 9, 4, 4, 7, 6, 7])
+
+
+def _public(snap: dict, me: int) -> dict:
+    from .jobdict import to_job_dict
+    d = to_job_dict(snap, trusted=snap.get("uid") == me)
+    d["job"] = snap["seq"]
+    return d
+
+
+def _print_json(obj) -> None:
+    import json
+    print(json.dumps(obj, indent=1, default=str))
+
+
+def _cmd_status(remote, args, me):
+    snaps = remote.call("list_jobs", True)
+    if args.json:
+        _print_json([_public(s, me) for s in snaps])
+    else:
+        print(_status_rows(snaps))
+    return EXIT_OK
+
+
+def _cmd_submit(remote, args, me, address, key):
+    from .client import Queue
+    from .shell import run_command
+    if not args.command:
+        raise SystemExit("ezpq submit: no command given (ezpq submit [options] -- CMD ARGS...)")
+    q = Queue(address=address, authkey=key, qid=args.qid)
+    try:
+        job_id = q.put(run_command, args=[list(args.command), dict(os.environ)], name=args.name or args.command[0],
+                       priority=args.priority, lane=args.lane, timeout=args.timeout, suppress_errors=True)
+        seq = next(j for j in remote.call("jobs", args.qid) if j["id"] == job_id)["seq"]
+    finally:
+        q.detach()
+    if args.json:
+        _print_json({"job": seq, "qid": args.qid, "id": job_id})
+    else:
+        print(seq)
+    return EXIT_OK
+
+
+def _cmd_cancel(remote, args, me):
+    from .errors import JobNotFound
+    code, out = EXIT_OK, []
+    for seq in args.jobs:
+        try:
+            out.append({"job": seq, "cancelled": remote.call("cancel_job", seq)})
+        except JobNotFound:
+            out.append({"job": seq, "cancelled": False, "error": "not found"})
+            code = EXIT_JOB
+    if args.json:
+        _print_json(out)
+    else:
+        for r in out:
+            print(f"{r['job']}: {'cancelled' if r['cancelled'] else r.get('error', 'already finished')}")
+    return code
+
+
+def _cmd_wait(remote, args, me):
+    import time
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while True:
+        snaps = remote.call("wait_jobs", args.jobs, 5.0)
+        done = all(s["status"] not in ("waiting", "working") for s in snaps)
+        if done or (deadline is not None and time.monotonic() >= deadline):
+            break
+    if args.json:
+        _print_json([_public(s, me) for s in snaps])
+    else:
+        print(_status_rows(snaps))
+    ok = done and all(s["status"] == "completed" for s in snaps)
+    return EXIT_OK if ok else EXIT_JOB
+
+
+def _cmd_show(remote, args, me):
+    _print_json(_public(remote.call("show_job", args.job), me))
+    return EXIT_OK
+
+
+def _cmd_report(remote, args, me):
+    rows = remote.call("report", args.by, True)
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    table = [[r[args.by], r["jobs"], r["failed"], _fmt_s(r["cpu_seconds"]), _fmt_bytes(r["max_rss_peak"]),
+              _fmt_bytes(r["max_rss_mean"]), _fmt_s(r["runtime"])] for r in rows]
+    print(_table(table, [args.by, "jobs", "failed", "cpu_s", "peak_rss", "mean_rss", "runtime_s"],
+                 [20, 7, 7, 10, 9, 9, 10]))
+    return EXIT_OK
+
+
+def _cmd_plot(remote, args, me):
+    import pandas as pd
+    from .plot import Plot
+    rows = remote.call("accounting", True)
+    if not rows:
+        print("ezpq plot: no finished job to plot", file=sys.stderr)
+        return EXIT_JOB
+    Plot(pd.DataFrame(rows)).build(color_by=args.color_by, facet_by=args.facet_by).save(
+        args.output, verbose=False)
+    print(args.output)
+    return EXIT_OK
+
+
+def _cmd_workers(remote, args, me):
+    n = remote.call("set_workers", args.n)
+    if args.json:
+        _print_json({"workers": n})
+    else:
+        print(n)
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ezpq", description="Use a shared ezpq-server.")
+    p.add_argument("--address", help=f"HOST:PORT (default $EZPQ_ADDRESS or 127.0.0.1:{DEFAULT_PORT})")
+    p.add_argument("--socket", help="Unix socket path of the server")
+    p.add_argument("--authkey-file", help=f"key file (default $EZPQ_AUTHKEY or {authkey_path()})")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON instead of a table")
+    _add = sub.add_parser
+
+    def add_parser(name, **kw):
+        return _add(name, parents=[common], **kw)
+    sub.add_parser = add_parser
+    sub.add_parser("status", help="your jobs (root and the server's owner: all)")
+    s = sub.add_parser("submit", help="run a shell command as a job: ezpq submit [options] -- CMD ARGS")
+    s.add_argument("--priority", type=int, default=100)
+    s.add_argument("--lane", default=None)
+    s.add_argument("--timeout", type=float, default=0)
+    s.add_argument("--name", default=None)
+    s.add_argument("--qid", default="cli")
+    s.add_argument("command", nargs=argparse.REMAINDER)
+    c = sub.add_parser("cancel", help="cancel jobs")
+    c.add_argument("jobs", type=int, nargs="+")
+    w = sub.add_parser("wait", help="wait for jobs (default: all of yours); 1 if any did not complete")
+    w.add_argument("jobs", type=int, nargs="*")
+    w.add_argument("--timeout", type=float, default=0)
+    sh = sub.add_parser("show", help="one job as JSON")
+    sh.add_argument("job", type=int)
+    r = sub.add_parser("report", help="jobs, failures, CPU, memory, runtime per user/function/qid")
+    r.add_argument("--by", choices=["user", "function", "qid"], default="user")
+    pl = sub.add_parser("plot", help="Gantt chart of finished jobs")
+    pl.add_argument("-o", "--output", required=True)
+    pl.add_argument("--color-by", default="user")
+    pl.add_argument("--facet-by", default="qid")
+    wk = sub.add_parser("workers", help="set the server's worker count (root/owner)")
+    wk.add_argument("n", type=int)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``ezpq``: the client command."""
+    from .errors import ConnectionError as EzpqConnectionError, EzpqError, JobNotFound
+    args = _parser().parse_args(argv)
+    if args.cmd == "submit" and args.command and args.command[0] == "--":
+        args.command = args.command[1:]
+    try:
+        remote, address, key = _connect(args)
+        me = remote.call("whoami")["uid"]
+        handler = globals()["_cmd_" + args.cmd]
+        code = handler(remote, args, me, address, key) if args.cmd == "submit" else handler(remote, args, me)
+    except JobNotFound as exc:
+        print(f"ezpq: {exc}", file=sys.stderr)
+        code = EXIT_JOB
+    except (EzpqConnectionError, PermissionError) as exc:
+        print(f"ezpq: {exc}", file=sys.stderr)
+        code = EXIT_CONNECT
+    except EzpqError as exc:
+        print(f"ezpq: {exc}", file=sys.stderr)
+        code = EXIT_JOB
+    sys.exit(code)

@@ -135,7 +135,7 @@ class Queue:
             address = parse_address(address)
             key = authkey if authkey is not None else default_authkey()
         try:
-            self._remote = Remote(address, key)
+            self._remote = Remote(address, key, shared=self._server is None)
             holding = callback is not None or log_file is not None
             hello = self._remote.call("hello", self._token, os.getcwd(), list(sys.path), holding)
             self._env_id = hello["env_id"]
@@ -224,6 +224,7 @@ class Queue:
             "name": _plain_name(job.name),
             "priority": job.priority,
             "lane_key": None if job.lane is None else serialize.dump_value(job.lane, "lane"),
+            "lane_text": None if job.lane is None else str(job.lane),
             "timeout": float(job.timeout),
             "function": getattr(job.function, "__name__", type(job.function).__name__),
             "fn_blob": fn_blob if fn_blob is not None else serialize.dump_function(job.function),

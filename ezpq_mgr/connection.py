@@ -62,12 +62,14 @@ def _describe(address: Address) -> str:
 class Remote:
     """Calls the server's Service through a manager proxy, translating failures."""
 
-    def __init__(self, address: Address, authkey: bytes):
+    def __init__(self, address: Address, authkey: bytes, shared: bool = True):
+        from . import wire
         from .server import ServerManager
 
         self.address = address
         self.where = _describe(address)
-        manager = ServerManager(address=address, authkey=authkey)
+        manager = ServerManager(address=address, authkey=authkey,
+                                serializer=wire.SERIALIZER if shared else "pickle")
         try:
             manager.connect()
             self._proxy = manager.service()

@@ -158,6 +158,8 @@ class JobRecord:
     retries: int = 0
     max_memory: Optional[int] = None
     env_id: int = 0               # which client environment (cwd, sys.path) to run in
+    uid: Optional[int] = None     # the submitter's uid, as the server established it
+    lane_text: Optional[str] = None   # str(lane), for tables and the accounting log
     status: JobStatus = JobStatus.WAITING
     submitted: Optional[float] = None
     started: Optional[float] = None

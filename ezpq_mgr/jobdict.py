@@ -25,14 +25,23 @@ def _load(blob: Optional[bytes], what: str):
         return f"<{what} cannot be unpickled here: {exc!r}>"
 
 
-def to_job_dict(snap: dict) -> dict:
-    """ezpq's job dict (in ezpq's key order, then ours) from a server snapshot."""
-    args, kwargs = _load(snap["args_blob"], "arguments") or (None, None)
+def _describe(blob: Optional[bytes], what: str) -> Optional[str]:
+    return None if blob is None else f"<{what}: {len(blob)} bytes, not unpickled>"
+
+
+def to_job_dict(snap: dict, trusted: bool = True) -> dict:
+    """ezpq's job dict (in ezpq's key order, then ours) from a server snapshot.
+
+    ``trusted=False`` (another user's job, seen by root) never unpickles its
+    payloads: a pickle runs code, so they are shown as their size only."""
+    load = _load if trusted else _describe
+    args, kwargs = (_load(snap["args_blob"], "arguments") or (None, None)) if trusted else (
+        _describe(snap["args_blob"], "arguments"), None)
     d = {key: snap.get(key) for key in FIELDS}
     d["args"], d["kwargs"] = args, kwargs
-    d["lane"] = _load(snap["lane_key"], "lane")
-    d["output"] = _load(snap["output_blob"], "output")
-    d["callback"] = _load(snap["callback_blob"], "callback result")
+    d["lane"] = _load(snap["lane_key"], "lane") if trusted else snap.get("lane_text")
+    d["output"] = load(snap["output_blob"], "output")
+    d["callback"] = load(snap["callback_blob"], "callback result")
     for key in _TIMES:
         if snap[key] is not None:
             d[key] = datetime.fromtimestamp(snap[key])

@@ -22,6 +22,9 @@ import threading
 from multiprocessing.managers import BaseManager
 from typing import Optional, Union
 
+from . import wire
+from .accounting import AccountingLog
+from .peers import IdentityServer
 from .service import Service
 from .state import QueueState
 from .supervisor import Supervisor
@@ -48,15 +51,21 @@ ServerManager.register("service", callable=_get_service, exposed=Service.EXPOSED
 
 def serve(address: Union[str, tuple], authkey: bytes, workers: int,
           start_method: Optional[str] = None, prestart: bool = True,
-          embedded: bool = False, on_ready=None, stop_event: Optional[threading.Event] = None) -> None:
-    """Run a server until ``stop_event`` is set or SIGTERM/SIGINT arrives."""
+          shared: bool = True, log_file: Optional[str] = None,
+          on_ready=None, stop_event: Optional[threading.Event] = None) -> None:
+    """Run a server until ``stop_event`` is set or SIGTERM/SIGINT arrives.
+
+    ``shared``: several users may connect: JSON on the wire (never pickle),
+    per-user queues, jobs run as their submitter when we are root. The
+    private server of an embedded queue (one user) passes False."""
     global _SERVICE
     stop = stop_event or threading.Event()
     state = QueueState()
-    supervisor = Supervisor(state, workers, start_method)
-    _SERVICE = Service(state, supervisor, embedded=embedded)
-    manager = ServerManager(address=address, authkey=authkey)
-    server = manager.get_server()
+    supervisor = Supervisor(state, workers, start_method, shared=shared)
+    accounting = AccountingLog(log_file)
+    _SERVICE = Service(state, supervisor, shared=shared, accounting=accounting)
+    serializer = wire.SERIALIZER if shared else "pickle"
+    server = IdentityServer(ServerManager._registry, address, authkey, serializer)
     if isinstance(address, str):
         os.chmod(address, 0o600)
     if threading.current_thread() is threading.main_thread():
@@ -75,6 +84,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         logger.info("ezpq server stopping")
         server.stop_event.set()
         supervisor.stop()
+        accounting.close()
         try:
             server.listener.close()
         except OSError:
@@ -119,7 +129,7 @@ def _main_embedded() -> None:
 
     threading.Thread(target=watch_stdin, name="ezpq-lifeline", daemon=True).start()
     serve(config["address"], bytes.fromhex(config["authkey"]), config["workers"],
-          config.get("start_method"), config.get("prestart", True), embedded=True,
+          config.get("start_method"), config.get("prestart", True), shared=False,
           on_ready=ready, stop_event=stop)
 
 

@@ -103,10 +103,12 @@ class QueueInfo:
 class QueueState:
     """All queues of one server. Thread-safe: every method locks ``cond``."""
 
-    def __init__(self, clock: Callable[[], float] = time.time):
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 on_final: Optional[Callable[[JobRecord], None]] = None):
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)   # ``with state.cond:`` = hold the lock
         self.clock = clock
+        self.on_final = on_final    # called (lock held) once per job reaching a final state
         self.records: Dict[int, JobRecord] = {}
         self.queues: Dict[str, QueueInfo] = {}
         self.seq = 0
@@ -245,28 +247,19 @@ class QueueState:
             heapq.heappop(q.waiting)
         return None
 
-    def has_waiting(self, runner: str) -> bool:
-        """Is some runnable job of this runner waiting? Caller holds the lock."""
-        for q in self.queues.values():
-            if not q.paused and q.waiting:
-                rec = self._head(q)
-                if rec is not None and rec.runner == runner:
-                    return True
-        return False
-
-    def pick(self, runner_ok: Callable[[str], bool] = lambda runner: True) -> Optional[JobRecord]:
+    def pick(self, runnable: Callable[[JobRecord], bool] = lambda rec: True) -> Optional[JobRecord]:
         """Take the next job to run and mark it working. Caller holds the lock.
 
         Order: lowest priority first; among equals the user with the fewest
-        running jobs (fair share), then submission order. Jobs whose runner
-        has no free capacity (``runner_ok`` says no) are left waiting.
+        running jobs (fair share), then submission order. A queue's best job
+        that cannot run yet (``runnable`` says no: no worker for it) waits.
         """
         best_key, best = None, None
         for q in self.queues.values():
             if q.paused or not q.waiting or (q.cap and q.n_running >= q.cap):
                 continue
             rec = self._head(q)
-            if rec is None or not runner_ok(rec.runner):
+            if rec is None or not runnable(rec):
                 continue
             key = (rec.priority, self.user_running.get(rec.user, 0), rec.seq)
             if best_key is None or key < best_key:
@@ -330,6 +323,8 @@ class QueueState:
 
     def _done(self, q: QueueInfo, rec: JobRecord, held_ok: bool = True) -> None:
         """A job reached a final state: hand it to its client or complete it."""
+        if self.on_final is not None:
+            self.on_final(rec)
         holding = held_ok and rec.client in self.holding_clients
         tell = holding or (rec.status in ERROR_STATES and not rec.suppress_errors)
         if tell and rec.client in self.notices:

@@ -51,6 +51,7 @@ class WorkerHandle:
     deadline: Optional[float] = None   # monotonic time its job times out
     max_memory: Optional[int] = None
     env_id: int = -1                   # the environment last sent to it
+    uid: Optional[int] = None          # the user it runs as (None: the server's)
     ready: bool = False                # booted and waiting for a job
     dead: bool = False                 # being killed or gone: never reused
 
@@ -63,14 +64,16 @@ class Supervisor:
     """Runs the state's jobs on ``slots`` concurrent workers."""
 
     def __init__(self, state: QueueState, slots: int, start_method: Optional[str] = None,
-                 envs: Optional[Dict[int, Tuple[str, list]]] = None):
+                 envs: Optional[Dict[int, Tuple[str, list]]] = None, shared: bool = False):
         self.state = state
         self.slots = slots
+        self.shared = shared                # thread jobs go to worker processes, not our threads
+        self.as_root = shared and os.geteuid() == 0   # run each job as its submitter
+        self.demand: set = set()            # run-as uids with a runnable job and no idle worker
         self.ctx = multiprocessing.get_context(start_method)
         self.envs = envs if envs is not None else {}
         self.workers: List[WorkerHandle] = []
         self.n_thread_jobs = 0
-        self.want_processes = False        # keep ``slots`` worker processes alive
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._woken = False
@@ -80,8 +83,8 @@ class Supervisor:
     # ------------------------------------------------------------ lifecycle
     def start(self, prestart: bool = True) -> None:
         with self.state.cond:
-            self.want_processes = prestart
-            self._top_up()
+            for _ in range(self.slots if prestart else 0):
+                self._start_worker(None)
         self._thread = threading.Thread(target=self.run, name="ezpq-supervisor", daemon=True)
         self._thread.start()
 
@@ -179,31 +182,51 @@ class Supervisor:
     def _live(self) -> List[WorkerHandle]:
         return [w for w in self.workers if not w.dead]
 
+    def _run_as(self, rec: JobRecord) -> Optional[int]:
+        """The uid a job's worker must run as (None: the server's own)."""
+        return rec.uid if self.as_root and rec.uid not in (None, 0) else None
+
     def _dispatch(self) -> None:
         """Start waiting jobs while slots are free. Caller holds the lock.
 
-        A process job goes only to a worker that said it is ready, so its
-        timeout counts from the moment it really starts."""
+        A process job goes only to a ready worker of its user, so its timeout
+        counts from the moment it really starts; a job whose user has no
+        idle worker waits while one boots, and others may go first."""
+        def runnable(rec: JobRecord) -> bool:
+            if rec.runner == "thread" and not self.shared:
+                return True
+            uid = self._run_as(rec)
+            if any(w.idle and w.uid == uid for w in self.workers):
+                return True
+            self.demand.add(uid)
+            return False
+
         while self.state.n_running < self.slots:
-            idle = [w for w in self.workers if w.idle]
-            rec = self.state.pick(lambda runner: runner == "thread" or bool(idle))
+            rec = self.state.pick(runnable)
             if rec is None:
                 break
-            if rec.runner == "thread":
+            if rec.runner == "thread" and not self.shared:
                 self._start_thread_job(rec)
             else:
-                self.want_processes = True
-                self._send(rec, idle[0])
-        if not self.want_processes and self.state.has_waiting("process"):
-            self.want_processes = True
+                uid = self._run_as(rec)
+                self._send(rec, next(w for w in self.workers if w.idle and w.uid == uid))
         self._top_up()
 
     def _top_up(self) -> None:
-        """Keep ``slots`` worker processes (once process jobs are wanted); retire extras."""
+        """Start a worker for each user who waits for one (making room by
+        retiring idle workers of others); keep the pool at ``slots``."""
         live = self._live()
-        if self.want_processes:
-            for _ in range(self.slots - len(live)):
-                self._start_worker()
+        for uid in sorted(self.demand, key=lambda u: -1 if u is None else u):
+            if any(w.uid == uid and w.seq is None for w in live):
+                continue  # one is idle or booting
+            if len(live) >= self.slots:
+                victim = next((w for w in live if w.seq is None and w.uid not in self.demand), None)
+                if victim is None:
+                    continue
+                self._retire(victim)
+                live.remove(victim)
+            live.append(self._start_worker(uid))
+        self.demand.clear()
         surplus = len(live) - self.slots
         for w in [w for w in live if w.seq is None][:max(0, surplus)]:
             self._retire(w)
@@ -218,16 +241,16 @@ class Supervisor:
         worker.max_memory = rec.max_memory
         rec.pid, rec.host = worker.proc.pid, HOST
         try:
-            worker.conn.send((rec.seq, rec.fn_blob, rec.args_blob, env))
+            worker.conn.send((rec.seq, rec.fn_blob, rec.args_blob, env, rec.runner == "thread"))
         except (OSError, EOFError):
             pass  # the worker died; its sentinel reports the job as lost
 
-    def _start_worker(self) -> WorkerHandle:
+    def _start_worker(self, uid: Optional[int] = None) -> WorkerHandle:
         parent_conn, child_conn = self.ctx.Pipe()
-        proc = self.ctx.Process(target=worker_main, args=(child_conn,), name="ezpq-worker")
+        proc = self.ctx.Process(target=worker_main, args=(child_conn, uid), name="ezpq-worker")
         proc.start()
         child_conn.close()
-        w = WorkerHandle(proc, parent_conn)
+        w = WorkerHandle(proc, parent_conn, uid=uid)
         self.workers.append(w)
         logger.debug("started worker %s", proc.pid)
         return w
@@ -279,6 +302,8 @@ class Supervisor:
         w.dead = True
         w.conn.close()
         self.workers.remove(w)
+        if w.uid is None and not self._stopping:
+            self.demand.add(None)  # keep the pool full: replace it now
 
     def _finalize(self, w: WorkerHandle, status: JobStatus, exitcode: int, why: str) -> None:
         """Record the outcome of the job on a worker we lost or are killing."""

@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from . import serialize
 from .job import JobStatus
+from .shell import ShellResult
 from .meter import JobMeter
 from .procutil import become_subreaper, descendants, kill_tree, reap_zombies
 
@@ -61,6 +62,9 @@ def run_call(fn_blob: bytes, args_blob: bytes, fn_cache: Optional[Dict[bytes, An
     blob, error = serialize.dump_output(output)
     if error is not None:
         return JobStatus.FAILED, 1, None, error
+    if isinstance(output, ShellResult) and output["returncode"] != 0:
+        return (JobStatus.FAILED, output["returncode"], blob,
+                f"command exited with code {output['returncode']}")
     return JobStatus.COMPLETED, 0, blob, None
 
 
@@ -89,13 +93,30 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="ezpq-parent-watch", daemon=True).start()
 
 
-def worker_main(conn: multiprocessing.connection.Connection) -> None:
+def become_user(uid: int) -> None:
+    """Drop root for ``uid`` (groups, gid, uid), before any job is unpickled."""
+    import ctypes
+    import pwd
+    pw = pwd.getpwuid(uid)
+    os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    os.setgid(pw.pw_gid)
+    os.setuid(uid)
+    os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    try:  # setuid made us non-dumpable: /proc/self would stay root's (no clear_refs)
+        ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_main(conn: multiprocessing.connection.Connection, run_as: Optional[int] = None) -> None:
     """Entry point of a worker process.
 
     ``EZPQ_ACCOUNTING=0`` in the server's environment turns the per-job CPU
     and memory figures off (they are then None); the benchmarks use it to
     show what accounting costs."""
     _watch_parent()
+    if run_as is not None:
+        become_user(run_as)
     become_subreaper()
     accounting = os.environ.get("EZPQ_ACCOUNTING", "1") != "0"
     pid = os.getpid()
@@ -109,15 +130,20 @@ def worker_main(conn: multiprocessing.connection.Connection) -> None:
             break
         if msg is None:
             break
-        seq, fn_blob, args_blob, env = msg
+        seq, fn_blob, args_blob, env, as_thread = msg
         apply_env(env)
-        if meter:
+        if as_thread:  # a thread job of a shared server: this thread's CPU, no RSS
+            u0, s0 = thread_cpu()
+        elif meter:
             meter.start()
         started = time.time()
         status, exitcode, out, exc = run_call(fn_blob, args_blob, fn_cache)
         ended = time.time()
         figures = (None, None, None, None, None)
-        if meter:
+        if as_thread:
+            u1, s1 = thread_cpu()
+            figures = (u1 - u0, s1 - s0, None, None, None)
+        elif meter:
             figures, spawned = meter.stop()
             if spawned:
                 reap_zombies()  # orphans of the job's processes were adopted by us

@@ -12,10 +12,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 START_METHODS = ["fork", "spawn"]
 
 
+STDLIB_HELPERS = ("resource_tracker", "forkserver")  # one per interpreter, by multiprocessing
+
+
+def _cmdline(p):
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return "?"
+
+
 def _ezpq_processes():
     """Processes of ours still alive: descendants of pytest, and orphaned ezpq servers."""
     me = psutil.Process()
-    found = {p.pid: p for p in me.children(recursive=True)}
+    found = {p.pid: p for p in me.children(recursive=True)
+             if not any(h in _cmdline(p) for h in STDLIB_HELPERS)}
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
         if "ezpq_mgr.server" in cmd or "ezpq-server" in cmd:
@@ -46,7 +57,7 @@ def no_leftover_processes():
             p.kill()
         except psutil.Error:
             pass
-    assert not alive, f"processes left behind: {[(p.pid, p.cmdline()) for p in alive]}"
+    assert not alive, f"processes left behind: {[(p.pid, _cmdline(p)) for p in alive]}"
 
 
 @pytest.fixture(params=START_METHODS)

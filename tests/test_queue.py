@@ -265,19 +265,6 @@ def test_connection_errors(Q, tmp_path):
         ezpq.Queue(address=Q._server.address, authkey=b"wrong")
 
 
-def test_two_clients_share_a_qid(Q):
-    other = ezpq.Queue(address=Q._server.address, authkey=Q._server.authkey, qid=Q.qid)
-    try:
-        other.put(square, 6)
-        assert Q.get(wait=True)["output"] == 36
-        mine = Q.put(sleep_for, 30)
-        other.dispose()  # leaves my job alone
-        assert Q.jobs()[0]["id"] == mine and Q.jobs()[0]["status"] in ("waiting", "working")
-        Q.cancel(mine)
-    finally:
-        other.dispose()
-
-
 def test_server_dies_with_a_killed_client(tmp_path):
     import signal
     import subprocess

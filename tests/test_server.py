@@ -1,62 +1,230 @@
-"""A real ``ezpq-server`` subprocess: clients connect, SIGTERM stops it cleanly."""
+"""A real ``ezpq-server`` subprocess shared by client processes, and the ``ezpq`` command."""
 
+import csv
+import json
+import multiprocessing
 import os
+import pickle
 import signal
 import stat
 import subprocess
-import sys
-import time
 
 import psutil
 import pytest
 
 import ezpq_mgr as ezpq
-from jobs import sleep_for, square
+from ezpq_mgr.connection import Remote
+from jobs import sleep_for, square, wait_for_file
+from server_fixture import Server
 
 
-@pytest.fixture
-def server(tmp_path):
-    sock = str(tmp_path / "ezpq.sock")
-    keyfile = str(tmp_path / "key")
-    proc = subprocess.Popen([sys.executable, "-c", "from ezpq_mgr.cli import server_main; server_main()",
-                             "--socket", sock, "--workers", "2", "--authkey-file", keyfile],
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(sock):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield proc, sock, keyfile
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
+@pytest.fixture(params=["unix", "tcp"])
+def server(request):
+    s = Server(request.param)
+    yield s
+    assert s.stop() == 0
 
 
-def test_key_file_is_private_and_clients_share_it(server):
-    proc, sock, keyfile = server
-    assert stat.S_IMODE(os.stat(keyfile).st_mode) == 0o600
-    key = open(keyfile, "rb").read().strip()
-    with ezpq.Queue(address=sock, authkey=key) as a, ezpq.Queue(address=sock, authkey=key) as b:
-        assert a.n_workers() == 2
-        a.put(square, 2)
-        b.put(square, 3)
-        assert a.get(wait=True)["output"] == 4 and a.get() is None
-        assert b.get(wait=True)["output"] == 9
+def _own_results(address, key, qid, offset, out):
+    with ezpq.Queue(address=address, authkey=key, qid=qid) as Q:
+        jobs = Q.map(square, range(offset, offset + 50))
+    out.put((qid, [j["output"] for j in jobs]))
+
+
+def test_clients_with_their_own_qids_get_their_own_results(server):
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_own_results, args=(server.address, server.key, f"q{i}", 100 * i, out))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(10)
+    assert got == {f"q{i}": [x * x for x in range(100 * i, 100 * i + 50)] for i in range(2)}
+
+
+def _putter(address, key, qid, done):
+    Q = ezpq.Queue(address=address, authkey=key, qid=qid)
+    for x in range(5):
+        Q.put(square, x)
+    Q.detach()
+    done.set()
+
+
+def test_one_qid_is_shared_between_processes(server):
+    ctx = multiprocessing.get_context("spawn")
+    done = ctx.Event()
+    p = ctx.Process(target=_putter, args=(server.address, server.key, "together", done))
+    p.start()
+    assert done.wait(60)
+    p.join(10)
+    with ezpq.Queue(address=server.address, authkey=server.key, qid="together") as Q:
+        assert Q.wait() == 0
+        assert sorted(j["output"] for j in Q.collect()) == [0, 1, 4, 9, 16]
+
+
+def test_dispose_leaves_the_other_clients_jobs_alone(server):
+    a = ezpq.Queue(address=server.address, authkey=server.key, qid="mix")
+    b = ezpq.Queue(address=server.address, authkey=server.key, qid="mix")
+    try:
+        b_job = b.put(sleep_for, 0.5)
+        a.put(sleep_for, 30)
+        a.dispose()
+        assert b.get(wait=True)["id"] == b_job
+        assert b.get() is None  # a's job was cancelled and forgotten with a
+    finally:
+        a.dispose()
+        b.dispose()
+
+
+def test_n_workers_caps_a_connected_queue(server):
+    with ezpq.Queue(1, address=server.address, authkey=server.key) as Q:
+        assert Q.n_workers() == 1
+        jobs = Q.map(sleep_for, [0.2, 0.2, 0.2])
+    spans = sorted((j["started"], j["ended"]) for j in jobs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once
+
+
+def test_put_errors_arrive_with_their_type(server):
+    with ezpq.Queue(address=server.address, authkey=server.key, max_size=1, auto_start=False) as Q:
+        Q.put(square, 1)
+        with pytest.raises(ezpq.QueueFull):
+            Q.put(square, 2)
+        with pytest.raises(ezpq.JobNotFound):
+            Q.cancel(42)
+
+
+def test_key_file_is_private(server):
+    assert stat.S_IMODE(os.stat(server.keyfile).st_mode) == 0o600
+
+
+def test_refuses_a_key_file_others_can_read(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("abc\n")
+    key.chmod(0o644)
+    import sys
+    done = subprocess.run([sys.executable, "-c", "from ezpq_mgr.cli import server_main; server_main()",
+                           "--socket", str(tmp_path / "s"), "--authkey-file", str(key)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and "readable by others" in done.stderr
+
+
+def test_wrong_key_and_no_server(server, tmp_path):
+    with pytest.raises(ezpq.AuthenticationError):
+        ezpq.Queue(address=server.address, authkey=b"wrong")
+    with pytest.raises(ezpq.ConnectionError, match="cannot connect"):
+        ezpq.Queue(address=str(tmp_path / "none.sock"), authkey=b"k")
+
+
+def test_server_never_unpickles_what_a_client_sends(server, tmp_path):
+    from multiprocessing.connection import Client
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    conn = Client(server.address, authkey=server.key)
+    try:
+        conn.send_bytes(pickle.dumps(Evil()))
+        try:
+            conn.recv_bytes()
+        except (EOFError, OSError):
+            pass
+    finally:
+        conn.close()
+    assert not marker.exists()
+    assert Remote(server.address, server.key).call("info")["shared"] is True
+
+
+def run_cli(server, *args):
+    done = subprocess.run([*server.cli_args, *args], capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_cli_end_to_end(server, tmp_path):
+    code, out, err = run_cli(server, "submit", "--name", "hello", "--", "echo", "hi there")
+    assert code == 0, err
+    ok = int(out)
+    code, out, _ = run_cli(server, "--json", "submit", "--priority", "1", "--", "sh", "-c", "exit 3")
+    bad = json.loads(out)["job"]
+    code, out, _ = run_cli(server, "submit", "--timeout", "30", "--", "sleep", "30")
+    slow = int(out)
+    code, out, _ = run_cli(server, "wait", str(ok), str(bad))
+    assert code == 1 and "failed" in out and "completed" in out
+    code, out, _ = run_cli(server, "show", str(ok))
+    shown = json.loads(out)
+    assert code == 0 and shown["output"] == {"returncode": 0, "stdout": "hi there\n", "stderr": ""}
+    assert shown["status"] == "completed" and shown["name"] == "hello"
+    code, out, _ = run_cli(server, "show", str(bad))
+    assert json.loads(out)["exitcode"] == 3 and json.loads(out)["status"] == "failed"
+    code, out, _ = run_cli(server, "status")
+    assert code == 0 and all(len(line) <= 80 for line in out.splitlines())
+    assert {"completed", "failed", "working"} <= set(out.split())
+    code, out, _ = run_cli(server, "status", "--json")
+    assert {j["job"] for j in json.loads(out)} >= {ok, bad, slow}
+    code, out, _ = run_cli(server, "cancel", str(slow))
+    assert code == 0 and "cancelled" in out
+    code, out, _ = run_cli(server, "wait", str(slow))
+    assert code == 1 and "cancelled" in out
+    code, out, _ = run_cli(server, "cancel", "999")
+    assert code == 1
+    code, out, _ = run_cli(server, "show", "999")
+    assert code == 1
+    code, out, _ = run_cli(server, "report", "--by", "function")
+    assert code == 0 and "run_command" in out
+    code, out, _ = run_cli(server, "--json", "report")
+    rows = json.loads(out)
+    assert rows[0]["jobs"] == 3 and rows[0]["failed"] == 2
+    png = tmp_path / "p.png"
+    code, out, _ = run_cli(server, "plot", "-o", str(png))
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, _ = run_cli(server, "workers", "3")
+    assert code == 0 and out.strip() == "3"
+    assert Remote(server.address, server.key).call("n_workers") == 3
+    code, _, err = run_cli(server, "frobnicate")
+    assert code == 2
+
+
+def test_report_totals_equal_the_accounting_csv(server):
+    with ezpq.Queue(address=server.address, authkey=server.key) as Q:
+        Q.map(square, range(10))
+        Q.put(sleep_for, "x", suppress_errors=True)  # fails
+        Q.wait()
+    rows = Remote(server.address, server.key).call("report", "user", True)
+    server.stop()  # flushes the CSV
+    with open(server.log_file, newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert rows[0]["jobs"] == len(csv_rows) == 11
+    assert rows[0]["failed"] == sum(r["status"] != "completed" for r in csv_rows) == 1
+    cpu = sum(float(r["cpu_user"]) + float(r["cpu_system"]) for r in csv_rows)
+    assert rows[0]["cpu_seconds"] == pytest.approx(cpu)
+    assert rows[0]["max_rss_peak"] == max(float(r["max_rss"]) for r in csv_rows)
+    assert {"output", "args", "kwargs"}.isdisjoint(csv_rows[0])
+
+
+def test_cli_cannot_connect():
+    import sys
+    done = subprocess.run([sys.executable, "-m", "ezpq_mgr", "--socket", "/nonexistent/s.sock", "status"],
+                          capture_output=True, text=True, env=dict(os.environ, EZPQ_AUTHKEY="k"), timeout=30)
+    assert done.returncode == 3 and "cannot connect" in done.stderr
 
 
 def test_sigterm_stops_server_and_workers(server):
-    proc, sock, keyfile = server
-    key = open(keyfile, "rb").read().strip()
-    Q = ezpq.Queue(address=sock, authkey=key, n_workers=1)
+    Q = ezpq.Queue(address=server.address, authkey=server.key, n_workers=1)
     Q.put(sleep_for, 30)
     while not Q.is_working():
         Q.wait_worker(timeout=0.05)
-    tree = psutil.Process(proc.pid).children(recursive=True)
+    tree = psutil.Process(server.proc.pid).children(recursive=True)
     assert tree
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(10) == 0
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(10) == 0
     gone, alive = psutil.wait_procs(tree, timeout=5)
     assert not alive
     with pytest.raises(ezpq.ConnectionError):
         Q.size()
     Q.dispose()  # the server is gone: releases locally, does not hang
+    if server.log_file:
+        rows = list(csv.DictReader(open(server.log_file)))
+        assert [r["status"] for r in rows] == ["lost"]  # the killed job is recorded

@@ -1,0 +1,104 @@
+"""The accounting log: one row per finished job, and ``report`` over it.
+
+Rows hold every job-dict field but the payloads (output, args, kwargs), as
+plain values, so they go to a CSV (``ezpq-server --log-file``) and to
+``ezpq report``, which sums them like Slurm's ``sacct``: jobs, failures,
+CPU seconds, peak and mean ``max_rss``, runtime, per user, function or qid.
+The CSV is written by a background thread, never under the queue's lock.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import queue
+import threading
+from datetime import datetime
+from typing import Dict, List, Optional
+
+from .job import FIELDS
+
+__all__ = ["AccountingLog", "ROW_FIELDS", "report", "REPORT_KEYS"]
+
+ROW_FIELDS = tuple(f for f in FIELDS if f not in ("output", "args", "kwargs", "callback")) + ("uid", "job")
+REPORT_KEYS = ("user", "function", "qid")
+_TIMES = ("submitted", "started", "ended", "processed")
+
+
+def row_from_snapshot(snap: dict) -> dict:
+    """A CSV-ready row (times as ISO text, lane as text) from a job snapshot."""
+    row = {f: snap.get(f) for f in ROW_FIELDS}
+    row["job"] = snap["seq"]
+    row["lane"] = snap.get("lane_text")
+    for key in _TIMES:
+        if snap.get(key) is not None:
+            row[key] = datetime.fromtimestamp(snap[key]).isoformat(sep=" ")
+    if snap.get("started") is not None and snap.get("ended") is not None:
+        row["runtime"] = snap["ended"] - snap["started"]
+    return row
+
+
+class AccountingLog:
+    """Rows of finished jobs, in memory and (optionally) appended to a CSV."""
+
+    def __init__(self, path: Optional[str] = None):
+        self.path = path
+        self.rows: List[dict] = []
+        self._lock = threading.Lock()
+        self._queue: "queue.SimpleQueue[Optional[dict]]" = queue.SimpleQueue()
+        self._writer: Optional[threading.Thread] = None
+        if path:
+            self._writer = threading.Thread(target=self._write_loop, name="ezpq-accounting", daemon=True)
+            self._writer.start()
+
+    def record(self, row: dict) -> None:
+        with self._lock:
+            self.rows.append(row)
+        if self._writer is not None:
+            self._queue.put(row)
+
+    def visible(self, uid: Optional[int]) -> List[dict]:
+        """Rows of one user (None: all)."""
+        with self._lock:
+            return [r for r in self.rows if uid is None or r.get("uid") == uid]
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(10)
+
+    def _write_loop(self) -> None:
+        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(ROW_FIELDS))
+            if new:
+                writer.writeheader()
+            while True:
+                row = self._queue.get()
+                if row is None:
+                    return
+                writer.writerow(row)
+                f.flush()
+
+
+def report(rows: List[dict], by: str) -> List[dict]:
+    """Per ``by`` value: jobs, failed, cpu seconds, peak and mean max_rss, runtime."""
+    if by not in REPORT_KEYS:
+        raise ValueError(f"report by must be one of {REPORT_KEYS}, not {by!r}")
+    groups: Dict[str, List[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(by)), []).append(r)
+    out = []
+    for key in sorted(groups):
+        rs = groups[key]
+        rss = [float(r["max_rss"]) for r in rs if r.get("max_rss") not in (None, "")]
+        out.append({
+            by: key,
+            "jobs": len(rs),
+            "failed": sum(r.get("status") != "completed" for r in rs),
+            "cpu_seconds": sum(float(r.get("cpu_user") or 0) + float(r.get("cpu_system") or 0) for r in rs),
+            "max_rss_peak": max(rss) if rss else None,
+            "max_rss_mean": sum(rss) / len(rss) if rss else None,
+            "runtime": sum(float(r.get("runtime") or 0) for r in rs),
+        })
+    return out

@@ -1,0 +1,93 @@
+"""The control channel of a shared server: JSON, never pickle.
+
+A shared ``ezpq-server`` talks to clients of several OS users, so it must
+never unpickle what a client sends (a pickle can run any code). Its manager
+uses this serializer instead: tagged JSON for the manager's messages and our
+replies: bytes (base64), tuples, and exceptions of a fixed allowlist (ours
+and a few builtins, so ``QueueFull`` still arrives as ``QueueFull``). Job
+payloads stay opaque bytes until a worker running as their submitter loads
+them. The embedded queue's private server (same owner) keeps plain pickle.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import json
+from multiprocessing import connection, managers
+from typing import Any
+
+from . import errors
+
+__all__ = ["SERIALIZER", "dumps", "loads"]
+
+SERIALIZER = "ezpq-json"
+
+_EXCEPTIONS = {name: getattr(errors, name) for name in errors.__all__}
+_EXCEPTIONS.update({name: getattr(builtins, name) for name in (
+    "TypeError", "ValueError", "KeyError", "LookupError", "RuntimeError", "AttributeError",
+    "PermissionError", "NotImplementedError", "OSError", "Exception")})
+
+
+def _encode(obj: Any) -> Any:
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (bytes, bytearray)):
+        return {"__b": base64.b64encode(obj).decode("ascii")}
+    if isinstance(obj, tuple):
+        return {"__t": [_encode(x) for x in obj]}
+    if isinstance(obj, list):
+        return [_encode(x) for x in obj]
+    if isinstance(obj, dict):
+        bad = [k for k in obj if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"wire: dict keys must be strings, got {bad[0]!r}")
+        if any(k.startswith("__") and len(obj) == 1 for k in obj):
+            return {"__d": {k: _encode(v) for k, v in obj.items()}}
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, BaseException):
+        name = type(obj).__name__ if type(obj).__name__ in _EXCEPTIONS else "EzpqError"
+        args = [a if isinstance(a, (str, int, float, type(None))) else str(a) for a in obj.args]
+        if name == "EzpqError" and type(obj) is not errors.EzpqError:
+            args = [f"{type(obj).__name__}: {obj}"]
+        return {"__e": [name, args]}
+    raise TypeError(f"wire: cannot send a {type(obj).__name__}")
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_decode(x) for x in obj]
+    if isinstance(obj, dict):
+        if len(obj) == 1:
+            (key, value), = obj.items()
+            if key == "__b":
+                return base64.b64decode(value)
+            if key == "__t":
+                return tuple(_decode(x) for x in value)
+            if key == "__e":
+                name, args = value
+                return _EXCEPTIONS.get(name, errors.EzpqError)(*args)
+            if key == "__d":
+                return {k: _decode(v) for k, v in value.items()}
+        return {k: _decode(v) for k, v in obj.items()}
+    return obj
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(_encode(obj), separators=(",", ":")).encode()
+
+
+def loads(data: bytes) -> Any:
+    return _decode(json.loads(data))
+
+
+class JsonListener(connection.Listener):
+    def accept(self):
+        return connection.ConnectionWrapper(super().accept(), dumps, loads)
+
+
+def JsonClient(*args, **kwds):  # noqa: N802 (multiprocessing's naming)
+    return connection.ConnectionWrapper(connection.Client(*args, **kwds), dumps, loads)
+
+
+managers.listener_client[SERIALIZER] = (JsonListener, JsonClient)
