@@ -559,6 +559,7 @@ class Queue:
         if self._disposed:
             return
         try:
+            self._flush()
             self._remote.call("goodbye", self._token, self._qid, False)
         finally:
             self._release()

@@ -251,20 +251,22 @@ class QueueState:
         """Take the next job to run and mark it working. Caller holds the lock.
 
         Order: lowest priority first; among equals the user with the fewest
-        running jobs (fair share), then submission order. A queue's best job
-        that cannot run yet (``runnable`` says no: no worker for it) waits.
+        running jobs (fair share), then submission order. If the best job
+        cannot run yet (``runnable`` says no: its user's worker is booting),
+        nothing starts: the slot is kept for it rather than given to a
+        lower-ranked job.
         """
         best_key, best = None, None
         for q in self.queues.values():
             if q.paused or not q.waiting or (q.cap and q.n_running >= q.cap):
                 continue
             rec = self._head(q)
-            if rec is None or not runnable(rec):
+            if rec is None:
                 continue
             key = (rec.priority, self.user_running.get(rec.user, 0), rec.seq)
             if best_key is None or key < best_key:
                 best_key, best = key, rec
-        if best is None:
+        if best is None or not runnable(best):
             return None
         q = self.queues[best.qid]
         heapq.heappop(q.waiting)

@@ -157,3 +157,14 @@ def test_holding_client_counts_job_as_working_until_processed(state):
     assert state.counts("q") ["completed"] == 1
     state.close_notices("c")
     assert state.take_notices("c", 0) is None
+
+
+def test_a_slot_waits_for_the_best_jobs_worker(state):
+    state.add("qa", [rec(user="a"), rec(user="a")])
+    state.add("qb", [rec(user="b")])
+    with state.cond:
+        first = state.pick()
+        assert first.user == "a"
+        # b is now the best (fewest running); while b's worker boots, a must not jump ahead
+        assert state.pick(lambda r: r.user != "b") is None
+        assert state.pick().user == "b"
