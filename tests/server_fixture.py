@@ -57,6 +57,9 @@ class Server:
         return [sys.executable, "-m", "ezpq_mgr", *where, "--authkey-file", self.keyfile]
 
     def stop(self):
+        """SIGTERM and wait; its exit code (None if it had already ended)."""
+        if self.proc.poll() is not None:
+            return None
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
