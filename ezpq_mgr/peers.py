@@ -10,6 +10,8 @@ for several users). The private server of an embedded queue has one user.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import multiprocessing
 import os
 import pwd
 import socket
@@ -19,6 +21,7 @@ from multiprocessing import managers
 
 __all__ = ["Identity", "current", "IdentityServer", "owner", "user_name"]
 
+logger = logging.getLogger(__name__)
 _local = threading.local()
 
 
@@ -63,7 +66,23 @@ def peer_identity(conn) -> Identity:
 
 
 class IdentityServer(managers.Server):
-    """A manager Server that remembers each connection's peer on its thread."""
+    """A manager Server that remembers each connection's peer on its thread,
+    and logs (then survives) a refused connection: the stdlib's accepter
+    thread dies on a wrong authkey, which would lock every client out."""
+
+    def accepter(self):
+        while True:
+            try:
+                c = self.listener.accept()
+            except multiprocessing.AuthenticationError as exc:
+                logger.warning("refused a connection: %s", exc)
+                continue
+            except OSError as exc:
+                if getattr(self, "stop_event", None) is not None and self.stop_event.is_set():
+                    return
+                logger.warning("accept failed: %s", exc)
+                continue
+            threading.Thread(target=self.handle_request, args=(c,), daemon=True).start()
 
     def handle_request(self, conn):
         try:

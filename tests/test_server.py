@@ -111,8 +111,11 @@ def test_refuses_a_key_file_others_can_read(tmp_path):
 
 
 def test_wrong_key_and_no_server(server, tmp_path):
-    with pytest.raises(ezpq.AuthenticationError):
-        ezpq.Queue(address=server.address, authkey=b"wrong")
+    for _ in range(2):
+        with pytest.raises(ezpq.AuthenticationError):
+            ezpq.Queue(address=server.address, authkey=b"wrong")
+    with ezpq.Queue(address=server.address, authkey=server.key) as Q:  # still serving
+        assert Q.map(square, [2])[0]["output"] == 4
     with pytest.raises(ezpq.ConnectionError, match="cannot connect"):
         ezpq.Queue(address=str(tmp_path / "none.sock"), authkey=b"k")
 
