@@ -75,8 +75,8 @@ class Remote:
             self._proxy = manager.service()
         except multiprocessing.AuthenticationError as exc:
             raise AuthenticationError(f"ezpq server at {self.where} refused the authkey: {exc}") from None
-        except (OSError, EOFError) as exc:
-            raise ConnectionError(f"cannot connect to an ezpq server at {self.where}: {exc}") from None
+        except (OSError, EOFError) as exc:  # TimeoutError included
+            raise ConnectionError(f"cannot connect to an ezpq server at {self.where}: {exc!r}") from None
 
     def call(self, method: str, *args):
         try:

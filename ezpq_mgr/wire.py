@@ -14,6 +14,9 @@ from __future__ import annotations
 import base64
 import builtins
 import json
+import os
+import socket
+import threading
 from multiprocessing import connection, managers
 from typing import Any
 
@@ -86,8 +89,46 @@ class JsonListener(connection.Listener):
         return connection.ConnectionWrapper(super().accept(), dumps, loads)
 
 
-def JsonClient(*args, **kwds):  # noqa: N802 (multiprocessing's naming)
-    return connection.ConnectionWrapper(connection.Client(*args, **kwds), dumps, loads)
+CONNECT_TIMEOUT = 10.0
+
+
+def JsonClient(address, family=None, authkey=None):  # noqa: N802 (multiprocessing's naming)
+    """Connect and authenticate within CONNECT_TIMEOUT, or fail: a server
+    that accepts but never answers (stopped, wedged) must not hang us."""
+    family = family or connection.address_type(address)
+    sock = socket.socket(getattr(socket, family))
+    sock.settimeout(CONNECT_TIMEOUT)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    watchdog = threading.Timer(CONNECT_TIMEOUT, _shut, args=(sock,))
+    watchdog.daemon = True
+    conn = connection.Connection(os.dup(sock.fileno()))
+    watchdog.start()
+    try:
+        if authkey is not None:
+            connection.answer_challenge(conn, authkey)
+            connection.deliver_challenge(conn, authkey)
+    except EOFError:
+        conn.close()
+        raise TimeoutError(f"no answer from {address} within {CONNECT_TIMEOUT:.0f} s") from None
+    except BaseException:
+        conn.close()
+        raise
+    finally:
+        watchdog.cancel()
+        sock.close()
+    return connection.ConnectionWrapper(conn, dumps, loads)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 managers.listener_client[SERIALIZER] = (JsonListener, JsonClient)

@@ -275,3 +275,21 @@ def test_a_blocked_get_notices_a_dead_server(server):
     assert not t.is_alive() and errors
     psutil.wait_procs(tree, timeout=5)  # workers follow their server
     Q.dispose()
+
+
+def test_a_server_that_never_answers_fails_within_10_s(tmp_path, monkeypatch):
+    import socket
+    import time
+    from ezpq_mgr import wire
+    monkeypatch.setattr(wire, "CONNECT_TIMEOUT", 1.0)
+    path = str(tmp_path / "mute.sock")
+    mute = socket.socket(socket.AF_UNIX)
+    mute.bind(path)
+    mute.listen()  # accepts, never speaks
+    try:
+        t = time.monotonic()
+        with pytest.raises(ezpq.ConnectionError, match="mute.sock"):
+            ezpq.Queue(address=path, authkey=b"k")
+        assert time.monotonic() - t < 10
+    finally:
+        mute.close()
