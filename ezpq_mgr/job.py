@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import numbers
+import sys
 from typing import Any, Callable, Optional
 
 __all__ = ["Job", "JobStatus", "JobRecord", "FIELDS", "FINISHED", "normalize_args"]
@@ -136,7 +137,11 @@ class Job:
         return f"Job({fn}, args={self.args!r}, priority={self.priority}, lane={self.lane!r})"
 
 
-@dataclasses.dataclass
+# slots: 100,000 waiting jobs must fit in ~2 KiB each (no per-record __dict__)
+_SLOTS = {"slots": True} if sys.version_info >= (3, 10) else {}
+
+
+@dataclasses.dataclass(**_SLOTS)
 class JobRecord:
     """One job as the server keeps it: plain data, no live handles."""
 

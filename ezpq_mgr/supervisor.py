@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import selectors
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -76,6 +77,8 @@ class Supervisor:
         self.n_thread_jobs = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        self._selector = selectors.DefaultSelector()   # kept across loops: no per-job setup
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._woken = False
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
@@ -135,38 +138,33 @@ class Supervisor:
     def run(self) -> None:
         while not self._stopping:
             with self.state.cond:
-                conns = {w.conn: w for w in self.workers if not w.dead}
-                sentinels = {w.proc.sentinel: w for w in self.workers}
                 timeout = self._next_timeout()
-            ready = multiprocessing.connection.wait(list(conns) + list(sentinels) + [self._wake_r],
-                                                    timeout)
+            events = self._selector.select(timeout)
             if self._stopping:
                 break
-            results = []
-            for obj in ready:
-                if obj == self._wake_r:
-                    # drain first, then clear: a wake() skipped in between
-                    # changed the state before the dispatch below, so none is lost
-                    os.read(self._wake_r, 4096)
-                    self._woken = False
-                elif obj in sentinels:
-                    continue
-                else:
-                    try:
-                        msg = obj.recv()
-                    except (EOFError, OSError):
-                        continue  # the sentinel reports the death
-                    if msg == "ready":
-                        conns[obj].ready = True
-                    else:
-                        results.append(msg)
-            for msg in results:
-                self._on_result(msg)
             with self.state.cond:
-                for sentinel, w in sentinels.items():
-                    if sentinel in ready:
+                for key, _ in events:
+                    kind, w = key.data
+                    if kind == "wake":
+                        # drain first, then clear: a wake() skipped in between
+                        # changed the state before the dispatch below, so none is lost
+                        os.read(self._wake_r, 4096)
+                        self._woken = False
+                    elif kind == "conn" and not w.dead:
+                        try:
+                            msg = w.conn.recv()
+                        except (EOFError, OSError):
+                            continue  # the sentinel reports the death
+                        if msg == "ready":
+                            w.ready = True
+                        else:
+                            self._on_result(w, msg)
+                for key, _ in events:
+                    kind, w = key.data
+                    if kind == "sentinel":
                         self._on_death(w)
-                self._enforce_limits()
+                if self.state.kill_requests or any(w.deadline or w.max_memory for w in self.workers):
+                    self._enforce_limits()
                 self._dispatch()
 
     def _next_timeout(self) -> Optional[float]:
@@ -251,6 +249,8 @@ class Supervisor:
         proc.start()
         child_conn.close()
         w = WorkerHandle(proc, parent_conn, uid=uid)
+        self._selector.register(parent_conn, selectors.EVENT_READ, ("conn", w))
+        self._selector.register(proc.sentinel, selectors.EVENT_READ, ("sentinel", w))
         self.workers.append(w)
         logger.debug("started worker %s", proc.pid)
         return w
@@ -279,12 +279,11 @@ class Supervisor:
         self.wake()
 
     # -------------------------------------------------------------- results
-    def _on_result(self, msg: tuple) -> None:
+    def _on_result(self, w: WorkerHandle, msg: tuple) -> None:
+        """Worker ``w`` finished a job. Caller holds the lock."""
         seq, status, exitcode, out, exc, cpu_u, cpu_s, rss, method, rss_ch, pid, started, ended = msg
-        with self.state.cond:
-            w = next((w for w in self.workers if w.seq == seq and w.proc.pid == pid), None)
-            if w is not None and not w.dead:
-                w.seq = w.deadline = w.max_memory = None
+        if w.seq == seq:
+            w.seq = w.deadline = w.max_memory = None
         self.state.finish(seq, Outcome(JobStatus(status), exitcode, out, exc, cpu_u, cpu_s,
                                        rss, method, rss_ch, pid=pid, host=HOST, started=started,
                                        ended=ended))
@@ -300,6 +299,11 @@ class Supervisor:
                            f"(exit code {code})")
             logger.warning("worker %s died with exit code %s", w.proc.pid, code)
         w.dead = True
+        for obj in (w.conn, w.proc.sentinel):
+            try:
+                self._selector.unregister(obj)
+            except (KeyError, ValueError):
+                pass
         w.conn.close()
         self.workers.remove(w)
         if w.uid is None and not self._stopping:
