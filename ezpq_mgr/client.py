@@ -168,7 +168,12 @@ class Queue:
         if self._disposed:
             raise EzpqError(f"queue {self._qid!r} is disposed")
         if self._buffer or self._flush_error:
-            self._flush()
+            with self._buffer_cond:
+                if self._flush_error is None and self._buffer:
+                    batch, self._buffer = self._buffer, []
+                    # the buffered puts travel with this request: one round trip
+                    return self._remote.call("put_then", self._qid, batch, method, list(args))
+                self._flush()
         return self._remote.call(method, *args)
 
     def _flush(self) -> None:
