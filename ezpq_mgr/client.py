@@ -157,6 +157,7 @@ class Queue:
         self._buffered = qid is None and max_size == 0
         self._buffer: List[dict] = []
         self._buffer_cond = threading.Condition(threading.RLock())
+        self._send_lock = threading.Lock()
         self._ids = iter(())
         self._flush_error: Optional[BaseException] = None
         self._flusher = threading.Thread(target=self._flush_loop, name=f"ezpq-flush-{self._qid}",
@@ -168,36 +169,33 @@ class Queue:
         if self._disposed:
             raise EzpqError(f"queue {self._qid!r} is disposed")
         if self._buffer or self._flush_error:
-            with self._buffer_cond:
-                if self._flush_error is None and self._buffer:
-                    batch, self._buffer = self._buffer, []
-                    # the buffered puts travel with this request: one round trip
-                    return self._remote.call("put_then", self._qid, batch, method, list(args))
-                self._flush()
+            self._flush()  # buffered puts reach the server before anything else
         return self._remote.call(method, *args)
 
     def _flush(self) -> None:
-        """Send the buffered puts (in order) before anything else reaches the server."""
-        with self._buffer_cond:
-            if self._flush_error is not None:
-                error, self._flush_error = self._flush_error, None
-                raise error
-            if not self._buffer:
-                return
-            batch, self._buffer = self._buffer, []
-            self._remote.call("put", self._qid, batch)
+        """Send the buffered puts, in order. ``put()`` only holds the buffer
+        lock for an append; the send happens under ``_send_lock`` alone."""
+        with self._send_lock:
+            with self._buffer_cond:
+                if self._flush_error is not None:
+                    error, self._flush_error = self._flush_error, None
+                    raise error
+                batch, self._buffer = self._buffer, []
+            if batch:
+                self._remote.call("put", self._qid, batch)
 
     def _flush_loop(self) -> None:
         """Daemon thread: send buffered puts at most FLUSH_DELAY s after they were made."""
-        with self._buffer_cond:
-            while not self._disposed:
+        while True:
+            with self._buffer_cond:
                 self._buffer_cond.wait_for(lambda: self._buffer or self._disposed)
                 if self._disposed:
                     return
                 self._buffer_cond.wait(FLUSH_DELAY)
-                try:
-                    self._flush()
-                except BaseException as exc:  # reported by the next call
+            try:
+                self._flush()
+            except BaseException as exc:  # reported by the next call
+                with self._buffer_cond:
                     self._flush_error = exc
 
     def _buffer_put(self, record: dict) -> int:
@@ -209,11 +207,12 @@ class Queue:
                 job_id = next(self._ids)
             record["id"] = job_id
             self._buffer.append(record)
-            if len(self._buffer) >= FLUSH_SIZE:
-                self._flush()
-            elif len(self._buffer) == 1:
+            full = len(self._buffer) >= FLUSH_SIZE
+            if len(self._buffer) == 1:
                 self._buffer_cond.notify()
-            return job_id
+        if full:
+            self._flush()
+        return job_id
 
     def _record(self, job: Job, fn_blob: Optional[bytes] = None) -> dict:
         """Check and pickle one job; raises before anything is sent."""

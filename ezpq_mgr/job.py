@@ -190,6 +190,9 @@ class JobRecord:
 
     def snapshot(self) -> dict:
         """Plain-data copy for a client; the function blob stays on the server."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "fn_blob"}
+        d = {name: getattr(self, name) for name in _SNAPSHOT_FIELDS}
         d["status"] = self.status.value
         return d
+
+
+_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord) if f.name != "fn_blob")

@@ -46,7 +46,7 @@ class Service:
     """Thread-safe facade over the queue state and the worker pool."""
 
     EXPOSED = (
-        "hello", "configure", "put", "put_then", "reserve_ids", "counts", "get", "collect", "pop_ids",
+        "hello", "configure", "put", "reserve_ids", "counts", "get", "collect", "pop_ids",
         "wait_pending", "wait_client", "wait_change", "cancel", "cancel_all",
         "jobs", "job", "take_notices", "mark_processed", "set_holding",
         "goodbye", "set_workers", "n_workers", "info",
@@ -159,13 +159,6 @@ class Service:
         ids = self.state.add(key, recs)
         self.supervisor.wake()
         return ids
-
-    def put_then(self, qid: str, records: List[dict], method: str, args: list):
-        """A client's buffered puts, then its next request: one round trip."""
-        if method not in self.EXPOSED or method == "put_then":
-            raise ValueError(f"no such request {method!r}")
-        self.put(qid, records)
-        return getattr(self, method)(*args)
 
     def cancel(self, qid: str, job_id: int) -> bool:
         done = self.state.cancel(self._key(qid), job_id)
