@@ -39,7 +39,8 @@ _SELF, _CHILDREN = resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN
 
 
 class JobMeter:
-    """``start()`` before a job, ``stop()`` after it: the job's figures."""
+    """``arm()`` while idle, ``begin()`` as a job starts (or ``start()`` for
+    both), ``stop()`` after it: the job's figures."""
 
     PAGE = os.sysconf("SC_PAGE_SIZE")
     SLACK = 64 * 1024          # rss may move this much between reset and read
@@ -74,7 +75,11 @@ class JobMeter:
             threading.Thread(target=self._rss_loop, name="ezpq-rss-sampler", daemon=True).start()
 
     # ------------------------------------------------------------- per job
-    def start(self) -> None:
+    def arm(self) -> None:
+        """Reset the peak and take the CPU baselines for the next job.
+
+        Called while the worker waits for that job, so the syscalls are off
+        the critical path; the job's own unpickling then counts as its cost."""
         if self.exact:
             os.write(self._clear_fd, b"5")
             rss = int(os.pread(self._statm_fd, 256, 0).split()[1]) * self.PAGE
@@ -83,16 +88,25 @@ class JobMeter:
         else:
             self._self0 = resource.getrusage(_SELF)
             self._sampled = self._proc.memory_info().rss
-            self._sampling.set()
         self._children0 = resource.getrusage(_CHILDREN)
         self._child_peak = 0
         self._saw_children = False
+
+    def begin(self) -> None:
+        """The job starts now: let the samplers watch it."""
+        if not self.exact:
+            self._sampling.set()
         self._gen += 1
         self._t0 = time.monotonic()
         self._active = True
         if self._sleeping:
             with self._lock:
                 self._idle.notify()
+
+    def start(self) -> None:
+        """``arm()`` and ``begin()`` at once."""
+        self.arm()
+        self.begin()
 
     def stop(self) -> Tuple[Figures, bool]:
         """The job's figures, and whether it started any process."""
@@ -133,7 +147,8 @@ class JobMeter:
         while True:
             with self._lock:
                 self._sleeping = True
-                self._idle.wait_for(lambda: self._active)
+                slept_at = self._gen  # wake for any job begun since (it may be over already)
+                self._idle.wait_for(lambda: self._gen != slept_at)
                 self._sleeping = False
             last_gen = -1
             while self._active or self._gen != last_gen:  # block only after an idle interval

@@ -122,6 +122,8 @@ def worker_main(conn: multiprocessing.connection.Connection, run_as: Optional[in
     pid = os.getpid()
     meter = JobMeter() if accounting else None
     fn_cache: Dict[bytes, Any] = {}
+    if meter:
+        meter.arm()
     conn.send("ready")
     while True:
         try:
@@ -135,7 +137,7 @@ def worker_main(conn: multiprocessing.connection.Connection, run_as: Optional[in
         if as_thread:  # a thread job of a shared server: this thread's CPU, no RSS
             u0, s0 = thread_cpu()
         elif meter:
-            meter.start()
+            meter.begin()
         started = time.time()
         status, exitcode, out, exc = run_call(fn_blob, args_blob, fn_cache)
         ended = time.time()
@@ -156,3 +158,5 @@ def worker_main(conn: multiprocessing.connection.Connection, run_as: Optional[in
             conn.send((seq, status.value, exitcode, out, exc) + figures + (pid, started, ended))
         except (EOFError, OSError):
             break
+        if meter:
+            meter.arm()  # for the next job, while the supervisor reads this result
