@@ -157,7 +157,7 @@ class Service:
                 self._client(r["client"])
             recs.append(JobRecord(seq=0, qid=key, **r))
         ids = self.state.add(key, recs)
-        self.supervisor.wake()
+        self.supervisor.dispatch_now()
         return ids
 
     def cancel(self, qid: str, job_id: int) -> bool:

@@ -100,6 +100,18 @@ class Supervisor:
             except BlockingIOError:
                 pass
 
+    def dispatch_now(self) -> None:
+        """Start waiting jobs from the calling thread (a client's put), saving
+        the hand-off to the supervisor thread; wake it only when it must
+        recompute its timeout or watch a new worker."""
+        with self.state.cond:
+            if self._stopping:
+                return
+            before = len(self.workers)
+            self._dispatch()
+            if len(self.workers) != before or any(w.deadline or w.max_memory for w in self.workers):
+                self.wake()
+
     def set_slots(self, n: int) -> None:
         with self.state.cond:
             self.slots = n
