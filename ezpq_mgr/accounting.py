@@ -20,7 +20,7 @@ from .job import FIELDS
 
 __all__ = ["AccountingLog", "ROW_FIELDS", "report", "REPORT_KEYS"]
 
-ROW_FIELDS = tuple(f for f in FIELDS if f not in ("output", "args", "kwargs", "callback")) + ("uid", "job")
+ROW_FIELDS = tuple(f for f in FIELDS if f not in ("output", "args", "kwargs")) + ("uid", "job")
 REPORT_KEYS = ("user", "function", "qid")
 _TIMES = ("submitted", "started", "ended", "processed")
 
@@ -30,6 +30,7 @@ def row_from_snapshot(snap: dict) -> dict:
     row = {f: snap.get(f) for f in ROW_FIELDS}
     row["job"] = snap["seq"]
     row["lane"] = snap.get("lane_text")
+    row["callback"] = None  # a pickled client-side value: the server never unpickles it
     for key in _TIMES:
         if snap.get(key) is not None:
             row[key] = datetime.fromtimestamp(snap[key]).isoformat(sep=" ")
