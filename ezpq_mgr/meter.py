@@ -36,6 +36,7 @@ __all__ = ["JobMeter"]
 Figures = Tuple[float, float, int, str, Optional[int]]
 
 _SELF, _CHILDREN = resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN
+_getrusage = resource.getrusage
 
 
 class JobMeter:
@@ -67,7 +68,6 @@ class JobMeter:
         self._sleeping = False
         self._active = False
         self._gen = 0
-        self._t0 = 0.0
         self._child_peak = 0
         self._saw_children = False
         threading.Thread(target=self._child_loop, name="ezpq-child-peak", daemon=True).start()
@@ -97,7 +97,6 @@ class JobMeter:
         if not self.exact:
             self._sampling.set()
         self._gen += 1
-        self._t0 = time.monotonic()
         self._active = True
         if self._sleeping:
             with self._lock:
@@ -111,20 +110,24 @@ class JobMeter:
     def stop(self) -> Tuple[Figures, bool]:
         """The job's figures, and whether it started any process."""
         self._active = False
-        s1, c1 = resource.getrusage(_SELF), resource.getrusage(_CHILDREN)
+        s1, c1 = _getrusage(_SELF), _getrusage(_CHILDREN)
         s0, c0 = self._self0, self._children0
-        cpu_user = (s1.ru_utime - s0.ru_utime) + (c1.ru_utime - c0.ru_utime)
-        cpu_system = (s1.ru_stime - s0.ru_stime) + (c1.ru_stime - c0.ru_stime)
-        if self.exact:
-            peak, method = (s1.ru_maxrss * 1024 if self._fast else self._read_hwm() or 0), "vmhwm"
-        else:
+        figures = [s1.ru_utime - s0.ru_utime + c1.ru_utime - c0.ru_utime,
+                   s1.ru_stime - s0.ru_stime + c1.ru_stime - c0.ru_stime, 0, "vmhwm", None]
+        if not self.exact:
             self._sampling.clear()
-            peak, method = max(self._sampled, self._proc.memory_info().rss), "sampled"
+            figures[2:4] = max(self._sampled, self._proc.memory_info().rss), "sampled"
+        elif self._fast:
+            figures[2] = s1.ru_maxrss * 1024
+        else:
+            figures[2] = self._read_hwm() or 0
         spawned = self._saw_children or c1 != c0
-        child_peak = self._child_peak
-        if c1.ru_maxrss > c0.ru_maxrss:
-            child_peak = max(child_peak, c1.ru_maxrss * 1024)
-        return (cpu_user, cpu_system, peak, method, child_peak or None), spawned
+        if spawned:
+            peak = self._child_peak
+            if c1.ru_maxrss > c0.ru_maxrss:
+                peak = max(peak, c1.ru_maxrss * 1024)
+            figures[4] = peak or None
+        return tuple(figures), spawned
 
     # ------------------------------------------------------------- helpers
     def _read_hwm(self) -> Optional[int]:
@@ -152,11 +155,11 @@ class JobMeter:
                 self._sleeping = False
             last_gen = -1
             while self._active or self._gen != last_gen:  # block only after an idle interval
-                last_gen = self._gen
+                was_active, last_gen = self._active, self._gen
                 time.sleep(self.CHILD_INTERVAL)
-                gen, t0 = self._gen, self._t0
-                if not self._active or time.monotonic() - t0 < self.CHILD_INTERVAL:
-                    continue
+                gen = self._gen
+                if not (was_active and self._active and gen == last_gen):
+                    continue  # sample only a job that has run a whole interval
                 procs = descendants(self._pid)
                 peak = max((own_peak(p) for p in procs), default=0)
                 if self._gen == gen and self._active:
