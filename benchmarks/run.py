@@ -74,7 +74,7 @@ def measure(args):
     mgr["w6_submit_s"], mgr["w6_rss_per_job"], mgr["w6_drain_s"] = w6
     mgr["w7_cpu_pct"] = EzpqMgr().w7(2.0 if quick else 5.0)
     on, off = [], []  # accounting on/off, alternated so drift hits both alike
-    for _ in range(max(5, args.repeat * 2)):
+    for _ in range(5 if args.quick else 12):
         on.append(EzpqMgr().w1_put(n))
         os.environ["EZPQ_ACCOUNTING"] = "0"
         off.append(EzpqMgr().w1_put(n))
