@@ -15,7 +15,6 @@ import getpass
 import logging
 import multiprocessing
 import os
-import pickle
 import sys
 import threading
 import time
@@ -51,18 +50,6 @@ def _runner_name(job_runner: Any) -> str:
     raise ValueError(
         f"job_runner must be multiprocessing.Process, threading.Thread, 'process' or 'thread', "
         f"not {job_runner!r}")
-
-
-def _fast_dumps(value: Any) -> bytes:
-    """pickle when it is safe (nothing from __main__), else cloudpickle."""
-    try:
-        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        if b"__main__" not in blob and b"__mp_main__" not in blob:
-            return blob
-    except Exception:
-        pass
-    return serialize.dump_call_args(*value) if isinstance(value, tuple) and len(value) == 2 \
-        else serialize.dump_value(value)
 
 
 def _plain_name(name: Any) -> Any:
@@ -232,7 +219,7 @@ class Queue:
             "timeout": float(job.timeout),
             "function": getattr(job.function, "__name__", type(job.function).__name__),
             "fn_blob": fn_blob if fn_blob is not None else serialize.dump_function(job.function),
-            "args_blob": _fast_dumps((job.args, job.kwargs)),
+            "args_blob": serialize.dump_call_args(job.args, job.kwargs),
             "runner": self._runner,
             "suppress_errors": job.suppress_errors,
             "stop_on_lane_error": job.stop_on_lane_error,
@@ -243,14 +230,13 @@ class Queue:
 
     def _put_jobs(self, jobs: List[Job]) -> List[int]:
         """Pickle every job first (all or nothing), then send them in one call."""
-        fn_blobs = {}
+        fn_blobs = {}  # one pickle per function (the jobs keep the functions alive, ids stay unique)
         records = []
         for job in jobs:
-            key = id(job.function)
-            if key not in fn_blobs:
-                fn_blobs[key] = (job.function, serialize.dump_function(job.function)) \
-                    if callable(job.function) else (None, None)
-            records.append(self._record(job, fn_blobs[key][1]))
+            blob = fn_blobs.get(id(job.function))
+            if blob is None:
+                blob = fn_blobs[id(job.function)] = serialize.dump_function(job.function)
+            records.append(self._record(job, blob))
         if not records:
             return []
         return self._call("put", self._qid, records)
