@@ -74,7 +74,6 @@ class Supervisor:
         self.ctx = multiprocessing.get_context(start_method)
         self.envs = envs if envs is not None else {}
         self.workers: List[WorkerHandle] = []
-        self.n_thread_jobs = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._selector = selectors.DefaultSelector()   # kept across loops: no per-job setup
@@ -276,7 +275,6 @@ class Supervisor:
 
     def _start_thread_job(self, rec: JobRecord) -> None:
         rec.pid, rec.host = os.getpid(), HOST
-        self.n_thread_jobs += 1
         threading.Thread(target=self._run_thread_job, args=(rec.seq, rec.fn_blob, rec.args_blob),
                          name=f"ezpq-job-{rec.qid}-{rec.id}", daemon=True).start()
 
@@ -286,8 +284,6 @@ class Supervisor:
         u1, s1 = thread_cpu()
         self.state.finish(seq, Outcome(status, exitcode, out, exc, u1 - u0, s1 - s0,
                                        pid=os.getpid(), host=HOST))
-        with self.state.cond:
-            self.n_thread_jobs -= 1
         self.wake()
 
     # -------------------------------------------------------------- results
