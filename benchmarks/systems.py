@@ -4,7 +4,6 @@ multiprocessing.Pool. Each method runs one workload and returns its figures;
 
 import concurrent.futures
 import multiprocessing
-import os
 import tempfile
 import time
 

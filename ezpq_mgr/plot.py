@@ -10,7 +10,7 @@ to ended, a gray bar from ended to processed; one row per job.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 __all__ = ["Plot", "to_dataframe", "COLUMNS", "THEMES"]
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
-import time
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List
 
 import psutil
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["kill_tree", "descendants", "own_peak", "become_subreaper", "reap_zombies"]
+__all__ = ["kill_tree", "descendants", "tree", "tree_rss", "own_peak", "become_subreaper",
+           "reap_zombies"]
 
 
 def become_subreaper() -> bool:
@@ -43,6 +42,25 @@ def descendants(pid: int) -> List[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         return []
+
+
+def tree(pid: int) -> List[psutil.Process]:
+    """``pid`` itself (if alive) and a snapshot of its descendants."""
+    try:
+        return [psutil.Process(pid)] + descendants(pid)
+    except psutil.Error:
+        return []
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants, in bytes."""
+    total = 0
+    for p in tree(pid):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
 
 
 def kill_tree(procs: Iterable[psutil.Process], grace: float = 0.05) -> List[int]:

@@ -242,12 +242,10 @@ class Service:
             return [self._snap(r.snapshot()) for r in recs]
 
     def report(self, by: str, all_users: bool = True) -> List[dict]:
-        return report(self.accounting_rows(all_users), by)
+        return report(self.accounting(all_users), by)
 
     def accounting(self, all_users: bool = True) -> List[dict]:
-        return self.accounting_rows(all_users)
-
-    def accounting_rows(self, all_users: bool) -> List[dict]:
+        """Accounting rows the caller may see (all of them: privileged callers)."""
         me = peers.current()
         return self.log.visible(None if (all_users and me.privileged) else me.uid)
 

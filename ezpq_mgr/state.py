@@ -30,7 +30,7 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from .errors import JobNotFound, QueueFull
-from .job import FINISHED, JobRecord, JobStatus
+from .job import JobRecord, JobStatus
 
 __all__ = ["QueueState", "QueueInfo", "Outcome"]
 
@@ -413,7 +413,7 @@ class QueueState:
                 self._complete(q, rec)
 
     # ---------------------------------------------------------------- cancel
-    def cancel(self, qid: str, job_id: int, client: Optional[str] = None) -> bool:
+    def cancel(self, qid: str, job_id: int) -> bool:
         """Cancel a waiting job or ask the supervisor to stop a running one."""
         with self.cond:
             q = self.queues.get(qid)

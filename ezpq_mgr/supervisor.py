@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import psutil
 
 from .job import JobRecord, JobStatus
-from .procutil import descendants, kill_tree
+from .procutil import kill_tree, tree, tree_rss
 from .state import Outcome, QueueState
 from .worker import HOST, run_call, thread_cpu, worker_main
 
@@ -108,7 +108,7 @@ class Supervisor:
                 return
             before = len(self.workers)
             self._dispatch()
-            if len(self.workers) != before or any(w.deadline or w.max_memory for w in self.workers):
+            if len(self.workers) != before or self._has_limits():
                 self.wake()
 
     def set_slots(self, n: int) -> None:
@@ -127,17 +127,7 @@ class Supervisor:
             for w in workers:
                 if w.seq is not None and not w.dead:
                     self._finalize(w, JobStatus.LOST, -signal.SIGTERM, "the server stopped while it ran")
-        procs = []
-        for w in workers:
-            procs.append(w.proc.pid)
-        trees = []
-        for pid in procs:
-            trees.extend(descendants(pid))
-            try:
-                trees.append(psutil.Process(pid))
-            except psutil.Error:
-                pass
-        kill_tree(trees, grace=0.2)
+        kill_tree([p for w in workers for p in tree(w.proc.pid)], grace=0.2)
         for w in workers:
             w.proc.join(1)
             w.conn.close()
@@ -174,9 +164,13 @@ class Supervisor:
                     kind, w = key.data
                     if kind == "sentinel":
                         self._on_death(w)
-                if self.state.kill_requests or any(w.deadline or w.max_memory for w in self.workers):
+                if self.state.kill_requests or self._has_limits():
                     self._enforce_limits()
                 self._dispatch()
+
+    def _has_limits(self) -> bool:
+        """Is some running job under a deadline or a memory cap?"""
+        return any(w.deadline or w.max_memory for w in self.workers)
 
     def _next_timeout(self) -> Optional[float]:
         deadlines = [w.deadline for w in self.workers if w.deadline is not None and not w.dead]
@@ -341,7 +335,7 @@ class Supervisor:
                 timeout = rec.timeout if rec else "?"
                 self._kill(w, JobStatus.TIMEOUT, f"timed out after {timeout} s")
             elif w.max_memory:
-                rss = _tree_rss(w.proc.pid)
+                rss = tree_rss(w.proc.pid)
                 if rss > w.max_memory:
                     self._kill(w, JobStatus.KILLED,
                                f"killed: memory {rss} bytes passed max_memory={w.max_memory}")
@@ -352,22 +346,18 @@ class Supervisor:
         The job stays working until the tree is gone; then its outcome is
         recorded with the signal that ended the worker, and any survivor is
         named in ``exception``. The worker is never reused."""
-        tree = descendants(w.proc.pid)
-        try:
-            tree.insert(0, psutil.Process(w.proc.pid))
-        except psutil.Error:
-            pass
+        procs = tree(w.proc.pid)
         seq, pid = w.seq, w.proc.pid
         w.seq = w.deadline = w.max_memory = None
         w.dead = True
         threading.Thread(target=self._kill_and_record,
-                         args=(seq, pid, tree, status, why, time.time()),
+                         args=(seq, pid, procs, status, why, time.time()),
                          name="ezpq-kill", daemon=True).start()
 
-    def _kill_and_record(self, seq: int, pid: int, tree: List[psutil.Process],
+    def _kill_and_record(self, seq: int, pid: int, procs: List[psutil.Process],
                          status: JobStatus, why: str, ended: float) -> None:
-        survivors = kill_tree(tree)
-        code = next((p.returncode for p in tree if p.pid == pid and p.returncode), None)
+        survivors = kill_tree(procs)
+        code = next((p.returncode for p in procs if p.pid == pid and p.returncode), None)
         exitcode = code if code is not None and code < 0 else -signal.SIGTERM
         if survivors:
             why += f"; processes {survivors} survived SIGKILL"
@@ -375,17 +365,3 @@ class Supervisor:
         self.state.finish(seq, Outcome(status, exitcode, exception=why, pid=pid, host=HOST,
                                        ended=ended))
         self.wake()
-
-
-def _tree_rss(pid: int) -> int:
-    total = 0
-    try:
-        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total

@@ -5,7 +5,6 @@ import json
 import multiprocessing
 import os
 import pickle
-import signal
 import stat
 import subprocess
 
@@ -14,7 +13,7 @@ import pytest
 
 import ezpq_mgr as ezpq
 from ezpq_mgr.connection import Remote
-from jobs import sleep_for, square, wait_for_file
+from jobs import sleep_for, square
 from server_fixture import Server
 
 
