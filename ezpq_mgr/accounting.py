@@ -25,43 +25,56 @@ REPORT_KEYS = ("user", "function", "qid")
 _TIMES = ("submitted", "started", "ended", "processed")
 
 
-def row_from_snapshot(snap: dict) -> dict:
-    """A CSV-ready row (times as ISO text, lane as text) from a job snapshot."""
-    row = {f: snap.get(f) for f in ROW_FIELDS}
-    row["job"] = snap["seq"]
-    row["lane"] = snap.get("lane_text")
+#: JobRecord attributes kept per finished job (payloads and blobs never are)
+_RAW_FIELDS = tuple(f for f in ROW_FIELDS if f not in ("job", "lane", "callback", "qid", "status", "runtime")) + (
+    "seq", "lane_text")
+_KEPT = _RAW_FIELDS + ("qid", "status")
+_UID = _KEPT.index("uid")
+
+
+def _row(raw: tuple) -> dict:
+    """A CSV-ready row (times as ISO text, lane as text) from kept values."""
+    row = dict(zip(_KEPT, raw))
+    row["job"] = row.pop("seq")
+    row["lane"] = row.pop("lane_text")
     row["callback"] = None  # a pickled client-side value: the server never unpickles it
+    if row.get("started") is not None and row.get("ended") is not None:
+        row["runtime"] = row["ended"] - row["started"]
     for key in _TIMES:
-        if snap.get(key) is not None:
-            row[key] = datetime.fromtimestamp(snap[key]).isoformat(sep=" ")
-    if snap.get("started") is not None and snap.get("ended") is not None:
-        row["runtime"] = snap["ended"] - snap["started"]
+        if row.get(key) is not None:
+            row[key] = datetime.fromtimestamp(row[key]).isoformat(sep=" ")
     return row
 
 
 class AccountingLog:
-    """Rows of finished jobs, in memory and (optionally) appended to a CSV."""
+    """Rows of finished jobs, in memory and (optionally) appended to a CSV.
+
+    ``record`` runs under the queue's lock as each job ends, so it only
+    copies a few attributes; rows are formatted when read or written."""
 
     def __init__(self, path: Optional[str] = None):
         self.path = path
-        self.rows: List[dict] = []
+        self._raw: List[tuple] = []
         self._lock = threading.Lock()
-        self._queue: "queue.SimpleQueue[Optional[dict]]" = queue.SimpleQueue()
+        self._queue: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
         self._writer: Optional[threading.Thread] = None
         if path:
             self._writer = threading.Thread(target=self._write_loop, name="ezpq-accounting", daemon=True)
             self._writer.start()
 
-    def record(self, row: dict) -> None:
+    def record(self, rec, qid: str) -> None:
+        """Keep a finished JobRecord's figures (``qid`` as its user sees it)."""
+        raw = tuple([getattr(rec, f) for f in _RAW_FIELDS] + [qid, rec.status.value])
         with self._lock:
-            self.rows.append(row)
+            self._raw.append(raw)
         if self._writer is not None:
-            self._queue.put(row)
+            self._queue.put(raw)
 
     def visible(self, uid: Optional[int]) -> List[dict]:
         """Rows of one user (None: all)."""
         with self._lock:
-            return [r for r in self.rows if uid is None or r.get("uid") == uid]
+            raws = list(self._raw)
+        return [_row(r) for r in raws if uid is None or r[_UID] == uid]
 
     def close(self) -> None:
         if self._writer is not None:
@@ -75,10 +88,10 @@ class AccountingLog:
             if new:
                 writer.writeheader()
             while True:
-                row = self._queue.get()
-                if row is None:
+                raw = self._queue.get()
+                if raw is None:
                     return
-                writer.writerow(row)
+                writer.writerow(_row(raw))
                 f.flush()
 
 

@@ -156,20 +156,26 @@ class Queue:
         if self._disposed:
             raise EzpqError(f"queue {self._qid!r} is disposed")
         if self._buffer or self._flush_error:
-            self._flush()  # buffered puts reach the server before anything else
+            # buffered puts reach the server first, in the same round trip
+            return self._flush(method, args)
         return self._remote.call(method, *args)
 
-    def _flush(self) -> None:
-        """Send the buffered puts, in order. ``put()`` only holds the buffer
-        lock for an append; the send happens under ``_send_lock`` alone."""
+    def _flush(self, then: Optional[str] = None, args: tuple = ()):
+        """Send the buffered puts, in order, and then make call ``then`` if
+        given (its result is returned). ``put()`` only holds the buffer lock
+        for an append; the send happens under ``_send_lock`` alone."""
         with self._send_lock:
             with self._buffer_cond:
                 if self._flush_error is not None:
                     error, self._flush_error = self._flush_error, None
                     raise error
                 batch, self._buffer = self._buffer, []
+            if batch and then is not None:
+                return self._remote.call("put_then", self._qid, batch, then, list(args))
             if batch:
                 self._remote.call("put", self._qid, batch)
+        if then is not None:
+            return self._remote.call(then, *args)
 
     def _flush_loop(self) -> None:
         """Daemon thread: send buffered puts at most FLUSH_DELAY s after they were made."""

@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 from . import wire
 from .accounting import AccountingLog
-from .peers import IdentityServer
+from .replies import ReplyingServer
 from .service import Service
 from .state import QueueState
 from .supervisor import Supervisor
@@ -65,7 +65,8 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     accounting = AccountingLog(log_file)
     _SERVICE = Service(state, supervisor, shared=shared, accounting=accounting)
     serializer = wire.SERIALIZER if shared else "pickle"
-    server = IdentityServer(ServerManager._registry, address, authkey, serializer)
+    server = ReplyingServer(ServerManager._registry, address, authkey, serializer)
+    server.state = state
     if isinstance(address, str):
         os.chmod(address, 0o600)
     if threading.current_thread() is threading.main_thread():

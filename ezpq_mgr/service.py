@@ -23,9 +23,10 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import peers
-from .accounting import AccountingLog, report, row_from_snapshot
+from .accounting import AccountingLog, report
 from .errors import JobNotFound
 from .job import JobRecord
+from .replies import Deferred, park, reply_channel
 from .state import QueueState
 from .supervisor import Supervisor
 
@@ -51,6 +52,7 @@ class Service:
         "jobs", "job", "take_notices", "mark_processed", "set_holding",
         "goodbye", "set_workers", "n_workers", "info",
         "list_jobs", "show_job", "cancel_job", "wait_jobs", "report", "accounting", "whoami",
+        "put_then",
     )
 
     def __init__(self, state: QueueState, supervisor: Supervisor, shared: bool = False,
@@ -93,8 +95,7 @@ class Service:
         return me.privileged or rec.uid == me.uid
 
     def _on_final(self, rec: JobRecord) -> None:
-        snap = self._snap(rec.snapshot())
-        self.log.record(row_from_snapshot(snap))
+        self.log.record(rec, self._visible_qid(rec.qid))
 
     # --------------------------------------------------------------- clients
     def hello(self, client: str, cwd: str, sys_path: List[str], holding: bool) -> dict:
@@ -160,6 +161,14 @@ class Service:
         self.supervisor.dispatch_now()
         return ids
 
+    def put_then(self, qid: str, records: List[dict], method: str, args: list):
+        """``put`` a client's buffered jobs, then make its next call: one
+        round trip where there were two (a ``put`` then ``get(wait=True)``)."""
+        if method not in self.EXPOSED or method == "put_then":
+            raise AttributeError(f"method {method!r} is not exposed")
+        self.put(qid, records)
+        return getattr(self, method)(*args)
+
     def cancel(self, qid: str, job_id: int) -> bool:
         done = self.state.cancel(self._key(qid), job_id)
         self.supervisor.wake()
@@ -175,8 +184,11 @@ class Service:
         return self.state.counts(self._key(qid))
 
     def get(self, qid: str, wait: bool, timeout: float) -> Tuple[Optional[dict], int]:
-        job, left = self.state.get(self._key(qid), wait, _slice(timeout))
-        return self._snap(job), left
+        def visible(answer):
+            return self._snap(answer[0]), answer[1]
+
+        got = self.state.get(self._key(qid), wait, _slice(timeout), reply_channel(visible))
+        return park(got) if isinstance(got, Deferred) else visible(got)
 
     def collect(self, qid: str, n: int) -> List[dict]:
         return [self._snap(s) for s in self.state.pop_completed(self._key(qid), n)]
@@ -265,4 +277,5 @@ class Service:
         with self.state.cond:
             return {"workers": self.supervisor.slots, "running": self.state.n_running,
                     "pid": os.getpid(), "queues": len(self.state.queues),
-                    "version": self.state.version, "shared": self.shared}
+                    "version": self.state.version, "shared": self.shared,
+                    "parked_calls": len(self.state.deferred)}

@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from .errors import JobNotFound, QueueFull
 from .job import JobRecord, JobStatus
+from .replies import Deferred, Outbox
 
 __all__ = ["QueueState", "QueueInfo", "Outcome"]
 
@@ -121,6 +122,8 @@ class QueueState:
         self.client_pending: Dict[str, int] = {}  # client -> its jobs not yet completed
         self.version = 0                            # bumped on every change
         self.waiters: List[Tuple[Callable[[], bool], threading.Condition]] = []
+        self.deferred: List[Deferred] = []   # parked calls, answered by _changed
+        self.outbox = Outbox()               # their answers, sent once the lock is free
 
     # ----------------------------------------------------------------- queues
     def queue(self, qid: str) -> QueueInfo:
@@ -519,17 +522,22 @@ class QueueState:
             self._wait_for(lambda: self.client_pending.get(client, 0) == 0, timeout)
             return self.client_pending.get(client, 0)
 
-    def get(self, qid: str, wait: bool, timeout: float) -> Tuple[Optional[dict], int]:
+    def get(self, qid: str, wait: bool, timeout: float, reply=None):
         """Pop the best completed job; optionally wait up to ``timeout`` for one.
 
         Returns (job or None, jobs left in the queue) so the client knows
-        whether waiting longer can ever succeed."""
+        whether waiting longer can ever succeed; or, given a ``reply``
+        channel and nothing to answer yet, a ``Deferred`` that sends it later."""
         with self.cond:
             q = self.queue(qid)
-            if wait:
-                self._wait_for(lambda: q.n_done or q.pending == 0, timeout)
-            got = self._pop_completed(qid, 1)
-            return (got[0] if got else None), self._size(q)
+
+            def answer() -> Tuple[Optional[dict], int]:
+                got = self._pop_completed(qid, 1)
+                return (got[0] if got else None), self._size(q)
+
+            if not wait:
+                return answer()
+            return self._answer_or_defer(lambda: q.n_done or q.pending == 0, answer, timeout, reply)
 
     def wait_pending(self, qid: str, below: int, timeout: float) -> int:
         """Block up to ``timeout`` until fewer than ``below`` jobs are pending."""
@@ -575,6 +583,30 @@ class QueueState:
                 raise JobNotFound(f"no job {job_id} in queue {qid!r}")
             return self.records[seq].snapshot()
 
+    def _answer_or_defer(self, ready: Callable[[], bool], answer: Callable, timeout: float, reply):
+        """(lock held) ``answer()`` once ``ready()``: now, after blocking, or,
+        with a ``reply`` channel, later from whichever thread makes it ready."""
+        if reply is None:
+            self._wait_for(ready, timeout)
+            return answer()
+        if ready():
+            return answer()
+        d = Deferred(ready, answer, reply, timeout)
+        self.deferred.append(d)
+        return d
+
+    def settle(self, d: Deferred, answer: bool) -> None:
+        """End a parked call: answer it as it stands (its deadline passed), or
+        withdraw it (its client moved on or left). No-op if already answered."""
+        with self.cond:
+            if d.settled:
+                return
+            d.settled = True
+            self.deferred.remove(d)
+            if answer:
+                d.result = d.answer()
+                self.outbox.put(d)
+
     def _wait_for(self, predicate: Callable[[], bool], timeout: Optional[float]) -> bool:
         """Wait (lock held) until ``predicate()`` holds; woken only when it does."""
         if predicate():
@@ -588,6 +620,13 @@ class QueueState:
 
     def _changed(self) -> None:
         self.version += 1
+        if self.deferred:
+            for d in [d for d in self.deferred if d.ready()]:
+                if not d.settled and d.ready():  # an earlier answer may have taken its job
+                    d.settled = True
+                    self.deferred.remove(d)
+                    d.result = d.answer()
+                    self.outbox.put(d)
         for predicate, cv in self.waiters:
             if predicate():
                 cv.notify()

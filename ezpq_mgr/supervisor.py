@@ -167,6 +167,7 @@ class Supervisor:
                 if self.state.kill_requests or self._has_limits():
                     self._enforce_limits()
                 self._dispatch()
+            self.state.outbox.deliver()  # answers our results made possible, outside the lock
 
     def _has_limits(self) -> bool:
         """Is some running job under a deadline or a memory cap?"""
