@@ -21,7 +21,7 @@ import collections
 import sys
 import threading
 import time
-from multiprocessing import managers, util
+from multiprocessing import util
 from traceback import format_exc
 from typing import Any, Callable, Optional
 

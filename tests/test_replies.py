@@ -2,7 +2,6 @@
 exactly once, and a parked call whose client leaves takes nothing with it."""
 
 import multiprocessing
-import os
 import threading
 import time
 
