@@ -10,6 +10,7 @@ The CSV is written by a background thread, never under the queue's lock.
 from __future__ import annotations
 
 import csv
+import operator
 import os
 import queue
 import threading
@@ -30,6 +31,7 @@ _RAW_FIELDS = tuple(f for f in ROW_FIELDS if f not in ("job", "lane", "callback"
     "seq", "lane_text")
 _KEPT = _RAW_FIELDS + ("qid", "status")
 _UID = _KEPT.index("uid")
+_raw_values = operator.attrgetter(*_RAW_FIELDS)
 
 
 def _row(raw: tuple) -> dict:
@@ -64,7 +66,7 @@ class AccountingLog:
 
     def record(self, rec, qid: str) -> None:
         """Keep a finished JobRecord's figures (``qid`` as its user sees it)."""
-        raw = tuple([getattr(rec, f) for f in _RAW_FIELDS] + [qid, rec.status.value])
+        raw = _raw_values(rec) + (qid, rec.status.value)
         with self._lock:
             self._raw.append(raw)
         if self._writer is not None:

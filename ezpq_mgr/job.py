@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import numbers
+import operator
 import sys
 from typing import Any, Callable, Optional
 
@@ -190,9 +191,10 @@ class JobRecord:
 
     def snapshot(self) -> dict:
         """Plain-data copy for a client; the function blob stays on the server."""
-        d = {name: getattr(self, name) for name in _SNAPSHOT_FIELDS}
+        d = dict(zip(_SNAPSHOT_FIELDS, _snapshot_values(self)))
         d["status"] = self.status.value
         return d
 
 
 _SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord) if f.name != "fn_blob")
+_snapshot_values = operator.attrgetter(*_SNAPSHOT_FIELDS)

@@ -10,6 +10,7 @@ for several users). The private server of an embedded queue has one user.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import os
@@ -40,7 +41,9 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
+@functools.lru_cache(maxsize=1)
 def owner() -> Identity:
+    """The server's own user (looked up once: pwd is slow)."""
     uid = os.getuid()
     return Identity(uid, os.getgid(), user_name(uid), True)
 

@@ -59,6 +59,9 @@ class Outcome:
     ended: Optional[float] = None
 
 
+_OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome) if f.name != "status")
+
+
 @dataclasses.dataclass
 class Lane:
     """Jobs of one (qid, lane): they run one at a time, best first."""
@@ -299,10 +302,10 @@ class QueueState:
             q.n_running -= 1
             self.n_running -= 1
             self.user_running[rec.user] -= 1
-            for f in dataclasses.fields(outcome):
-                value = getattr(outcome, f.name)
-                if f.name != "status" and not (f.name == "started" and value is None):
-                    setattr(rec, f.name, value)
+            for name in _OUTCOME_FIELDS:
+                value = getattr(outcome, name)
+                if value is not None or name != "started":
+                    setattr(rec, name, value)
             if rec.ended is None:
                 rec.ended = self.clock()
             rec.status = outcome.status
