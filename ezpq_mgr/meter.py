@@ -83,12 +83,14 @@ class JobMeter:
         if self.exact:
             os.write(self._clear_fd, b"5")
             rss = int(os.pread(self._statm_fd, 256, 0).split()[1]) * self.PAGE
-            self._self0 = resource.getrusage(_SELF)
+            self._self0 = _getrusage(_SELF)
             self._fast = self._self0.ru_maxrss * 1024 <= rss + self.SLACK
         else:
-            self._self0 = resource.getrusage(_SELF)
+            self._self0 = _getrusage(_SELF)
             self._sampled = self._proc.memory_info().rss
-        self._children0 = resource.getrusage(_CHILDREN)
+        if self._children0 is None or self._saw_children:
+            # else the last job's end figure still holds: no child was reaped since
+            self._children0 = _getrusage(_CHILDREN)
         self._child_peak = 0
         self._saw_children = False
 
@@ -127,6 +129,9 @@ class JobMeter:
             if c1.ru_maxrss > c0.ru_maxrss:
                 peak = max(peak, c1.ru_maxrss * 1024)
             figures[4] = peak or None
+            self._saw_children = True   # the caller reaps orphans: re-read the baseline
+        else:
+            self._children0 = c1
         return tuple(figures), spawned
 
     # ------------------------------------------------------------- helpers

@@ -54,6 +54,20 @@ def test_child_process_cpu_and_memory_count(Q1):
     assert job["max_rss"] < 60 * MiB
 
 
+def test_child_cpu_counts_once_between_plain_jobs(Q1):
+    """The children's CPU baseline carried over from a job that started no
+    process must not hide the next job's child, nor leak into the job after."""
+    ids = [Q1.put(square, 2), Q1.put(child_burns_cpu, 0.3), Q1.put(square, 3)]
+    Q1.wait()
+    jobs = {j["id"]: j for j in Q1.collect()}
+    cpu = [jobs[i]["cpu_user"] + jobs[i]["cpu_system"] for i in ids]
+    assert len({jobs[i]["pid"] for i in ids}) == 1
+    assert cpu[1] >= 0.3 * 0.85
+    assert cpu[0] < 0.1 and cpu[2] < 0.1
+    assert jobs[ids[1]]["max_rss_children"] is not None
+    assert jobs[ids[0]]["max_rss_children"] is None and jobs[ids[2]]["max_rss_children"] is None
+
+
 def test_timeout_kills_the_whole_tree(Q1, tmp_path):
     pidfile = str(tmp_path / "tree")
     Q1.put(spawn_sleeper_tree, pidfile, timeout=1.0)
