@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 import psutil
 
+from . import channel
 from .job import JobRecord, JobStatus
 from .procutil import kill_tree, tree, tree_rss
 from .state import Outcome, QueueState
@@ -164,10 +165,12 @@ class Supervisor:
                     kind, w = key.data
                     if kind == "sentinel":
                         self._on_death(w)
+            self.state.outbox.deliver()  # answers our results made possible, outside the lock
+            with self.state.cond:
                 if self.state.kill_requests or self._has_limits():
                     self._enforce_limits()
                 self._dispatch()
-            self.state.outbox.deliver()  # answers our results made possible, outside the lock
+            self.state.outbox.deliver()
 
     def _has_limits(self) -> bool:
         """Is some running job under a deadline or a memory cap?"""
@@ -245,7 +248,7 @@ class Supervisor:
         worker.max_memory = rec.max_memory
         rec.pid, rec.host = worker.proc.pid, HOST
         try:
-            worker.conn.send((rec.seq, rec.fn_blob, rec.args_blob, env, rec.runner == "thread"))
+            channel.send(worker.conn, (rec.seq, rec.fn_blob, rec.args_blob, env, rec.runner == "thread"))
         except (OSError, EOFError):
             pass  # the worker died; its sentinel reports the job as lost
 

@@ -19,7 +19,7 @@ import time
 import traceback
 from typing import Any, Dict, Optional, Tuple
 
-from . import serialize
+from . import channel, serialize
 from .job import JobStatus
 from .shell import ShellResult
 from .meter import JobMeter
@@ -155,7 +155,7 @@ def worker_main(conn: multiprocessing.connection.Connection, run_as: Optional[in
         except Exception:
             pass
         try:
-            conn.send((seq, status.value, exitcode, out, exc) + figures + (pid, started, ended))
+            channel.send(conn, (seq, status.value, exitcode, out, exc) + figures + (pid, started, ended))
         except (EOFError, OSError):
             break
         if meter:
