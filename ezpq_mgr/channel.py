@@ -1,21 +1,33 @@
-"""Sending on a ``multiprocessing`` Connection without ForkingPickler.
+"""Messages on a ``multiprocessing`` Connection, with fewer syscalls and no
+ForkingPickler.
 
 ``Connection.send`` pickles through ``ForkingPickler``, which copies the
 copyreg dispatch table on every message (~1.3 us, more than pickling a small
-message itself). Our hot messages (jobs to workers, results back, replies to
-clients) are plain data, so plain ``pickle`` is enough. Wrapped connections
-(the JSON serializer of shared servers) keep their own ``send``.
+message itself), and ``Connection.recv`` reads the 4-byte length and the
+body with two syscalls (each ~5 us here, GIL release included). Our hot
+messages (jobs to workers, results back, requests and replies between
+clients and the server) are plain data, and every one of our connections
+carries at most one message at a time in each direction (a request waits for
+its reply, a worker for its next job), so ``recv`` reads header and body in
+one go. A second message arriving early would break that rule: it is
+reported as an error, never silently dropped. Wrapped connections (the JSON
+serializer of shared servers) keep their own ``send``/``recv``.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import struct
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["send"]
+__all__ = ["send", "recv"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+_CHUNK = 65536
+_SIZE = struct.Struct("!i")
+_BIG_SIZE = struct.Struct("!Q")
 
 
 def send(conn: Any, obj: Any) -> None:
@@ -23,3 +35,39 @@ def send(conn: Any, obj: Any) -> None:
         conn.send_bytes(pickle.dumps(obj, _PROTOCOL))
     else:
         conn.send(obj)
+
+
+def _read(fd: int, n: int) -> bytes:
+    data = os.read(fd, n)
+    if not data:
+        raise EOFError
+    return data
+
+
+def _at_least(fd: int, data: bytes, n: int) -> bytes:
+    while len(data) < n:
+        data += _read(fd, n - len(data))
+    return data
+
+
+def recv(conn: Any) -> Any:
+    """One message, in (usually) one read."""
+    if type(conn) is not Connection:
+        return conn.recv()
+    fd = conn.fileno()
+    data = _at_least(fd, _read(fd, _CHUNK), 4)
+    size, start = _SIZE.unpack_from(data)[0], 4
+    if size == -1:  # Connection's framing of messages over 2 GiB
+        data = _at_least(fd, data, 12)
+        size, start = _BIG_SIZE.unpack_from(data, 4)[0], 12
+    end = start + size
+    if len(data) > end:
+        raise OSError("ezpq protocol error: a second message arrived before the first was answered")
+    if len(data) < end:
+        parts, have = [data], len(data)
+        while have < end:
+            chunk = _read(fd, min(end - have, 1 << 20))
+            parts.append(chunk)
+            have += len(chunk)
+        data = b"".join(parts)
+    return pickle.loads(memoryview(data)[start:end])

@@ -102,7 +102,7 @@ class Remote:
             proxy._connect()
             conn = proxy._tls.connection
         channel.send(conn, (proxy._id, method, args, {}))
-        kind, result = conn.recv()
+        kind, result = channel.recv(conn)
         if kind == "#RETURN":
             return result
         raise managers.convert_to_error(kind, result)

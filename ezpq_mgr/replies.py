@@ -104,7 +104,7 @@ class ReplyingServer(IdentityServer):
         id_to_obj = self.id_to_obj
         while not self.stop_event.is_set():
             try:
-                request = conn.recv()
+                request = channel.recv(conn)
             except (EOFError, OSError):
                 return
             try:

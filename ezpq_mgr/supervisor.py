@@ -154,7 +154,7 @@ class Supervisor:
                         self._woken = False
                     elif kind == "conn" and not w.dead:
                         try:
-                            msg = w.conn.recv()
+                            msg = channel.recv(w.conn)
                         except (EOFError, OSError):
                             continue  # the sentinel reports the death
                         if msg == "ready":

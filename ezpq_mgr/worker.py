@@ -127,7 +127,7 @@ def worker_main(conn: multiprocessing.connection.Connection, run_as: Optional[in
     conn.send("ready")
     while True:
         try:
-            msg = conn.recv()
+            msg = channel.recv(conn)
         except (EOFError, OSError):
             break
         if msg is None:
