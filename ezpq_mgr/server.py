@@ -98,8 +98,12 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
 
 
 def _main_embedded() -> None:
-    import faulthandler; faulthandler.register(signal.SIGUSR1)
-    """Private server of one client: config on stdin's first line, stdin EOF = stop."""
+    """Private server of one client: config on stdin's first line, stdin EOF = stop.
+
+    ``kill -USR1`` on it prints every thread's stack to its stderr (a wedged
+    server can be diagnosed without a debugger)."""
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1)
     ready_fd = int(sys.argv[sys.argv.index("--ready-fd") + 1])
     stdin_fd = os.dup(0)
     line = b""
