@@ -8,8 +8,13 @@ same worker, and cheap enough for no-op jobs (about 5 us a job):
   fields included), so a ``subprocess.run`` child's CPU counts.
 - ``max_rss``: the kernel's high-water mark, reset before each job by
   writing 5 to ``/proc/self/clear_refs``, read back through ``getrusage``
-  when that is known to equal the reset mark, else from ``VmHWM`` (a thread
-  that exited can leave an older, larger figure in ``getrusage``).
+  when that is known to equal the reset mark, else from ``VmHWM``.
+  ``getrusage`` reports max(the mark, a figure the kernel fixed when this
+  process was exec'd: the peak of the image it replaced, e.g. a large
+  server that spawned us). That figure never changes afterwards (a thread
+  exiting does not raise it; a test holds the kernel to this), so it is at
+  most the first figure we read; whenever the freshly reset mark is above
+  that, ``getrusage`` is the mark itself; otherwise ``statm`` decides.
   Method ``"vmhwm"``. Where the reset is impossible, psutil samples RSS every
   10 ms: method ``"sampled"`` (short spikes can be missed).
 - ``max_rss_children``: the largest peak among the job's descendants that a
@@ -56,6 +61,10 @@ class JobMeter:
             self._statm_fd = os.open("/proc/self/statm", os.O_RDONLY)
             os.write(self._clear_fd, b"5")
             self.exact = self._read_hwm() is not None
+            # The kernel's getrusage maxrss is max(a figure fixed at exec, the
+            # resettable mark). That fixed figure is at most this; above it,
+            # the mark alone shows (see arm).
+            self._floor = _getrusage(_SELF).ru_maxrss
         except OSError:
             self.exact = False
         self._fast = False
@@ -82,9 +91,13 @@ class JobMeter:
         the critical path; the job's own unpickling then counts as its cost."""
         if self.exact:
             os.write(self._clear_fd, b"5")
-            rss = int(os.pread(self._statm_fd, 256, 0).split()[1]) * self.PAGE
             self._self0 = _getrusage(_SELF)
-            self._fast = self._self0.ru_maxrss * 1024 <= rss + self.SLACK
+            mark = self._self0.ru_maxrss
+            if mark > self._floor:
+                self._fast = True  # the reset mark (= RSS now) is above the fixed figure
+            else:
+                rss = int(os.pread(self._statm_fd, 256, 0).split()[1]) * self.PAGE
+                self._fast = mark * 1024 <= rss + self.SLACK
         else:
             self._self0 = _getrusage(_SELF)
             self._sampled = self._proc.memory_info().rss
@@ -114,6 +127,10 @@ class JobMeter:
         self._active = False
         s1, c1 = _getrusage(_SELF), _getrusage(_CHILDREN)
         s0, c0 = self._self0, self._children0
+        if self._fast and c1 == c0 and not self._saw_children:  # the usual job: no process
+            self._children0 = c1
+            return (s1.ru_utime - s0.ru_utime, s1.ru_stime - s0.ru_stime,
+                    s1.ru_maxrss * 1024, "vmhwm", None), False
         figures = [s1.ru_utime - s0.ru_utime + c1.ru_utime - c0.ru_utime,
                    s1.ru_stime - s0.ru_stime + c1.ru_stime - c0.ru_stime, 0, "vmhwm", None]
         if not self.exact:

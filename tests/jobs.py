@@ -75,6 +75,15 @@ def burn_cpu(seconds):
             return used
 
 
+def touch_memory_in_a_thread(mib):
+    """Peak in a thread that exits before the job returns (its memory freed)."""
+    import threading
+    t = threading.Thread(target=touch_memory, args=(mib,))
+    t.start()
+    t.join()
+    return mib
+
+
 def touch_memory(mib):
     block = bytearray(mib * 1024 * 1024)
     for i in range(0, len(block), 4096):

@@ -10,7 +10,8 @@ import pytest
 
 import ezpq_mgr as ezpq
 from jobs import (burn_cpu, child_burns_cpu, child_touches_memory, exit_hard, segfault,
-                  spawn_sleeper_tree, square, touch_memory, wait_for_file, write_pid_and_sleep)
+                  spawn_sleeper_tree, square, touch_memory, touch_memory_in_a_thread, wait_for_file,
+                  write_pid_and_sleep)
 
 MiB = 1024 * 1024
 
@@ -39,6 +40,20 @@ def test_peak_memory_is_per_job(Q1):
     big, small = Q1.get(wait=True), Q1.get(wait=True)
     assert big["pid"] == small["pid"]  # same persistent worker
     assert big["max_rss_method"] == "vmhwm"
+    assert 200 * MiB <= big["max_rss"] <= 260 * MiB
+    assert small["max_rss"] < 60 * MiB
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_peak_in_an_exited_thread_does_not_stick_to_the_worker(start_method):
+    """getrusage's maxrss must not carry a finished job's peak into the next
+    job, even when it was reached in a thread that has exited since (and,
+    under spawn, whatever the kernel fixed at exec)."""
+    with ezpq.Queue(1, start_method=start_method) as Q:
+        Q.put(touch_memory_in_a_thread, 200)
+        Q.put(square, 3)
+        big, small = Q.get(wait=True), Q.get(wait=True)
+    assert big["pid"] == small["pid"]
     assert 200 * MiB <= big["max_rss"] <= 260 * MiB
     assert small["max_rss"] < 60 * MiB
 
