@@ -8,6 +8,12 @@ directory with a random authkey. Its stdin is a pipe from the client: when
 the client closes it, or dies (SIGKILL included), the server stops and
 kills its workers. It runs in its own session, so a Ctrl+C meant for the
 client does not kill it before the client has cleaned up.
+
+A process forked from the client (``os.fork``, a fork-started pool) does not
+own the server: right after the fork its copy of the lifeline is pointed at
+``/dev/null`` and its copy of the clean-up is dropped, so a long-lived child
+neither keeps the server alive after the client dies nor deletes the
+server's socket when it exits.
 """
 
 from __future__ import annotations
@@ -28,6 +34,17 @@ from .errors import ServerError
 __all__ = ["PrivateServer"]
 
 START_TIMEOUT = 60.0
+_LIVE: "weakref.WeakSet[PrivateServer]" = weakref.WeakSet()
+
+
+def _disown_after_fork() -> None:
+    """In a forked child: let go of every private server of the parent."""
+    for server in list(_LIVE):
+        server._disown()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_after_fork)
 
 
 class PrivateServer:
@@ -52,7 +69,9 @@ class PrivateServer:
             raise
         finally:
             os.close(ready_w)
+        self._owner = os.getpid()
         self._finalizer = weakref.finalize(self, _stop, self.popen, self.dir, 10.0)
+        _LIVE.add(self)
         config = {"address": self.address, "authkey": self.authkey.hex(), "workers": workers,
                   "start_method": start_method, "prestart": prestart, "sys_path": sys.path}
         try:
@@ -83,7 +102,17 @@ class PrivateServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Close the lifeline and wait for the server to exit (kill it past ``timeout``)."""
         self._finalizer.detach()
-        _stop(self.popen, self.dir, timeout)
+        if os.getpid() == self._owner:
+            _stop(self.popen, self.dir, timeout)
+
+    def _disown(self) -> None:
+        self._finalizer.detach()
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.popen.stdin.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
 
 
 def _stop(popen: subprocess.Popen, directory: str, timeout: float) -> None:

@@ -299,6 +299,51 @@ def test_server_dies_with_a_killed_client(tmp_path):
         client.wait()
 
 
+def test_a_forked_child_neither_holds_nor_removes_the_private_server(tmp_path):
+    """A child forked by the client must not keep the server alive once the
+    client is killed, nor delete its socket when the child exits normally."""
+    import signal
+    import subprocess
+    import psutil
+    from jobs import wait_for_file
+
+    pidfile = tmp_path / "pids"
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "import ezpq_mgr as ezpq\n"
+        "Q = ezpq.Queue(1)\n"
+        "if os.fork() == 0:\n"   # a short-lived child exits normally (atexit runs)
+        "    sys.exit(0)\n"
+        "os.wait()\n"
+        "assert [j['output'] for j in Q.map(abs, [-1, -2])] == [1, 2]\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"       # a long-lived child outlives the client
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        f"open({str(pidfile)!r} + '.tmp', 'w').write(f'{{Q._server.popen.pid}} {{child}}')\n"
+        f"os.rename({str(pidfile)!r} + '.tmp', {str(pidfile)!r})\n"
+        "time.sleep(60)\n")
+    client = subprocess.Popen([sys.executable, str(script)])
+    child = None
+    try:
+        assert wait_for_file(str(pidfile), 60)
+        server_pid, child_pid = (int(p) for p in pidfile.read_text().split())
+        child = psutil.Process(child_pid)
+        server = psutil.Process(server_pid)
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+        gone, alive = psutil.wait_procs([server], timeout=5)
+        assert not alive, "the forked child kept the private server alive"
+        assert child.is_running()
+    finally:
+        client.kill()
+        client.wait()
+        if child is not None and child.is_running():
+            child.kill()
+            child.wait(5)
+
+
 def test_forkserver_start_method():
     with ezpq.Queue(2, start_method="forkserver") as Q:
         assert [j["output"] for j in Q.map(square, range(6))] == [0, 1, 4, 9, 16, 25]
