@@ -12,6 +12,11 @@ its reply, a worker for its next job), so ``recv`` reads header and body in
 one go. A second message arriving early would break that rule: it is
 reported as an error, never silently dropped. Wrapped connections (the JSON
 serializer of shared servers) keep their own ``send``/``recv``.
+
+A worker sends two messages per job (its result, then the job's figures, so
+that the measuring system calls come after the result is on its way): the
+supervisor reads those pipes with a ``Reader``, which keeps what it read
+past one message for the next.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import struct
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["send", "recv"]
+__all__ = ["send", "recv", "Reader"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _CHUNK = 65536
@@ -71,3 +76,48 @@ def recv(conn: Any) -> Any:
             have += len(chunk)
         data = b"".join(parts)
     return pickle.loads(memoryview(data)[start:end])
+
+
+class Reader:
+    """The messages of one Connection that may hold several at a time."""
+
+    def __init__(self, conn: Connection):
+        self._fd = conn.fileno()
+        self._buf = b""
+
+    def read(self) -> list:
+        """Every complete message after one read; a message begun is read to
+        its end (its sender is writing it now), so this may block."""
+        buf = _at_least(self._fd, self._buf + _read(self._fd, _CHUNK), 4)
+        if _SIZE.unpack_from(buf)[0] == -1:
+            buf = _at_least(self._fd, buf, 12)
+        end = self._end(buf)
+        if len(buf) < end:  # finish the message we are in
+            parts, have = [buf], len(buf)
+            while have < end:
+                chunk = _read(self._fd, min(end - have, 1 << 20))
+                parts.append(chunk)
+                have += len(chunk)
+            buf = b"".join(parts)
+        messages = []
+        while True:
+            end = self._end(buf)
+            if end is None or len(buf) < end:
+                break
+            start = 12 if _SIZE.unpack_from(buf)[0] == -1 else 4
+            messages.append(pickle.loads(memoryview(buf)[start:end]))
+            buf = buf[end:]
+        self._buf = buf
+        return messages
+
+    @staticmethod
+    def _end(buf: bytes):
+        """Where the first message in ``buf`` ends (None: header incomplete)."""
+        if len(buf) < 4:
+            return None
+        size = _SIZE.unpack_from(buf)[0]
+        if size != -1:
+            return 4 + size
+        if len(buf) < 12:
+            return None
+        return 12 + _BIG_SIZE.unpack_from(buf, 4)[0]

@@ -85,6 +85,7 @@ class QueueInfo:
     next_id: int = 1
     n_waiting: int = 0
     n_running: int = 0
+    n_finishing: int = 0               # returned, its figures on their way: working, no slot
     n_held: int = 0
     n_submitted: int = 0
     n_completed: int = 0
@@ -97,7 +98,7 @@ class QueueInfo:
 
     @property
     def n_working(self) -> int:
-        return self.n_running + self.n_held
+        return self.n_running + self.n_finishing + self.n_held
 
     @property
     def pending(self) -> int:
@@ -126,6 +127,7 @@ class QueueState:
         self.version = 0                            # bumped on every change
         self.waiters: List[Tuple[Callable[[], bool], threading.Condition]] = []
         self.deferred: List[Deferred] = []   # parked calls, answered by _changed
+        self.finishing: set = set()          # seqs released by release(), not yet finished
         self.outbox = Outbox()               # their answers, sent once the lock is free
 
     # ----------------------------------------------------------------- queues
@@ -299,9 +301,11 @@ class QueueState:
             if rec is None or rec.status != JobStatus.WORKING:
                 return
             q = self.queues[rec.qid]
-            q.n_running -= 1
-            self.n_running -= 1
-            self.user_running[rec.user] -= 1
+            if seq in self.finishing:
+                self.finishing.discard(seq)
+                q.n_finishing -= 1
+            else:
+                self._free_slot(q, rec)
             for name in _OUTCOME_FIELDS:
                 value = getattr(outcome, name)
                 if value is not None or name != "started":
@@ -321,6 +325,25 @@ class QueueState:
                     lane.last_exit, lane.last_id, lane.exposed = rec.exitcode, rec.id, None
                     self._settle(q, lane)
             self._changed()
+
+    def release(self, seq: int) -> None:
+        """A working job's function has returned; its figures are on their way.
+        It stays working (not collectable, not cancellable) but gives up its
+        slot, so its worker can take the next job meanwhile."""
+        with self.cond:
+            rec = self.records.get(seq)
+            if rec is None or rec.status != JobStatus.WORKING or seq in self.finishing:
+                return
+            q = self.queues[rec.qid]
+            self._free_slot(q, rec)
+            self.finishing.add(seq)
+            q.n_finishing += 1
+            self.version += 1
+
+    def _free_slot(self, q: QueueInfo, rec: JobRecord) -> None:
+        q.n_running -= 1
+        self.n_running -= 1
+        self.user_running[rec.user] -= 1
 
     def _retry(self, q: QueueInfo, rec: JobRecord) -> None:
         rec.status = JobStatus.WAITING
@@ -443,7 +466,7 @@ class QueueState:
                     lane.exposed = None
                 self._settle(q, lane)
             return True
-        if rec.status == JobStatus.WORKING:
+        if rec.status == JobStatus.WORKING and rec.seq not in self.finishing:
             self.kill_requests.append((rec.seq, JobStatus.CANCELLED, "cancelled by request"))
             return True
         return False

@@ -56,6 +56,8 @@ class WorkerHandle:
     uid: Optional[int] = None          # the user it runs as (None: the server's)
     ready: bool = False                # booted and waiting for a job
     dead: bool = False                 # being killed or gone: never reused
+    reader: Optional[channel.Reader] = None   # its result pipe (several messages at a time)
+    pending: Optional[tuple] = None    # a result whose figures are on their way
 
     @property
     def idle(self) -> bool:
@@ -126,6 +128,7 @@ class Supervisor:
         with self.state.cond:
             workers = list(self.workers)
             for w in workers:
+                self._flush_pending(w)
                 if w.seq is not None and not w.dead:
                     self._finalize(w, JobStatus.LOST, -signal.SIGTERM, "the server stopped while it ran")
         kill_tree([p for w in workers for p in tree(w.proc.pid)], grace=0.2)
@@ -154,13 +157,14 @@ class Supervisor:
                         self._woken = False
                     elif kind == "conn" and not w.dead:
                         try:
-                            msg = channel.recv(w.conn)
+                            messages = w.reader.read()
                         except (EOFError, OSError):
                             continue  # the sentinel reports the death
-                        if msg == "ready":
-                            w.ready = True
-                        else:
-                            self._on_result(w, msg)
+                        for msg in messages:
+                            if msg == "ready":
+                                w.ready = True
+                            else:
+                                self._on_result(w, msg)
                 for key, _ in events:
                     kind, w = key.data
                     if kind == "sentinel":
@@ -257,7 +261,7 @@ class Supervisor:
         proc = self.ctx.Process(target=worker_main, args=(child_conn, uid), name="ezpq-worker")
         proc.start()
         child_conn.close()
-        w = WorkerHandle(proc, parent_conn, uid=uid)
+        w = WorkerHandle(proc, parent_conn, uid=uid, reader=channel.Reader(parent_conn))
         self._selector.register(parent_conn, selectors.EVENT_READ, ("conn", w))
         self._selector.register(proc.sentinel, selectors.EVENT_READ, ("sentinel", w))
         self.workers.append(w)
@@ -286,10 +290,30 @@ class Supervisor:
 
     # -------------------------------------------------------------- results
     def _on_result(self, w: WorkerHandle, msg: tuple) -> None:
-        """Worker ``w`` finished a job. Caller holds the lock."""
-        seq, status, exitcode, out, exc, cpu_u, cpu_s, rss, method, rss_ch, pid, started, ended = msg
-        if w.seq == seq:
+        """Worker ``w`` finished a job. Caller holds the lock.
+
+        A measured job's result comes in two messages: the result, then its
+        figures (the worker measures after sending the result, so measuring
+        costs the result no time). The job completes with the figures; in
+        between it stays working, its worker busy, its limits lifted."""
+        if len(msg) == 2:  # (seq, figures) of the result before
+            seq, figures = msg
+            if w.pending is not None and w.pending[0] == seq:
+                self._complete(w, w.pending, figures)
+            return
+        if w.seq == msg[0]:
             w.seq = w.deadline = w.max_memory = None
+        if msg[-1] is None:  # figures follow: free the worker for its next job now
+            w.pending = msg
+            self.state.release(msg[0])
+            return
+        self._complete(w, msg, msg[-1])
+
+    def _complete(self, w: WorkerHandle, result: tuple, figures: Optional[tuple]) -> None:
+        seq, status, exitcode, out, exc, pid, started, ended, _ = result
+        if w.pending is result:
+            w.pending = None
+        cpu_u, cpu_s, rss, method, rss_ch = figures or (None,) * 5
         self.state.finish(seq, Outcome(JobStatus(status), exitcode, out, exc, cpu_u, cpu_s,
                                        rss, method, rss_ch, pid=pid, host=HOST, started=started,
                                        ended=ended))
@@ -298,6 +322,7 @@ class Supervisor:
         """A worker process ended. Caller holds the lock."""
         w.proc.join(0.1)
         code = w.proc.exitcode
+        self._flush_pending(w)
         if w.seq is not None and not w.dead:
             status = JobStatus.KILLED if code is not None and code < 0 else JobStatus.LOST
             self._finalize(w, status, code if code else -signal.SIGKILL,
@@ -317,11 +342,18 @@ class Supervisor:
 
     def _finalize(self, w: WorkerHandle, status: JobStatus, exitcode: int, why: str) -> None:
         """Record the outcome of the job on a worker we lost or are killing."""
+        self._flush_pending(w)
         seq = w.seq
         w.seq = w.deadline = w.max_memory = None
         rec = self.state.records.get(seq)
         if rec is not None:
             self.state.finish(seq, Outcome(status, exitcode, exception=why, pid=w.proc.pid, host=HOST))
+
+    def _flush_pending(self, w: WorkerHandle) -> None:
+        """A worker that will send nothing more: its last result completes
+        without the figures that were to follow."""
+        if w.pending is not None:
+            self._complete(w, w.pending, None)
 
     # --------------------------------------------------------------- limits
     def _enforce_limits(self) -> None:
@@ -350,6 +382,7 @@ class Supervisor:
         The job stays working until the tree is gone; then its outcome is
         recorded with the signal that ended the worker, and any survivor is
         named in ``exception``. The worker is never reused."""
+        self._flush_pending(w)
         procs = tree(w.proc.pid)
         seq, pid = w.seq, w.proc.pid
         w.seq = w.deadline = w.max_memory = None

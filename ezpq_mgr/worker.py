@@ -141,21 +141,26 @@ def worker_main(conn: multiprocessing.connection.Connection, run_as: Optional[in
         started = time.time()
         status, exitcode, out, exc = run_call(fn_blob, args_blob, fn_cache)
         ended = time.time()
-        figures = (None, None, None, None, None)
+        figures = None  # a measured job's figures follow its result
         if as_thread:
             u1, s1 = thread_cpu()
             figures = (u1 - u0, s1 - s0, None, None, None)
-        elif meter:
-            figures, spawned = meter.stop()
-            if spawned:
-                reap_zombies()  # orphans of the job's processes were adopted by us
+        elif not meter:
+            figures = (None, None, None, None, None)
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         except Exception:
             pass
         try:
-            channel.send(conn, (seq, status.value, exitcode, out, exc) + figures + (pid, started, ended))
+            channel.send(conn, (seq, status.value, exitcode, out, exc, pid, started, ended, figures))
+            if figures is None:
+                # measured now: a system call before the send would delay the
+                # result by far more than its own cost (see meter.py)
+                figures, spawned = meter.stop()
+                channel.send(conn, (seq, figures))
+                if spawned:
+                    reap_zombies()  # orphans of the job's processes were adopted by us
         except (EOFError, OSError):
             break
         if meter:
