@@ -168,3 +168,23 @@ def test_a_slot_waits_for_the_best_jobs_worker(state):
         # b is now the best (fewest running); while b's worker boots, a must not jump ahead
         assert state.pick(lambda r: r.user != "b") is None
         assert state.pick().user == "b"
+
+
+def test_a_released_job_frees_its_slot_but_stays_working_until_finished(state):
+    state.add("q", [rec(), rec()])
+    with state.cond:
+        first = state.pick()
+    state.release(first.seq)  # its function returned; its figures are on their way
+    counts = state.counts("q")
+    assert (counts["running"], counts["working"], counts["completed"]) == (0, 1, 0)
+    assert state.pop_completed("q") == []          # nothing to collect yet
+    assert state.cancel("q", first.id) is False    # nothing left to stop
+    assert state.take_kill_requests() == []
+    with state.cond:
+        second = state.pick()                      # the slot went to the next job
+    assert second is not None and state.counts("q")["running"] == 1
+    state.finish(first.seq, Outcome(JobStatus.COMPLETED, 0, cpu_user=0.5))
+    counts = state.counts("q")
+    assert (counts["running"], counts["working"], counts["completed"]) == (1, 1, 1)
+    assert state.user_running["u"] == 1
+    assert state.pop_completed("q")[0]["cpu_user"] == 0.5
