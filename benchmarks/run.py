@@ -82,7 +82,7 @@ def measure(args):
     # median of the pairs' throughput ratios.
     on, off = [], []
     n_acct = 20000  # shorter runs drown a few-percent effect in start-up noise
-    for i in range(6 if quick else 12):
+    for i in range(8 if quick else 24):
         for accounting in ((True, False) if i % 2 == 0 else (False, True)):
             if not accounting:
                 os.environ["EZPQ_ACCOUNTING"] = "0"

@@ -9,7 +9,7 @@ throughput, far more than the call itself; after the send it costs nothing
 measurable. So a job's CPU includes sending its result.
 
 - CPU: ``getrusage`` deltas of this process and of its waited-for children
-  around the job (the counters psutil's ``cpu_times()`` reads, children
+  around the job (the end reading of one job is the baseline of the next) (the counters psutil's ``cpu_times()`` reads, children
   fields included), so a ``subprocess.run`` child's CPU counts.
 - ``max_rss``: the kernel's high-water mark, reset before each job by
   writing 5 to ``/proc/self/clear_refs``, read back through ``getrusage``
@@ -18,8 +18,9 @@ measurable. So a job's CPU includes sending its result.
   process was exec'd: the peak of the image it replaced, e.g. a large
   server that spawned us). That figure never changes afterwards (a thread
   exiting does not raise it; a test holds the kernel to this), so it is at
-  most the first figure we read; whenever the freshly reset mark is above
-  that, ``getrusage`` is the mark itself; otherwise ``statm`` decides.
+  most the first figure we read; whenever the job's reading is above that,
+  it is the mark itself; otherwise it is used when within 64 KiB of the RSS
+  then (``statm``; the mark is never below the RSS), else ``VmHWM`` is read.
   Method ``"vmhwm"``. Where the reset is impossible, psutil samples RSS every
   10 ms: method ``"sampled"`` (short spikes can be missed).
 - ``max_rss_children``: the largest peak among the job's descendants that a
@@ -72,8 +73,7 @@ class JobMeter:
             self._floor = _getrusage(_SELF).ru_maxrss
         except OSError:
             self.exact = False
-        self._fast = False
-        self._self0 = self._children0 = None
+        self._self0 = self._children0 = self._last = None
         self._sampled = 0
         self._sampling = threading.Event()
         # the children sampler: flags only on the hot path, a wake-up only after idleness
@@ -89,23 +89,18 @@ class JobMeter:
             threading.Thread(target=self._rss_loop, name="ezpq-rss-sampler", daemon=True).start()
 
     # ------------------------------------------------------------- per job
-    def arm(self) -> None:
+    def arm(self, reuse: bool = False) -> None:
         """Reset the peak and take the CPU baselines for the next job.
 
         Called while the worker waits for that job, so the syscalls are off
-        the critical path; the job's own unpickling then counts as its cost."""
+        the critical path; the job's own unpickling then counts as its cost.
+        ``reuse``: the last ``stop()`` reading is the baseline (one system
+        call less; the few microseconds between count to the next job)."""
         if self.exact:
             os.write(self._clear_fd, b"5")
-            self._self0 = _getrusage(_SELF)
-            mark = self._self0.ru_maxrss
-            if mark > self._floor:
-                self._fast = True  # the reset mark (= RSS now) is above the fixed figure
-            else:
-                rss = int(os.pread(self._statm_fd, 256, 0).split()[1]) * self.PAGE
-                self._fast = mark * 1024 <= rss + self.SLACK
         else:
-            self._self0 = _getrusage(_SELF)
             self._sampled = self._proc.memory_info().rss
+        self._self0 = self._last if reuse and self._last is not None else _getrusage(_SELF)
         if self._children0 is None or self._saw_children:
             # else the last job's end figure still holds: no child was reaped since
             self._children0 = _getrusage(_CHILDREN)
@@ -132,29 +127,33 @@ class JobMeter:
         self._active = False
         s1, c1 = _getrusage(_SELF), _getrusage(_CHILDREN)
         s0, c0 = self._self0, self._children0
-        if self._fast and c1 == c0 and not self._saw_children:  # the usual job: no process
-            self._children0 = c1
-            return (s1.ru_utime - s0.ru_utime, s1.ru_stime - s0.ru_stime,
-                    s1.ru_maxrss * 1024, "vmhwm", None), False
-        figures = [s1.ru_utime - s0.ru_utime + c1.ru_utime - c0.ru_utime,
-                   s1.ru_stime - s0.ru_stime + c1.ru_stime - c0.ru_stime, 0, "vmhwm", None]
-        if not self.exact:
+        self._last = s1
+        if self.exact:
+            rss, method = self._peak(s1.ru_maxrss), "vmhwm"
+        else:
             self._sampling.clear()
-            figures[2:4] = max(self._sampled, self._proc.memory_info().rss), "sampled"
-        elif self._fast:
-            figures[2] = s1.ru_maxrss * 1024
-        else:
-            figures[2] = self._read_hwm() or 0
-        spawned = self._saw_children or c1 != c0
-        if spawned:
-            peak = self._child_peak
-            if c1.ru_maxrss > c0.ru_maxrss:
-                peak = max(peak, c1.ru_maxrss * 1024)
-            figures[4] = peak or None
-            self._saw_children = True   # the caller reaps orphans: re-read the baseline
-        else:
-            self._children0 = c1
-        return tuple(figures), spawned
+            rss, method = max(self._sampled, self._proc.memory_info().rss), "sampled"
+        if c1 == c0 and not self._saw_children:  # the usual job: it started no process
+            return (s1.ru_utime - s0.ru_utime, s1.ru_stime - s0.ru_stime, rss, method, None), False
+        peak = self._child_peak
+        if c1.ru_maxrss > c0.ru_maxrss:
+            peak = max(peak, c1.ru_maxrss * 1024)
+        self._saw_children = True   # the caller reaps orphans: re-read the baseline
+        return (s1.ru_utime - s0.ru_utime + c1.ru_utime - c0.ru_utime,
+                s1.ru_stime - s0.ru_stime + c1.ru_stime - c0.ru_stime, rss, method, peak or None), True
+
+    def _peak(self, maxrss_kib: int) -> int:
+        """The job's peak from getrusage's maxrss = max(exec-time figure, mark).
+
+        Above the bound of the exec-time figure it is the mark itself; else
+        it is the mark when within SLACK of the RSS now (the mark is never
+        below that, so it is then exact to SLACK); else VmHWM says."""
+        if maxrss_kib > self._floor:
+            return maxrss_kib * 1024
+        rss = int(os.pread(self._statm_fd, 256, 0).split()[1]) * self.PAGE
+        if maxrss_kib * 1024 <= rss + self.SLACK:
+            return maxrss_kib * 1024
+        return self._read_hwm() or 0
 
     # ------------------------------------------------------------- helpers
     def _read_hwm(self) -> Optional[int]:

@@ -163,5 +163,5 @@ def worker_main(conn: multiprocessing.connection.Connection, run_as: Optional[in
                     reap_zombies()  # orphans of the job's processes were adopted by us
         except (EOFError, OSError):
             break
-        if meter:
-            meter.arm()  # for the next job, while the supervisor reads this result
+        if meter:  # for the next job, while the supervisor reads this result
+            meter.arm(reuse=not as_thread)
