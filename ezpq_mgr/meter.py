@@ -9,8 +9,9 @@ throughput, far more than the call itself; after the send it costs nothing
 measurable. So a job's CPU includes sending its result.
 
 - CPU: ``getrusage`` deltas of this process and of its waited-for children
-  around the job (the end reading of one job is the baseline of the next) (the counters psutil's ``cpu_times()`` reads, children
-  fields included), so a ``subprocess.run`` child's CPU counts.
+  around the job (the counters psutil's ``cpu_times()`` reads, children
+  fields included), so a ``subprocess.run`` child's CPU counts. One job's
+  end reading is the next job's baseline.
 - ``max_rss``: the kernel's high-water mark, reset before each job by
   writing 5 to ``/proc/self/clear_refs``, read back through ``getrusage``
   when that is known to equal the reset mark, else from ``VmHWM``.
@@ -69,7 +70,7 @@ class JobMeter:
             self.exact = self._read_hwm() is not None
             # The kernel's getrusage maxrss is max(a figure fixed at exec, the
             # resettable mark). That fixed figure is at most this; above it,
-            # the mark alone shows (see arm).
+            # the mark alone shows (see _peak).
             self._floor = _getrusage(_SELF).ru_maxrss
         except OSError:
             self.exact = False

@@ -294,8 +294,9 @@ class Supervisor:
 
         A measured job's result comes in two messages: the result, then its
         figures (the worker measures after sending the result, so measuring
-        costs the result no time). The job completes with the figures; in
-        between it stays working, its worker busy, its limits lifted."""
+        costs the result no time). In between the job stays working but
+        gives back its slot and its worker (which reads its next job only
+        after sending the figures); it completes with the figures."""
         if len(msg) == 2:  # (seq, figures) of the result before
             seq, figures = msg
             if w.pending is not None and w.pending[0] == seq:
@@ -341,8 +342,8 @@ class Supervisor:
             self.demand.add(None)  # keep the pool full: replace it now
 
     def _finalize(self, w: WorkerHandle, status: JobStatus, exitcode: int, why: str) -> None:
-        """Record the outcome of the job on a worker we lost or are killing."""
-        self._flush_pending(w)
+        """Record the outcome of the job on a worker we lost (its pending
+        result, if any, was flushed first)."""
         seq = w.seq
         w.seq = w.deadline = w.max_memory = None
         rec = self.state.records.get(seq)
