@@ -27,8 +27,8 @@ _TIMES = ("submitted", "started", "ended", "processed")
 
 
 #: JobRecord attributes kept per finished job (payloads and blobs never are)
-_RAW_FIELDS = tuple(f for f in ROW_FIELDS if f not in ("job", "lane", "callback", "qid", "status", "runtime")) + (
-    "seq", "lane_text")
+_RAW_FIELDS = tuple(f for f in ROW_FIELDS
+                    if f not in ("job", "lane", "callback", "qid", "status", "runtime")) + ("seq", "lane_text")
 _KEPT = _RAW_FIELDS + ("qid", "status")
 _UID = _KEPT.index("uid")
 _raw_values = operator.attrgetter(*_RAW_FIELDS)

@@ -25,7 +25,7 @@ import os
 import pickle
 import struct
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Optional, Tuple
 
 __all__ = ["send", "recv", "Reader"]
 
@@ -55,27 +55,43 @@ def _at_least(fd: int, data: bytes, n: int) -> bytes:
     return data
 
 
+def _bounds(buf: bytes) -> Optional[Tuple[int, int]]:
+    """(start, end) of the first message in ``buf``; None while its header is incomplete."""
+    if len(buf) < 4:
+        return None
+    size = _SIZE.unpack_from(buf)[0]
+    if size != -1:
+        return 4, 4 + size
+    if len(buf) < 12:  # Connection's framing of messages over 2 GiB
+        return None
+    return 12, 12 + _BIG_SIZE.unpack_from(buf, 4)[0]
+
+
+def _first(fd: int, buf: bytes) -> Tuple[bytes, int, int]:
+    """``buf`` read on (blocking) until its first message is whole: (buf, start, end)."""
+    buf = _at_least(fd, buf, 4)
+    if _SIZE.unpack_from(buf)[0] == -1:
+        buf = _at_least(fd, buf, 12)
+    start, end = _bounds(buf)
+    if len(buf) < end:
+        parts, have = [buf], len(buf)
+        while have < end:
+            chunk = _read(fd, min(end - have, 1 << 20))
+            parts.append(chunk)
+            have += len(chunk)
+        buf = b"".join(parts)
+    return buf, start, end
+
+
 def recv(conn: Any) -> Any:
     """One message, in (usually) one read."""
     if type(conn) is not Connection:
         return conn.recv()
     fd = conn.fileno()
-    data = _at_least(fd, _read(fd, _CHUNK), 4)
-    size, start = _SIZE.unpack_from(data)[0], 4
-    if size == -1:  # Connection's framing of messages over 2 GiB
-        data = _at_least(fd, data, 12)
-        size, start = _BIG_SIZE.unpack_from(data, 4)[0], 12
-    end = start + size
-    if len(data) > end:
+    buf, start, end = _first(fd, _read(fd, _CHUNK))
+    if len(buf) > end:
         raise OSError("ezpq protocol error: a second message arrived before the first was answered")
-    if len(data) < end:
-        parts, have = [data], len(data)
-        while have < end:
-            chunk = _read(fd, min(end - have, 1 << 20))
-            parts.append(chunk)
-            have += len(chunk)
-        data = b"".join(parts)
-    return pickle.loads(memoryview(data)[start:end])
+    return pickle.loads(memoryview(buf)[start:end])
 
 
 class Reader:
@@ -88,36 +104,14 @@ class Reader:
     def read(self) -> list:
         """Every complete message after one read; a message begun is read to
         its end (its sender is writing it now), so this may block."""
-        buf = _at_least(self._fd, self._buf + _read(self._fd, _CHUNK), 4)
-        if _SIZE.unpack_from(buf)[0] == -1:
-            buf = _at_least(self._fd, buf, 12)
-        end = self._end(buf)
-        if len(buf) < end:  # finish the message we are in
-            parts, have = [buf], len(buf)
-            while have < end:
-                chunk = _read(self._fd, min(end - have, 1 << 20))
-                parts.append(chunk)
-                have += len(chunk)
-            buf = b"".join(parts)
+        buf, start, end = _first(self._fd, self._buf + _read(self._fd, _CHUNK))
         messages = []
         while True:
-            end = self._end(buf)
-            if end is None or len(buf) < end:
-                break
-            start = 12 if _SIZE.unpack_from(buf)[0] == -1 else 4
             messages.append(pickle.loads(memoryview(buf)[start:end]))
             buf = buf[end:]
+            bounds = _bounds(buf)
+            if bounds is None or len(buf) < bounds[1]:
+                break
+            start, end = bounds
         self._buf = buf
         return messages
-
-    @staticmethod
-    def _end(buf: bytes):
-        """Where the first message in ``buf`` ends (None: header incomplete)."""
-        if len(buf) < 4:
-            return None
-        size = _SIZE.unpack_from(buf)[0]
-        if size != -1:
-            return 4 + size
-        if len(buf) < 12:
-            return None
-        return 12 + _BIG_SIZE.unpack_from(buf, 4)[0]

@@ -118,11 +118,6 @@ class JobMeter:
             with self._lock:
                 self._idle.notify()
 
-    def start(self) -> None:
-        """``arm()`` and ``begin()`` at once."""
-        self.arm()
-        self.begin()
-
     def stop(self) -> Tuple[Figures, bool]:
         """The job's figures, and whether it started any process."""
         self._active = False
