@@ -52,8 +52,8 @@ _getrusage = resource.getrusage
 
 
 class JobMeter:
-    """``arm()`` while idle, ``begin()`` as a job starts (or ``start()`` for
-    both), ``stop()`` after it: the job's figures."""
+    """``arm()`` while idle, ``begin()`` as a job starts, ``stop()`` after it:
+    the job's figures."""
 
     PAGE = os.sysconf("SC_PAGE_SIZE")
     SLACK = 64 * 1024          # rss may move this much between reset and read
