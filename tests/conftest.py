@@ -1,8 +1,16 @@
-"""Fixtures: every test must leave no process behind."""
+"""Fixtures: every test must leave no process behind.
+
+A test judges only processes this test session started: descendants of
+pytest, and processes that carry this session's marker in their
+environment or command line (an embedded server started in its own
+session, and their descendants). Other people's ezpq processes on
+the machine are not ours to judge or kill.
+"""
 
 import os
 import sys
 import time
+import uuid
 
 import psutil
 import pytest
@@ -10,6 +18,10 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 START_METHODS = ["fork", "spawn"]
+
+#: Inherited by every process the suite starts (workers exec'd with a clean
+#: environment are found as descendants of a marked server instead).
+SESSION_MARK = os.environ.setdefault("EZPQ_TEST_SESSION", uuid.uuid4().hex)
 
 
 STDLIB_HELPERS = ("resource_tracker", "forkserver")  # one per interpreter, by multiprocessing
@@ -22,15 +34,29 @@ def _cmdline(p):
         return "?"
 
 
+def _ours(p) -> bool:
+    try:
+        if SESSION_MARK in " ".join(p.cmdline()):
+            return True
+        return p.environ().get("EZPQ_TEST_SESSION") == SESSION_MARK
+    except psutil.Error:
+        return False
+
+
 def _ezpq_processes():
-    """Processes of ours still alive: descendants of pytest, and orphaned ezpq servers."""
+    """Processes of ours still alive: descendants of pytest, and ezpq
+    processes (orphaned or in their own session) marked as this session's."""
     me = psutil.Process()
-    found = {p.pid: p for p in me.children(recursive=True)
+    found = {(p.pid, p.create_time()): p for p in me.children(recursive=True)
              if not any(h in _cmdline(p) for h in STDLIB_HELPERS)}
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "ezpq_mgr.server" in cmd or "ezpq-server" in cmd:
-            found[p.pid] = p
+        if "ezpq" in cmd and _ours(p):
+            try:
+                for q in [p] + p.children(recursive=True):
+                    found[(q.pid, q.create_time())] = q
+            except psutil.Error:
+                pass
     return found
 
 
@@ -41,7 +67,7 @@ def no_leftover_processes():
     yield
     deadline = time.monotonic() + 5
     while True:
-        left = {pid: p for pid, p in _ezpq_processes().items() if pid not in before}
+        left = {key: p for key, p in _ezpq_processes().items() if key not in before}
         alive = []
         for p in left.values():
             try:

@@ -5,10 +5,7 @@ them afterwards. Client processes are forked from the test and drop to the
 user, so the server learns who they are from SO_PEERCRED only.
 """
 
-import multiprocessing
 import os
-import pwd
-import subprocess
 import time
 
 import pytest
@@ -18,21 +15,9 @@ from ezpq_mgr.connection import Remote
 from ezpq_mgr.errors import JobNotFound
 from server_fixture import Server
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/sbin/useradd"),
-                                reason="needs root and useradd (CI runs as root)")
+from multiuser import USERS, FORK, needs_root, run_as, start_as, users  # noqa: F401 (fixture)
 
-USERS = ("ezpqtest_a", "ezpqtest_b")
-FORK = multiprocessing.get_context("fork")
-
-
-@pytest.fixture(scope="module")
-def users():
-    for name in USERS:
-        subprocess.run(["userdel", name], capture_output=True)
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
-    yield {name: pwd.getpwnam(name) for name in USERS}
-    for name in USERS:
-        subprocess.run(["userdel", name], capture_output=True)
+pytestmark = needs_root
 
 
 @pytest.fixture
@@ -40,28 +25,6 @@ def server(users):
     s = Server("unix", workers=2, start_method="fork")
     yield s
     assert s.stop() == 0
-
-
-def _as_user(pw, fn, args, out):
-    try:
-        os.setgroups([])
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
-        os.chdir(args[0].dir)
-        out.put(("ok", fn(*args)))
-    except BaseException as exc:  # report, never hang the test
-        out.put(("error", repr(exc)))
-
-
-def run_as(pw, fn, *args, timeout=120):
-    """Run fn(*args) in a forked child that became ``pw``; return its result."""
-    out = FORK.Queue()
-    p = FORK.Process(target=_as_user, args=(pw, fn, args, out))
-    p.start()
-    kind, value = out.get(timeout=timeout)
-    p.join(10)
-    assert kind == "ok", value
-    return value
 
 
 # ---------------------------------------------------------------- as user B
@@ -96,17 +59,17 @@ def a_looks_for_them(server, b_seqs):
 
 
 def test_users_never_see_collect_or_cancel_each_others_jobs(server, users):
-    a, b = users["ezpqtest_a"], users["ezpqtest_b"]
+    a, b = users[USERS[0]], users[USERS[1]]
     b_seqs = run_as(b, b_leaves_jobs, server)
     seen = run_as(a, a_looks_for_them, server, b_seqs)
     assert seen["whoami"]["uid"] == a.pw_uid and not seen["whoami"]["privileged"]
     assert seen["size"] == 0 and seen["collect"] == [] and seen["jobs"] == []
     assert not set(b_seqs) & set(seen["listed"])
     assert seen["refused"] == 2 * len(b_seqs)
-    assert "ezpqtest_b" not in seen["report_users"]
+    assert USERS[1] not in seen["report_users"]
     root = Remote(server.address, server.key)  # the owner sees and cancels all
     listed = {j["seq"]: j for j in root.call("list_jobs", True)}
-    assert set(b_seqs) <= set(listed) and {listed[s]["user"] for s in b_seqs} == {"ezpqtest_b"}
+    assert set(b_seqs) <= set(listed) and {listed[s]["user"] for s in b_seqs} == {USERS[1]}
     assert {listed[s]["qid"] for s in b_seqs} == {"shared"}
     assert all(root.call("cancel_job", s) for s in b_seqs)
 
@@ -120,12 +83,12 @@ def a_runs_whoami(server):
 
 
 def test_jobs_run_as_their_submitter(server, users):
-    a = users["ezpqtest_a"]
+    a = users[USERS[0]]
     os.chmod(server.dir, 0o777)  # let the job create its marker file
     status, output, method, file_uid, user = run_as(a, a_runs_whoami, server)
     assert status == "completed"
     assert output[:2] == (a.pw_uid, a.pw_gid) or list(output[:2]) == [a.pw_uid, a.pw_gid]
-    assert file_uid == a.pw_uid and user == "ezpqtest_a"
+    assert file_uid == a.pw_uid and user == USERS[0]
     assert method == "vmhwm"
 
 
@@ -145,11 +108,9 @@ def b_submits_two(server):
 
 
 def test_fair_share_between_users(server, users):
-    a, b = users["ezpqtest_a"], users["ezpqtest_b"]
+    a, b = users[USERS[0]], users[USERS[1]]
     submitted = FORK.Event()
-    out = FORK.Queue()
-    pa = FORK.Process(target=_as_user, args=(a, a_floods, (server, submitted), out))
-    pa.start()
+    pa, out = start_as(a, a_floods, server, submitted)
     assert submitted.wait(60)
     b_started = run_as(b, b_submits_two, server)
     kind, a_started = out.get(timeout=120)
