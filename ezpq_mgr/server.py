@@ -61,7 +61,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     global _SERVICE
     stop = stop_event or threading.Event()
     state = QueueState()
-    supervisor = Supervisor(state, workers, start_method, shared=shared)
+    supervisor = Supervisor(state, workers, start_method, shared=shared, subreaper=True)
     accounting = AccountingLog(log_file)
     _SERVICE = Service(state, supervisor, shared=shared, accounting=accounting)
     serializer = wire.SERIALIZER if shared else "pickle"
