@@ -57,7 +57,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from . import workerproto
 from .job import JobRecord, JobStatus
-from .procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_pids, tree_rss
+from .procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_rss
 from .state import Outcome, QueueState
 from .worker import HOST, exec_argv, run_call, thread_cpu, worker_main
 

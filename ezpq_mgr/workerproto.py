@@ -70,14 +70,6 @@ class ProtocolError(Exception):
     """A worker sent something the format does not allow."""
 
 
-def _blob(b: Optional[bytes]) -> bytes:
-    return _LEN.pack(_NONE) if b is None else _LEN.pack(len(b)) + b
-
-
-def _frame(kind: int, body: bytes) -> bytes:
-    return HEADER.pack(VERSION, kind, 0, len(body)) + body
-
-
 _READY = HEADER.pack(VERSION, READY, 0, 0)
 _STOP = HEADER.pack(VERSION, STOP, 0, 0)
 
@@ -97,20 +89,30 @@ def _pack_figures(fig: Figures) -> bytes:
     return _FIGS.pack(present, cu or 0.0, cs or 0.0, rss or 0, rch or 0, _METHOD_CODE.get(method, 0))
 
 
+_RESULT_HEAD = struct.Struct("!BBHI" + _RES.format[1:])
+_FIGURES_FRAME = struct.Struct("!BBHI" + _FIGS.format[1:])
+_NONE_LEN = _LEN.pack(_NONE)
+
+
 def encode_result(status: str, exitcode: int, started: float, ended: float,
                   out: Optional[bytes], exc: Optional[str], figures: Optional[Figures]) -> bytes:
     """A finished job; ``figures`` None: a FIGURES message follows."""
     e = None if exc is None else exc.encode("utf-8", "replace")
-    parts = [_RES.pack(_STATUS_CODE[status], exitcode, started, ended, figures is not None)]
+    size = _RES.size + 8 + (0 if out is None else len(out)) + (0 if e is None else len(e))
     if figures is not None:
-        parts.append(_pack_figures(figures))
-    parts.append(_blob(out))
-    parts.append(_blob(e))
-    return _frame(RESULT, b"".join(parts))
+        size += _FIGS.size
+    head = _RESULT_HEAD.pack(VERSION, RESULT, 0, size, _STATUS_CODE[status], exitcode, started, ended,
+                             figures is not None)
+    return b"".join((head, b"" if figures is None else _pack_figures(figures),
+                     _NONE_LEN if out is None else _LEN.pack(len(out)), out or b"",
+                     _NONE_LEN if e is None else _LEN.pack(len(e)), e or b""))
 
 
 def encode_figures(figures: Figures) -> bytes:
-    return _frame(FIGURES, _pack_figures(figures))
+    cu, cs, rss, method, rch = figures
+    present = (1 if cu is not None else 0) | (2 if rss is not None else 0) | (4 if rch is not None else 0)
+    return _FIGURES_FRAME.pack(VERSION, FIGURES, 0, _FIGS.size, present, cu or 0.0, cs or 0.0, rss or 0,
+                               rch or 0, _METHOD_CODE.get(method, 0))
 
 
 def _finite(x: float, what: str) -> float:
@@ -119,110 +121,135 @@ def _finite(x: float, what: str) -> float:
     return x
 
 
-def _unpack_figures(body, pos: int) -> Figures:
-    present, cu, cs, rss, rch, method = _FIGS.unpack_from(body, pos)
-    if present & ~7 or method >= len(METHODS):
+_isfinite = math.isfinite
+
+
+def _unpack_figures(data, pos: int, _unpack=_FIGS.unpack_from) -> Figures:
+    present, cu, cs, rss, rch, method = _unpack(data, pos)
+    if present & ~7 or method > 2:
         raise ProtocolError("bad figures")
     if rss < 0 or rch < 0 or not (0 <= cu < 1e12 and 0 <= cs < 1e12):
         raise ProtocolError("figures out of range")
+    if present == 3:  # the usual: no children
+        return (cu, cs, rss, METHODS[method], None)
     return (cu if present & 1 else None, cs if present & 1 else None,
             rss if present & 2 else None, METHODS[method] if present & 2 else None,
             rch if present & 4 else None)
 
 
-def _take_blob(body, pos: int) -> Tuple[Optional[bytes], int]:
-    if pos + 4 > len(body):
+def _take_blob(data, pos: int, end: int) -> Tuple[Optional[bytes], int]:
+    if pos + 4 > end:
         raise ProtocolError("truncated field")
-    n = _LEN.unpack_from(body, pos)[0]
+    n = _LEN.unpack_from(data, pos)[0]
     pos += 4
     if n == _NONE:
         return None, pos
-    if pos + n > len(body):
+    if pos + n > end:
         raise ProtocolError("field longer than its message")
-    return bytes(body[pos:pos + n]), pos + n
+    return data[pos:pos + n], pos + n
 
 
-def _decode_result(body) -> tuple:
-    if len(body) < _RES.size:
+def _decode_result(data, pos: int, end: int) -> tuple:
+    if end - pos < _RES.size:
         raise ProtocolError("truncated result")
-    code, exitcode, started, ended, has_figs = _RES.unpack_from(body)
-    if code >= len(STATUSES) or has_figs not in (0, 1):
+    code, exitcode, started, ended, has_figs = _RES.unpack_from(data, pos)
+    if code > 1 or has_figs & ~1:
         raise ProtocolError("bad result header")
-    _finite(started, "started")
-    _finite(ended, "ended")
-    pos = _RES.size
+    if not (_isfinite(started) and _isfinite(ended)):
+        raise ProtocolError("a time is not a finite number")
+    pos += _RES.size
     figures = None
     if has_figs:
-        if len(body) < pos + _FIGS.size:
+        if end - pos < _FIGS.size:
             raise ProtocolError("truncated figures")
-        figures = _unpack_figures(body, pos)
+        figures = _unpack_figures(data, pos)
         pos += _FIGS.size
-    out, pos = _take_blob(body, pos)
-    exc, pos = _take_blob(body, pos)
-    if pos != len(body):
+    out, pos = _take_blob(data, pos, end)
+    exc, pos = _take_blob(data, pos, end)
+    if pos != end:
         raise ProtocolError("trailing bytes after a result")
-    text = None if exc is None else exc.decode("utf-8", "replace")
-    return ("result", STATUSES[code], exitcode, started, ended, out, text, figures)
+    if exc is not None:
+        exc = exc.decode("utf-8", "replace")
+    return ("result", STATUSES[code], exitcode, started, ended, out, exc, figures)
 
 
-def _decode_worker_body(kind: int, body) -> tuple:
-    if kind == READY:
-        if len(body):
-            raise ProtocolError("a ready message has no body")
-        return ("ready",)
-    if kind == RESULT:
-        return _decode_result(body)
-    if kind == FIGURES:
-        if len(body) != _FIGS.size:
-            raise ProtocolError("bad figures size")
-        return ("figures", _unpack_figures(body, 0))
-    raise ProtocolError(f"message kind {kind} is not one a worker sends")
+def _refuse_header(version: int, kind: int, reserved: int, size: int, limit: int) -> None:
+    if version != VERSION or reserved:
+        raise ProtocolError(f"not a version {VERSION} frame")
+    if kind not in _WORKER_KINDS:
+        raise ProtocolError(f"unknown message kind {kind}")
+    raise ProtocolError(f"a {size}-byte message is over the {limit}-byte limit")
+
+
+_unpack_header = HEADER.unpack_from
+_FIGS_SIZE = _FIGS.size
+_READY_MSG = ("ready",)
+
+
+_WORKER_KINDS = (READY, RESULT, FIGURES)
 
 
 class FrameReader:
     """The server's end of one worker's channel: bytes in, messages out.
 
     ``feed`` takes whatever a non-blocking read returned and gives back the
-    messages it completed; a frame begun stays in the buffer. The header is
-    judged as soon as its 8 bytes are in, so an oversize or garbage frame is
-    refused before anything is waited for or stored."""
+    messages it completed; a frame begun is kept (as chunks, joined once it
+    is whole). The header is judged as soon as its 8 bytes are in, so an
+    oversize or garbage frame is refused before anything is waited for or
+    stored."""
 
-    __slots__ = ("max_message", "_buf")
+    __slots__ = ("max_message", "_chunks", "_have", "_need")
 
     def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE):
         self.max_message = max_message
-        self._buf = bytearray()
+        self._chunks: List[bytes] = []
+        self._have = 0
+        self._need = 0
 
     @property
     def partial(self) -> bool:
         """A frame has begun and is not complete."""
-        return bool(self._buf)
+        return bool(self._chunks)
 
     def feed(self, data: bytes) -> List[tuple]:
-        buf = self._buf
-        buf += data
+        if self._chunks:
+            self._chunks.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []
+            data = b"".join(self._chunks)
+            self._chunks = []
         messages = []
-        pos, n = 0, len(buf)
+        pos, n = 0, len(data)
+        need = 8
+        limit = self.max_message
         try:
-            while n - pos >= HEADER.size:
-                version, kind, reserved, size = HEADER.unpack_from(buf, pos)
-                if version != VERSION or reserved:
-                    raise ProtocolError(f"not a version {VERSION} frame")
-                if kind not in (READY, RESULT, FIGURES):
-                    raise ProtocolError(f"unknown message kind {kind}")
-                if size > self.max_message:
-                    raise ProtocolError(f"a {size}-byte message is over the {self.max_message}-byte limit")
-                end = pos + HEADER.size + size
+            while n - pos >= 8:
+                version, kind, reserved, size = _unpack_header(data, pos)
+                if version != VERSION or reserved or size > limit or kind not in _WORKER_KINDS:
+                    _refuse_header(version, kind, reserved, size, limit)
+                end = pos + 8 + size
                 if end > n:
+                    need = 8 + size
                     break
-                with memoryview(buf) as view:
-                    messages.append(_decode_worker_body(kind, view[pos + HEADER.size:end]))
+                if kind == RESULT:
+                    messages.append(_decode_result(data, pos + 8, end))
+                elif kind == FIGURES:
+                    if size != _FIGS_SIZE:
+                        raise ProtocolError("bad figures size")
+                    messages.append(("figures", _unpack_figures(data, pos + 8)))
+                elif size:
+                    raise ProtocolError("a ready message has no body")
+                else:
+                    messages.append(_READY_MSG)
                 pos = end
         except struct.error as e:
             raise ProtocolError(str(e)) from None
-        finally:
-            if pos:
-                del buf[:pos]
+        if pos < n:
+            rest = data[pos:] if pos else data
+            self._chunks = [rest]
+            self._have = len(rest)
+            self._need = need
         return messages
 
 
@@ -241,11 +268,11 @@ def encode_job(fn_blob: bytes, args_blob: bytes, env: Optional[tuple], as_thread
 
 def decode_job(body: bytes) -> Tuple[bytes, bytes, Optional[tuple], bool]:
     """(fn_blob, args_blob, env, as_thread) of a JOB body (from the server: trusted)."""
-    flags = body[0]
-    fn, pos = _take_blob(body, 1)
-    args, pos = _take_blob(body, pos)
+    flags, end = body[0], len(body)
+    fn, pos = _take_blob(body, 1, end)
+    args, pos = _take_blob(body, pos, end)
     env = None
     if flags & 2:
-        env_b, pos = _take_blob(body, pos)
+        env_b, pos = _take_blob(body, pos, end)
         env = tuple(json.loads(env_b))
     return fn, args, env, bool(flags & 1)

@@ -80,22 +80,6 @@ def one_quick_job(server):
     return job and job["status"], job and job["output"], time.monotonic() - t0
 
 
-def _pipes_and_sockets():
-    """fds (not stdio) that are pipes or sockets: the worker channel among them."""
-    out = []
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= 2:
-            continue
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(("pipe:", "socket:")):
-            out.append(fd)
-    return out
-
-
 def write_to_channels(payload, then_sleep):
     """Job body: write ``payload`` to every pipe/socket the job can find."""
     def job():
