@@ -341,6 +341,8 @@ class Supervisor:
         for w in workers:
             with w.out_lock:
                 out = w.out
+                if w.fd < 0:   # closed meanwhile: never write to a reused number
+                    out.clear()
                 while out:
                     try:
                         n = os.writev(w.fd, list(out)[:_IOV_MAX])
@@ -387,9 +389,11 @@ class Supervisor:
             pass
 
     def _close_channel(self, w: WorkerHandle) -> None:
-        if w.fd >= 0:
-            self._unwatch(w.fd)
-            w.fd = -1
+        with w.out_lock:   # a client thread may be flushing to it
+            fd, w.fd = w.fd, -1
+            w.out.clear()
+        if fd >= 0:
+            self._unwatch(fd)
         try:
             w.conn.close()
         except OSError:
@@ -615,7 +619,7 @@ class Supervisor:
                    f"(exit code {code})")
             if left:
                 why += f"; processes it left running were killed: {left}"
-            self._finalize(w, status, code if code else -signal.SIGKILL, why)
+            self._finalize(w, status, code if code is not None else -signal.SIGKILL, why)
             logger.warning("worker %s died with exit code %s", w.proc.pid, code)
         elif self.subreaper:
             self._reap_orphans()

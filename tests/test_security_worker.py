@@ -427,3 +427,30 @@ def test_a_job_ignoring_sigterm_reports_the_signal_that_ended_it(server, users):
     a, b = users[USERS[0]], users[USERS[1]]
     assert run_as(a, a_ignores_sigterm, server) == ("timeout", -signal.SIGKILL)
     assert run_as(b, one_quick_job, server)[:2] == ("completed", 7)
+
+
+# ------------------------------------------- the job's working directory, as the user
+def a_submits_from(server, connected, go):
+    with _queue(server, "cwd") as Q:   # its working directory goes with the hello
+        connected.set()
+        assert go.wait(30)
+        Q.put(os.getcwd)
+        got = Q.get(wait=True, timeout=30)
+    return got["status"], got["exception"]
+
+
+def test_a_working_directory_the_user_cannot_enter_fails_the_job_with_the_reason(server, users):
+    a, b = users[USERS[0]], users[USERS[1]]
+    directory = os.path.join(server.dir, "root-only")
+    os.mkdir(directory, 0o755)
+    connected, go = FORK.Event(), FORK.Event()
+    pa, out = start_as(a, a_submits_from, server, connected, go, cwd=directory)
+    assert connected.wait(30)
+    os.chmod(directory, 0o700)  # root's now: the worker must not enter it as A
+    go.set()
+    kind, got = out.get(timeout=60)
+    pa.join(10)
+    assert kind == "ok", got
+    status, exc = got
+    assert status == "failed" and "working directory" in exc and directory in exc, got
+    assert run_as(b, one_quick_job, server)[:2] == ("completed", 7)
