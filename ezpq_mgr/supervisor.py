@@ -145,6 +145,7 @@ class WorkerHandle:
     out_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     events: int = selectors.EVENT_READ  # what the selector watches on fd
     eof: bool = False
+    broken: bool = False               # a write to it failed
 
     @property
     def idle(self) -> bool:
@@ -349,7 +350,11 @@ class Supervisor:
                     except BlockingIOError:
                         break
                     except OSError:
-                        out.clear()   # it is gone; its pidfd reports the job
+                        # gone (its pidfd reports the job), or its job shut the
+                        # channel down: the supervisor ends it (_check_stalls)
+                        out.clear()
+                        w.broken = True
+                        self.wake()
                         break
                     while n:
                         head = out[0]
@@ -602,11 +607,16 @@ class Supervisor:
         self._kill(w, JobStatus.FAILED, f"protocol violation: {why} (the job's worker was killed)")
 
     def _check_stalls(self) -> None:
-        """A frame begun and not extended for STALL_TIMEOUT is a violation. Caller holds the lock."""
+        """A frame begun and not extended for STALL_TIMEOUT, or a channel that
+        refuses our messages while its worker lives, is a violation. Caller holds the lock."""
         now = time.monotonic()
         for w in self.workers:
-            if not w.dead and w.reader is not None and w.reader.partial and now - w.last_rx > STALL_TIMEOUT:
+            if w.dead:
+                continue
+            if w.reader is not None and w.reader.partial and now - w.last_rx > STALL_TIMEOUT:
                 self._violation(w, f"a message begun and not finished within {STALL_TIMEOUT:g} s")
+            elif w.broken and w.proc is not None and is_alive(w.proc.pid):
+                self._violation(w, "its channel no longer takes messages")
 
     def _on_death(self, w: WorkerHandle) -> None:
         """A worker process ended. Caller holds the lock."""

@@ -454,3 +454,37 @@ def test_a_working_directory_the_user_cannot_enter_fails_the_job_with_the_reason
     status, exc = got
     assert status == "failed" and "working directory" in exc and directory in exc, got
     assert run_as(b, one_quick_job, server)[:2] == ("completed", 7)
+
+
+# ------------------------------------------- a job that shuts its worker's channel down
+def a_shuts_the_channel_then_submits(server):
+    def shut():
+        import os as _os
+        import socket as _socket
+        for name in _os.listdir("/proc/self/fd"):
+            try:
+                if _os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    s = _socket.socket(fileno=_os.dup(int(name)))
+                    s.shutdown(_socket.SHUT_RD)
+                    s.close()
+            except OSError:
+                pass
+        return "shut"
+
+    with _queue(server, "shut") as Q:
+        Q.put(shut)
+        first = Q.get(wait=True, timeout=10)
+        Q.put(int, args=[5])
+        second = Q.get(wait=True, timeout=20)
+        Q.put(int, args=[6])
+        third = Q.get(wait=True, timeout=20)
+    return [(j["status"], j["output"], j["exception"]) for j in (first, second, third)]
+
+
+def test_a_job_that_shuts_its_channel_down_stalls_nothing(server, users):
+    a, b = users[USERS[0]], users[USERS[1]]
+    first, second, third = run_as(a, a_shuts_the_channel_then_submits, server)
+    assert first[:2] == ("completed", "shut")
+    assert second[:2] == ("completed", 5) or (second[0] == "failed" and "protocol violation" in second[2])
+    assert third[:2] == ("completed", 6)
+    assert run_as(b, one_quick_job, server)[:2] == ("completed", 7)
