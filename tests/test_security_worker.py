@@ -17,6 +17,7 @@ import pytest
 
 import ezpq_mgr as ezpq
 from ezpq_mgr.connection import Remote
+from conftest import START_METHODS
 from server_fixture import Server
 
 from multiuser import USERS, FORK, needs_root, run_as, start_as, users  # noqa: F401 (fixture)
@@ -26,10 +27,12 @@ pytestmark = needs_root
 SECRET_ENV = "EZPQ_SERVER_SECRET_FOR_TEST"
 
 
-@pytest.fixture
-def server(users, monkeypatch):
+@pytest.fixture(params=START_METHODS)
+def server(users, monkeypatch, request):
+    """A root server; its start method serves root's own jobs (another
+    user's worker is exec'd whatever it says)."""
     monkeypatch.setenv(SECRET_ENV, "server-secret-" + uuid.uuid4().hex)
-    s = Server("unix", workers=2, start_method="fork")
+    s = Server("unix", workers=2, start_method=request.param)
     os.chmod(s.dir, 0o777)  # jobs leave their pid files there
     yield s
     assert s.stop() == 0  # SIGTERM still stops it
@@ -488,3 +491,35 @@ def test_a_job_that_shuts_its_channel_down_stalls_nothing(server, users):
     assert second[:2] == ("completed", 5) or (second[0] == "failed" and "protocol violation" in second[2])
     assert third[:2] == ("completed", 6)
     assert run_as(b, one_quick_job, server)[:2] == ("completed", 7)
+
+
+# ------------------------------------------- the server's own user: forked, yet nothing inherited
+def own_worker_descriptors():
+    import os as _os
+    import socket as _socket
+    fds, listening = {}, []
+    for name in _os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = target = _os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            s = _socket.socket(fileno=_os.dup(int(name)))
+            try:
+                if s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ACCEPTCONN):
+                    listening.append(int(name))
+            finally:
+                s.close()
+    return _os.getpid(), fds, listening
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_own_user_workers_keep_only_their_channel(method):
+    with ezpq.Queue(n_workers=1, start_method=method) as Q:
+        Q.put(own_worker_descriptors)
+        job = Q.get(wait=True, timeout=60)
+    assert job["status"] == "completed", job["exception"]
+    pid, fds, listening = job["output"]
+    assert not listening
+    others = {fd: t for fd, t in fds.items() if fd > 2 and not t.startswith(f"/proc/{pid}/")}
+    assert len(others) <= 2 and all(t.startswith(("socket:", "pipe:")) for t in others.values()), others
