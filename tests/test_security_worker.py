@@ -523,3 +523,36 @@ def test_own_user_workers_keep_only_their_channel(method):
     assert not listening
     others = {fd: t for fd, t in fds.items() if fd > 2 and not t.startswith(f"/proc/{pid}/")}
     assert len(others) <= 2 and all(t.startswith(("socket:", "pipe:")) for t in others.values()), others
+
+
+# ------------------------------------------- nothing outlives a job that completed
+def a_leaves_processes_behind(server):
+    def job():
+        import os as _os
+        import subprocess as _subprocess
+        import time as _time
+        child = _subprocess.Popen(["sleep", "30"]).pid
+        r, w = _os.pipe()
+        if _os.fork() == 0:          # a daemon: double fork, own session
+            _os.setsid()
+            pid = _os.fork()
+            if pid == 0:
+                _time.sleep(30)
+                _os._exit(0)
+            _os.write(w, str(pid).encode())
+            _os._exit(0)
+        daemon = int(_os.read(r, 32))
+        return child, daemon
+
+    with _queue(server, "leaver") as Q:
+        Q.put(job)
+        got = Q.get(wait=True, timeout=20)
+    return got["status"], got["output"]
+
+
+def test_processes_a_completed_job_left_running_are_killed(server, users):
+    a, b = users[USERS[0]], users[USERS[1]]
+    status, pids = run_as(a, a_leaves_processes_behind, server)
+    assert status == "completed"
+    assert _wait_for(lambda: not any(_alive(p) for p in pids), 2), [p for p in pids if _alive(p)]
+    assert run_as(b, one_quick_job, server)[:2] == ("completed", 7)
