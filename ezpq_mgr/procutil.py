@@ -18,7 +18,7 @@ import psutil
 logger = logging.getLogger(__name__)
 
 __all__ = ["kill_tree", "descendants", "tree", "tree_rss", "own_peak", "become_subreaper",
-           "reap_zombies", "child_pids", "tree_pids", "is_alive"]
+           "child_pids", "tree_pids", "is_alive"]
 
 
 def become_subreaper() -> bool:
@@ -30,16 +30,6 @@ def become_subreaper() -> bool:
         return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
         return False
-
-
-def reap_zombies() -> None:
-    """Collect exited children nobody waits for (orphans adopted as subreaper)."""
-    for child in psutil.Process().children():
-        try:
-            if child.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(child.pid, os.WNOHANG)
-        except (psutil.Error, ChildProcessError, OSError):
-            pass
 
 
 def descendants(pid: int) -> List[psutil.Process]:
@@ -121,7 +111,7 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def kill_tree(roots: Iterable, grace: float = 0.0, timeout: float = 2.0) -> List[int]:
+def kill_tree(roots: Iterable, timeout: float = 2.0) -> List[int]:
     """Kill ``roots`` (pids or psutil.Process) and all their descendants.
 
     First every process is stopped (SIGSTOP), and the tree re-read until no
@@ -168,18 +158,6 @@ def kill_tree(roots: Iterable, grace: float = 0.0, timeout: float = 2.0) -> List
         for p in alive:
             _signal(p, signal.SIGKILL)
         time.sleep(0.002)
-
-
-def _living(procs: List[psutil.Process]) -> List[psutil.Process]:
-    """Drop zombies: dead, merely not yet reaped by their (new) parent."""
-    out = []
-    for p in procs:
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
 
 
 def own_peak(proc: psutil.Process) -> int:
