@@ -94,6 +94,21 @@ class _RateLimit:
         return True
 
 
+def _kill_and_reap(orphans: List[int], live: List[int], in_hand: set) -> None:
+    """Kill ``live`` (and their trees), then collect every one of ``orphans``
+    (our children by adoption: nobody else waits for them); until then they
+    are ``in_hand``, so that no other sweep signals a pid reaped meanwhile."""
+    try:
+        left = kill_tree(live) if live else []
+        for pid in orphans:
+            try:
+                os.waitpid(pid, 0 if pid in live and pid not in left else os.WNOHANG)
+            except ChildProcessError:
+                pass
+    finally:
+        in_hand.difference_update(orphans)
+
+
 class WorkerProcess:
     """A worker process however it was started (multiprocessing or exec):
     its pid, a pidfd that becomes readable when it exits (a multiprocessing
@@ -187,6 +202,7 @@ class Supervisor:
         self._queued: List[WorkerHandle] = []   # workers with bytes to write (lock held to add)
         self._thread: Optional[threading.Thread] = None
         self._thread_jobs = 0                   # thread jobs running in this process
+        self._orphans_in_hand: set = set()      # adopted processes being killed and reaped
         self._violations = _RateLimit()
 
     # ------------------------------------------------------------ lifecycle
@@ -245,7 +261,7 @@ class Supervisor:
             w.proc.exitcode(1)
             w.proc.close()
             self._close_channel(w)
-        self._reap_orphans()
+        self._reap_orphans(wait=True)
         self.workers.clear()
         for conn in (self._lifeline_r, self._lifeline_w):
             if conn is not None:
@@ -641,11 +657,12 @@ class Supervisor:
         if w.uid is None and not self._stopping:
             self.demand.add(None)  # keep the pool full: replace it now
 
-    def _reap_orphans(self) -> List[int]:
+    def _reap_orphans(self, wait: bool = False) -> List[int]:
         """Kill and reap our children that are not workers: processes a
         dead worker left behind, re-parented to us (we are a subreaper).
-        Returns their pids. Children of our own thread jobs (same uid as
-        ours) are spared while any thread job runs."""
+        Returns the pids of those alive. The kill runs in a helper thread
+        (never under the state lock) unless ``wait``. Children of our own
+        thread jobs (same uid as ours) are spared while any thread job runs."""
         if not self.subreaper:
             return []
         keep = {w.proc.pid for w in self.workers if w.proc is not None}
@@ -657,7 +674,7 @@ class Supervisor:
                 keep.add(pid)
         me = os.getuid()
         orphans = []
-        for pid in set(child_pids(os.getpid())) - keep:
+        for pid in set(child_pids(os.getpid())) - keep - self._orphans_in_hand:
             if self._thread_jobs:
                 try:
                     if os.stat(f"/proc/{pid}").st_uid == me:
@@ -665,14 +682,15 @@ class Supervisor:
                 except OSError:
                     continue
             orphans.append(pid)
+        if not orphans:
+            return []
         live = [p for p in orphans if is_alive(p)]
-        if live:
-            kill_tree(live)
-        for pid in orphans:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+        self._orphans_in_hand.update(orphans)
+        if wait:
+            _kill_and_reap(orphans, live, self._orphans_in_hand)
+        else:
+            threading.Thread(target=_kill_and_reap, args=(orphans, live, self._orphans_in_hand),
+                             name="ezpq-orphans", daemon=True).start()
         return live
 
     def _finalize(self, w: WorkerHandle, status: JobStatus, exitcode: int, why: str) -> None:

@@ -273,6 +273,8 @@ PAYLOADS = {
     "garbage": (b"\xff" * 64, 0),
     "partial-header": (b"\x00\x00", 30),
     "non-pickle": (b"\x00\x00\x00\x05hello", 0),
+    # a well-formed header announcing 2 GiB: refused before anything is stored
+    "oversize": (bytes([1, 3, 0, 0]) + (1 << 31).to_bytes(4, "big") + b"x" * 1000, 30),
 }
 
 
@@ -556,3 +558,39 @@ def test_processes_a_completed_job_left_running_are_killed(server, users):
     assert status == "completed"
     assert _wait_for(lambda: not any(_alive(p) for p in pids), 2), [p for p in pids if _alive(p)]
     assert run_as(b, one_quick_job, server)[:2] == ("completed", 7)
+
+
+# ------------------------------------------- a SIGKILLed server leaves no worker and no job process
+def a_starts_a_long_job(server, directory, started):
+    def job(directory):
+        import os as _os
+        import subprocess as _subprocess
+        import time as _time
+        child = _subprocess.Popen(["sleep", "30"])
+        with open(_os.path.join(directory, f"pids-{_os.getpid()}-{child.pid}"), "w"):
+            pass
+        _time.sleep(30)
+
+    Q = _queue(server, "long")
+    Q.put(job, args=[directory])
+    started.set()
+    Q.detach()
+
+
+def test_a_killed_server_leaves_no_user_worker_behind(users):
+    a = users[USERS[0]]
+    s = Server("unix", workers=2, start_method="fork")
+    try:
+        directory = os.path.join(s.dir, "long")
+        os.mkdir(directory)
+        os.chmod(directory, 0o777)
+        started = FORK.Event()
+        run_as(a, a_starts_a_long_job, s, directory, started)
+        assert _wait_for(lambda: os.listdir(directory), 10)
+        pids = [int(x) for x in os.listdir(directory)[0].split("-")[1:]]
+        assert all(_alive(p) for p in pids)
+        s.proc.kill()
+        s.proc.wait(10)
+        assert _wait_for(lambda: not any(_alive(p) for p in pids), 3), [p for p in pids if _alive(p)]
+    finally:
+        s.stop()
