@@ -66,6 +66,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["Supervisor"]
 
 MEMORY_CHECK_INTERVAL = 0.05
+#: after 3 workers of a user died while starting, that user's jobs fail
+#: (with the reason) for this long instead of starting worker after worker
+BOOT_RETRY = 10.0
 #: a frame begun must make progress within this (a healthy worker writes a
 #: whole frame at once; a job writing half a header must not hold its slot)
 STALL_TIMEOUT = 2.0
@@ -203,6 +206,7 @@ class Supervisor:
         self._thread: Optional[threading.Thread] = None
         self._thread_jobs = 0                   # thread jobs running in this process
         self._orphans_in_hand: set = set()      # adopted processes being killed and reaped
+        self._boot_failures: Dict[Optional[int], Tuple[int, float, str]] = {}  # uid: (n, when, why)
         self._violations = _RateLimit()
 
     # ------------------------------------------------------------ lifecycle
@@ -438,7 +442,7 @@ class Supervisor:
             if rec.runner == "thread" and not self.shared:
                 return True
             uid = self._run_as(rec)
-            if any(w.idle and w.uid == uid for w in self.workers):
+            if any(w.idle and w.uid == uid for w in self.workers) or self._cannot_boot(uid):
                 return True
             self.demand.add(uid)
             return False
@@ -449,18 +453,31 @@ class Supervisor:
                 break
             if rec.runner == "thread" and not self.shared:
                 self._start_thread_job(rec)
-            else:
-                uid = self._run_as(rec)
-                self._send(rec, next(w for w in self.workers if w.idle and w.uid == uid))
+                continue
+            uid = self._run_as(rec)
+            worker = next((w for w in self.workers if w.idle and w.uid == uid), None)
+            if worker is None:  # its user's workers die while starting: say so, do not loop
+                rec.pid, rec.host = None, HOST
+                self.state.finish(rec.seq, Outcome(JobStatus.FAILED, 1, exception=self._boot_failures[uid][2]))
+                continue
+            self._send(rec, worker)
         self._top_up()
+
+    def _cannot_boot(self, uid: Optional[int]) -> bool:
+        """Have this user's last workers died before they were ready (3 in a
+        row, the last within BOOT_RETRY s)? Its jobs then fail with the
+        reason instead of waiting for a worker that never comes."""
+        failures = self._boot_failures.get(uid)
+        return (failures is not None and failures[0] >= 3
+                and time.monotonic() - failures[1] < BOOT_RETRY)
 
     def _top_up(self) -> None:
         """Start a worker for each user who waits for one (making room by
         retiring idle workers of others); keep the pool at ``slots``."""
         live = self._live()
         for uid in sorted(self.demand, key=lambda u: -1 if u is None else u):
-            if any(w.uid == uid and w.seq is None for w in live):
-                continue  # one is idle or booting
+            if any(w.uid == uid and w.seq is None for w in live) or self._cannot_boot(uid):
+                continue  # one is idle or booting, or none can start now
             if len(live) >= self.slots:
                 victim = next((w for w in live if w.seq is None and w.uid not in self.demand), None)
                 if victim is None:
@@ -570,6 +587,7 @@ class Supervisor:
             if w.ready:
                 return "a second ready message"
             w.ready = True
+            self._boot_failures.pop(w.uid, None)
             return None
         if not w.ready:
             return f"a {kind} message before ready"
@@ -638,6 +656,12 @@ class Supervisor:
         """A worker process ended. Caller holds the lock."""
         code = w.proc.exitcode(0.1)
         self._flush_pending(w)
+        if not w.ready and not w.dead:
+            n = self._boot_failures.get(w.uid, (0, 0.0, ""))[0] + 1
+            why = (f"the worker for this user could not start (exit code {code}; "
+                   f"the server's log says why)")
+            self._boot_failures[w.uid] = (n, time.monotonic(), why)
+            logger.error("a worker for uid %s died while starting (exit code %s)", w.uid, code)
         if w.seq is not None and not w.dead:
             left = self._reap_orphans()
             status = JobStatus.KILLED if code is not None and code < 0 else JobStatus.LOST

@@ -594,3 +594,14 @@ def test_a_killed_server_leaves_no_user_worker_behind(users):
         assert _wait_for(lambda: not any(_alive(p) for p in pids), 3), [p for p in pids if _alive(p)]
     finally:
         s.stop()
+
+
+# ------------------------------------------- a user whose worker cannot start
+def test_a_user_whose_worker_cannot_start_gets_failed_jobs_not_a_spawn_loop(server, users):
+    import types
+    ghost = types.SimpleNamespace(pw_uid=54321, pw_gid=54321)  # no passwd entry: cannot drop to it
+    t0 = time.monotonic()
+    status, output, took = run_as(ghost, one_quick_job, server)
+    assert status == "failed", (status, output)
+    assert time.monotonic() - t0 < 20
+    assert run_as(users[USERS[1]], one_quick_job, server)[:2] == ("completed", 7)
