@@ -138,6 +138,23 @@ def _close_inherited(keep: List[int]) -> None:
                 pass
 
 
+def _forget_mp_helpers() -> None:
+    """multiprocessing's resource tracker and forkserver clients keep the
+    descriptors we just closed: forget them, so a job that uses
+    multiprocessing starts its own helpers instead of writing to a number
+    its own files may now hold."""
+    rt = sys.modules.get("multiprocessing.resource_tracker")
+    tracker = getattr(rt, "_resource_tracker", None)
+    for name in ("_fd", "_pid"):
+        if hasattr(tracker, name):
+            setattr(tracker, name, None)
+    fs = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(fs, "_forkserver", None)
+    for name in ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid"):
+        if hasattr(server, name):
+            setattr(server, name, None)
+
+
 def become_user(uid: int) -> None:
     """Drop root for ``uid`` (groups, gid, uid) and take the user's own
     environment (nothing of the server's), before any job is read."""
@@ -205,6 +222,7 @@ def worker_main(conn, lifeline, accounting: bool = True) -> None:
     """Entry point of a multiprocessing worker (the server's own user)."""
     channel_fd, lifeline_fd = conn.fileno(), lifeline.fileno()
     _close_inherited([channel_fd, lifeline_fd])
+    _forget_mp_helpers()
     _watch_lifeline(lifeline_fd)
     become_subreaper()
     _serve(channel_fd, accounting)
