@@ -678,8 +678,11 @@ class Supervisor:
         w.proc.close()
         self._close_channel(w)
         self.workers.remove(w)
-        if w.uid is None and not self._stopping:
-            self.demand.add(None)  # keep the pool full: replace it now
+        if w.uid is None and not self._stopping and not self.as_root:
+            # keep the pool full: replace it now (a root server starts its
+            # own user's workers on demand, like everyone's: refilling the
+            # pool would retire other users' idle workers to make room)
+            self.demand.add(None)
 
     def _reap_orphans(self, wait: bool = False) -> List[int]:
         """Kill and reap our children that are not workers: processes a

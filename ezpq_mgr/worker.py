@@ -236,20 +236,25 @@ class _Channel:
         self.fd = fd
         self._buf = b""
 
+    def _wait(self, event: int) -> None:
+        poller = select.poll()
+        poller.register(self.fd, event)
+        poller.poll()
+
     def send(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             try:
                 view = view[os.write(self.fd, view):]
             except BlockingIOError:
-                select.select([], [self.fd], [])
+                self._wait(select.POLLOUT)
 
     def _read(self) -> bytes:
         while True:
             try:
                 data = os.read(self.fd, 1 << 20)
             except BlockingIOError:
-                select.select([self.fd], [], [])
+                self._wait(select.POLLIN)
                 continue
             if not data:
                 raise EOFError
