@@ -8,6 +8,7 @@ server, and a value that cannot be pickled is reported right there, named.
 from __future__ import annotations
 
 import pickle
+import sys
 from typing import Any, Optional, Tuple
 
 import cloudpickle
@@ -22,8 +23,31 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _main_by_value() -> None:
+    """Make cloudpickle send the main script's objects by value wherever the
+    client runs.
+
+    cloudpickle sends ``__main__``'s functions and classes by value, but in a
+    ``spawn``/``forkserver`` child (a pool worker too) the script is imported
+    as ``__mp_main__``, a module it would pickle by reference, and no worker
+    can import it. Registering it by value (once, when it appears) fixes
+    that; a fork child, a thread, ``python -c`` and IPython cells already see
+    ``__main__``."""
+    mp_main = sys.modules.get("__mp_main__")
+    if mp_main is not None and mp_main is not _registered[0]:
+        try:
+            cloudpickle.register_pickle_by_value(mp_main)
+        except (ValueError, TypeError):  # not a real module (some embedders)
+            pass
+        _registered[0] = mp_main
+
+
+_registered: list = [None]
+
+
 def dump_function(function: Any) -> bytes:
     """cloudpickle ``function``; raise UnpicklableError naming it on failure."""
+    _main_by_value()
     try:
         return cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
@@ -42,6 +66,7 @@ def dump_call_args(args: Optional[list], kwargs: Optional[dict]) -> bytes:
             return blob
     except Exception:
         pass
+    _main_by_value()
     try:
         return cloudpickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
