@@ -7,8 +7,11 @@ server, and a value that cannot be pickled is reported right there, named.
 
 from __future__ import annotations
 
+import collections
 import pickle
 import sys
+import threading
+import types
 from typing import Any, Optional, Tuple
 
 import cloudpickle
@@ -45,13 +48,37 @@ def _main_by_value() -> None:
 _registered: list = [None]
 
 
+#: Pickles of recently put functions, by identity (the entry keeps the
+#: function alive, so its id stays its own): a script's own function travels
+#: by value, which costs ~12 us a put against ~3 us by reference. As in Dask
+#: (``distributed``'s ``cache_dumps``), a function is pickled once while it
+#: stays in this cache: globals it refers to are captured at its first put.
+_FN_CACHE: "collections.OrderedDict[int, Tuple[Any, bytes]]" = collections.OrderedDict()
+_FN_CACHE_SIZE = 64
+_fn_cache_lock = threading.Lock()
+
+
 def dump_function(function: Any) -> bytes:
-    """cloudpickle ``function``; raise UnpicklableError naming it on failure."""
+    """cloudpickle ``function``; raise UnpicklableError naming it on failure.
+
+    Plain functions are cached by identity (see ``_FN_CACHE``); callable
+    instances, whose state may change between puts, are pickled each time."""
+    cacheable = type(function) is types.FunctionType
+    if cacheable:
+        hit = _FN_CACHE.get(id(function))
+        if hit is not None and hit[0] is function:
+            return hit[1]
     _main_by_value()
     try:
-        return cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         raise UnpicklableError(f"function {_describe(function)} cannot be pickled: {exc}") from exc
+    if cacheable:
+        with _fn_cache_lock:
+            _FN_CACHE[id(function)] = (function, blob)
+            while len(_FN_CACHE) > _FN_CACHE_SIZE:
+                _FN_CACHE.popitem(last=False)
+    return blob
 
 
 def dump_call_args(args: Optional[list], kwargs: Optional[dict]) -> bytes:
