@@ -320,9 +320,9 @@ def _wait_rows(path, n, timeout=10):
 @needs_root
 def test_past_the_bound_dropped_rows_are_counted_loudly(small_disk, caplog):
     log_path = os.path.join(small_disk, "acct.csv")
+    filler = _fill(small_disk)  # not even the header fits
     log = AccountingLog(log_path, pending_limit=5)
     try:
-        filler = _fill(small_disk)
         for i in range(1, 21):
             log.record(_record(i), "q")
         assert len(log.visible(None)) == 5  # the 5 that wait; 15 dropped
