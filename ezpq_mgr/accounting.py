@@ -99,19 +99,17 @@ def _escape_char(m: "re.Match") -> str:
     return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
 
 
-def escape(text: str) -> str:
-    """``text`` with control characters (newline, CR, ESC, ...) as visible
-    escapes: a job's name or message can never start a line of its own."""
-    return _CONTROL.sub(_escape_char, text) if _CONTROL.search(text) else text
-
-
 def _encode_row(raw: tuple, out: io.StringIO, writer) -> bytes:
+    """One CSV line; control characters escaped after quoting (one regex
+    search per row: a field that held a newline stays quoted, harmlessly)."""
     row = _row(raw)
-    writer.writerow([escape(v) if isinstance(v, str) else ("" if v is None else v)
-                     for v in map(row.get, ROW_FIELDS)])
+    writer.writerow(["" if v is None else v for v in map(row.get, ROW_FIELDS)])
     line = out.getvalue()
     out.seek(0)
     out.truncate()
+    body = line[:-1]  # without the line terminator
+    if _CONTROL.search(body):
+        line = _CONTROL.sub(_escape_char, body) + "\n"
     return line.encode("utf-8", "backslashreplace")
 
 
@@ -146,10 +144,10 @@ def _who(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _check_directory(log: str, path: str, st: os.stat_result, me: int) -> None:
+def _check_directory(log: str, path: str, st: os.stat_result, me: int, writers: int) -> None:
     if st.st_uid not in (0, me):
         raise LogFileError(f"{log}: directory {path} is owned by {_who(st.st_uid)}, who could replace the log")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+    if st.st_mode & writers and not st.st_mode & stat.S_ISVTX:
         raise LogFileError(f"{log}: directory {path} is writable by others without the sticky bit "
                            f"(mode {oct(st.st_mode & 0o7777)})")
 
@@ -160,21 +158,30 @@ def open_log(path: str) -> int:
 
     Refused: a symbolic link (``O_NOFOLLOW``), anything but a regular file,
     a file with other hard links, owned by another user or writable by
-    others, and a file in a directory (or below one) that a user other
-    than us and root could write without the sticky bit."""
+    others; a file whose directory is owned by another user than us or
+    root, or is group- or other-writable without the sticky bit; and one
+    below a directory that is owned by another user or other-writable
+    without the sticky bit (a group-writable ``/var/log``, root:syslog 0775
+    on Debian, is accepted)."""
     me = os.geteuid()
     directory, name = os.path.split(os.path.abspath(path))
     real = os.path.realpath(directory)
     try:
-        part = real
+        checked = os.stat(real)
+        _check_directory(path, real, checked, me, stat.S_IWGRP | stat.S_IWOTH)
+        part = os.path.dirname(real)
         while True:
-            _check_directory(path, part, os.stat(part), me)
+            _check_directory(path, part, os.stat(part), me, stat.S_IWOTH)
             if part == os.path.dirname(part):
                 break
             part = os.path.dirname(part)
         dir_fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise LogFileError(f"cannot open the directory of {path}: {exc.strerror}") from None
+    opened = os.fstat(dir_fd)
+    if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+        os.close(dir_fd)
+        raise LogFileError(f"{path}: directory {real} changed while it was checked")
     try:
         try:
             fd = os.open(name, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,

@@ -2,6 +2,11 @@
 ``ezpq`` uses one like a small batch system (status, submit, cancel, wait,
 show, report, plot, workers).
 
+``ezpq-server`` exit codes: 0 stopped by SIGTERM/SIGINT, 1 failed while
+serving, 2 refused to start (usage, an unsafe key or log file, a live server
+or something not a socket at ``--socket``, an address in use), with a
+one-line reason on stderr, never a traceback.
+
 ``ezpq`` exit codes: 0 ok, 1 a job failed or was not found, 2 usage error
 (argparse's own), 3 cannot connect or not allowed. Job numbers on the
 command line are server-wide (the ``job`` column), unlike a job dict's

@@ -142,7 +142,7 @@ def csv_rows(path):
 
 # ------------------------------------------------------ 16: the log file
 PLANTS = ["symlink_in_user_dir", "symlink_in_root_dir", "hardlink", "owned_by_user",
-          "world_writable_dir", "user_owned_dir"]
+          "world_writable_dir", "group_writable_dir", "user_owned_dir", "user_owned_parent", "fifo"]
 
 
 def _plant(kind, base, user):
@@ -153,7 +153,9 @@ def _plant(kind, base, user):
     with open(target, "w") as f:
         f.write("root only\n")
     os.chmod(target, 0o600)
-    logs = os.path.join(base, "logs")
+    parent = os.path.join(base, "up")
+    os.mkdir(parent, 0o755)
+    logs = os.path.join(parent, "logs")
     os.mkdir(logs, 0o755)
     log = os.path.join(logs, "acct.csv")
     if kind == "symlink_in_user_dir":
@@ -170,8 +172,15 @@ def _plant(kind, base, user):
         os.chown(log, user.pw_uid, user.pw_gid)
     elif kind == "world_writable_dir":
         os.chmod(logs, 0o777)
+    elif kind == "group_writable_dir":
+        os.chown(logs, 0, user.pw_gid)
+        os.chmod(logs, 0o775)
     elif kind == "user_owned_dir":
         os.chown(logs, user.pw_uid, user.pw_gid)
+    elif kind == "user_owned_parent":  # she could rename logs/ and plant her own
+        os.chown(parent, user.pw_uid, user.pw_gid)
+    elif kind == "fifo":  # opening it for writing must not block the start
+        os.mkfifo(log, 0o600)
     return log, target
 
 
