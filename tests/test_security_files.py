@@ -504,3 +504,18 @@ def test_authkey_as_str_works_in_the_client_library():
         serves_within_1s(server.address, server.key)
     finally:
         assert server.stop() == 0
+
+
+def test_rows_read_back_from_the_file_equal_the_rows_kept_in_memory(tmp_path):
+    """Streaming from the CSV changes no row: same fields, same types."""
+    on_file, in_memory = AccountingLog(str(tmp_path / "acct.csv")), AccountingLog()
+    try:
+        for i in range(1, 6):
+            for log in (on_file, in_memory):
+                log.record(_record(i, uid=i % 2), "q")
+        for uid in (None, 0, 1):
+            assert list(on_file.visible(uid)) == in_memory.visible(uid)
+        assert report(on_file.visible(None), "user") == report(in_memory.visible(None), "user")
+    finally:
+        on_file.close()
+        in_memory.close()
