@@ -205,7 +205,12 @@ def server_main(argv: Optional[List[str]] = None) -> None:
         if ready:
             raise
         logger.debug("start-up failed", exc_info=True)
-        _refuse(f"cannot listen on {where}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+        _refuse(f"cannot serve on {where}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+    except Exception as exc:  # anything else before the server was up: still one line
+        if ready:
+            raise
+        logger.debug("start-up failed", exc_info=True)
+        _refuse(f"cannot start: {type(exc).__name__}: {exc} (--log-level DEBUG shows where)")
 
 
 def _socket_mode(address) -> None:

@@ -10,7 +10,6 @@ no traceback; a server that must keep running answers a client within 1 s.
 
 import csv
 import os
-import pwd
 import shutil
 import socket
 import stat
