@@ -34,6 +34,7 @@ import queue
 import re
 import stat
 import threading
+import time
 from datetime import datetime
 from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional
 
@@ -253,9 +254,6 @@ class _Flush(threading.Event):
     waiting: List[bytes] = []
 
 
-_IDLE = object()
-
-
 class AccountingLog:
     """Rows of finished jobs: appended to a CSV, or (without one) the last
     ``MEMORY_ROWS`` in memory.
@@ -280,6 +278,7 @@ class AccountingLog:
             self._head_done = 0     # bytes of _unwritten[0] already in the file
             self._dropped = 0       # rows past the bound since the disk filled
             self._stalled: Optional[str] = None   # why writing stopped, once warned
+            self._retry_at = 0.0    # monotonic time of the next try while stalled
             self._out = io.StringIO()
             self._csv = csv.writer(self._out, lineterminator="\n")
             self._writer = threading.Thread(target=self._write_loop, name="ezpq-accounting", daemon=True)
@@ -358,45 +357,52 @@ class AccountingLog:
 
     # ------------------------------------------------------------ writing
     def _write_loop(self) -> None:
-        """Never ends but on ``close``: a failing write keeps the rows waiting."""
+        """Never ends but on ``close``: a failing write keeps the rows waiting
+        (tried again every ``RETRY_SECONDS``), a bug is logged, not fatal."""
         while True:
+            wait = max(0.0, self._retry_at - time.monotonic()) if self._unwritten else None
             try:
-                item = self._queue.get(timeout=RETRY_SECONDS if self._unwritten else None)
+                items = [self._queue.get(timeout=wait)]
             except queue.Empty:
-                item = _IDLE
-            items = [item]
+                items = []
             while True:
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             stop, requests = False, []
-            for it in items:
-                if it is None:
-                    stop = True
-                elif isinstance(it, _Flush):
-                    requests.append(it)
-                elif it is not _IDLE:
-                    self._keep(it)
             try:
-                self._write()
+                for it in items:
+                    if it is None:
+                        stop = True
+                    elif isinstance(it, _Flush):
+                        requests.append(it)
+                    else:
+                        self._keep(it)
+                self._write(force=stop)
             except Exception:  # a bug must not end the accounting for good
                 logger.exception("accounting log %s: unexpected error while writing", self.path)
-            for request in requests:
-                request.end = os.fstat(self._fd).st_size
-                request.waiting = list(self._unwritten)
-                if request.waiting and self._head_done:
-                    request.waiting[0] = request.waiting[0][self._head_done:]
-                request.set()
+            finally:
+                for request in requests:
+                    self._answer(request)
             if stop:
                 if self._unwritten or self._dropped:
                     logger.error("accounting log %s: %d rows could not be written and are LOST "
                                  "(and %d were DROPPED before)", self.path, len(self._unwritten), self._dropped)
                 return
 
+    def _answer(self, request: _Flush) -> None:
+        try:
+            request.end = os.fstat(self._fd).st_size
+            request.waiting = list(self._unwritten)
+            if request.waiting and self._head_done:
+                request.waiting[0] = request.waiting[0][self._head_done:]
+        finally:
+            request.set()
+
     def _keep(self, raw: tuple) -> None:
         if len(self._unwritten) >= self._limit:
-            self._write()  # a burst, not necessarily a full disk
+            self._write()  # a burst, or a full disk (then tried at most every RETRY_SECONDS)
         if len(self._unwritten) >= self._limit:
             self._dropped += 1
             if self._dropped == 1:
@@ -409,13 +415,18 @@ class AccountingLog:
         except Exception:
             logger.exception("accounting log %s: cannot format a row (job %s)", self.path, raw[-3:])
 
-    def _write(self) -> None:
+    def _write(self, force: bool = False) -> None:
+        """Write what waits, ``_BATCH`` rows per write(2); on failure keep it
+        all (a partly written row goes on where it stopped) and warn once."""
+        if self._stalled is not None and not force and time.monotonic() < self._retry_at:
+            return
         waited = len(self._unwritten)
         while self._unwritten:
             batch = b"".join(itertools.islice(self._unwritten, 0, _BATCH))
             try:
                 n = os.write(self._fd, memoryview(batch)[self._head_done:])
             except OSError as exc:
+                self._retry_at = time.monotonic() + RETRY_SECONDS
                 if self._stalled is None:
                     self._stalled = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
                     logger.warning("accounting log %s: %s; up to %d rows wait in memory and are written "
