@@ -254,6 +254,9 @@ class _Flush(threading.Event):
     waiting: List[bytes] = []
 
 
+_NOTHING = object()  # the queue had nothing (a retry is due)
+
+
 class AccountingLog:
     """Rows of finished jobs: appended to a CSV, or (without one) the last
     ``MEMORY_ROWS`` in memory.
@@ -362,29 +365,29 @@ class AccountingLog:
         while True:
             wait = max(0.0, self._retry_at - time.monotonic()) if self._unwritten else None
             try:
-                items = [self._queue.get(timeout=wait)]
+                item = self._queue.get(timeout=wait)
             except queue.Empty:
-                items = []
-            while True:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+                item = _NOTHING
             stop, requests = False, []
             try:
-                for it in items:
-                    if it is None:
+                while item is not _NOTHING:  # each row as it comes: a burst is never all held
+                    if item is None:
                         stop = True
-                    elif isinstance(it, _Flush):
-                        requests.append(it)
+                    elif isinstance(item, _Flush):
+                        requests.append(item)
                     else:
-                        self._keep(it)
+                        self._keep(item)
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        item = _NOTHING
                 self._write(force=stop)
             except Exception:  # a bug must not end the accounting for good
                 logger.exception("accounting log %s: unexpected error while writing", self.path)
             finally:
                 for request in requests:
                     self._answer(request)
+                item = None
             if stop:
                 if self._unwritten or self._dropped:
                     logger.error("accounting log %s: %d rows could not be written and are LOST "
@@ -414,6 +417,8 @@ class AccountingLog:
             self._unwritten.append(_encode_row(raw, self._out, self._csv))
         except Exception:
             logger.exception("accounting log %s: cannot format a row (job %s)", self.path, raw[-3:])
+        if len(self._unwritten) >= _BATCH:
+            self._write()
 
     def _write(self, force: bool = False) -> None:
         """Write what waits, ``_BATCH`` rows per write(2); on failure keep it

@@ -347,7 +347,7 @@ def test_past_the_bound_dropped_rows_are_counted_loudly(small_disk, caplog):
 
 # --------------------------------------------- 18: rows are not kept in memory
 def test_a_log_file_keeps_no_rows_in_memory(tmp_path):
-    n = 50_000
+    n = 20_000
     path = str(tmp_path / "acct.csv")
     records = [_record(i, uid=i % 2) for i in range(1, n + 1)]
     log = AccountingLog(path)
@@ -356,8 +356,7 @@ def test_a_log_file_keeps_no_rows_in_memory(tmp_path):
         base = tracemalloc.get_traced_memory()[0]
         for rec in records:
             log.record(rec, "q")
-        _wait_rows(path, n, timeout=60)
-        assert len(log.visible(1)) == n // 2  # a streamed read sees every row
+        assert sum(1 for _ in log.visible(1)) == n // 2  # written first, then streamed
         held = tracemalloc.get_traced_memory()[0] - base
         tracemalloc.reset_peak()
         totals = report(log.visible(None), "user")
@@ -366,8 +365,10 @@ def test_a_log_file_keeps_no_rows_in_memory(tmp_path):
     finally:
         log.close()
     assert totals[0]["jobs"] == n and totals[0]["cpu_seconds"] == pytest.approx(0.3 * n)
-    assert held < 2 * 1024 * 1024, held  # no rows kept
-    assert peak < 8 * 1024 * 1024, peak  # report aggregates as it reads
+    print(f"held {held} B, report peak {peak} B for {n} rows")
+    assert held < 1024 * 1024, held  # no rows kept (20,000 rows in memory: about 5.5 MB)
+    assert peak < 2 * 1024 * 1024, peak  # report aggregates as it reads (a list of rows: about 30 MB)
+    assert len(csv_rows(path)) == n
 
 
 def test_without_a_log_file_only_recent_rows_are_kept():
