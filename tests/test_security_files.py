@@ -232,11 +232,14 @@ def test_control_characters_cannot_write_a_line_of_their_own(users):
             Q.put(_raise_evil, evil, suppress_errors=True)
             Q.wait()
         rows = Remote(server.address, server.key).call("report", "user", True)
+        streamed = Remote(server.address, server.key).call("accounting", True)  # rows read from the CSV
         serves_within_1s(server.address, server.key)
     finally:
         assert server.stop() == 0
     n = 1 if names_refused else 2
     assert rows[0]["jobs"] == n
+    assert type(streamed) is list and len(streamed) == n and all("\n" not in r["exception"] for r in streamed
+                                                                   if r["exception"])
     with open(server.log_file, newline="") as f:
         lines = f.read().split("\n")
     assert lines[-1] == "" and len(lines) == n + 2  # header, n rows, final newline
