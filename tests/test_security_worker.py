@@ -8,6 +8,7 @@ worker never has to import this module.
 """
 
 import os
+import shutil
 import signal
 import statistics
 import time
@@ -34,8 +35,12 @@ def server(users, monkeypatch, request):
     monkeypatch.setenv(SECRET_ENV, "server-secret-" + uuid.uuid4().hex)
     s = Server("unix", workers=2, start_method=request.param)
     os.chmod(s.dir, 0o777)  # jobs leave their pid files there
-    yield s
-    assert s.stop() == 0  # SIGTERM still stops it
+    try:
+        yield s
+        assert s.stop() == 0  # SIGTERM still stops it
+    finally:
+        s.stop()
+        shutil.rmtree(s.dir, ignore_errors=True)
 
 
 def _queue(server, qid=None):
@@ -596,6 +601,7 @@ def test_a_killed_server_leaves_no_user_worker_behind(users):
         assert _wait_for(lambda: not any(_alive(p) for p in pids), 3), [p for p in pids if _alive(p)]
     finally:
         s.stop()
+        shutil.rmtree(s.dir, ignore_errors=True)
 
 
 # ------------------------------------------- a user whose worker cannot start
