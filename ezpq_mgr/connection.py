@@ -142,6 +142,18 @@ class Remote:
             raise result
         raise ConnectionError(f"unexpected answer from the ezpq server at {self.where}: {kind!r}")
 
+    def check_record(self, record: dict) -> dict:
+        """``ValueError`` now, at ``put()``, for a job the server would refuse
+        as too large (JSON carries bytes as base64: 4/3 of their size)."""
+        limit = self.max_message
+        if limit is not None:
+            size = sum(len(v) for v in record.values() if isinstance(v, (bytes, bytearray)))
+            if size * 4 // 3 + 4096 > limit:
+                raise ValueError(f"this job's function and arguments take {transport.describe_size(size)}, "
+                                 f"over the server's limit of {transport.describe_size(limit)} "
+                                 f"(ezpq-server --max-message)")
+        return record
+
     @staticmethod
     def _recv(sock: socket.socket):
         """One reply: header and (usually) body in one read."""

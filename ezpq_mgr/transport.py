@@ -137,14 +137,14 @@ def listen(address: Address) -> socket.socket:
 
 
 # ------------------------------------------------------------ client side
-def _open(address: Address, deadline: float) -> socket.socket:
+def _open(address: Address, deadline: float, timeout: float) -> socket.socket:
     """Connect; a Unix socket whose backlog is momentarily full (EAGAIN) is
     retried until the deadline instead of failing at once."""
     delay = 0.005
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"no answer within {CONNECT_TIMEOUT:.0f} s")
+            raise TimeoutError(f"no answer within {timeout:g} s")
         if isinstance(address, str):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(left)
@@ -166,14 +166,16 @@ def _open(address: Address, deadline: float) -> socket.socket:
 
 
 def connect(address: Address, authkey: bytes,
-            timeout: float = CONNECT_TIMEOUT) -> Tuple[socket.socket, Dict[str, Any]]:
+            timeout: Optional[float] = None) -> Tuple[socket.socket, Dict[str, Any]]:
     """A connected, authenticated (blocking) socket and the server's limits.
 
     Raises ``AuthenticationError`` for a wrong key (either side's),
     ``Refused`` when the server will not serve us, ``TimeoutError`` when it
-    does not answer within ``timeout``, ``OSError`` when nothing listens."""
+    does not answer within ``timeout`` (default ``CONNECT_TIMEOUT``),
+    ``OSError`` when nothing listens."""
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
-    sock = _open(address, deadline)
+    sock = _open(address, deadline, timeout)
     try:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         try:
@@ -186,7 +188,7 @@ def connect(address: Address, authkey: bytes,
             sock.sendall(frame(MAGIC + _mac(authkey, b"client:", first[len(MAGIC):]) + mine))
             reply = recv_frame(sock, HANDSHAKE_LIMIT)
         except socket.timeout:
-            raise TimeoutError(f"no answer within {timeout:.0f} s") from None
+            raise TimeoutError(f"no answer within {timeout:g} s") from None
         except EOFError:
             raise ConnectionError("the server closed the connection during the handshake") from None
         if reply.startswith(b"NO "):

@@ -288,6 +288,43 @@ def _as(pw, fn):
     return run
 
 
+def test_out_of_descriptors_pauses_accepting_instead_of_spinning():
+    """The server may open 160 descriptors; root (not capped) holds 300 idle
+    connections: accept() fails with EMFILE until the idle ones are closed."""
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))\n"
+            "from ezpq_mgr.cli import server_main; server_main()\n")
+    s = LoggedServer(code=code, extra=["--log-level", "INFO"])
+    socks = []
+    try:
+        for _ in range(300):
+            c = socket.socket(socket.AF_UNIX)
+            c.setblocking(False)
+            try:
+                c.connect(s.address)
+            except (BlockingIOError, InterruptedError):
+                pass
+            socks.append(c)
+        import psutil
+        proc = psutil.Process(s.proc.pid)
+        t0 = sum(proc.cpu_times()[:2])
+        time.sleep(2.0)  # measuring CPU use over a span, not waiting for an event
+        busy = sum(proc.cpu_times()[:2]) - t0
+        assert busy < 0.5, f"the server used {busy:.2f} s of CPU in 2 s while out of descriptors"
+        assert "Too many open files" in s.text()
+        assert len(s.text()) < 20000, "the log grew without bound"
+        t = time.monotonic()
+        while True:  # the idle connections are closed after 5 s; then a real client gets in
+            try:
+                Remote(s.address, s.key).call("info")
+                break
+            except EzpqConnectionError:
+                assert time.monotonic() - t < 20
+    finally:
+        for c in socks:
+            c.close()
+        assert s.stop() == 0, s.text()
+
+
 # ------------------------------------------- item 13: 50 clients at once
 def one_client(address, key, start, out):
     start.wait(30)
@@ -356,6 +393,10 @@ def test_oversize_message_is_refused_before_the_server_buffers_it(server):
     before = vm(pid, "VmHWM")
     with pytest.raises(ValueError, match="max-message"):
         remote.call("put", "big", [{"fn": b"x" * (300 * 1024 * 1024)}])
+    with ezpq.Queue(address=server.address, authkey=server.key, qid="big") as Q:
+        with pytest.raises(ValueError, match="max-message"):
+            Q.put(len, b"x" * (300 * 1024 * 1024))  # at the call, before anything is sent
+        assert Q.size() == 0
     # the same message sent raw, past the client library's check
     from ezpq_mgr import transport, wire
     sock = transport.connect(server.address, server.key)[0]
