@@ -395,7 +395,7 @@ class Supervisor:
     def _kill_and_record(self, seq: int, pid: int, procs: List[psutil.Process],
                          status: JobStatus, why: str, ended: float) -> None:
         survivors = kill_tree(procs)
-        code = next((p.returncode for p in procs if p.pid == pid and p.returncode), None)
+        code = next((p.returncode for p in procs if p.pid == pid and getattr(p, "returncode", None)), None)
         exitcode = code if code is not None and code < 0 else -signal.SIGTERM
         if survivors:
             why += f"; processes {survivors} survived SIGKILL"

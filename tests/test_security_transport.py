@@ -58,6 +58,13 @@ class LoggedServer:
                 become(user)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stderr=self.log, env=env, preexec_fn=preexec, cwd=self.dir)
+        try:
+            self._await(user)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _await(self, user):
         deadline = time.monotonic() + 30
         while True:
             assert self.proc.poll() is None, "ezpq-server exited during start-up: " + self.text()
@@ -512,3 +519,44 @@ def test_a_dying_server_thread_stops_the_server_non_zero():
         assert "injected supervisor bug" in s.text()
     finally:
         s.stop()
+
+
+# ------------------------------------- item 22: put_then loses the server
+def nap(x):
+    time.sleep(0.1)
+    return x
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_put_then_stress_jobs_ending_as_their_timeout_fires(start_method):
+    """lanes2.py's pattern, sharpened: every job ends just as its timeout
+    fires, so the kill races the job's own exit. A helper thread that died
+    of that race used to leave the job working for ever (Q.wait() hung);
+    now a dying thread stops the server, which the client sees as
+    ``lost the ezpq server ... EOFError`` inside ``put_then``. Neither may happen."""
+    rounds, jobs = (4, 32) if start_method == "fork" else (2, 24)
+    hogs = [FORK.Process(target=_spin, daemon=True) for _ in range(3)]  # a busy machine, as in a full run
+    for h in hogs:
+        h.start()
+    try:
+        _stress(start_method, rounds, jobs)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.join()
+
+
+def _spin():
+    while True:
+        pass
+
+
+def _stress(start_method, rounds, jobs):
+    for _ in range(rounds):
+        with ezpq.Queue(4, start_method=start_method) as Q:
+            for x in range(jobs):
+                Q.put(nap, x, timeout=0.1, lane=x % 4)
+            Q.wait()
+            out = Q.collect()
+        assert len(out) == jobs
+        assert {j["status"] for j in out} <= {"completed", "timeout"}, out
