@@ -114,10 +114,27 @@ class PeerConnection:
         """Queue ``obj`` as the next reply and send what the socket takes now
         (any thread; never blocks on the peer)."""
         body = self._dumps(obj)
-        if len(body) < _JOIN_BELOW:
-            parts = [memoryview(HEADER.pack(len(body)) + body)]
-        else:
-            parts = [memoryview(HEADER.pack(len(body))), memoryview(body)]
+        if len(body) < _JOIN_BELOW:  # the common case: one buffer, one attempt, no hand-off
+            data = HEADER.pack(len(body)) + body
+            with self._lock:
+                if self.closed:
+                    return
+                if self._pending:
+                    self._pending.append(memoryview(data))
+                else:
+                    try:
+                        n = self.sock.send(data, _MSG_DONTWAIT)
+                    except (BlockingIOError, InterruptedError):
+                        n = 0
+                    except OSError:
+                        self._fail()
+                        return
+                    if n == len(data):
+                        return
+                    self._pending.append(memoryview(data)[n:])
+            self._flusher.add(self)
+            return
+        parts = [memoryview(HEADER.pack(len(body))), memoryview(body)]
         with self._lock:
             if self.closed:
                 return
