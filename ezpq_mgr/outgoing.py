@@ -234,15 +234,16 @@ class Flusher:
         try:
             while not self._stopped:
                 with self._lock:
-                    conns = {c.fd: c for c in self._conns}
+                    waiting = list(self._conns)
                 poller = select.poll()
                 poller.register(self._wake_r, select.POLLIN)
-                for fd, conn in list(conns.items()):
+                conns = {}
+                for conn in waiting:  # closed ones first: their fd may be reused by a live one
                     if conn.closed:
                         self._done(conn)
-                        del conns[fd]
                     else:
-                        poller.register(fd, select.POLLOUT)
+                        conns[conn.fd] = conn
+                        poller.register(conn.fd, select.POLLOUT)
                 for fd, _ in poller.poll():
                     if fd == self._wake_r:
                         os.read(self._wake_r, 4096)
