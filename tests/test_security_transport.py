@@ -278,6 +278,8 @@ def test_idle_unauthenticated_connections_are_closed_and_others_served(server, u
         go.set()
         kind, closed, t_closed = out.get(timeout=30)
         assert closed == opened, f"{opened - closed} of {opened} idle connections still open"
+        assert f"uid {a.pw_uid}" in server.text() and "too many connections" in server.text()
+        assert "not authenticated within 5 s" in server.text()
         assert t_closed - t_open < 10
         assert served_within(server)
     finally:
