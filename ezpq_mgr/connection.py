@@ -62,6 +62,16 @@ def _describe(address: Address) -> str:
     return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
 
+def as_authkey(authkey: Union[bytes, str]) -> bytes:
+    """The key as bytes: ``str`` (the key file's text, ``$EZPQ_AUTHKEY``) is
+    UTF-8 encoded; anything else but bytes is a ``TypeError``."""
+    if isinstance(authkey, str):
+        return authkey.encode("utf-8")
+    if isinstance(authkey, (bytes, bytearray)):
+        return bytes(authkey)
+    raise TypeError(f"authkey must be bytes or str, not {type(authkey).__name__}")
+
+
 _generation = 0   # bumped in a forked child: the parent's connections are not ours
 
 
@@ -84,10 +94,7 @@ class Remote:
     checked before sending: an oversize call raises ``ValueError`` here."""
 
     def __init__(self, address: Address, authkey: Union[bytes, str], shared: bool = True):
-        if isinstance(authkey, str):
-            authkey = authkey.encode()
-        if not isinstance(authkey, (bytes, bytearray)):
-            raise TypeError(f"authkey must be bytes or str, not {type(authkey).__name__}")
+        authkey = as_authkey(authkey)
         self.address = address
         self.where = _describe(address)
         self._authkey = bytes(authkey)

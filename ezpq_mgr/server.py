@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import signal
+import stat
 import sys
 import threading
 from typing import List, Optional, Union
@@ -71,13 +72,18 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
                         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
         stop.set()
 
-    previous_hook = threading.excepthook
-    threading.excepthook = thread_died
+    accounting = AccountingLog(log_file)  # first: an unsafe log file refuses the start (LogFileError)
     state = QueueState()
     supervisor = Supervisor(state, workers, start_method, shared=shared)
-    accounting = AccountingLog(log_file)
     service = Service(state, supervisor, shared=shared, accounting=accounting)
-    listener = transport.listen(address)
+    try:
+        listener = transport.listen(address)
+    except BaseException:
+        accounting.close()
+        raise
+    ours = _identity(address) if isinstance(address, str) else None
+    previous_hook = threading.excepthook
+    threading.excepthook = thread_died
     if not shared:
         max_message = None
     server_stop = threading.Event()
@@ -126,9 +132,9 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         supervisor.stop()
         accounting.close()
         listener.close()
-        if isinstance(address, str):
+        if ours is not None and _identity(address) == ours:
             try:
-                os.unlink(address)
+                os.unlink(address)  # only our own socket: never what replaced it since
             except OSError:
                 pass
         threading.excepthook = previous_hook
@@ -138,6 +144,15 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
 
 def _pickle_dumps(obj) -> bytes:
     return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+
+
+def _identity(path: str) -> Optional[tuple]:
+    """(device, inode) of the socket at ``path`` (None: none there)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
 
 
 def _main_embedded() -> None:
