@@ -140,8 +140,8 @@ class ConnectionServer:
             except MessageTooLarge as exc:
                 conn.send(("#ERROR", ValueError(f"ezpq server: {exc}")))
                 continue
-            except (EOFError, OSError):
-                return
+            except (EOFError, OSError, MemoryError, OverflowError):
+                return  # gone, or a frame no memory can hold: this connection ends, not the server
             try:
                 method, args = self.loads(body)
                 if not isinstance(method, str) or not isinstance(args, (list, tuple)):
