@@ -172,6 +172,11 @@ def server_main(argv: Optional[List[str]] = None) -> None:
                         "in a directory only it and root can write, or a sticky one)")
     p.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], default=None)
     p.add_argument("--log-level", default="INFO", type=_log_level)
+    p.add_argument("--max-message", type=_size, default="256M",
+                   help="largest request a client may send, e.g. 64M, 1G (default 256M)")
+    p.add_argument("--allow-other-users", action="store_true",
+                   help="a server not run as root: serve every user anyway, running their jobs as "
+                        "this server's user (by default it serves only its own user)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be >= 1")
@@ -198,7 +203,7 @@ def server_main(argv: Optional[List[str]] = None) -> None:
 
     try:
         serve(address, key, args.workers, args.start_method, shared=True, log_file=args.log_file,
-              on_ready=on_ready)
+              on_ready=on_ready, max_message=args.max_message, allow_other_users=args.allow_other_users)
     except LogFileError as exc:
         _refuse(f"--log-file: {exc}")
     except (OSError, OverflowError, ValueError) as exc:
@@ -211,6 +216,20 @@ def server_main(argv: Optional[List[str]] = None) -> None:
             raise
         logger.debug("start-up failed", exc_info=True)
         _refuse(f"cannot start: {type(exc).__name__}: {exc} (--log-level DEBUG shows where)")
+
+
+def _size(text: str) -> int:
+    """``--max-message``: bytes, or with a K/M/G suffix (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().rstrip("IB") if text.strip().upper().endswith(("IB", "B")) else text.strip().upper()
+    unit = t[-1:] if t[-1:] in "KMG" else ""
+    try:
+        n = float(t[:-1] if unit else t) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256M)") from None
+    if not 1024 <= n < 1 << 62:
+        raise argparse.ArgumentTypeError(f"--max-message must be at least 1K, got {text!r}")
+    return int(n)
 
 
 def _socket_mode(address) -> None:

@@ -232,7 +232,7 @@ class Queue:
             raise ValueError("thread jobs cannot be killed: a timeout needs job_runner=Process")
         if self._runner == "thread" and job.max_memory:
             raise ValueError("thread jobs cannot be killed: max_memory needs job_runner=Process")
-        return {
+        return self._remote.check_record({
             "client": self._token,
             "user": self._user,
             "name": _plain_name(job.name),
@@ -249,7 +249,7 @@ class Queue:
             "retries": job.retries,
             "max_memory": job.max_memory,
             "env_id": self._env_id,
-        }
+        })
 
     def _put_jobs(self, jobs: List[Job]) -> List[int]:
         """Pickle every job first (all or nothing), then send them in one call."""

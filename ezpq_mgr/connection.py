@@ -7,12 +7,13 @@ subclass ``AuthenticationError``, naming the address.
 
 from __future__ import annotations
 
-import multiprocessing
-from multiprocessing import managers
 import os
+import pickle
+import socket
+import threading
 from typing import Optional, Tuple, Union
 
-from . import channel
+from . import transport
 from .errors import AuthenticationError, ConnectionError
 
 __all__ = ["Remote", "parse_address", "default_authkey", "authkey_path", "DEFAULT_PORT"]
@@ -71,56 +72,135 @@ def as_authkey(authkey: Union[bytes, str]) -> bytes:
     raise TypeError(f"authkey must be bytes or str, not {type(authkey).__name__}")
 
 
+_generation = 0   # bumped in a forked child: the parent's connections are not ours
+
+
+def _after_fork() -> None:
+    global _generation
+    _generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 class Remote:
-    """Calls the server's Service through a manager proxy, translating failures."""
+    """Calls the server's Service, translating failures.
+
+    Each thread has its own connection (a call waits for its reply, so
+    threads cannot share one); a forked child opens its own. A shared
+    server speaks JSON (wire.py), the private server of an embedded queue
+    pickle. The server's ``max_message`` is learnt at the handshake and
+    checked before sending: an oversize call raises ``ValueError`` here."""
 
     def __init__(self, address: Address, authkey: Union[bytes, str], shared: bool = True):
-        from . import wire
-        from .server import ServerManager
-
         authkey = as_authkey(authkey)
         self.address = address
         self.where = _describe(address)
-        self._plain = not shared
-        manager = ServerManager(address=address, authkey=authkey,
-                                serializer=wire.SERIALIZER if shared else "pickle")
+        self._authkey = bytes(authkey)
+        if shared:
+            from . import wire
+            self._dumps, self._loads = wire.dumps, wire.loads
+        else:
+            self._dumps, self._loads = _pickle_dumps, pickle.loads
+        self._local = threading.local()
+        self.max_message: Optional[int] = None
+        self._connection()
+
+    def _connection(self) -> socket.socket:
+        local = self._local
+        sock = getattr(local, "sock", None)
+        if sock is not None and local.generation == _generation:
+            return sock
         try:
-            manager.connect()
-            self._proxy = manager.service()
-        except multiprocessing.AuthenticationError as exc:
+            sock, info = transport.connect(self.address, self._authkey)
+        except AuthenticationError as exc:
             raise AuthenticationError(f"ezpq server at {self.where} refused the authkey: {exc}") from None
+        except transport.Refused as exc:
+            raise ConnectionError(str(exc)) from None
+        except ConnectionError as exc:
+            raise ConnectionError(f"cannot connect to an ezpq server at {self.where}: {exc}") from None
         except (OSError, EOFError) as exc:  # TimeoutError included
             raise ConnectionError(f"cannot connect to an ezpq server at {self.where}: {exc!r}") from None
+        self.max_message = info.get("max_message")
+        local.sock, local.generation = sock, _generation
+        return sock
 
     def call(self, method: str, *args):
+        body = self._dumps((method, args))
+        limit = self.max_message
+        if limit is not None and len(body) > limit:
+            raise ValueError(f"this call to {method!r} is {transport.describe_size(len(body))}, over the "
+                             f"server's limit of {transport.describe_size(limit)} (ezpq-server --max-message)")
+        sock = self._connection()
         try:
-            if self._plain:
-                return self._call_plain(method, args)
-            return self._proxy._callmethod(method, args)
-        except (EOFError, BrokenPipeError, ConnectionResetError, ConnectionRefusedError,
-                FileNotFoundError) as exc:
+            if len(body) < 65536:
+                sock.sendall(transport.HEADER.pack(len(body)) + body)
+            else:
+                sock.sendall(transport.HEADER.pack(len(body)))
+                sock.sendall(body)
+            kind, result = self._loads(self._recv(sock))
+        except (EOFError, OSError) as exc:
+            self._drop()
             raise ConnectionError(f"lost the ezpq server at {self.where}: {exc!r}") from None
-        except multiprocessing.AuthenticationError as exc:
-            raise AuthenticationError(f"ezpq server at {self.where} refused the authkey: {exc}") from None
-
-    def _call_plain(self, method: str, args: tuple):
-        """The proxy's ``_callmethod`` on a pickle connection, without
-        ForkingPickler's per-message cost (see channel.py)."""
-        proxy = self._proxy
-        try:
-            conn = proxy._tls.connection
-        except AttributeError:
-            proxy._connect()
-            conn = proxy._tls.connection
-        channel.send(conn, (proxy._id, method, args, {}))
-        kind, result = channel.recv(conn)
         if kind == "#RETURN":
             return result
-        raise managers.convert_to_error(kind, result)
+        if kind == "#ERROR" and isinstance(result, BaseException):
+            raise result
+        raise ConnectionError(f"unexpected answer from the ezpq server at {self.where}: {kind!r}")
+
+    def check_record(self, record: dict) -> dict:
+        """``ValueError`` now, at ``put()``, for a job the server would refuse
+        as too large (JSON carries bytes as base64: 4/3 of their size)."""
+        limit = self.max_message
+        if limit is not None:
+            size = sum(len(v) for v in record.values() if isinstance(v, (bytes, bytearray)))
+            if size * 4 // 3 + 4096 > limit:
+                raise ValueError(f"this job's function and arguments take {transport.describe_size(size)}, "
+                                 f"over the server's limit of {transport.describe_size(limit)} "
+                                 f"(ezpq-server --max-message)")
+        return record
+
+    @staticmethod
+    def _recv(sock: socket.socket):
+        """One reply: header and (usually) body in one read."""
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError
+        while len(data) < transport.HEADER.size:
+            more = sock.recv(65536)
+            if not more:
+                raise EOFError
+            data += more
+        end = transport.HEADER.size + transport.HEADER.unpack_from(data)[0]
+        if len(data) == end:
+            return data[transport.HEADER.size:]
+        if len(data) > end:
+            raise ConnectionError("ezpq protocol error: a reply arrived that nobody asked for")
+        body = bytearray(end - transport.HEADER.size)
+        have = len(data) - transport.HEADER.size
+        body[:have] = data[transport.HEADER.size:]
+        view = memoryview(body)
+        while have < len(body):
+            k = sock.recv_into(view[have:])
+            if not k:
+                raise EOFError
+            have += k
+        return body
+
+    def _drop(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        self._local.sock = None
+        if sock is not None and self._local.generation == _generation:
+            sock.close()
 
     def close(self) -> None:
-        """Drop this process's connections to the server."""
+        """Drop this thread's connection to the server."""
         try:
-            self._proxy._close()
+            self._drop()
         except Exception:
             pass
+
+
+def _pickle_dumps(obj) -> bytes:
+    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)

@@ -12,15 +12,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import multiprocessing
 import os
 import pwd
-import socket
-import struct
 import threading
-from multiprocessing import managers
 
-__all__ = ["Identity", "current", "IdentityServer", "owner", "user_name"]
+__all__ = ["Identity", "current", "serve_as", "owner", "user_name"]
 
 logger = logging.getLogger(__name__)
 _local = threading.local()
@@ -53,43 +49,6 @@ def current() -> Identity:
     return getattr(_local, "identity", None) or owner()
 
 
-def peer_identity(conn) -> Identity:
-    """The connection's peer (Unix socket), or the owner (TCP)."""
-    fd = conn.fileno()
-    sock = socket.socket(fileno=os.dup(fd))
-    try:
-        if sock.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
-            return owner()
-        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                            struct.calcsize("3i")))
-    finally:
-        sock.close()
-    privileged = uid == 0 or uid == os.getuid()
-    return Identity(uid, gid, user_name(uid), privileged)
-
-
-class IdentityServer(managers.Server):
-    """A manager Server that remembers each connection's peer on its thread,
-    and logs (then survives) a refused connection: the stdlib's accepter
-    thread dies on a wrong authkey, which would lock every client out."""
-
-    def accepter(self):
-        while True:
-            try:
-                c = self.listener.accept()
-            except multiprocessing.AuthenticationError as exc:
-                logger.warning("refused a connection: %s", exc)
-                continue
-            except OSError as exc:
-                if getattr(self, "stop_event", None) is not None and self.stop_event.is_set():
-                    return
-                logger.warning("accept failed: %s", exc)
-                continue
-            threading.Thread(target=self.handle_request, args=(c,), daemon=True).start()
-
-    def handle_request(self, conn):
-        try:
-            _local.identity = peer_identity(conn)
-        except OSError:
-            _local.identity = owner()
-        return super().handle_request(conn)
+def serve_as(identity: Identity) -> None:
+    """This thread now serves requests of ``identity`` (its connection's peer)."""
+    _local.identity = identity

@@ -10,26 +10,28 @@ the state's lock and sends it on the waiting client's connection right after
 releasing that lock. The serving thread keeps the deadline: if nothing
 answered in time it sends the timeout answer itself.
 
-A client's proxy sends nothing on a connection until its last call was
-answered, so at most one reply per connection is ever outstanding, and the
-deferred send never interleaves with the serving thread's own.
+A client sends nothing on a connection until its last call was answered,
+and the serving thread reads no request while a reply is still queued, so
+at most one reply per connection is outstanding. Sends never block (see
+outgoing.py): a stopped client cannot stall the supervisor that answers it.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import select
-import sys
 import threading
 import time
-from multiprocessing import util
-from traceback import format_exc
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
-from . import channel
-from .peers import IdentityServer
+from .errors import EzpqError
+from .outgoing import MessageTooLarge, PeerConnection
+from .peers import serve_as
 
-__all__ = ["DEFERRED", "Deferred", "Outbox", "ReplyingServer", "park", "reply_channel"]
+__all__ = ["DEFERRED", "Deferred", "Outbox", "ConnectionServer", "park", "reply_channel"]
+
+logger = logging.getLogger(__name__)
 
 #: What a service method returns when its answer will be sent later.
 DEFERRED = object()
@@ -77,77 +79,104 @@ class Outbox:
 
 def reply_channel(transform: Callable[[Any], Any]) -> Optional[Callable[[Any], None]]:
     """A sender of ``transform(answer)`` to the client this thread serves, or
-    None when this thread serves no client connection (the call must block)."""
+    None when this thread serves no client connection (the call must block).
+    The send never blocks: what the client does not take now is left to the
+    connection's flusher (see outgoing.py)."""
     conn = getattr(_local, "conn", None)
     if conn is None:
         return None
 
     def send(answer: Any) -> None:
         try:
-            channel.send(conn, ("#RETURN", transform(answer)))
-        except Exception:  # the client is gone: nobody to tell
-            util.info("could not send a deferred reply: %s", format_exc())
+            msg = ("#RETURN", transform(answer))
+        except Exception as exc:
+            msg = ("#ERROR", exc)
+        _send_reply(conn, msg)
 
     return send
 
 
-class ReplyingServer(IdentityServer):
-    """A manager Server whose serving loop understands ``DEFERRED``.
+def _send_reply(conn: PeerConnection, msg: tuple) -> None:
+    try:
+        conn.send(msg)
+    except Exception as exc:  # an answer our serializer refuses
+        logger.error("cannot send a reply: %s", exc)
+        conn.send(("#ERROR", EzpqError(f"the server could not send its answer: {exc}")))
 
-    ``state`` supplies ``outbox`` (delivered after every call) and
-    ``settle(deferred, answer)`` (answer now, or withdraw)."""
 
-    state: Any = None
+class ConnectionServer:
+    """Serves the requests of authenticated connections, one thread each.
 
-    def serve_client(self, conn):
+    A request is ``(method, args)``; only the service's ``exposed`` methods
+    exist (the stdlib manager's built-ins, ``shutdown`` and friends, do not).
+    Replies are ``("#RETURN", value)`` or ``("#ERROR", exception)``."""
+
+    def __init__(self, service: Any, exposed: Iterable[str], state: Any, loads: Callable[[bytes], Any],
+                 stop_event: threading.Event):
+        self.service = service
+        self.exposed = frozenset(exposed)
+        self.state = state
+        self.loads = loads
+        self.stop_event = stop_event
+
+    def serve(self, conn: PeerConnection) -> None:
+        """The serving thread of one connection, until the client leaves."""
         _local.conn = conn
-        id_to_obj = self.id_to_obj
+        serve_as(conn.identity)
+        try:
+            self._loop(conn)
+        finally:
+            _local.conn = None
+            conn.close()
+
+    def _loop(self, conn: PeerConnection) -> None:
+        service, exposed, outbox = self.service, self.exposed, self.state.outbox
         while not self.stop_event.is_set():
-            try:
-                request = channel.recv(conn)
-            except (EOFError, OSError):
+            conn.wait_drained()  # one reply in flight per connection, at most
+            if conn.closed:
                 return
             try:
-                ident, methodname, args, kwds = request
-                obj, exposed, _ = id_to_obj[ident]
-                if methodname not in exposed:
-                    raise AttributeError(f"method {methodname!r} is not exposed")
+                body = conn.read()
+            except MessageTooLarge as exc:
+                conn.send(("#ERROR", ValueError(f"ezpq server: {exc}")))
+                continue
+            except (EOFError, OSError, MemoryError, OverflowError):
+                return  # gone, or a frame no memory can hold: this connection ends, not the server
+            try:
+                method, args = self.loads(body)
+                if not isinstance(method, str) or not isinstance(args, (list, tuple)):
+                    raise TypeError
+            except Exception:
+                conn.send(("#ERROR", ValueError("ezpq server: malformed request")))
+                continue
+            if method not in exposed:
+                msg = ("#ERROR", AttributeError(f"method {method[:100]!r} is not exposed"))
+            else:
                 try:
-                    res = getattr(obj, methodname)(*args, **kwds)
+                    msg = ("#RETURN", getattr(service, method)(*args))
                 except Exception as e:
                     msg = ("#ERROR", e)
-                else:
-                    msg = ("#RETURN", res)
-            except Exception:
-                msg = ("#TRACEBACK", format_exc())
-            outbox = self.state.outbox
             outbox.deliver()
             if msg[1] is DEFERRED:
                 self._park(conn, _local.parked)
                 continue
-            try:
-                try:
-                    channel.send(conn, msg)
-                except Exception:
-                    conn.send(("#UNSERIALIZABLE", format_exc()))
-            except Exception:
-                conn.close()
-                sys.exit(1)
+            _send_reply(conn, msg)
 
-    def _park(self, conn, d: Deferred) -> None:
+    def _park(self, conn: PeerConnection, d: Deferred) -> None:
         """Hold the deadline of our deferred call. Data from the client means
         it has its answer (or is gone): withdraw the call if still parked."""
         outbox = self.state.outbox
         poller = getattr(_local, "poller", None)
-        if poller is None:  # conn.poll() builds a selector per call: 10x slower
+        if poller is None or _local.poller_fd != conn.fd:  # conn.poll() would build a selector per call
             poller = _local.poller = select.poll()
-            poller.register(conn.fileno(), select.POLLIN)
+            _local.poller_fd = conn.fd
+            poller.register(conn.fd, select.POLLIN)
         while True:
             left = d.deadline - time.monotonic()
             if left <= 0:
                 self.state.settle(d, answer=True)
                 break
-            if poller.poll(max(1, int(min(left, _SAFETY_POLL) * 1000))):
+            if conn.has_buffered_input or poller.poll(max(1, int(min(left, _SAFETY_POLL) * 1000))):
                 self.state.settle(d, answer=False)
                 break
             if d in outbox:

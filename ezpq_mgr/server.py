@@ -16,104 +16,141 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import stat
 import sys
 import threading
-from multiprocessing.managers import BaseManager
-from typing import Optional, Union
+from typing import List, Optional, Union
 
-from . import wire
+from . import peers, transport, wire
 from .accounting import AccountingLog
-from .replies import ReplyingServer
+from .doorman import Doorman
+from .outgoing import Flusher, PeerConnection
+from .replies import ConnectionServer
 from .service import Service
 from .state import QueueState
 from .supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServerManager", "serve"]
+__all__ = ["serve", "ServerDied"]
 
-_SERVICE: Optional[Service] = None
-
-
-def _get_service() -> Service:
-    if _SERVICE is None:
-        raise RuntimeError("no ezpq service in this process")
-    return _SERVICE
+class ServerDied(SystemExit):
+    """A server thread died of an unexpected exception: the server stopped
+    (exit status 1, so that systemd restarts it) instead of living on."""
 
 
-class ServerManager(BaseManager):
-    """The manager both sides use: the server serves, clients connect."""
-
-
-ServerManager.register("service", callable=_get_service, exposed=Service.EXPOSED)
+_WORKER_FRAME_LIMIT = (1 << 32) - 1
 
 
 def serve(address: Union[str, tuple], authkey: bytes, workers: int,
           start_method: Optional[str] = None, prestart: bool = True,
           shared: bool = True, log_file: Optional[str] = None,
-          on_ready=None, stop_event: Optional[threading.Event] = None) -> None:
+          on_ready=None, stop_event: Optional[threading.Event] = None,
+          max_message: Optional[int] = transport.DEFAULT_MAX_MESSAGE,
+          allow_other_users: bool = False) -> None:
     """Run a server until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
     ``shared``: several users may connect: JSON on the wire (never pickle),
     per-user queues, jobs run as their submitter when we are root. The
-    private server of an embedded queue (one user) passes False."""
-    global _SERVICE
+    private server of an embedded queue (one user) passes False, and no
+    message limit (its client is its owner).
+
+    A non-root server serves only its owner's uid over a Unix socket, since
+    it cannot run anyone else's jobs as them; ``allow_other_users`` lets
+    everyone in, their jobs running as the owner (logged at start).
+
+    Any thread dying of an unexpected exception is logged and stops the
+    server with ``ServerDied`` (exit status 1)."""
     stop = stop_event or threading.Event()
+    died: List[str] = []
+
+    def thread_died(args) -> None:
+        if args.exc_type is SystemExit:
+            return
+        died.append(getattr(args.thread, "name", "?"))
+        logger.critical("server thread %s died; stopping the server",
+                        getattr(args.thread, "name", "?"),
+                        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        stop.set()
+
     accounting = AccountingLog(log_file)  # first: an unsafe log file refuses the start (LogFileError)
     state = QueueState()
-    supervisor = Supervisor(state, workers, start_method, shared=shared, subreaper=True)
-    _SERVICE = Service(state, supervisor, shared=shared, accounting=accounting)
-    serializer = wire.SERIALIZER if shared else "pickle"
+    # a worker's messages (a job's output) obey the server's limit; a private
+    # server has none, so only the worker format's own 4 GiB frame bound holds
+    worker_limit = min(max_message, _WORKER_FRAME_LIMIT) if shared and max_message else _WORKER_FRAME_LIMIT
+    supervisor = Supervisor(state, workers, start_method, shared=shared, subreaper=True,
+                            max_message=worker_limit)
+    service = Service(state, supervisor, shared=shared, accounting=accounting)
     try:
-        server = ReplyingServer(ServerManager._registry, address, authkey, serializer)
+        listener = transport.listen(address)
     except BaseException:
         accounting.close()
         raise
-    server.state = state
-    ours = None
-    if isinstance(address, str):
-        os.chmod(address, 0o600)
-        ours = _identity(address)
-        _no_blind_unlink(server.listener)
+    ours = _identity(address) if isinstance(address, str) else None
+    previous_hook = threading.excepthook
+    threading.excepthook = thread_died
+    if not shared:
+        max_message = None
+    server_stop = threading.Event()
+    flusher = Flusher()
+    dumps = wire.dumps if shared else _pickle_dumps
+    connections = ConnectionServer(service, Service.EXPOSED, state, wire.loads if shared else pickle.loads,
+                                   server_stop)
+
+    def admit(sock, identity, release) -> None:
+        conn = PeerConnection(sock, identity, dumps, flusher, max_message, on_close=release)
+        threading.Thread(target=connections.serve, args=(conn,), name=f"ezpq-client-{identity.user}",
+                         daemon=True).start()
+
+    doorman = Doorman(listener, authkey, admit, {"max_message": max_message},
+                      allow_other_users=allow_other_users)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     supervisor.start(prestart=bool(prestart))
-    server.stop_event = threading.Event()  # serve_forever() would make it; we run the accepter ourselves
-    threading.Thread(target=server.accepter, name="ezpq-accepter", daemon=True).start()
-    logger.info("ezpq server pid %s listening on %s with %s workers", os.getpid(), server.address, workers)
+    threads = [threading.Thread(target=flusher.run, name="ezpq-flusher", daemon=True),
+               threading.Thread(target=doorman.run, name="ezpq-doorman", daemon=True)]
+    for t in threads:
+        t.start()
+    where = listener.getsockname()
+    logger.info("ezpq server pid %s listening on %s with %s workers", os.getpid(), where, workers)
+    me = peers.owner()
+    if shared and me.uid != 0:
+        if allow_other_users:
+            logger.warning("--allow-other-users: this server runs as %s, so every user's jobs run as "
+                           "%s (and can read %s's files)", me.user, me.user, me.user)
+        else:
+            logger.info("serving only %s: a server that is not root cannot run jobs as other users",
+                        me.user)
     if on_ready is not None:
-        on_ready(server.address)
+        on_ready(address if isinstance(address, str) else where[:2])
     try:
         while not stop.wait():
             pass
     finally:
         logger.info("ezpq server stopping")
-        server.stop_event.set()
+        server_stop.set()
+        doorman.stop()
+        flusher.stop()
+        for t in threads:
+            t.join(5)
         supervisor.stop()
         accounting.close()
-        try:
-            server.listener.close()
-        except OSError:
-            pass
+        listener.close()
         if ours is not None and _identity(address) == ours:
             try:
                 os.unlink(address)  # only our own socket: never what replaced it since
             except OSError:
                 pass
+        threading.excepthook = previous_hook
+    if died:
+        raise ServerDied(1)
 
 
-def _no_blind_unlink(listener) -> None:
-    """multiprocessing's Unix listener unlinks its path when closed and at
-    exit, whatever is there by then (another server's socket, a file that
-    replaced ours); ``serve`` removes its own socket itself instead."""
-    inner = getattr(listener, "_listener", None)
-    unlink = getattr(inner, "_unlink", None)
-    if unlink is not None:
-        unlink.cancel()
-        inner._unlink = None
+def _pickle_dumps(obj) -> bytes:
+    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
 
 
 def _identity(path: str) -> Optional[tuple]:

@@ -2,7 +2,7 @@
 
 A shared ``ezpq-server`` talks to clients of several OS users, so it must
 never unpickle what a client sends (a pickle can run any code). Its manager
-uses this serializer instead: tagged JSON for the manager's messages and our
+uses this serializer instead (framing and handshake: transport.py): tagged JSON for the manager's messages and our
 replies: bytes (base64), tuples, and exceptions of a fixed allowlist (ours
 and a few builtins, so ``QueueFull`` still arrives as ``QueueFull``). Job
 payloads stay opaque bytes until a worker running as their submitter loads
@@ -14,17 +14,11 @@ from __future__ import annotations
 import base64
 import builtins
 import json
-import os
-import socket
-import threading
-from multiprocessing import connection, managers
 from typing import Any
 
 from . import errors
 
-__all__ = ["SERIALIZER", "dumps", "loads"]
-
-SERIALIZER = "ezpq-json"
+__all__ = ["dumps", "loads"]
 
 _EXCEPTIONS = {name: getattr(errors, name) for name in errors.__all__}
 _EXCEPTIONS.update({name: getattr(builtins, name) for name in (
@@ -82,53 +76,3 @@ def dumps(obj: Any) -> bytes:
 
 def loads(data: bytes) -> Any:
     return _decode(json.loads(data))
-
-
-class JsonListener(connection.Listener):
-    def accept(self):
-        return connection.ConnectionWrapper(super().accept(), dumps, loads)
-
-
-CONNECT_TIMEOUT = 10.0
-
-
-def JsonClient(address, family=None, authkey=None):  # noqa: N802 (multiprocessing's naming)
-    """Connect and authenticate within CONNECT_TIMEOUT, or fail: a server
-    that accepts but never answers (stopped, wedged) must not hang us."""
-    family = family or connection.address_type(address)
-    sock = socket.socket(getattr(socket, family))
-    sock.settimeout(CONNECT_TIMEOUT)
-    try:
-        sock.connect(address)
-    except BaseException:
-        sock.close()
-        raise
-    sock.settimeout(None)
-    watchdog = threading.Timer(CONNECT_TIMEOUT, _shut, args=(sock,))
-    watchdog.daemon = True
-    conn = connection.Connection(os.dup(sock.fileno()))
-    watchdog.start()
-    try:
-        if authkey is not None:
-            connection.answer_challenge(conn, authkey)
-            connection.deliver_challenge(conn, authkey)
-    except EOFError:
-        conn.close()
-        raise TimeoutError(f"no answer from {address} within {CONNECT_TIMEOUT:.0f} s") from None
-    except BaseException:
-        conn.close()
-        raise
-    finally:
-        watchdog.cancel()
-        sock.close()
-    return connection.ConnectionWrapper(conn, dumps, loads)
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-managers.listener_client[SERIALIZER] = (JsonListener, JsonClient)

@@ -127,15 +127,16 @@ def test_server_never_unpickles_what_a_client_sends(server, tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    conn = Client(server.address, authkey=server.key)
+    from ezpq_mgr import transport, wire
+    with pytest.raises(Exception):  # the stdlib's client cannot even complete the handshake
+        Client(server.address, authkey=server.key).send_bytes(pickle.dumps(Evil()))
+    sock = transport.connect(server.address, server.key)[0]  # authenticated, then a raw pickle
     try:
-        conn.send_bytes(pickle.dumps(Evil()))
-        try:
-            conn.recv_bytes()
-        except (EOFError, OSError):
-            pass
+        sock.sendall(transport.frame(pickle.dumps(Evil())))
+        kind, exc = wire.loads(transport.recv_frame(sock))
+        assert kind == "#ERROR" and "malformed request" in str(exc)
     finally:
-        conn.close()
+        sock.close()
     assert not marker.exists()
     assert Remote(server.address, server.key).call("info")["shared"] is True
 
@@ -279,8 +280,8 @@ def test_a_blocked_get_notices_a_dead_server(server):
 def test_a_server_that_never_answers_fails_within_10_s(tmp_path, monkeypatch):
     import socket
     import time
-    from ezpq_mgr import wire
-    monkeypatch.setattr(wire, "CONNECT_TIMEOUT", 1.0)
+    from ezpq_mgr import transport
+    monkeypatch.setattr(transport, "CONNECT_TIMEOUT", 1.0)
     path = str(tmp_path / "mute.sock")
     mute = socket.socket(socket.AF_UNIX)
     mute.bind(path)
