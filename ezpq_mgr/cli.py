@@ -156,9 +156,12 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     refused to start (bad usage, unsafe key or log file, a live server or a
     non-socket at ``--socket``, an address in use), with a one-line reason
     on stderr, never a traceback."""
+    import faulthandler
+    import signal
     from .accounting import LogFileError
     from .server import serve
 
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
     p = argparse.ArgumentParser(prog="ezpq-server", description="Run a shared ezpq_mgr server.",
                                 epilog="exit codes: 0 stopped, 1 failed while serving, 2 refused to start")
     where = p.add_mutually_exclusive_group()

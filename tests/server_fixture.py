@@ -1,6 +1,7 @@
 """Start a real ``ezpq-server`` subprocess for tests (Unix socket or TCP)."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -65,6 +66,8 @@ class Server:
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGUSR1)  # its threads' stacks, to stderr
+                time.sleep(0.5)
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
