@@ -60,9 +60,14 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--log-file", default=None, help="accounting CSV: one row per finished job")
     p.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], default=None)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--keep-finished", type=float, default=86400.0, metavar="SECONDS",
+                   help="drop finished jobs nobody collected after SECONDS (default 86400, one day; "
+                        "0: keep them); their accounting rows stay in the log")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    if not 0 <= args.keep_finished < float("inf"):
+        p.error("--keep-finished must be a finite number of seconds >= 0")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s ezpq-server[%(process)d] %(levelname)s %(message)s")
     key = ensure_authkey(args.authkey_file or authkey_path())
@@ -70,7 +75,7 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     if isinstance(address, str) and os.path.exists(address):
         os.unlink(address)
     serve(address, key, args.workers, args.start_method, shared=True, log_file=args.log_file,
-          on_ready=_socket_mode)
+          on_ready=_socket_mode, keep_finished=args.keep_finished or None)
 
 
 def _socket_mode(address) -> None:
@@ -161,7 +166,7 @@ def _cmd_submit(remote, args, me, address, key):
     try:
         job_id = q.put(run_command, args=[list(args.command), dict(os.environ)], name=args.name or args.command[0],
                        priority=args.priority, lane=args.lane, timeout=args.timeout, suppress_errors=True)
-        seq = next(j for j in remote.call("jobs", args.qid) if j["id"] == job_id)["seq"]
+        seq = remote.call("job", args.qid, job_id)["seq"]   # not "jobs": the qid may hold thousands
     finally:
         q.detach()
     if args.json:
@@ -304,4 +309,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except EzpqError as exc:
         print(f"ezpq: {exc}", file=sys.stderr)
         code = EXIT_JOB
+    except (TypeError, ValueError) as exc:  # refused input (ours or the server's check)
+        print(f"ezpq: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
     sys.exit(code)

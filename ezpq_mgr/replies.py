@@ -29,7 +29,8 @@ from typing import Any, Callable, Optional
 from . import channel
 from .peers import IdentityServer
 
-__all__ = ["DEFERRED", "Deferred", "Outbox", "ReplyingServer", "park", "reply_channel"]
+__all__ = ["DEFERRED", "Deferred", "Outbox", "ReplyingServer", "at_disconnect", "park",
+           "reply_channel"]
 
 #: What a service method returns when its answer will be sent later.
 DEFERRED = object()
@@ -99,6 +100,16 @@ class ReplyingServer(IdentityServer):
 
     state: Any = None
 
+    def handle_request(self, conn):
+        try:
+            super().handle_request(conn)
+        finally:  # the client disconnected (or was refused): run its hooks
+            for fn in getattr(_local, "at_disconnect", ()):
+                try:
+                    fn()
+                except Exception:
+                    util.info("a disconnect hook failed: %s", format_exc())
+
     def serve_client(self, conn):
         _local.conn = conn
         id_to_obj = self.id_to_obj
@@ -159,3 +170,12 @@ def park(d: Deferred) -> object:
     """Called by a service method: this thread's call is answered later."""
     _local.parked = d
     return DEFERRED
+
+
+def at_disconnect(fn: Callable[[], None]) -> None:
+    """Called by a service method: run ``fn()`` on this thread when its
+    client's connection closes."""
+    hooks = getattr(_local, "at_disconnect", None)
+    if hooks is None:
+        hooks = _local.at_disconnect = []
+    hooks.append(fn)

@@ -52,18 +52,22 @@ ServerManager.register("service", callable=_get_service, exposed=Service.EXPOSED
 def serve(address: Union[str, tuple], authkey: bytes, workers: int,
           start_method: Optional[str] = None, prestart: bool = True,
           shared: bool = True, log_file: Optional[str] = None,
-          on_ready=None, stop_event: Optional[threading.Event] = None) -> None:
+          on_ready=None, stop_event: Optional[threading.Event] = None,
+          keep_finished: Optional[float] = None) -> None:
     """Run a server until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
     ``shared``: several users may connect: JSON on the wire (never pickle),
     per-user queues, jobs run as their submitter when we are root. The
-    private server of an embedded queue (one user) passes False."""
+    private server of an embedded queue (one user) passes False.
+    ``keep_finished``: drop finished jobs nobody collected after that many
+    seconds (None: keep them until collected)."""
     global _SERVICE
     stop = stop_event or threading.Event()
     state = QueueState()
     supervisor = Supervisor(state, workers, start_method, shared=shared)
     accounting = AccountingLog(log_file)
-    _SERVICE = Service(state, supervisor, shared=shared, accounting=accounting)
+    _SERVICE = Service(state, supervisor, shared=shared, accounting=accounting,
+                       keep_finished=keep_finished)
     serializer = wire.SERIALIZER if shared else "pickle"
     server = ReplyingServer(ServerManager._registry, address, authkey, serializer)
     server.state = state
@@ -84,6 +88,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     finally:
         logger.info("ezpq server stopping")
         server.stop_event.set()
+        _SERVICE.close()
         supervisor.stop()
         accounting.close()
         try:
