@@ -299,6 +299,7 @@ class Queue:
     def _wait_loop(self, step: Callable[[float], Any], done: Callable[[Any], bool],
                    timeout: float = 0):
         """Call ``step(slice)`` until ``done(result)`` or ``timeout`` (0 = none) passes."""
+        timeout = schema.client_timeout(timeout)
         deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
         while True:
             left = 5.0 if deadline is None else max(0.0, deadline - time.monotonic())
@@ -422,6 +423,7 @@ class Queue:
         """Block until this queue has no waiting or working job (or ``timeout``).
 
         Returns how many are still waiting or working (0 = all done)."""
+        schema.client_timeout(timeout)
         if show_progress:
             return self.waitpb(poll, timeout)
         return self._wait_loop(lambda s: self._call("wait_pending", self._qid, 1, s),

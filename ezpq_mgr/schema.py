@@ -31,7 +31,7 @@ __all__ = [
     "INT64_MIN", "INT64_MAX", "SETTINGS", "CLIENT_FIELDS", "SERVER_FIELDS", "RUNNERS",
     "check_record", "check_records", "check_settings", "check_text", "check_name", "check_int",
     "check_bool", "check_timeout", "check_priority", "check_retries", "check_max_memory",
-    "check_qid", "check_token", "check_ids", "check_blob", "wait_timeout",
+    "check_qid", "check_token", "check_ids", "check_blob", "wait_timeout", "client_timeout",
 ]
 
 DAY = 86400.0
@@ -186,6 +186,19 @@ def wait_timeout(value: Any, longest: float) -> float:
     if not 0 <= value < math.inf:
         raise ValueError(f"timeout must be a finite number >= 0, got {value!r}")
     return longest if value == 0 else min(float(value), longest)
+
+
+def client_timeout(value: Any) -> float:
+    """A client library call's own timeout (``wait``, ``get``, ...): a number
+    >= 0; 0, None and inf mean none. NaN is refused: it would make the
+    call loop forever without waiting."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds, not {_kind(value)}")
+    if not value >= 0:
+        raise ValueError(f"timeout must be >= 0, got {value!r}")
+    return 0.0 if value == math.inf else float(value)
 
 
 # -------------------------------------------------------------- settings

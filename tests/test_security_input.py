@@ -461,4 +461,8 @@ def test_queue_put_checks_before_sending():
             Q.put(abs, -1, timeout=math.nan)
         with pytest.raises(ValueError, match="name"):
             Q.put(abs, -1, name="a\nb")
+        with pytest.raises(ValueError, match="timeout"):
+            Q.get(wait=True, timeout=math.nan)
+        with pytest.raises(ValueError, match="timeout"):
+            Q.wait(timeout=-1)
         assert Q.size() == 0
