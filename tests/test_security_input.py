@@ -315,8 +315,7 @@ def test_nan_inf_negative_wait_timeouts_return_promptly_and_spin_nothing(server,
              ("wait_jobs", lambda t: [[seq], t]), ("wait_client", lambda t: [token, t])]
     results = {}
 
-    def one(method, args, key):
-        r = Remote(server.address, server.key)
+    def one(r, method, args, key):
         t0 = time.monotonic()
         results[key] = (refused(r.call, method, *args), time.monotonic() - t0)
         r.close()
@@ -324,7 +323,8 @@ def test_nan_inf_negative_wait_timeouts_return_promptly_and_spin_nothing(server,
     threads = []
     for t in (math.nan, math.inf, -math.inf, -1.0, 1e300):
         for method, args in calls:
-            th = threading.Thread(target=one, args=(method, args(t), (method, t)), daemon=True)
+            r = Remote(server.address, server.key)   # connect one at a time (listen backlog)
+            th = threading.Thread(target=one, args=(r, method, args(t), (method, t)), daemon=True)
             th.start()
             threads.append(th)
     for th in threads:
