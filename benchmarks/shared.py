@@ -10,20 +10,21 @@ import time
 from jobs import noop
 
 
-def _client(address, key, n, start, results):
+def _client(address, key, n, start, results, job=noop):
     import ezpq_mgr
     with ezpq_mgr.Queue(address=address, authkey=key) as Q:
         results.put("connected")
         start.wait()
-        ids = [Q.put(noop, i) for i in range(n)]
+        ids = [Q.put(job, i) for i in range(n)]
         Q.wait()
         out = Q.collect()
     results.put((os.getpid(), sorted(j["output"] for j in out) == list(range(n)),
                  sorted(j["id"] for j in out) == sorted(ids), time.perf_counter()))
 
 
-def w5(clients=4, n=1000, workers=2):
-    """Aggregate jobs/s of ``clients`` processes x ``n`` no-op jobs; and whether
+def w5(clients=4, n=1000, workers=2, job=noop):
+    """Aggregate jobs/s of ``clients`` spawned processes x ``n`` no-op jobs
+    (``job``: pass one defined in the caller's main script); and whether
     each client got exactly its own results."""
     tmp = tempfile.mkdtemp(prefix="ezpq-bench-")
     sock, keyfile = os.path.join(tmp, "s.sock"), os.path.join(tmp, "key")
@@ -39,7 +40,7 @@ def w5(clients=4, n=1000, workers=2):
         key = open(keyfile, "rb").read().strip()
         ctx = multiprocessing.get_context("spawn")
         start, results = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_client, args=(sock, key, n, start, results)) for _ in range(clients)]
+        procs = [ctx.Process(target=_client, args=(sock, key, n, start, results, job)) for _ in range(clients)]
         for p in procs:
             p.start()
         for _ in procs:  # every client connected before the clock starts

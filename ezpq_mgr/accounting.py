@@ -4,27 +4,59 @@ Rows hold every job-dict field but the payloads (output, args, kwargs), as
 plain values, so they go to a CSV (``ezpq-server --log-file``) and to
 ``ezpq report``, which sums them like Slurm's ``sacct``: jobs, failures,
 CPU seconds, peak and mean ``max_rss``, runtime, per user, function or qid.
-The CSV is written by a background thread, never under the queue's lock.
+
+The CSV is written by a background thread, never under the queue's lock,
+and it is the only copy: ``report`` and ``accounting`` read this server
+run's rows back from it as they go (memory stays flat however many jobs
+ran). Without a log file the last ``MEMORY_ROWS`` rows are kept in memory.
+
+A root server appends to this file, so it is opened like a privileged
+daemon opens its logs: never through a symbolic link, never a file with
+other hard links or another owner, never in a directory that someone else
+could change; control characters in fields are escaped (``\\n``, ``\\x1b``)
+so that one job is always one line. When the disk is full, rows wait in a
+bounded buffer and are written when space returns; rows past the bound are
+counted and the count is logged as an error, never dropped silently.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
+import errno
+import io
+import itertools
+import logging
 import operator
 import os
+import pwd
 import queue
+import re
+import stat
 import threading
+import time
 from datetime import datetime
-from typing import Dict, List, Optional
+from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional
 
 from .job import FIELDS
 
-__all__ = ["AccountingLog", "ROW_FIELDS", "report", "REPORT_KEYS"]
+__all__ = ["AccountingLog", "LogFileError", "ROW_FIELDS", "report", "REPORT_KEYS", "MEMORY_ROWS",
+           "PENDING_ROWS"]
+
+logger = logging.getLogger(__name__)
 
 ROW_FIELDS = tuple(f for f in FIELDS if f not in ("output", "args", "kwargs")) + ("uid", "job")
 REPORT_KEYS = ("user", "function", "qid")
 _TIMES = ("submitted", "started", "ended", "processed")
 
+#: Without a log file, ``report`` sees at most this many recent rows.
+MEMORY_ROWS = 10_000
+#: With a log file that cannot be written (disk full), at most this many
+#: rows wait in memory; later ones are counted as dropped.
+PENDING_ROWS = 100_000
+#: How often rows that wait for disk space are tried again (seconds).
+RETRY_SECONDS = 0.5
+_BATCH = 512  # rows per write(2)
 
 #: JobRecord attributes kept per finished job (payloads and blobs never are)
 _RAW_FIELDS = tuple(f for f in ROW_FIELDS
@@ -32,6 +64,16 @@ _RAW_FIELDS = tuple(f for f in ROW_FIELDS
 _KEPT = _RAW_FIELDS + ("qid", "status")
 _UID = _KEPT.index("uid")
 _raw_values = operator.attrgetter(*_RAW_FIELDS)
+
+_INTS = frozenset(("id", "priority", "exitcode", "max_rss", "max_rss_children", "pid", "uid", "retries",
+                   "attempts", "max_memory", "job"))
+_FLOATS = frozenset(("timeout", "runtime", "cpu_user", "cpu_system"))
+_CSV_UID = ROW_FIELDS.index("uid")
+_HEADER = (",".join(ROW_FIELDS) + "\n").encode()
+
+
+class LogFileError(Exception):
+    """The accounting log cannot be used safely; the message is one line."""
 
 
 def _row(raw: tuple) -> dict:
@@ -48,73 +90,387 @@ def _row(raw: tuple) -> dict:
     return row
 
 
+# ------------------------------------------------------------ escaping
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(m: "re.Match") -> str:
+    c = m.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def _encode_row(raw: tuple, out: io.StringIO, writer) -> bytes:
+    """One CSV line; control characters escaped after quoting (one regex
+    search per row: a field that held a newline stays quoted, harmlessly)."""
+    row = _row(raw)
+    writer.writerow(["" if v is None else v for v in map(row.get, ROW_FIELDS)])
+    line = out.getvalue()
+    out.seek(0)
+    out.truncate()
+    body = line[:-1]  # without the line terminator
+    if _CONTROL.search(body):
+        line = _CONTROL.sub(_escape_char, body) + "\n"
+    return line.encode("utf-8", "backslashreplace")
+
+
+def _typed(fields: List[str]) -> dict:
+    """A row read back from the CSV, with numbers as numbers and "" as None."""
+    row = {}
+    for key, value in zip(ROW_FIELDS, fields):
+        if value == "":
+            row[key] = None
+        elif key in _INTS:
+            try:
+                row[key] = int(value)
+            except ValueError:
+                row[key] = value
+        elif key in _FLOATS:
+            try:
+                row[key] = float(value)
+            except ValueError:
+                row[key] = value
+        elif key == "cancelled":
+            row[key] = value == "True"
+        else:
+            row[key] = value
+    return row
+
+
+# ------------------------------------------------------ opening safely
+def _who(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_directory(log: str, path: str, st: os.stat_result, me: int, writers: int) -> None:
+    if st.st_uid not in (0, me):
+        raise LogFileError(f"{log}: directory {path} is owned by {_who(st.st_uid)}, who could replace the log")
+    if st.st_mode & writers and not st.st_mode & stat.S_ISVTX:
+        raise LogFileError(f"{log}: directory {path} is writable by others without the sticky bit "
+                           f"(mode {oct(st.st_mode & 0o7777)})")
+
+
+def open_log(path: str) -> int:
+    """Open (creating it, mode 0640) the CSV for appending and reading; an
+    ``O_APPEND`` descriptor, or ``LogFileError`` saying why not.
+
+    Refused: a symbolic link (``O_NOFOLLOW``), anything but a regular file,
+    a file with other hard links, owned by another user or writable by
+    others; a file whose directory is owned by another user than us or
+    root, or is group- or other-writable without the sticky bit; and one
+    below a directory that is owned by another user or other-writable
+    without the sticky bit (a group-writable ``/var/log``, root:syslog 0775
+    on Debian, is accepted)."""
+    me = os.geteuid()
+    directory, name = os.path.split(os.path.abspath(path))
+    real = os.path.realpath(directory)
+    try:
+        checked = os.stat(real)
+        _check_directory(path, real, checked, me, stat.S_IWGRP | stat.S_IWOTH)
+        part = os.path.dirname(real)
+        while True:
+            _check_directory(path, part, os.stat(part), me, stat.S_IWOTH)
+            if part == os.path.dirname(part):
+                break
+            part = os.path.dirname(part)
+        dir_fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise LogFileError(f"cannot open the directory of {path}: {exc.strerror}") from None
+    opened = os.fstat(dir_fd)
+    if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+        os.close(dir_fd)
+        raise LogFileError(f"{path}: directory {real} changed while it was checked")
+    try:
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         0o640, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LogFileError(f"{path} is a symbolic link; give the real path") from None
+            raise LogFileError(f"cannot open {path}: {exc.strerror}") from None
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LogFileError(f"{path} is not a regular file")
+        if st.st_uid != me:
+            raise LogFileError(f"{path} is owned by {_who(st.st_uid)}, not by {_who(me)}")
+        if st.st_nlink > 1:
+            raise LogFileError(f"{path} has {st.st_nlink} hard links; use a file of its own")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise LogFileError(f"{path} is writable by others (mode {oct(st.st_mode & 0o777)})")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# ---------------------------------------------------------------- rows
+class Rows(list):
+    """Accounting rows, read from the CSV each time they are iterated, so
+    that a report over a million jobs never holds them all.
+
+    A ``list`` so that the wire (JSON) and pickle send it as one: both
+    iterate it (``__reduce__`` makes a plain list)."""
+
+    def __init__(self, source: Callable[[], Iterator[dict]]):
+        super().__init__()
+        self._source = source
+
+    def __iter__(self) -> Iterator[dict]:
+        return self._source()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._source())
+
+    def __bool__(self) -> bool:
+        return next(self._source(), None) is not None
+
+    def __getitem__(self, index):
+        return [r for r in self][index]
+
+    def __eq__(self, other) -> bool:
+        return [r for r in self] == (list(other) if isinstance(other, (list, tuple)) else other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Rows({[r for r in self]!r})"
+
+    def __reduce__(self):
+        return (list, ([r for r in self],))
+
+
+class _Flush(threading.Event):
+    """A reader's request to the writer: write what you can, then tell me
+    where the file ends and which rows still wait."""
+
+    end = 0
+    waiting: List[bytes] = []
+
+
+_NOTHING = object()  # the queue had nothing (a retry is due)
+
+
 class AccountingLog:
-    """Rows of finished jobs, in memory and (optionally) appended to a CSV.
+    """Rows of finished jobs: appended to a CSV, or (without one) the last
+    ``MEMORY_ROWS`` in memory.
 
     ``record`` runs under the queue's lock as each job ends, so it only
-    copies a few attributes; rows are formatted when read or written."""
+    copies a few attributes; rows are formatted when written or read."""
 
-    def __init__(self, path: Optional[str] = None):
+    def __init__(self, path: Optional[str] = None, memory_rows: int = MEMORY_ROWS,
+                 pending_limit: int = PENDING_ROWS):
         self.path = path
-        self._raw: List[tuple] = []
+        self._recent: Deque[tuple] = collections.deque(maxlen=memory_rows)
         self._lock = threading.Lock()
-        self._queue: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
+        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self._writer: Optional[threading.Thread] = None
+        self._fd = -1
         if path:
+            self._fd = open_log(path)
+            self._limit = pending_limit
+            self._unwritten: Deque[bytes] = collections.deque()  # writer thread only
+            self._start = self._prepare()
+            self._limit += len(self._unwritten)  # a header that waits is not a row
+            self._head_done = 0     # bytes of _unwritten[0] already in the file
+            self._dropped = 0       # rows past the bound since the disk filled
+            self._stalled: Optional[str] = None   # why writing stopped, once warned
+            self._retry_at = 0.0    # monotonic time of the next try while stalled
+            self._out = io.StringIO()
+            self._csv = csv.writer(self._out, lineterminator="\n")
             self._writer = threading.Thread(target=self._write_loop, name="ezpq-accounting", daemon=True)
             self._writer.start()
 
+    def _prepare(self) -> int:
+        """Write the header to a new file (or end a torn last line: the disk
+        filled while a row was written); the offset where this run's rows
+        start. If even that cannot be written, it waits with the rows."""
+        size = os.fstat(self._fd).st_size
+        first = _HEADER if size == 0 else (b"" if os.pread(self._fd, 1, size - 1) == b"\n" else b"\n")
+        if first:
+            try:
+                n = os.write(self._fd, first)
+            except OSError:
+                n = 0
+            if n < len(first):
+                self._unwritten.append(first[n:])
+        return size + (len(first) if first == _HEADER else 0)
+
+    # ------------------------------------------------------------ record
     def record(self, rec, qid: str) -> None:
         """Keep a finished JobRecord's figures (``qid`` as its user sees it)."""
         raw = _raw_values(rec) + (qid, rec.status.value)
-        with self._lock:
-            self._raw.append(raw)
         if self._writer is not None:
             self._queue.put(raw)
+        else:
+            with self._lock:
+                self._recent.append(raw)
 
     def visible(self, uid: Optional[int]) -> List[dict]:
-        """Rows of one user (None: all)."""
-        with self._lock:
-            raws = list(self._raw)
-        return [_row(r) for r in raws if uid is None or r[_UID] == uid]
+        """Rows of one user (None: all): this run's rows, read from the CSV as
+        they are iterated (with the rows that still wait to be written)."""
+        if self._writer is None:
+            with self._lock:
+                raws = list(self._recent)
+            return [_row(r) for r in raws if uid is None or r[_UID] == uid]
+        request = _Flush()
+        self._queue.put(request)
+        if request.wait(10):
+            end, waiting = request.end, request.waiting
+        else:  # the writer is stuck in a write: what the file holds now
+            end, waiting = os.fstat(self._fd).st_size, []
+        return Rows(lambda: self._read(uid, end, waiting))
 
     def close(self) -> None:
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(10)
+            if not self._writer.is_alive() and self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
+    # ------------------------------------------------------------ reading
+    def _lines(self, end: int, waiting: List[bytes]) -> Iterator[str]:
+        pos, rest = self._start, b""
+        while pos < end:
+            chunk = os.pread(self._fd, min(1 << 16, end - pos), pos)
+            if not chunk:
+                break
+            pos += len(chunk)
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "replace")
+        for line in (rest + b"".join(waiting)).split(b"\n"):
+            if line:
+                yield line.decode("utf-8", "replace")
+
+    def _read(self, uid: Optional[int], end: int, waiting: List[bytes]) -> Iterator[dict]:
+        want = None if uid is None else str(uid)
+        for fields in csv.reader(self._lines(end, waiting)):
+            if len(fields) != len(ROW_FIELDS) or fields == list(ROW_FIELDS):
+                continue  # a torn line (the disk filled, then the server stopped)
+            if want is None or fields[_CSV_UID] == want:
+                yield _typed(fields)
+
+    # ------------------------------------------------------------ writing
     def _write_loop(self) -> None:
-        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(ROW_FIELDS))
-            if new:
-                writer.writeheader()
-            while True:
-                raw = self._queue.get()
-                if raw is None:
-                    return
-                writer.writerow(_row(raw))
-                f.flush()
+        """Never ends but on ``close``: a failing write keeps the rows waiting
+        (tried again every ``RETRY_SECONDS``), a bug is logged, not fatal."""
+        while True:
+            wait = max(0.0, self._retry_at - time.monotonic()) if self._unwritten else None
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                item = _NOTHING
+            stop, requests = False, []
+            try:
+                while item is not _NOTHING:  # each row as it comes: a burst is never all held
+                    if item is None:
+                        stop = True
+                    elif isinstance(item, _Flush):
+                        requests.append(item)
+                    else:
+                        self._keep(item)
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        item = _NOTHING
+                self._write(force=stop)
+            except Exception:  # a bug must not end the accounting for good
+                logger.exception("accounting log %s: unexpected error while writing", self.path)
+            finally:
+                for request in requests:
+                    self._answer(request)
+                item = None
+            if stop:
+                if self._unwritten or self._dropped:
+                    logger.error("accounting log %s: %d rows could not be written and are LOST "
+                                 "(and %d were DROPPED before)", self.path, len(self._unwritten), self._dropped)
+                return
+
+    def _answer(self, request: _Flush) -> None:
+        try:
+            request.end = os.fstat(self._fd).st_size
+            request.waiting = list(self._unwritten)
+            if request.waiting and self._head_done:
+                request.waiting[0] = request.waiting[0][self._head_done:]
+        finally:
+            request.set()
+
+    def _keep(self, raw: tuple) -> None:
+        if len(self._unwritten) >= self._limit:
+            self._write()  # a burst, or a full disk (then tried at most every RETRY_SECONDS)
+        if len(self._unwritten) >= self._limit:
+            self._dropped += 1
+            if self._dropped == 1:
+                logger.error("accounting log %s: %d rows wait to be written, the most kept; further rows "
+                             "are DROPPED until it can be written (their count is logged then)",
+                             self.path, self._limit)
+            return
+        try:
+            self._unwritten.append(_encode_row(raw, self._out, self._csv))
+        except Exception:
+            logger.exception("accounting log %s: cannot format a row (job %s)", self.path, raw[-3:])
+        if len(self._unwritten) >= _BATCH:
+            self._write()
+
+    def _write(self, force: bool = False) -> None:
+        """Write what waits, ``_BATCH`` rows per write(2); on failure keep it
+        all (a partly written row goes on where it stopped) and warn once."""
+        if self._stalled is not None and not force and time.monotonic() < self._retry_at:
+            return
+        waited = len(self._unwritten)
+        while self._unwritten:
+            batch = b"".join(itertools.islice(self._unwritten, 0, _BATCH))
+            try:
+                n = os.write(self._fd, memoryview(batch)[self._head_done:])
+            except OSError as exc:
+                self._retry_at = time.monotonic() + RETRY_SECONDS
+                if self._stalled is None:
+                    self._stalled = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+                    logger.warning("accounting log %s: %s; up to %d rows wait in memory and are written "
+                                   "when it can be written again", self.path, self._stalled, self._limit)
+                return
+            n += self._head_done
+            while self._unwritten and n >= len(self._unwritten[0]):
+                n -= len(self._unwritten.popleft())
+            self._head_done = n
+        if self._stalled is not None:
+            logger.warning("accounting log %s: written again (%d rows had waited)", self.path, waited)
+            if self._dropped:
+                logger.error("accounting log %s: %d rows were DROPPED while it could not be written "
+                             "(more than %d waited)", self.path, self._dropped, self._limit)
+            self._stalled, self._dropped = None, 0
 
 
-def report(rows: List[dict], by: str) -> List[dict]:
-    """Per ``by`` value: jobs, failed, cpu seconds, peak and mean max_rss, runtime."""
+def report(rows: Iterable[dict], by: str) -> List[dict]:
+    """Per ``by`` value: jobs, failed, cpu seconds, peak and mean max_rss, runtime.
+
+    Sums as it goes: ``rows`` may stream from the log file."""
     if by not in REPORT_KEYS:
         raise ValueError(f"report by must be one of {REPORT_KEYS}, not {by!r}")
-    groups: Dict[str, List[dict]] = {}
+    groups: Dict[str, list] = {}
     for r in rows:
-        groups.setdefault(str(r.get(by)), []).append(r)
-    out = []
-    for key in sorted(groups):
-        rs = groups[key]
-        rss = [float(r["max_rss"]) for r in rs if r.get("max_rss") not in (None, "")]
-        out.append({
-            by: key,
-            "jobs": len(rs),
-            "failed": sum(r.get("status") != "completed" for r in rs),
-            "cpu_seconds": sum(float(r.get("cpu_user") or 0) + float(r.get("cpu_system") or 0) for r in rs),
-            "max_rss_peak": max(rss) if rss else None,
-            "max_rss_mean": sum(rss) / len(rss) if rss else None,
-            "runtime": sum(float(r.get("runtime") or 0) for r in rs),
-        })
-    return out
+        key = str(r.get(by))
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = [0, 0, 0.0, None, 0.0, 0, 0.0]  # jobs failed cpu peak rss_sum rss_n runtime
+        g[0] += 1
+        g[1] += r.get("status") != "completed"
+        g[2] += float(r.get("cpu_user") or 0) + float(r.get("cpu_system") or 0)
+        rss = r.get("max_rss")
+        if rss not in (None, ""):
+            rss = float(rss)
+            g[3] = rss if g[3] is None else max(g[3], rss)
+            g[4] += rss
+            g[5] += 1
+        g[6] += float(r.get("runtime") or 0)
+    return [{by: key, "jobs": g[0], "failed": g[1], "cpu_seconds": g[2], "max_rss_peak": g[3],
+             "max_rss_mean": g[4] / g[5] if g[5] else None, "runtime": g[6]}
+            for key, g in sorted(groups.items())]

@@ -8,15 +8,13 @@ body with two syscalls (each ~5 us here, GIL release included). Our hot
 messages (jobs to workers, results back, requests and replies between
 clients and the server) are plain data, and every one of our connections
 carries at most one message at a time in each direction (a request waits for
-its reply, a worker for its next job), so ``recv`` reads header and body in
-one go. A second message arriving early would break that rule: it is
-reported as an error, never silently dropped. Wrapped connections (the JSON
-serializer of shared servers) keep their own ``send``/``recv``.
+its reply), so ``recv`` reads header and body in one go. A second message
+arriving early would break that rule: it is reported as an error, never
+silently dropped. Wrapped connections (the JSON serializer of shared
+servers) keep their own ``send``/``recv``.
 
-A worker sends two messages per job (its result, then the job's figures, so
-that the measuring system calls come after the result is on its way): the
-supervisor reads those pipes with a ``Reader``, which keeps what it read
-past one message for the next.
+Workers do not use this module: what a worker sends may have been written
+by its job, so their channel is ``workerproto`` (no pickle, non-blocking).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import struct
 from multiprocessing.connection import Connection
 from typing import Any, Optional, Tuple
 
-__all__ = ["send", "recv", "Reader"]
+__all__ = ["send", "recv"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _CHUNK = 65536
@@ -92,26 +90,3 @@ def recv(conn: Any) -> Any:
     if len(buf) > end:
         raise OSError("ezpq protocol error: a second message arrived before the first was answered")
     return pickle.loads(memoryview(buf)[start:end])
-
-
-class Reader:
-    """The messages of one Connection that may hold several at a time."""
-
-    def __init__(self, conn: Connection):
-        self._fd = conn.fileno()
-        self._buf = b""
-
-    def read(self) -> list:
-        """Every complete message after one read; a message begun is read to
-        its end (its sender is writing it now), so this may block."""
-        buf, start, end = _first(self._fd, self._buf + _read(self._fd, _CHUNK))
-        messages = []
-        while True:
-            messages.append(pickle.loads(memoryview(buf)[start:end]))
-            buf = buf[end:]
-            bounds = _bounds(buf)
-            if bounds is None or len(buf) < bounds[1]:
-                break
-            start, end = bounds
-        self._buf = buf
-        return messages

@@ -2,6 +2,11 @@
 ``ezpq`` uses one like a small batch system (status, submit, cancel, wait,
 show, report, plot, workers).
 
+``ezpq-server`` exit codes: 0 stopped by SIGTERM/SIGINT, 1 failed while
+serving, 2 refused to start (usage, an unsafe key or log file, a live server
+or something not a socket at ``--socket``, an address in use), with a
+one-line reason on stderr, never a traceback.
+
 ``ezpq`` exit codes: 0 ok, 1 a job failed or was not found, 2 usage error
 (argparse's own), 3 cannot connect or not allowed. Job numbers on the
 command line are server-wide (the ``job`` column), unlike a job dict's
@@ -22,44 +27,151 @@ from .connection import DEFAULT_PORT, authkey_path, parse_address
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["server_main", "main", "ensure_authkey"]
+__all__ = ["server_main", "main", "ensure_authkey", "claim_socket", "StartupError"]
+
+
+class StartupError(Exception):
+    """``ezpq-server`` cannot start; the message is one line for the user."""
 
 
 def ensure_authkey(path: str) -> bytes:
     """Read the key file, creating it (random, mode 0600) when missing.
 
-    Refuses a key file that group or others can read."""
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    Refused (``StartupError``): a key file owned by another user than the
+    server's (that user could read or change our key), one that group or
+    others can read, an empty one, and a dangling symbolic link (the key is
+    never created through a link: ``O_EXCL`` does not follow it)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise StartupError(f"key file {path}: {exc.strerror}") from None
+    if st is not None and stat.S_ISLNK(st.st_mode) and not os.path.exists(path):
+        raise StartupError(f"key file {path} is a dangling symlink (to {os.readlink(path)}); "
+                           f"remove it or make it point at a key file")
+    if st is None:
+        try:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StartupError(f"cannot create key file {path}: {exc.strerror}") from None
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32) + "\n")
         logger.info("created authkey file %s", path)
-    mode = os.stat(path).st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SystemExit(f"ezpq-server: {path} is readable by others (mode {oct(mode & 0o777)}); "
-                         f"chmod 600 it")
-    with open(path, "rb") as f:
-        key = f.read().strip()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise StartupError(f"cannot read key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StartupError(f"key file {path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise StartupError(f"key file {path} is owned by {_user_name(st.st_uid)}, not by "
+                               f"{_user_name(os.geteuid())} who runs the server; chown it or use another")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise StartupError(f"key file {path} is readable by others (mode {oct(st.st_mode & 0o777)}); "
+                               f"chmod 600 it")
+        key = f.read(1 << 16).strip()
     if not key:
-        raise SystemExit(f"ezpq-server: {path} is empty")
+        raise StartupError(f"key file {path} is empty")
     return key
 
 
+def _user_name(uid: int) -> str:
+    import pwd
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _peer_pid(path: str) -> Optional[int]:
+    """The pid of a server listening on the Unix socket ``path`` (0: one
+    listens but is too busy to accept), None when nothing listens there."""
+    import socket
+    import struct
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(path)
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None
+    except (socket.timeout, BlockingIOError):
+        return 0
+    finally:
+        s.close()
+
+
+def claim_socket(path: str) -> None:
+    """Make ``path`` free for our listening socket, or say why not.
+
+    Only a stale socket (nobody accepts on it) is removed. A live server
+    there is never displaced, and nothing else is deleted or followed: not
+    a symbolic link (dangling or not), not a regular file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StartupError(f"--socket {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise StartupError(f"--socket {path} is a symlink (to {os.readlink(path)}); not following or "
+                           f"removing it: remove it or choose another path")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"--socket {path} exists and is not a socket; not removing it")
+    pid = _peer_pid(path)
+    if pid is not None:
+        who = f"pid {pid}" if pid else "busy, pid unknown"
+        raise StartupError(f"a server is already listening on {path} ({who}); stop it first or "
+                           f"choose another --socket")
+    os.unlink(path)
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return level
+
+
+def _refuse(message: str) -> None:
+    print(f"ezpq-server: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(EXIT_SERVER_REFUSED)
+
+
+#: ``ezpq-server`` exit codes: 0 stopped (SIGTERM/SIGINT), 1 failed while
+#: serving, 2 refused to start (usage, key, socket, log file or address:
+#: one line on stderr saying why).
+EXIT_SERVER_STOPPED, EXIT_SERVER_FAILED, EXIT_SERVER_REFUSED = 0, 1, 2
+
+
 def server_main(argv: Optional[List[str]] = None) -> None:
-    """``ezpq-server``: serve a shared queue until SIGTERM/SIGINT."""
+    """``ezpq-server``: serve a shared queue until SIGTERM/SIGINT.
+
+    Exit codes: 0 stopped by SIGTERM/SIGINT; 1 failed while serving; 2
+    refused to start (bad usage, unsafe key or log file, a live server or a
+    non-socket at ``--socket``, an address in use), with a one-line reason
+    on stderr, never a traceback."""
+    from .accounting import LogFileError
     from .server import serve
 
-    p = argparse.ArgumentParser(prog="ezpq-server", description="Run a shared ezpq_mgr server.")
+    p = argparse.ArgumentParser(prog="ezpq-server", description="Run a shared ezpq_mgr server.",
+                                epilog="exit codes: 0 stopped, 1 failed while serving, 2 refused to start")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--address", default=f"127.0.0.1:{DEFAULT_PORT}",
                        help=f"HOST:PORT to listen on (default 127.0.0.1:{DEFAULT_PORT})")
     where.add_argument("--socket", help="Unix socket path to listen on instead of TCP")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="concurrent jobs")
     p.add_argument("--authkey-file", default=None, help=f"key file (default {authkey_path()})")
-    p.add_argument("--log-file", default=None, help="accounting CSV: one row per finished job")
+    p.add_argument("--log-file", default=None,
+                   help="accounting CSV: one row per finished job (a regular file of the server's user, "
+                        "in a directory only it and root can write, or a sticky one)")
     p.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], default=None)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=_log_level)
     p.add_argument("--keep-finished", type=float, default=86400.0, metavar="SECONDS",
                    help="drop finished jobs nobody collected after SECONDS (default 86400, one day; "
                         "0: keep them); their accounting rows stay in the log")
@@ -68,14 +180,42 @@ def server_main(argv: Optional[List[str]] = None) -> None:
         p.error("--workers must be >= 1")
     if not 0 <= args.keep_finished < float("inf"):
         p.error("--keep-finished must be a finite number of seconds >= 0")
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s ezpq-server[%(process)d] %(levelname)s %(message)s")
-    key = ensure_authkey(args.authkey_file or authkey_path())
-    address = args.socket if args.socket else parse_address(args.address)
-    if isinstance(address, str) and os.path.exists(address):
-        os.unlink(address)
-    serve(address, key, args.workers, args.start_method, shared=True, log_file=args.log_file,
-          on_ready=_socket_mode, keep_finished=args.keep_finished or None)
+    try:
+        key = ensure_authkey(args.authkey_file or authkey_path())
+        if args.socket:
+            address = args.socket
+            claim_socket(address)
+        else:
+            try:
+                address = parse_address(args.address)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
+    except StartupError as exc:
+        _refuse(str(exc))
+    where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+    ready = []
+
+    def on_ready(bound) -> None:
+        _socket_mode(bound)
+        ready.append(bound)
+
+    try:
+        serve(address, key, args.workers, args.start_method, shared=True, log_file=args.log_file,
+              on_ready=on_ready, keep_finished=args.keep_finished or None)
+    except LogFileError as exc:
+        _refuse(f"--log-file: {exc}")
+    except (OSError, OverflowError, ValueError) as exc:
+        if ready:
+            raise
+        logger.debug("start-up failed", exc_info=True)
+        _refuse(f"cannot serve on {where}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+    except Exception as exc:  # anything else before the server was up: still one line
+        if ready:
+            raise
+        logger.debug("start-up failed", exc_info=True)
+        _refuse(f"cannot start: {type(exc).__name__}: {exc} (--log-level DEBUG shows where)")
 
 
 def _socket_mode(address) -> None:

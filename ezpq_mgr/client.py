@@ -149,8 +149,11 @@ class Queue:
     def _call(self, method: str, *args):
         if self._disposed:
             raise EzpqError(f"queue {self._qid!r} is disposed")
-        if self._buffer or self._flush_error:
-            # buffered puts reach the server first, in the same round trip
+        if self._buffered:
+            # buffered puts reach the server first, in the same round trip;
+            # a flush in flight on the flusher thread (its batch already
+            # taken from the buffer) is waited for, so that a get() or
+            # wait() right after put() never looks before the jobs arrive
             return self._flush(method, args)
         return self._remote.call(method, *args)
 

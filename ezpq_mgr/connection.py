@@ -61,13 +61,24 @@ def _describe(address: Address) -> str:
     return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
 
+def as_authkey(authkey: Union[bytes, str]) -> bytes:
+    """The key as bytes: ``str`` (the key file's text, ``$EZPQ_AUTHKEY``) is
+    UTF-8 encoded; anything else but bytes is a ``TypeError``."""
+    if isinstance(authkey, str):
+        return authkey.encode("utf-8")
+    if isinstance(authkey, (bytes, bytearray)):
+        return bytes(authkey)
+    raise TypeError(f"authkey must be bytes or str, not {type(authkey).__name__}")
+
+
 class Remote:
     """Calls the server's Service through a manager proxy, translating failures."""
 
-    def __init__(self, address: Address, authkey: bytes, shared: bool = True):
+    def __init__(self, address: Address, authkey: Union[bytes, str], shared: bool = True):
         from . import wire
         from .server import ServerManager
 
+        authkey = as_authkey(authkey)
         self.address = address
         self.where = _describe(address)
         self._plain = not shared

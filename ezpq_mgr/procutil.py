@@ -1,10 +1,16 @@
-"""psutil helpers for process trees: find a job's descendants, kill them all."""
+"""Process trees: find a job's descendants, stop and kill them all.
+
+Trees are walked through ``/proc/<pid>/task/*/children`` (a few reads per
+process, no scan of every process on the machine). Kills stop the whole tree
+first and then kill it, repeating until nothing is left (``kill_tree``).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import time
 from typing import Iterable, List
 
 import psutil
@@ -12,7 +18,7 @@ import psutil
 logger = logging.getLogger(__name__)
 
 __all__ = ["kill_tree", "descendants", "tree", "tree_rss", "own_peak", "become_subreaper",
-           "reap_zombies"]
+           "child_pids", "tree_pids", "is_alive"]
 
 
 def become_subreaper() -> bool:
@@ -24,16 +30,6 @@ def become_subreaper() -> bool:
         return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
         return False
-
-
-def reap_zombies() -> None:
-    """Collect exited children nobody waits for (orphans adopted as subreaper)."""
-    for child in psutil.Process().children():
-        try:
-            if child.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(child.pid, os.WNOHANG)
-        except (psutil.Error, ChildProcessError, OSError):
-            pass
 
 
 def descendants(pid: int) -> List[psutil.Process]:
@@ -63,48 +59,105 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def kill_tree(procs: Iterable[psutil.Process], grace: float = 0.05) -> List[int]:
-    """SIGTERM every process, wait ``grace`` s, SIGKILL the rest.
-
-    Works on a snapshot taken before any signal (processes that started their
-    own session are in it), so a parent dying first cannot hide its children;
-    descendants the snapshot's processes started meanwhile are swept too.
-    Returns the pids still alive afterwards (normally none).
-    """
-    procs = list(procs)
-    known = {p.pid for p in procs}
-    for p in list(procs):
-        for child in descendants(p.pid):
-            if child.pid not in known:
-                known.add(child.pid)
-                procs.append(child)
-    for p in procs:
+def child_pids(pid: int) -> List[int]:
+    """Direct children of ``pid`` (every thread's), [] if it is gone."""
+    out: List[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
         try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    alive = _living(psutil.wait_procs(procs, timeout=grace)[1])
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    survivors = [p.pid for p in _living(psutil.wait_procs(alive, timeout=1.0)[1])]
-    if survivors:
-        logger.error("processes survived SIGKILL: %s", survivors)
-    return survivors
-
-
-def _living(procs: List[psutil.Process]) -> List[psutil.Process]:
-    """Drop zombies: dead, merely not yet reaped by their (new) parent."""
-    out = []
-    for p in procs:
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                out.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
             pass
     return out
+
+
+def tree_pids(pid: int) -> List[int]:
+    """``pid`` (if alive) and all its descendants, parents before children."""
+    if not os.path.exists(f"/proc/{pid}"):
+        return []
+    out, i = [pid], 0
+    seen = {pid}
+    while i < len(out):
+        for c in child_pids(out[i]):
+            if c not in seen:
+                seen.add(c)
+                out.append(c)
+        i += 1
+    return out
+
+
+def _state(pid: int) -> str:
+    """The one-letter state of ``pid`` ('' when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split(None, 1)[0].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def is_alive(pid: int) -> bool:
+    """Running or stopped (a zombie is dead, merely not reaped yet)."""
+    return _state(pid) not in ("", "Z", "X")
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_tree(roots: Iterable, timeout: float = 2.0) -> List[int]:
+    """Kill ``roots`` (pids or psutil.Process) and all their descendants.
+
+    First every process is stopped (SIGSTOP), and the tree re-read until no
+    new process appears: a stopped process can neither fork nor re-parent
+    its children, so nothing escapes the snapshot, and a SIGTERM handler
+    that re-spawns never runs. Then SIGKILL, repeated (with a fresh look
+    for children) until nothing is alive or ``timeout`` passes. ``grace``
+    is accepted for old callers and ignored: a job gets no chance to clean
+    up (its tree's real end signal is SIGKILL, which is what ``exitcode``
+    reports). Returns the pids still alive afterwards (normally none)."""
+    pids = [r if isinstance(r, int) else r.pid for r in roots]
+    stopped: set = set()
+    order: List[int] = []
+    deadline = time.monotonic() + timeout
+    stop_by = time.monotonic() + min(0.5, timeout / 2)
+    while True:
+        found = [p for r in pids + order for p in tree_pids(r) if p not in stopped]
+        new = list(dict.fromkeys(found))
+        if not new:
+            break
+        for p in new:
+            _signal(p, signal.SIGSTOP)
+            stopped.add(p)
+            order.append(p)
+        # wait until they really stopped (kill() returns before): a process
+        # still running could fork a child the next look would miss
+        while time.monotonic() < stop_by and any(_state(p) in ("R", "S", "D") for p in new):
+            time.sleep(0.001)
+    for p in order:
+        _signal(p, signal.SIGKILL)
+    while True:
+        alive = [p for p in order if is_alive(p)]
+        extra = [c for p in alive for c in tree_pids(p) if c not in stopped]
+        for c in extra:
+            stopped.add(c)
+            order.append(c)
+            _signal(c, signal.SIGKILL)
+        if not alive and not extra:
+            return []
+        if time.monotonic() > deadline:
+            survivors = sorted(set(alive + extra))
+            logger.error("processes survived SIGKILL: %s", survivors)
+            return survivors
+        for p in alive:
+            _signal(p, signal.SIGKILL)
+        time.sleep(0.002)
 
 
 def own_peak(proc: psutil.Process) -> int:

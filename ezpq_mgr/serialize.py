@@ -7,7 +7,11 @@ server, and a value that cannot be pickled is reported right there, named.
 
 from __future__ import annotations
 
+import collections
 import pickle
+import sys
+import threading
+import types
 from typing import Any, Optional, Tuple
 
 import cloudpickle
@@ -22,12 +26,59 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _main_by_value() -> None:
+    """Make cloudpickle send the main script's objects by value wherever the
+    client runs.
+
+    cloudpickle sends ``__main__``'s functions and classes by value, but in a
+    ``spawn``/``forkserver`` child (a pool worker too) the script is imported
+    as ``__mp_main__``, a module it would pickle by reference, and no worker
+    can import it. Registering it by value (once, when it appears) fixes
+    that; a fork child, a thread, ``python -c`` and IPython cells already see
+    ``__main__``."""
+    mp_main = sys.modules.get("__mp_main__")
+    if mp_main is not None and mp_main is not _registered[0]:
+        try:
+            cloudpickle.register_pickle_by_value(mp_main)
+        except (ValueError, TypeError):  # not a real module (some embedders)
+            pass
+        _registered[0] = mp_main
+
+
+_registered: list = [None]
+
+
+#: Pickles of recently put functions, by identity (the entry keeps the
+#: function alive, so its id stays its own): a script's own function travels
+#: by value, which costs ~12 us a put against ~3 us by reference. As in Dask
+#: (``distributed``'s ``cache_dumps``), a function is pickled once while it
+#: stays in this cache: globals it refers to are captured at its first put.
+_FN_CACHE: "collections.OrderedDict[int, Tuple[Any, bytes]]" = collections.OrderedDict()
+_FN_CACHE_SIZE = 64
+_fn_cache_lock = threading.Lock()
+
+
 def dump_function(function: Any) -> bytes:
-    """cloudpickle ``function``; raise UnpicklableError naming it on failure."""
+    """cloudpickle ``function``; raise UnpicklableError naming it on failure.
+
+    Plain functions are cached by identity (see ``_FN_CACHE``); callable
+    instances, whose state may change between puts, are pickled each time."""
+    cacheable = type(function) is types.FunctionType
+    if cacheable:
+        hit = _FN_CACHE.get(id(function))
+        if hit is not None and hit[0] is function:
+            return hit[1]
+    _main_by_value()
     try:
-        return cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         raise UnpicklableError(f"function {_describe(function)} cannot be pickled: {exc}") from exc
+    if cacheable:
+        with _fn_cache_lock:
+            _FN_CACHE[id(function)] = (function, blob)
+            while len(_FN_CACHE) > _FN_CACHE_SIZE:
+                _FN_CACHE.popitem(last=False)
+    return blob
 
 
 def dump_call_args(args: Optional[list], kwargs: Optional[dict]) -> bytes:
@@ -42,6 +93,7 @@ def dump_call_args(args: Optional[list], kwargs: Optional[dict]) -> bytes:
             return blob
     except Exception:
         pass
+    _main_by_value()
     try:
         return cloudpickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:

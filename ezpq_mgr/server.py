@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 from multiprocessing.managers import BaseManager
@@ -63,16 +64,23 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     seconds (None: keep them until collected)."""
     global _SERVICE
     stop = stop_event or threading.Event()
+    accounting = AccountingLog(log_file)  # first: an unsafe log file refuses the start (LogFileError)
     state = QueueState()
-    supervisor = Supervisor(state, workers, start_method, shared=shared)
-    accounting = AccountingLog(log_file)
+    supervisor = Supervisor(state, workers, start_method, shared=shared, subreaper=True)
     _SERVICE = Service(state, supervisor, shared=shared, accounting=accounting,
                        keep_finished=keep_finished)
     serializer = wire.SERIALIZER if shared else "pickle"
-    server = ReplyingServer(ServerManager._registry, address, authkey, serializer)
+    try:
+        server = ReplyingServer(ServerManager._registry, address, authkey, serializer)
+    except BaseException:
+        accounting.close()
+        raise
     server.state = state
+    ours = None
     if isinstance(address, str):
         os.chmod(address, 0o600)
+        ours = _identity(address)
+        _no_blind_unlink(server.listener)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -95,11 +103,31 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
             server.listener.close()
         except OSError:
             pass
-        if isinstance(address, str):
+        if ours is not None and _identity(address) == ours:
             try:
-                os.unlink(address)
+                os.unlink(address)  # only our own socket: never what replaced it since
             except OSError:
                 pass
+
+
+def _no_blind_unlink(listener) -> None:
+    """multiprocessing's Unix listener unlinks its path when closed and at
+    exit, whatever is there by then (another server's socket, a file that
+    replaced ours); ``serve`` removes its own socket itself instead."""
+    inner = getattr(listener, "_listener", None)
+    unlink = getattr(inner, "_unlink", None)
+    if unlink is not None:
+        unlink.cancel()
+        inner._unlink = None
+
+
+def _identity(path: str) -> Optional[tuple]:
+    """(device, inode) of the socket at ``path`` (None: none there)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
 
 
 def _main_embedded() -> None:

@@ -1,63 +1,169 @@
 """The worker pool: dispatch, results, timeouts, kills and replacements.
 
-One thread (``Supervisor.run``) owns every worker handle and blocks on
-``multiprocessing.connection.wait`` over the busy workers' result pipes,
-every worker's sentinel and a wakeup pipe, with the nearest job deadline as
-its timeout: no polling::
+One thread (``Supervisor.run``) owns every worker handle and waits in a
+selector on the workers' channels, a pidfd per worker (readable when it
+exits) and a wakeup pipe, with the nearest deadline as its timeout: no
+polling::
 
-      QueueState ──pick()──> Supervisor ──(seq, fn, args, env)──> worker process
-          ^                    │   ^                                   │
-          └──── finish() ──────┘   └──── (seq, outcome figures) ───────┘
-                                   sentinel fires: worker died → job lost/killed,
-                                   worker replaced on the next dispatch
+      QueueState ──pick()──> Supervisor ──JOB (workerproto)──> worker process
+          ^                    │   ^                                 │
+          └──── finish() ──────┘   └──── RESULT, FIGURES ────────────┘
+                                   pidfd fires: worker died → job lost/killed,
+                                   its orphans killed, worker replaced
+
+The trust boundary (a worker runs untrusted code, in the same process that
+talks to us):
+
+- Nothing a worker sends is unpickled here: ``workerproto`` messages are
+  plain fields plus opaque bytes, checked strictly. A worker may report
+  only on the job we gave it; we never believe an id it claims. Garbage, a
+  message in the wrong phase, an oversize frame, or a frame begun and not
+  finished within ``STALL_TIMEOUT`` ends that worker's whole tree and its
+  job is ``failed`` with "protocol violation: ...".
+- We never block on a worker, and never do I/O under the state lock:
+  channels are non-blocking; reads happen outside the lock and are applied
+  under it; a dispatch (also ``dispatch_now`` on a client's thread) queues
+  the job's bytes in the worker's output buffer (one job at most) and
+  writes them outside the lock, the rest on EVENT_WRITE. A stopped worker
+  stalls only its own job.
+- A worker for another uid than ours is an exec'd interpreter (see
+  worker.py), never a fork of this process.
+- A job is stopped (timeout, memory limit, cancel, violation) by stopping
+  then killing its worker's whole tree in a helper thread; ``exitcode`` is
+  the signal that really ended the worker (-9). When a worker dies with a
+  job, the processes it left behind (re-parented to us: the server is a
+  child subreaper) are killed and named in ``exception``.
 
 Thread jobs run on threads of this process and report through ``finish``
-then ``wake``. A job is stopped (timeout, memory limit, cancel) by killing
-its worker's whole process tree in a helper thread; the job's final status
-is recorded at that moment, and the dead worker is replaced.
+then ``wake``.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
-import selectors
 import multiprocessing
 import multiprocessing.connection
 import os
+import selectors
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
-import psutil
-
-from . import channel
+from . import workerproto
 from .job import JobRecord, JobStatus
-from .procutil import kill_tree, tree, tree_rss
+from .procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_rss
 from .state import Outcome, QueueState
-from .worker import HOST, run_call, thread_cpu, worker_main
+from .worker import HOST, exec_argv, run_call, thread_cpu, worker_main
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Supervisor"]
 
 MEMORY_CHECK_INTERVAL = 0.05
+#: after 3 workers of a user died while starting, that user's jobs fail
+#: (with the reason) for this long instead of starting worker after worker
+BOOT_RETRY = 10.0
+#: a frame begun must make progress within this (a healthy worker writes a
+#: whole frame at once; a job writing half a header must not hold its slot)
+STALL_TIMEOUT = 2.0
+_READ_CHUNK = 1 << 20
+_READS_PER_EVENT = 16   # then let the others have their turn
+_IOV_MAX = 512
 
 
-@dataclasses.dataclass
+class _RateLimit:
+    """At most ``n`` log lines per ``period`` s for things a job can trigger."""
+
+    def __init__(self, n: int = 10, period: float = 60.0):
+        self.n, self.period = n, period
+        self._start, self._count, self._dropped = 0.0, 0, 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self._start > self.period:
+            if self._dropped:
+                logger.warning("%s similar messages suppressed", self._dropped)
+            self._start, self._count, self._dropped = now, 0, 0
+        self._count += 1
+        if self._count > self.n:
+            self._dropped += 1
+            return False
+        return True
+
+
+def _kill_and_reap(orphans: List[int], live: List[int], in_hand: set) -> None:
+    """Kill ``live`` (and their trees), then collect every one of ``orphans``
+    (our children by adoption: nobody else waits for them); until then they
+    are ``in_hand``, so that no other sweep signals a pid reaped meanwhile."""
+    try:
+        left = kill_tree(live) if live else []
+        for pid in orphans:
+            try:
+                os.waitpid(pid, 0 if pid in live and pid not in left else os.WNOHANG)
+            except ChildProcessError:
+                pass
+    finally:
+        in_hand.difference_update(orphans)
+
+
+class WorkerProcess:
+    """A worker process however it was started (multiprocessing or exec):
+    its pid, a pidfd that becomes readable when it exits (a multiprocessing
+    sentinel would wait for every process that inherited it), its exit code."""
+
+    def __init__(self, obj: Any):
+        self._obj = obj
+        self.pid: int = obj.pid
+        try:
+            self.sentinel: int = os.pidfd_open(self.pid)
+            self._own_sentinel = True
+        except (AttributeError, OSError):
+            self.sentinel = obj.sentinel
+            self._own_sentinel = False
+
+    def exitcode(self, timeout: float = 0.0) -> Optional[int]:
+        if isinstance(self._obj, subprocess.Popen):
+            try:
+                return self._obj.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        self._obj.join(timeout)
+        return self._obj.exitcode
+
+    def close(self) -> None:
+        if self._own_sentinel:
+            try:
+                os.close(self.sentinel)
+            except OSError:
+                pass
+
+
+@dataclasses.dataclass(eq=False)
 class WorkerHandle:
-    proc: multiprocessing.process.BaseProcess
-    conn: multiprocessing.connection.Connection
-    seq: Optional[int] = None          # the job it runs
+    proc: Optional[WorkerProcess]
+    conn: Any                          # owns the channel's descriptor (Connection or socket)
+    seq: Optional[int] = None          # the job it runs (ours to know, never the worker's)
     deadline: Optional[float] = None   # monotonic time its job times out
     max_memory: Optional[int] = None
     env_id: int = -1                   # the environment last sent to it
     uid: Optional[int] = None          # the user it runs as (None: the server's)
     ready: bool = False                # booted and waiting for a job
     dead: bool = False                 # being killed or gone: never reused
-    reader: Optional[channel.Reader] = None   # its result pipe (several messages at a time)
-    pending: Optional[tuple] = None    # a result whose figures are on their way
+    pending: Optional[tuple] = None    # (seq, result) whose figures are on their way
+    reader: Optional[workerproto.FrameReader] = None
+    fd: int = -1
+    last_rx: float = 0.0               # monotonic time bytes last came in
+    out: Deque[memoryview] = dataclasses.field(default_factory=collections.deque)
+    out_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    events: int = selectors.EVENT_READ  # what the selector watches on fd
+    eof: bool = False
+    broken: bool = False               # a write to it failed
 
     @property
     def idle(self) -> bool:
@@ -65,28 +171,47 @@ class WorkerHandle:
 
 
 class Supervisor:
-    """Runs the state's jobs on ``slots`` concurrent workers."""
+    """Runs the state's jobs on ``slots`` concurrent workers.
+
+    ``max_message``: the largest message a worker may send (a result's
+    output included). ``subreaper``: make this process a child subreaper so
+    that a worker's orphans come back to us and are killed (the server
+    process sets it; never inside a test runner)."""
 
     def __init__(self, state: QueueState, slots: int, start_method: Optional[str] = None,
-                 envs: Optional[Dict[int, Tuple[str, list]]] = None, shared: bool = False):
+                 envs: Optional[Dict[int, Tuple[str, list]]] = None, shared: bool = False,
+                 max_message: int = workerproto.DEFAULT_MAX_MESSAGE, subreaper: bool = False):
+        if not isinstance(max_message, int) or isinstance(max_message, bool) or not 0 < max_message < 1 << 32:
+            raise ValueError(f"max_message must be a positive int below 4 GiB, not {max_message!r}")
         self.state = state
         self.slots = slots
         self.shared = shared                # thread jobs go to worker processes, not our threads
         self.as_root = shared and os.geteuid() == 0   # run each job as its submitter
+        self.max_message = max_message
+        self.subreaper = subreaper and become_subreaper()
+        self.accounting = os.environ.get("EZPQ_ACCOUNTING", "1") != "0"
         self.demand: set = set()            # run-as uids with a runnable job and no idle worker
         self.ctx = multiprocessing.get_context(start_method)
         self.envs = envs if envs is not None else {}
         self.workers: List[WorkerHandle] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        self._lifeline_r: Optional[Any] = None   # workers' read end; we hold the write end
+        self._lifeline_w: Optional[Any] = None
         self._selector = selectors.DefaultSelector()   # kept across loops: no per-job setup
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._woken = False
         self._stopping = False
+        self._queued: List[WorkerHandle] = []   # workers with bytes to write (lock held to add)
         self._thread: Optional[threading.Thread] = None
+        self._thread_jobs = 0                   # thread jobs running in this process
+        self._orphans_in_hand: set = set()      # adopted processes being killed and reaped
+        self._boot_failures: Dict[Optional[int], Tuple[int, float, str]] = {}  # uid: (n, when, why)
+        self._violations = _RateLimit()
 
     # ------------------------------------------------------------ lifecycle
     def start(self, prestart: bool = True) -> None:
+        self._lifeline_r, self._lifeline_w = self.ctx.Pipe(duplex=False)
         with self.state.cond:
             for _ in range(self.slots if prestart else 0):
                 self._start_worker(None)
@@ -105,7 +230,8 @@ class Supervisor:
     def dispatch_now(self) -> None:
         """Start waiting jobs from the calling thread (a client's put), saving
         the hand-off to the supervisor thread; wake it only when it must
-        recompute its timeout or watch a new worker."""
+        recompute its timeout or watch a new worker. The job's bytes are
+        written after the lock is released, without blocking."""
         with self.state.cond:
             if self._stopping:
                 return
@@ -113,6 +239,9 @@ class Supervisor:
             self._dispatch()
             if len(self.workers) != before or self._has_limits():
                 self.wake()
+            queued, self._queued = self._queued, []
+        if queued:
+            self._flush(queued)
 
     def set_slots(self, n: int) -> None:
         with self.state.cond:
@@ -130,12 +259,17 @@ class Supervisor:
             for w in workers:
                 self._flush_pending(w)
                 if w.seq is not None and not w.dead:
-                    self._finalize(w, JobStatus.LOST, -signal.SIGTERM, "the server stopped while it ran")
-        kill_tree([p for w in workers for p in tree(w.proc.pid)], grace=0.2)
+                    self._finalize(w, JobStatus.LOST, -signal.SIGKILL, "the server stopped while it ran")
+        kill_tree([w.proc.pid for w in workers])
         for w in workers:
-            w.proc.join(1)
-            w.conn.close()
+            w.proc.exitcode(1)
+            w.proc.close()
+            self._close_channel(w)
+        self._reap_orphans(wait=True)
         self.workers.clear()
+        for conn in (self._lifeline_r, self._lifeline_w):
+            if conn is not None:
+                conn.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -144,36 +278,41 @@ class Supervisor:
         while not self._stopping:
             with self.state.cond:
                 timeout = self._next_timeout()
+                self._watch_writes()
             events = self._selector.select(timeout)
             if self._stopping:
                 break
+            inbox = []
+            deaths = []
+            for key, mask in events:
+                kind, w = key.data
+                if kind == "wake":
+                    # drain first, then clear: a wake() skipped in between
+                    # changed the state before the dispatch below, so none is lost
+                    os.read(self._wake_r, 4096)
+                    self._woken = False
+                elif kind == "conn":
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush([w])
+                    if mask & selectors.EVENT_READ:
+                        inbox.append((w,) + self._read(w))   # outside the lock; a dead one's is dropped
+                elif kind == "sentinel":
+                    deaths.append(w)
             with self.state.cond:
-                for key, _ in events:
-                    kind, w = key.data
-                    if kind == "wake":
-                        # drain first, then clear: a wake() skipped in between
-                        # changed the state before the dispatch below, so none is lost
-                        os.read(self._wake_r, 4096)
-                        self._woken = False
-                    elif kind == "conn" and not w.dead:
-                        try:
-                            messages = w.reader.read()
-                        except (EOFError, OSError):
-                            continue  # the sentinel reports the death
-                        for msg in messages:
-                            if msg == "ready":
-                                w.ready = True
-                            else:
-                                self._on_result(w, msg)
-                for key, _ in events:
-                    kind, w = key.data
-                    if kind == "sentinel":
-                        self._on_death(w)
+                for w, messages, error in inbox:
+                    if not w.dead:
+                        self._apply(w, messages, error)
+                self._check_stalls()
+                for w in deaths:
+                    self._on_death(w)
             self.state.outbox.deliver()  # answers our results made possible, outside the lock
             with self.state.cond:
                 if self.state.kill_requests or self._has_limits():
                     self._enforce_limits()
                 self._dispatch()
+                queued, self._queued = self._queued, []
+            if queued:
+                self._flush(queued)
             self.state.outbox.deliver()
 
     def _has_limits(self) -> bool:
@@ -181,13 +320,109 @@ class Supervisor:
         return any(w.deadline or w.max_memory for w in self.workers)
 
     def _next_timeout(self) -> Optional[float]:
+        now = time.monotonic()
         deadlines = [w.deadline for w in self.workers if w.deadline is not None and not w.dead]
+        deadlines += [w.last_rx + STALL_TIMEOUT for w in self.workers
+                      if not w.dead and w.reader is not None and w.reader.partial]
         timeout = None
         if deadlines:
-            timeout = max(0.0, min(deadlines) - time.monotonic())
+            timeout = max(0.0, min(deadlines) - now)
         if any(w.max_memory for w in self.workers if w.seq is not None and not w.dead):
             timeout = MEMORY_CHECK_INTERVAL if timeout is None else min(timeout, MEMORY_CHECK_INTERVAL)
         return timeout
+
+    # ---------------------------------------------------------- channel I/O
+    def _read(self, w: WorkerHandle) -> Tuple[list, Optional[str]]:
+        """Whatever the worker sent, without blocking: (messages, violation)."""
+        messages: list = []
+        for _ in range(_READS_PER_EVENT):
+            try:
+                data = os.read(w.fd, _READ_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                # EOF: stop watching (it would fire forever); its pidfd reports the death
+                w.eof = True
+                self._unwatch(w.fd)
+                break
+            w.last_rx = time.monotonic()
+            try:
+                messages += w.reader.feed(data)
+            except workerproto.ProtocolError as e:
+                return messages, str(e)
+            if len(data) < _READ_CHUNK:
+                break
+        return messages, None
+
+    def _flush(self, workers: List[WorkerHandle]) -> None:
+        """Write queued bytes without blocking; what is left waits for
+        EVENT_WRITE (the supervisor thread watches it, see _watch_writes)."""
+        for w in workers:
+            with w.out_lock:
+                out = w.out
+                if w.fd < 0:   # closed meanwhile: never write to a reused number
+                    out.clear()
+                while out:
+                    try:
+                        n = os.writev(w.fd, list(out)[:_IOV_MAX])
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        # gone (its pidfd reports the job), or its job shut the
+                        # channel down: the supervisor ends it (_check_stalls)
+                        out.clear()
+                        w.broken = True
+                        self.wake()
+                        break
+                    while n:
+                        head = out[0]
+                        if n >= len(head):
+                            n -= len(head)
+                            out.popleft()
+                        else:
+                            out[0] = head[n:]
+                            n = 0
+                left = bool(out)
+            if left != bool(w.events & selectors.EVENT_WRITE):
+                self.wake()   # the supervisor thread (re)arms EVENT_WRITE
+
+    def _watch_writes(self) -> None:
+        """Watch EVENT_WRITE exactly on workers with bytes queued. Caller holds the lock."""
+        for w in self.workers:
+            if w.eof or w.fd < 0:
+                continue
+            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if w.out and not w.dead else 0)
+            if want != w.events:
+                try:
+                    self._selector.modify(w.fd, want, ("conn", w))
+                    w.events = want
+                except (KeyError, ValueError, OSError):
+                    pass
+
+    def _queue(self, w: WorkerHandle, buffers: List[bytes]) -> None:
+        """Queue a message for ``w``; written after the lock is released. Caller holds the lock."""
+        with w.out_lock:
+            w.out.extend(memoryview(b) for b in buffers)
+        self._queued.append(w)
+
+    def _unwatch(self, obj) -> None:
+        try:
+            self._selector.unregister(obj)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _close_channel(self, w: WorkerHandle) -> None:
+        with w.out_lock:   # a client thread may be flushing to it
+            fd, w.fd = w.fd, -1
+            w.out.clear()
+        if fd >= 0:
+            self._unwatch(fd)
+        try:
+            w.conn.close()
+        except OSError:
+            pass
 
     # ------------------------------------------------------------- dispatch
     def _live(self) -> List[WorkerHandle]:
@@ -207,7 +442,7 @@ class Supervisor:
             if rec.runner == "thread" and not self.shared:
                 return True
             uid = self._run_as(rec)
-            if any(w.idle and w.uid == uid for w in self.workers):
+            if any(w.idle and w.uid == uid for w in self.workers) or self._cannot_boot(uid):
                 return True
             self.demand.add(uid)
             return False
@@ -218,25 +453,41 @@ class Supervisor:
                 break
             if rec.runner == "thread" and not self.shared:
                 self._start_thread_job(rec)
-            else:
-                uid = self._run_as(rec)
-                self._send(rec, next(w for w in self.workers if w.idle and w.uid == uid))
+                continue
+            uid = self._run_as(rec)
+            worker = next((w for w in self.workers if w.idle and w.uid == uid), None)
+            if worker is None:  # its user's workers die while starting: say so, do not loop
+                rec.pid, rec.host = None, HOST
+                self.state.finish(rec.seq, Outcome(JobStatus.FAILED, 1, exception=self._boot_failures[uid][2]))
+                continue
+            self._send(rec, worker)
         self._top_up()
+
+    def _cannot_boot(self, uid: Optional[int]) -> bool:
+        """Have this user's last workers died before they were ready (3 in a
+        row, the last within BOOT_RETRY s)? Its jobs then fail with the
+        reason instead of waiting for a worker that never comes."""
+        failures = self._boot_failures.get(uid)
+        return (failures is not None and failures[0] >= 3
+                and time.monotonic() - failures[1] < BOOT_RETRY)
 
     def _top_up(self) -> None:
         """Start a worker for each user who waits for one (making room by
         retiring idle workers of others); keep the pool at ``slots``."""
         live = self._live()
         for uid in sorted(self.demand, key=lambda u: -1 if u is None else u):
-            if any(w.uid == uid and w.seq is None for w in live):
-                continue  # one is idle or booting
+            if any(w.uid == uid and w.seq is None for w in live) or self._cannot_boot(uid):
+                continue  # one is idle or booting, or none can start now
             if len(live) >= self.slots:
                 victim = next((w for w in live if w.seq is None and w.uid not in self.demand), None)
                 if victim is None:
                     continue
                 self._retire(victim)
                 live.remove(victim)
-            live.append(self._start_worker(uid))
+            try:
+                live.append(self._start_worker(uid))
+            except OSError as e:
+                logger.error("cannot start a worker for uid %s: %s", uid, e)
         self.demand.clear()
         surplus = len(live) - self.slots
         for w in [w for w in live if w.seq is None][:max(0, surplus)]:
@@ -251,95 +502,223 @@ class Supervisor:
         worker.deadline = time.monotonic() + rec.timeout if rec.timeout else None
         worker.max_memory = rec.max_memory
         rec.pid, rec.host = worker.proc.pid, HOST
-        try:
-            channel.send(worker.conn, (rec.seq, rec.fn_blob, rec.args_blob, env, rec.runner == "thread"))
-        except (OSError, EOFError):
-            pass  # the worker died; its sentinel reports the job as lost
+        self._queue(worker, workerproto.encode_job(rec.fn_blob, rec.args_blob, env, rec.runner == "thread"))
 
     def _start_worker(self, uid: Optional[int] = None) -> WorkerHandle:
-        parent_conn, child_conn = self.ctx.Pipe()
-        proc = self.ctx.Process(target=worker_main, args=(child_conn, uid), name="ezpq-worker")
-        proc.start()
-        child_conn.close()
-        w = WorkerHandle(proc, parent_conn, uid=uid, reader=channel.Reader(parent_conn))
-        self._selector.register(parent_conn, selectors.EVENT_READ, ("conn", w))
-        self._selector.register(proc.sentinel, selectors.EVENT_READ, ("sentinel", w))
+        """A new worker for ``uid`` (None: our own user). Caller holds the lock.
+
+        Another user's worker is exec'd (subprocess, close_fds, only its
+        channel and the lifeline passed, an environment of nothing but
+        PATH); ours is started by multiprocessing with the configured
+        start method and closes what it inherited itself."""
+        if uid is None:
+            parent_conn, child_conn = self.ctx.Pipe()
+            proc = self.ctx.Process(target=worker_main, name="ezpq-worker",
+                                    args=(child_conn, self._lifeline_r, self.accounting))
+            proc.start()
+            child_conn.close()
+            conn, fd = parent_conn, parent_conn.fileno()
+            handle = WorkerProcess(proc)
+        else:
+            ours, theirs = socket.socketpair()
+            try:
+                lifeline = self._lifeline_r.fileno()
+                popen = subprocess.Popen(
+                    exec_argv(theirs.fileno(), lifeline, uid, self.accounting),
+                    pass_fds=(theirs.fileno(), lifeline), close_fds=True,
+                    stdin=subprocess.DEVNULL, env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+                    cwd="/")
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            conn, fd = ours, ours.fileno()
+            handle = WorkerProcess(popen)
+        os.set_blocking(fd, False)
+        w = WorkerHandle(handle, conn, uid=uid, reader=workerproto.FrameReader(self.max_message), fd=fd,
+                         last_rx=time.monotonic())
+        self._selector.register(fd, selectors.EVENT_READ, ("conn", w))
+        self._selector.register(handle.sentinel, selectors.EVENT_READ, ("sentinel", w))
         self.workers.append(w)
-        logger.debug("started worker %s", proc.pid)
+        logger.debug("started worker %s for uid %s", handle.pid, uid)
         return w
 
     def _retire(self, w: WorkerHandle) -> None:
         w.dead = True
-        try:
-            w.conn.send(None)
-        except (OSError, EOFError):
-            pass
+        self._queue(w, [workerproto.encode_stop()])
 
     def _start_thread_job(self, rec: JobRecord) -> None:
         rec.pid, rec.host = os.getpid(), HOST
+        self._thread_jobs += 1
         threading.Thread(target=self._run_thread_job, args=(rec.seq, rec.fn_blob, rec.args_blob),
                          name=f"ezpq-job-{rec.qid}-{rec.id}", daemon=True).start()
 
     def _run_thread_job(self, seq: int, fn_blob: bytes, args_blob: bytes) -> None:
         u0, s0 = thread_cpu()
-        status, exitcode, out, exc = run_call(fn_blob, args_blob)
-        u1, s1 = thread_cpu()
-        self.state.finish(seq, Outcome(status, exitcode, out, exc, u1 - u0, s1 - s0,
-                                       pid=os.getpid(), host=HOST))
+        try:
+            status, exitcode, out, exc = run_call(fn_blob, args_blob)
+            u1, s1 = thread_cpu()
+            self.state.finish(seq, Outcome(status, exitcode, out, exc, u1 - u0, s1 - s0,
+                                           pid=os.getpid(), host=HOST))
+        finally:
+            with self.state.cond:
+                self._thread_jobs -= 1
         self.wake()
 
     # -------------------------------------------------------------- results
+    def _apply(self, w: WorkerHandle, messages: list, error: Optional[str]) -> None:
+        """Messages read from ``w``, in order, then the violation that ended
+        the read, if any. Caller holds the lock."""
+        for msg in messages:
+            if w.dead:
+                return
+            why = self._on_message(w, msg)
+            if why:
+                self._violation(w, why)
+                return
+        if error and not w.dead:
+            self._violation(w, error)
+
+    def _on_message(self, w: WorkerHandle, msg: tuple) -> Optional[str]:
+        """One message in its phase; a reason when it is out of place."""
+        kind = msg[0]
+        if kind == "ready":
+            if w.ready:
+                return "a second ready message"
+            w.ready = True
+            self._boot_failures.pop(w.uid, None)
+            return None
+        if not w.ready:
+            return f"a {kind} message before ready"
+        if kind == "figures":
+            if w.pending is None:
+                return "figures with no result waiting for them"
+            self._complete(w, w.pending, msg[1])
+            return None
+        # a result
+        if w.pending is not None:
+            return "a result while the last one's figures were due"
+        if w.seq is None:
+            return "a result while no job was given"
+        self._on_result(w, msg)
+        return None
+
     def _on_result(self, w: WorkerHandle, msg: tuple) -> None:
-        """Worker ``w`` finished a job. Caller holds the lock.
+        """Worker ``w`` finished its job: ``msg`` is a decoded RESULT (the job
+        is the one we gave it). Caller holds the lock.
 
         A measured job's result comes in two messages: the result, then its
         figures (the worker measures after sending the result, so measuring
         costs the result no time). In between the job stays working but
         gives back its slot and its worker (which reads its next job only
         after sending the figures); it completes with the figures."""
-        if len(msg) == 2:  # (seq, figures) of the result before
-            seq, figures = msg
-            if w.pending is not None and w.pending[0] == seq:
-                self._complete(w, w.pending, figures)
+        seq = w.seq
+        w.seq = w.deadline = w.max_memory = None
+        if msg[7] is None:  # figures follow: free the worker for its next job now
+            w.pending = (seq, msg)
+            self.state.release(seq)
             return
-        if w.seq == msg[0]:
-            w.seq = w.deadline = w.max_memory = None
-        if msg[-1] is None:  # figures follow: free the worker for its next job now
-            w.pending = msg
-            self.state.release(msg[0])
-            return
-        self._complete(w, msg, msg[-1])
+        self._complete(w, (seq, msg), msg[7])
 
-    def _complete(self, w: WorkerHandle, result: tuple, figures: Optional[tuple]) -> None:
-        seq, status, exitcode, out, exc, pid, started, ended, _ = result
-        if w.pending is result:
+    def _complete(self, w: WorkerHandle, pending: tuple, figures: Optional[tuple]) -> None:
+        seq, (_, status, exitcode, started, ended, out, exc, _) = pending
+        if w.pending is pending:
             w.pending = None
-        cpu_u, cpu_s, rss, method, rss_ch = figures or (None,) * 5
+        cpu_u, cpu_s, rss, method, rss_ch = figures or workerproto.NO_FIGURES
         self.state.finish(seq, Outcome(JobStatus(status), exitcode, out, exc, cpu_u, cpu_s,
-                                       rss, method, rss_ch, pid=pid, host=HOST, started=started,
-                                       ended=ended))
+                                       rss, method, rss_ch, pid=w.proc.pid, host=HOST,
+                                       started=started, ended=ended))
+
+    def _violation(self, w: WorkerHandle, why: str) -> None:
+        """``w`` broke the protocol: end its tree; its job (the one running,
+        else the one whose figures were due) fails. Caller holds the lock."""
+        if self._violations.allow():
+            logger.warning("worker %s (uid %s): protocol violation: %s", w.proc.pid, w.uid, why)
+        if w.seq is None and w.pending is not None:
+            w.seq = w.pending[0]   # its job's code spoke last: that job fails
+            w.pending = None
+        self._kill(w, JobStatus.FAILED, f"protocol violation: {why} (the job's worker was killed)")
+
+    def _check_stalls(self) -> None:
+        """A frame begun and not extended for STALL_TIMEOUT, or a channel that
+        refuses our messages while its worker lives, is a violation. Caller holds the lock."""
+        now = time.monotonic()
+        for w in self.workers:
+            if w.dead:
+                continue
+            if w.reader is not None and w.reader.partial and now - w.last_rx > STALL_TIMEOUT:
+                self._violation(w, f"a message begun and not finished within {STALL_TIMEOUT:g} s")
+            elif w.broken and w.proc is not None and is_alive(w.proc.pid):
+                self._violation(w, "its channel no longer takes messages")
 
     def _on_death(self, w: WorkerHandle) -> None:
         """A worker process ended. Caller holds the lock."""
-        w.proc.join(0.1)
-        code = w.proc.exitcode
+        code = w.proc.exitcode(0.1)
         self._flush_pending(w)
+        if not w.ready and not w.dead:
+            n = self._boot_failures.get(w.uid, (0, 0.0, ""))[0] + 1
+            why = (f"the worker for this user could not start (exit code {code}; "
+                   f"the server's log says why)")
+            self._boot_failures[w.uid] = (n, time.monotonic(), why)
+            logger.error("a worker for uid %s died while starting (exit code %s)", w.uid, code)
         if w.seq is not None and not w.dead:
+            left = self._reap_orphans()
             status = JobStatus.KILLED if code is not None and code < 0 else JobStatus.LOST
-            self._finalize(w, status, code if code else -signal.SIGKILL,
-                           f"the worker process (pid {w.proc.pid}) died while running the job "
-                           f"(exit code {code})")
+            why = (f"the worker process (pid {w.proc.pid}) died while running the job "
+                   f"(exit code {code})")
+            if left:
+                why += f"; processes it left running were killed: {left}"
+            self._finalize(w, status, code if code is not None else -signal.SIGKILL, why)
             logger.warning("worker %s died with exit code %s", w.proc.pid, code)
+        elif self.subreaper:
+            self._reap_orphans()
         w.dead = True
-        for obj in (w.conn, w.proc.sentinel):
-            try:
-                self._selector.unregister(obj)
-            except (KeyError, ValueError):
-                pass
-        w.conn.close()
+        self._unwatch(w.proc.sentinel)
+        w.proc.close()
+        self._close_channel(w)
         self.workers.remove(w)
-        if w.uid is None and not self._stopping:
-            self.demand.add(None)  # keep the pool full: replace it now
+        if w.uid is None and not self._stopping and not self.as_root:
+            # keep the pool full: replace it now (a root server starts its
+            # own user's workers on demand, like everyone's: refilling the
+            # pool would retire other users' idle workers to make room)
+            self.demand.add(None)
+
+    def _reap_orphans(self, wait: bool = False) -> List[int]:
+        """Kill and reap our children that are not workers: processes a
+        dead worker left behind, re-parented to us (we are a subreaper).
+        Returns the pids of those alive. The kill runs in a helper thread
+        (never under the state lock) unless ``wait``. Children of our own
+        thread jobs (same uid as ours) are spared while any thread job runs."""
+        if not self.subreaper:
+            return []
+        keep = {w.proc.pid for w in self.workers if w.proc is not None}
+        for module, name in (("multiprocessing.forkserver", "_forkserver"),
+                             ("multiprocessing.resource_tracker", "_resource_tracker")):
+            helper = getattr(sys.modules.get(module), name, None)   # started by multiprocessing
+            pid = getattr(helper, "_forkserver_pid", None) or getattr(helper, "_pid", None)
+            if pid:
+                keep.add(pid)
+        me = os.getuid()
+        orphans = []
+        for pid in set(child_pids(os.getpid())) - keep - self._orphans_in_hand:
+            if self._thread_jobs:
+                try:
+                    if os.stat(f"/proc/{pid}").st_uid == me:
+                        continue
+                except OSError:
+                    continue
+            orphans.append(pid)
+        if not orphans:
+            return []
+        live = [p for p in orphans if is_alive(p)]
+        self._orphans_in_hand.update(orphans)
+        if wait:
+            _kill_and_reap(orphans, live, self._orphans_in_hand)
+        else:
+            threading.Thread(target=_kill_and_reap, args=(orphans, live, self._orphans_in_hand),
+                             name="ezpq-orphans", daemon=True).start()
+        return live
 
     def _finalize(self, w: WorkerHandle, status: JobStatus, exitcode: int, why: str) -> None:
         """Record the outcome of the job on a worker we lost (its pending
@@ -384,22 +763,24 @@ class Supervisor:
         recorded with the signal that ended the worker, and any survivor is
         named in ``exception``. The worker is never reused."""
         self._flush_pending(w)
-        procs = tree(w.proc.pid)
-        seq, pid = w.seq, w.proc.pid
+        seq = w.seq
         w.seq = w.deadline = w.max_memory = None
         w.dead = True
+        with w.out_lock:
+            w.out.clear()
         threading.Thread(target=self._kill_and_record,
-                         args=(seq, pid, procs, status, why, time.time()),
+                         args=(seq, w.proc, status, why, time.time()),
                          name="ezpq-kill", daemon=True).start()
 
-    def _kill_and_record(self, seq: int, pid: int, procs: List[psutil.Process],
+    def _kill_and_record(self, seq: Optional[int], proc: WorkerProcess,
                          status: JobStatus, why: str, ended: float) -> None:
-        survivors = kill_tree(procs)
-        code = next((p.returncode for p in procs if p.pid == pid and p.returncode), None)
-        exitcode = code if code is not None and code < 0 else -signal.SIGTERM
+        survivors = kill_tree([proc.pid])
+        code = proc.exitcode(1.0)
+        exitcode = code if code is not None and code < 0 else -signal.SIGKILL
         if survivors:
             why += f"; processes {survivors} survived SIGKILL"
             logger.error("job %s: %s", seq, why)
-        self.state.finish(seq, Outcome(status, exitcode, exception=why, pid=pid, host=HOST,
-                                       ended=ended))
+        if seq is not None:
+            self.state.finish(seq, Outcome(status, exitcode, exception=why, pid=proc.pid, host=HOST,
+                                           ended=ended))
         self.wake()

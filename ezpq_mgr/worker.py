@@ -1,31 +1,52 @@
 """Running one job: in a persistent worker process, or on a server thread.
 
-A worker process loops ``recv job → run → send outcome`` over its pipe to
-the supervisor. Between jobs it keeps nothing of the job but a small cache
-of unpickled functions (a ``map`` sends the same function bytes each time).
-A watcher thread ends the worker, and any process its job started, as soon
-as its parent (the server) is gone, so a SIGKILLed server leaves no orphan.
+A worker process loops ``recv job → run → send outcome`` over its channel
+to the supervisor, in the format of ``workerproto`` (the server never
+unpickles what a worker sends). Between jobs it keeps nothing of the job but
+a small cache of unpickled functions (a ``map`` sends the same function
+bytes each time), and no process: whatever a job left running is killed as
+soon as its result is sent (the worker is a child subreaper, so orphans of
+the job's processes come back to it).
+
+Two ways in:
+
+- ``exec_main``: a worker for another user than the server's. It is a fresh
+  interpreter exec'd by the server (never a fork of it: nothing of the
+  server's memory, descriptors or environment crosses over), started as
+  root because the interpreter may live where only root can read it. It
+  imports everything it needs first, then drops to the user (groups, gid,
+  uid), clears the environment to the user's HOME/USER/LOGNAME/SHELL/PATH,
+  and only then reads its first job.
+- ``worker_main``: a worker for the server's own user, started by
+  multiprocessing with the configured start method (fast); it closes every
+  descriptor it inherited except its channel and lifeline.
+
+Both notice the server's death through their lifeline: the read end of a
+pipe whose write end only the server holds. At EOF the worker kills its
+tree and exits, so a SIGKILLed server leaves no orphan. (PR_SET_PDEATHSIG
+would be cleared by setuid, and an exec'd worker has no
+``multiprocessing.parent_process``.)
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.connection
+import errno
 import os
+import select
 import socket
 import sys
 import threading
 import time
 import traceback
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from . import channel, serialize
+from . import serialize, workerproto
 from .job import JobStatus
 from .shell import ShellResult
 from .meter import JobMeter
-from .procutil import become_subreaper, descendants, kill_tree, reap_zombies
+from .procutil import become_subreaper, child_pids, kill_tree
 
-__all__ = ["worker_main", "run_call", "apply_env", "thread_cpu", "HOST"]
+__all__ = ["worker_main", "exec_main", "exec_argv", "run_call", "apply_env", "thread_cpu", "HOST"]
 
 HOST = socket.gethostname()
 _FN_CACHE_SIZE = 32
@@ -79,61 +100,240 @@ def thread_cpu() -> Tuple[float, float]:
         return time.thread_time(), 0.0
 
 
-def _watch_parent() -> None:
-    """Exit (killing the job's processes) as soon as the parent process is gone."""
-    parent = multiprocessing.parent_process()
-    if parent is None or parent.sentinel is None:
-        return
-
+def _watch_lifeline(fd: int) -> None:
+    """Exit, killing the job's processes, when the server is gone (EOF on
+    ``fd``: the server holds the only write end)."""
     def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        kill_tree(descendants(os.getpid()), grace=0.05)
+        # poll first: the read end is shared by every worker, and a job may
+        # have made it non-blocking (the flag is shared too)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP)
+        while True:
+            poller.poll()
+            try:
+                if not os.read(fd, 1):
+                    break
+            except BlockingIOError:
+                continue
+            except OSError:
+                break
+        kill_tree(child_pids(os.getpid()))
         os._exit(1)
 
-    threading.Thread(target=watch, name="ezpq-parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="ezpq-lifeline", daemon=True).start()
+
+
+def _close_inherited(keep: List[int]) -> None:
+    """Close every descriptor but stdio and ``keep`` (a forked worker holds
+    copies of the server's: listener, log, clients, other workers' pipes)."""
+    try:
+        fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _forget_mp_helpers() -> None:
+    """multiprocessing's resource tracker and forkserver clients keep the
+    descriptors we just closed: forget them, so a job that uses
+    multiprocessing starts its own helpers instead of writing to a number
+    its own files may now hold."""
+    rt = sys.modules.get("multiprocessing.resource_tracker")
+    tracker = getattr(rt, "_resource_tracker", None)
+    for name in ("_fd", "_pid"):
+        if hasattr(tracker, name):
+            setattr(tracker, name, None)
+    fs = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(fs, "_forkserver", None)
+    for name in ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid"):
+        if hasattr(server, name):
+            setattr(server, name, None)
 
 
 def become_user(uid: int) -> None:
-    """Drop root for ``uid`` (groups, gid, uid), before any job is unpickled."""
+    """Drop root for ``uid`` (groups, gid, uid) and take the user's own
+    environment (nothing of the server's), before any job is read."""
     import ctypes
     import pwd
     pw = pwd.getpwuid(uid)
     os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
     os.setgid(pw.pw_gid)
     os.setuid(uid)
-    os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    os.environ.clear()
+    os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name,
+                      SHELL=pw.pw_shell or "/bin/sh", PATH=USER_PATH)
     try:  # setuid made us non-dumpable: /proc/self would stay root's (no clear_refs)
         ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
     except (OSError, AttributeError):
         pass
 
 
-def worker_main(conn: multiprocessing.connection.Connection, run_as: Optional[int] = None) -> None:
-    """Entry point of a worker process.
+USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 
-    ``EZPQ_ACCOUNTING=0`` in the server's environment turns the per-job CPU
-    and memory figures off (they are then None); the benchmarks use it to
-    show what accounting costs."""
-    _watch_parent()
-    if run_as is not None:
-        become_user(run_as)
+#: Imported before the drop: the interpreter's own files may be readable by
+#: root only, and a job's pickle or code may need any of these.
+PRELOAD = ("base64", "bisect", "bz2", "calendar", "collections", "concurrent.futures", "contextlib",
+           "copy", "csv", "ctypes", "dataclasses", "datetime", "decimal", "difflib", "email",
+           "enum", "fnmatch", "fractions", "functools", "getpass", "glob", "gzip", "hashlib",
+           "heapq", "hmac", "http.client", "importlib", "inspect", "io", "ipaddress", "itertools",
+           "json", "locale", "logging", "lzma", "math", "mmap", "multiprocessing",
+           "multiprocessing.pool", "numbers", "operator", "pathlib", "pickle", "platform",
+           "pprint", "queue", "random", "re", "resource", "secrets", "selectors", "shlex",
+           "shutil", "signal", "socket", "sqlite3", "ssl", "stat", "statistics", "string",
+           "struct", "subprocess", "tempfile", "textwrap", "threading", "timeit", "typing",
+           "unicodedata", "urllib.parse", "urllib.request", "uuid", "warnings", "weakref",
+           "zipfile", "zlib", "cloudpickle", "psutil", "ezpq_mgr")
+
+
+def _preload() -> None:
+    import importlib
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # an optional module missing here is the job's business
+            pass
+
+
+def exec_argv(channel_fd: int, lifeline_fd: int, uid: int, accounting: bool) -> List[str]:
+    """The command line of an exec'd worker (``-I``: no PYTHON* variable or
+    user site of the server's environment applies)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"import sys; sys.path.insert(0, {root!r}); from ezpq_mgr.worker import exec_main; exec_main()"
+    return [sys.executable, "-I", "-c", code, str(channel_fd), str(lifeline_fd), str(uid),
+            "1" if accounting else "0"]
+
+
+def exec_main() -> None:
+    """Entry point of an exec'd worker: ``channel lifeline uid accounting``."""
+    channel_fd, lifeline_fd, uid, accounting = (int(x) for x in sys.argv[1:5])
+    _preload()
+    become_user(uid)
+    _watch_lifeline(lifeline_fd)
     become_subreaper()
-    accounting = os.environ.get("EZPQ_ACCOUNTING", "1") != "0"
-    pid = os.getpid()
-    meter = JobMeter() if accounting else None
-    fn_cache: Dict[bytes, Any] = {}
-    if meter:
-        meter.arm()
-    conn.send("ready")
+    _serve(channel_fd, accounting == 1)
+
+
+def worker_main(conn, lifeline, accounting: bool = True) -> None:
+    """Entry point of a multiprocessing worker (the server's own user)."""
+    channel_fd, lifeline_fd = conn.fileno(), lifeline.fileno()
+    _close_inherited([channel_fd, lifeline_fd])
+    _forget_mp_helpers()
+    _watch_lifeline(lifeline_fd)
+    become_subreaper()
+    _serve(channel_fd, accounting)
+
+
+class _Channel:
+    """The worker's end: blocking frames, also when the job has set the
+    shared descriptor non-blocking."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._buf = b""
+
+    def _wait(self, event: int) -> None:
+        poller = select.poll()
+        poller.register(self.fd, event)
+        poller.poll()
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                self._wait(select.POLLOUT)
+
+    def _read(self) -> bytes:
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                self._wait(select.POLLIN)
+                continue
+            if not data:
+                raise EOFError
+            return data
+
+    def recv(self) -> Tuple[int, bytes]:
+        """(kind, body) of the server's next message."""
+        buf = self._buf
+        while len(buf) < workerproto.HEADER.size:
+            buf += self._read()
+        _, kind, _, size = workerproto.HEADER.unpack_from(buf)
+        end = workerproto.HEADER.size + size
+        if len(buf) < end:
+            parts, have = [buf], len(buf)
+            while have < end:
+                chunk = self._read()
+                parts.append(chunk)
+                have += len(chunk)
+            buf = b"".join(parts)
+        self._buf = buf[end:]
+        return kind, buf[workerproto.HEADER.size:end]
+
+
+def _sweep_children(children_fd: Optional[int], meter_saw: bool) -> None:
+    """Kill whatever the job left running (and reap it). The hot path pays
+    one pread of our main thread's ``children`` (~1 us); only a job that
+    started processes pays for a look at every thread."""
+    me = os.getpid()
+    if children_fd is not None and not meter_saw:
+        if not os.pread(children_fd, 64, 0):
+            return
+    left = child_pids(me)
+    if left:
+        kill_tree(left)
     while True:
         try:
-            msg = channel.recv(conn)
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _serve(fd: int, accounting: bool) -> None:
+    """Read jobs, run them, send results, until STOP or EOF.
+
+    ``accounting`` False turns the per-job CPU and memory figures off (they
+    are then None); the benchmarks use it to show what accounting costs."""
+    chan = _Channel(fd)
+    meter = JobMeter() if accounting else None
+    fn_cache: Dict[bytes, Any] = {}
+    try:
+        children_fd: Optional[int] = os.open(f"/proc/self/task/{os.getpid()}/children", os.O_RDONLY)
+    except OSError:
+        children_fd = None
+    if meter:
+        meter.arm()
+    chan.send(workerproto.encode_ready())
+    no_figures = workerproto.NO_FIGURES
+    while True:
+        try:
+            kind, body = chan.recv()
         except (EOFError, OSError):
             break
-        if msg is None:
+        if kind != workerproto.JOB:
             break
-        seq, fn_blob, args_blob, env, as_thread = msg
-        apply_env(env)
+        fn_blob, args_blob, env, as_thread = workerproto.decode_job(body)
+        del body
+        try:
+            apply_env(env)
+        except OSError as e:
+            cwd = env[0] if env else None
+            why = f"cannot enter the job's working directory {cwd!r} as this user: {e}"
+            now = time.time()
+            try:
+                chan.send(workerproto.encode_result("failed", 1, now, now, None, why, no_figures))
+            except (EOFError, OSError):
+                break
+            continue
         if as_thread:  # a thread job of a shared server: this thread's CPU, no RSS
             u0, s0 = thread_cpu()
         elif meter:
@@ -146,22 +346,24 @@ def worker_main(conn: multiprocessing.connection.Connection, run_as: Optional[in
             u1, s1 = thread_cpu()
             figures = (u1 - u0, s1 - s0, None, None, None)
         elif not meter:
-            figures = (None, None, None, None, None)
+            figures = no_figures
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         except Exception:
             pass
+        spawned = False
         try:
-            channel.send(conn, (seq, status.value, exitcode, out, exc, pid, started, ended, figures))
+            chan.send(workerproto.encode_result(status.value, exitcode, started, ended, out, exc, figures))
             if figures is None:
                 # measured now: a system call before the send would delay the
                 # result by far more than its own cost (see meter.py)
                 figures, spawned = meter.stop()
-                channel.send(conn, (seq, figures))
-                if spawned:
-                    reap_zombies()  # orphans of the job's processes were adopted by us
-        except (EOFError, OSError):
+                chan.send(workerproto.encode_figures(figures))
+        except (EOFError, OSError) as e:
+            if getattr(e, "errno", None) not in (None, errno.EPIPE, errno.ECONNRESET, errno.EBADF):
+                raise
             break
+        _sweep_children(children_fd, spawned)
         if meter:  # for the next job, while the supervisor reads this result
             meter.arm(reuse=not as_thread)

@@ -51,27 +51,3 @@ def test_a_second_message_in_flight_is_an_error_not_a_loss(pipe):
     channel.send(a, "two")
     with pytest.raises(OSError, match="second message"):
         channel.recv(b)
-
-
-@pytest.mark.parametrize("objs", [[1], [("result", 1), ("figures", 2)], [b"x" * 70000, "small"],
-                                  ["a", b"y" * 200000, "b"]])
-def test_a_reader_returns_what_arrived_and_keeps_the_rest(pipe, objs):
-    a, b = pipe
-    reader = channel.Reader(b)
-    writer = threading.Thread(target=lambda: [channel.send(a, o) for o in objs])
-    writer.start()
-    got = []
-    while len(got) < len(objs):
-        got += reader.read()
-    writer.join(30)
-    assert got == objs
-
-
-def test_a_reader_reports_end_of_file(pipe):
-    a, b = pipe
-    reader = channel.Reader(b)
-    channel.send(a, "last")
-    a.close()
-    assert reader.read() == ["last"]
-    with pytest.raises(EOFError):
-        reader.read()
