@@ -180,9 +180,14 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--allow-other-users", action="store_true",
                    help="a server not run as root: serve every user anyway, running their jobs as "
                         "this server's user (by default it serves only its own user)")
+    p.add_argument("--keep-finished", type=float, default=86400.0, metavar="SECONDS",
+                   help="drop finished jobs nobody collected after SECONDS (default 86400, one day; "
+                        "0: keep them); their accounting rows stay in the log")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    if not 0 <= args.keep_finished < float("inf"):
+        p.error("--keep-finished must be a finite number of seconds >= 0")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s ezpq-server[%(process)d] %(levelname)s %(message)s")
     try:
@@ -206,7 +211,8 @@ def server_main(argv: Optional[List[str]] = None) -> None:
 
     try:
         serve(address, key, args.workers, args.start_method, shared=True, log_file=args.log_file,
-              on_ready=on_ready, max_message=args.max_message, allow_other_users=args.allow_other_users)
+              on_ready=on_ready, max_message=args.max_message, allow_other_users=args.allow_other_users,
+              keep_finished=args.keep_finished or None)
     except LogFileError as exc:
         _refuse(f"--log-file: {exc}")
     except (OSError, OverflowError, ValueError) as exc:
@@ -323,7 +329,7 @@ def _cmd_submit(remote, args, me, address, key):
     try:
         job_id = q.put(run_command, args=[list(args.command), dict(os.environ)], name=args.name or args.command[0],
                        priority=args.priority, lane=args.lane, timeout=args.timeout, suppress_errors=True)
-        seq = next(j for j in remote.call("jobs", args.qid) if j["id"] == job_id)["seq"]
+        seq = remote.call("job", args.qid, job_id)["seq"]   # not "jobs": the qid may hold thousands
     finally:
         q.detach()
     if args.json:
@@ -466,4 +472,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except EzpqError as exc:
         print(f"ezpq: {exc}", file=sys.stderr)
         code = EXIT_JOB
+    except (TypeError, ValueError) as exc:  # refused input (ours or the server's check)
+        print(f"ezpq: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
     sys.exit(code)

@@ -11,7 +11,6 @@ prints tracebacks (unless ``suppress_errors``), runs ``callback`` and writes
 
 from __future__ import annotations
 
-import getpass
 import logging
 import multiprocessing
 import os
@@ -21,11 +20,11 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, List, Optional
 
-from . import serialize
+from . import schema, serialize
 from .connection import Remote, default_authkey, parse_address
 from .embedded import PrivateServer
 from .errors import ConnectionError, EzpqError
-from .job import Job, normalize_args
+from .job import Job, normalize_args, plain_name
 from .jobdict import log_csv, to_job_dict
 
 logger = logging.getLogger(__name__)
@@ -51,19 +50,6 @@ def _runner_name(job_runner: Any) -> str:
     raise ValueError(
         f"job_runner must be multiprocessing.Process, threading.Thread, 'process' or 'thread', "
         f"not {job_runner!r}")
-
-
-def _plain_name(name: Any) -> Any:
-    if name is None or isinstance(name, (str, int, float)) and not isinstance(name, bool):
-        return name
-    return str(name)
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return str(os.getuid())
 
 
 class Queue:
@@ -93,12 +79,15 @@ class Queue:
         if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, int)
                                       or n_workers < 1):
             raise ValueError(f"n_workers must be an int >= 1, got {n_workers!r}")
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0:
-            raise ValueError(f"max_size must be an int >= 0, got {max_size!r}")
+        if (isinstance(max_size, bool) or not isinstance(max_size, int)
+                or not 0 <= max_size <= schema.MAX_SETTING):
+            raise ValueError(f"max_size must be an int in 0..{schema.MAX_SETTING}, got {max_size!r}")
+        if n_workers is not None and n_workers > schema.MAX_SETTING:
+            raise ValueError(f"n_workers must be at most {schema.MAX_SETTING}, got {n_workers!r}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
-        if qid is not None and not isinstance(qid, str):
-            raise TypeError(f"qid must be a string, not {type(qid).__name__}")
+        if qid is not None:
+            schema.check_qid(qid)
         start_method = start_method or os.environ.get("EZPQ_START_METHOD") or None
         if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
             raise ValueError(f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
@@ -110,7 +99,6 @@ class Queue:
         self._poll = poll
         self.show_progress = show_progress
         self._max_size = max_size
-        self._user = _user()
         self._server: Optional[PrivateServer] = None
         self._disposed = False
         if address is None:
@@ -125,14 +113,18 @@ class Queue:
         try:
             self._remote = Remote(address, key, shared=self._server is None)
             holding = callback is not None or log_file is not None
-            hello = self._remote.call("hello", self._token, os.getcwd(), list(sys.path), holding)
+            # a private queue (no qid given) is disposed of by the server if we
+            # vanish without dispose()/detach(), as dispose() would
+            hello = self._remote.call("hello", self._token, os.getcwd(),
+                                      [p for p in sys.path if isinstance(p, str)], holding,
+                                      None if qid is not None else self._qid)
             self._env_id = hello["env_id"]
             settings = {"max_size": max_size, "auto_stop": auto_stop, "auto_remove": auto_remove}
             if not auto_start:
                 settings["paused"] = True
             if self._server is None and n_workers is not None:
                 settings["cap"] = n_workers
-            self._remote.call("configure", self._qid, settings)
+            self._remote.call("configure", self._qid, schema.check_settings(settings))
         except BaseException:
             if self._server is not None:
                 self._server.stop()
@@ -234,8 +226,7 @@ class Queue:
             raise ValueError("thread jobs cannot be killed: max_memory needs job_runner=Process")
         return self._remote.check_record({
             "client": self._token,
-            "user": self._user,
-            "name": _plain_name(job.name),
+            "name": plain_name(job.name),
             "priority": job.priority,
             "lane_key": None if job.lane is None else serialize.dump_value(job.lane, "lane"),
             "lane_text": None if job.lane is None else str(job.lane),
@@ -311,6 +302,7 @@ class Queue:
     def _wait_loop(self, step: Callable[[float], Any], done: Callable[[Any], bool],
                    timeout: float = 0):
         """Call ``step(slice)`` until ``done(result)`` or ``timeout`` (0 = none) passes."""
+        timeout = schema.client_timeout(timeout)
         deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
         while True:
             left = 5.0 if deadline is None else max(0.0, deadline - time.monotonic())
@@ -434,6 +426,7 @@ class Queue:
         """Block until this queue has no waiting or working job (or ``timeout``).
 
         Returns how many are still waiting or working (0 = all done)."""
+        schema.client_timeout(timeout)
         if show_progress:
             return self.waitpb(poll, timeout)
         return self._wait_loop(lambda s: self._call("wait_pending", self._qid, 1, s),
@@ -512,8 +505,8 @@ class Queue:
 
     def set_workers(self, n: int) -> None:
         """Change concurrency: the private server's workers, or this queue's cap."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= schema.MAX_SETTING:
+            raise ValueError(f"n must be an int in 1..{schema.MAX_SETTING}, got {n!r}")
         if self._server is not None:
             self._call("set_workers", n)
         else:

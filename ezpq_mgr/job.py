@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import numbers
 import operator
 import sys
 from typing import Any, Callable, Optional
+
+from . import schema
 
 __all__ = ["Job", "JobStatus", "JobRecord", "FIELDS", "FINISHED", "normalize_args"]
 
@@ -69,11 +70,17 @@ def normalize_args(args: Any) -> Optional[list]:
     return [args]
 
 
-def _check_number(name: str, value: Any, allow_zero: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+def plain_name(name: Any) -> Any:
+    """A job name as the server keeps it: None, str, int or float as given,
+    anything else as its ``str()``."""
+    t = type(name)
+    if name is None or t is str or t is int or t is float:
+        return name
+    if isinstance(name, int) and not isinstance(name, bool):
+        return int(name)
+    if isinstance(name, float):
+        return float(name)
+    return str(name)
 
 
 class Job:
@@ -81,7 +88,8 @@ class Job:
 
     Same signature as ezpq 0.2.2's ``Job``, plus ``retries`` (run again up to
     N times after a failure) and ``max_memory`` (bytes; kill the job past it).
-    Arguments are checked here so bad input fails at the call that made it.
+    Arguments are checked here (``schema``, the rules the server applies
+    again) so bad input fails at the call that made it.
     """
 
     def __init__(
@@ -108,30 +116,28 @@ class Job:
             bad = [k for k in kwargs if not isinstance(k, str)]
             if bad:
                 raise TypeError(f"kwargs keys must be strings, got {bad[0]!r}")
-        if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
-            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+        priority = schema.check_priority(priority)
         try:
             hash(lane)
         except TypeError:
             raise TypeError(f"lane must be hashable, not {type(lane).__name__}") from None
-        _check_number("timeout", timeout)
-        if isinstance(retries, bool) or not isinstance(retries, numbers.Integral):
-            raise TypeError(f"retries must be an int, not {type(retries).__name__}")
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries!r}")
-        if max_memory is not None:
-            _check_number("max_memory", max_memory)
+        if lane is not None:
+            schema.check_text("lane (as text)", str(lane))
+        timeout = schema.check_timeout(timeout)
+        retries = schema.check_retries(retries)
+        max_memory = schema.check_max_memory(max_memory)
+        schema.check_name(plain_name(name))
         self.function = function
         self.args = normalize_args(args)
         self.kwargs = kwargs
         self.name = name
-        self.priority = int(priority)
+        self.priority = priority
         self.lane = lane
         self.timeout = timeout
         self.suppress_errors = bool(suppress_errors)
         self.stop_on_lane_error = bool(stop_on_lane_error)
-        self.retries = int(retries)
-        self.max_memory = None if max_memory is None else int(max_memory)
+        self.retries = retries
+        self.max_memory = max_memory
 
     def __repr__(self) -> str:
         fn = getattr(self.function, "__name__", repr(self.function))

@@ -29,7 +29,8 @@ from .errors import EzpqError
 from .outgoing import MessageTooLarge, PeerConnection
 from .peers import serve_as
 
-__all__ = ["DEFERRED", "Deferred", "Outbox", "ConnectionServer", "park", "reply_channel"]
+__all__ = ["DEFERRED", "Deferred", "Outbox", "ConnectionServer", "at_disconnect", "park",
+           "reply_channel"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +123,19 @@ class ConnectionServer:
     def serve(self, conn: PeerConnection) -> None:
         """The serving thread of one connection, until the client leaves."""
         _local.conn = conn
+        _local.at_disconnect = []
         serve_as(conn.identity)
         try:
             self._loop(conn)
         finally:
             _local.conn = None
             conn.close()
+            hooks, _local.at_disconnect = _local.at_disconnect, []
+            for fn in hooks:  # the client disconnected: what the service asked to run then
+                try:
+                    fn()
+                except Exception:
+                    logger.exception("a disconnect hook failed")
 
     def _loop(self, conn: PeerConnection) -> None:
         service, exposed, outbox = self.service, self.exposed, self.state.outbox
@@ -188,3 +196,12 @@ def park(d: Deferred) -> object:
     """Called by a service method: this thread's call is answered later."""
     _local.parked = d
     return DEFERRED
+
+
+def at_disconnect(fn: Callable[[], None]) -> None:
+    """Called by a service method: run ``fn()`` on this thread when its
+    client's connection closes."""
+    hooks = getattr(_local, "at_disconnect", None)
+    if hooks is None:
+        hooks = _local.at_disconnect = []
+    hooks.append(fn)

@@ -50,13 +50,15 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
           shared: bool = True, log_file: Optional[str] = None,
           on_ready=None, stop_event: Optional[threading.Event] = None,
           max_message: Optional[int] = transport.DEFAULT_MAX_MESSAGE,
-          allow_other_users: bool = False) -> None:
+          allow_other_users: bool = False, keep_finished: Optional[float] = None) -> None:
     """Run a server until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
     ``shared``: several users may connect: JSON on the wire (never pickle),
     per-user queues, jobs run as their submitter when we are root. The
     private server of an embedded queue (one user) passes False, and no
-    message limit (its client is its owner).
+    message limit (its client is its owner). ``keep_finished``: drop
+    finished jobs nobody collected after that many seconds (None: keep
+    them until collected).
 
     A non-root server serves only its owner's uid over a Unix socket, since
     it cannot run anyone else's jobs as them; ``allow_other_users`` lets
@@ -83,7 +85,8 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     worker_limit = min(max_message, _WORKER_FRAME_LIMIT) if shared and max_message else _WORKER_FRAME_LIMIT
     supervisor = Supervisor(state, workers, start_method, shared=shared, subreaper=True,
                             max_message=worker_limit)
-    service = Service(state, supervisor, shared=shared, accounting=accounting)
+    service = Service(state, supervisor, shared=shared, accounting=accounting,
+                      keep_finished=keep_finished)
     try:
         listener = transport.listen(address)
     except BaseException:
@@ -136,6 +139,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         flusher.stop()
         for t in threads:
             t.join(5)
+        service.close()
         supervisor.stop()
         accounting.close()
         listener.close()

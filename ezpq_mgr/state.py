@@ -23,6 +23,7 @@ counter), so ties are FIFO and records are never compared. Stale entries
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import threading
@@ -32,6 +33,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 from .errors import JobNotFound, QueueFull
 from .job import JobRecord, JobStatus
 from .replies import Deferred, Outbox
+from .schema import INT64_MAX, SETTINGS
 
 __all__ = ["QueueState", "QueueInfo", "Outcome"]
 
@@ -129,6 +131,9 @@ class QueueState:
         self.deferred: List[Deferred] = []   # parked calls, answered by _changed
         self.finishing: set = set()          # seqs released by release(), not yet finished
         self.outbox = Outbox()               # their answers, sent once the lock is free
+        self.abandoned: Dict[str, str] = {}  # client gone without goodbye -> its private qid
+        self.expiring = False                # keep done_order for expire_finished
+        self.done_order: "collections.deque[int]" = collections.deque()  # completed seqs, oldest first
 
     # ----------------------------------------------------------------- queues
     def queue(self, qid: str) -> QueueInfo:
@@ -139,12 +144,17 @@ class QueueState:
         return q
 
     def configure(self, qid: str, **settings) -> None:
-        """Set queue settings (cap, max_size, paused, auto_stop, auto_remove)."""
+        """Set queue settings (cap, max_size, paused, auto_stop, auto_remove):
+        only those (``schema.SETTINGS``; the Service checked their values)."""
+        for key, value in settings.items():
+            kind = SETTINGS.get(key)
+            if kind is None:
+                raise ValueError(f"unknown queue setting {key!r}")
+            if type(value) is not kind:
+                raise TypeError(f"{key} must be a {kind.__name__}, not {type(value).__name__}")
         with self.cond:
             q = self.queue(qid)
             for key, value in settings.items():
-                if not hasattr(q, key) or key in ("qid", "waiting", "completed", "ids", "lanes"):
-                    raise ValueError(f"unknown queue setting {key!r}")
                 setattr(q, key, value)
             self._changed()
 
@@ -153,9 +163,10 @@ class QueueState:
         with self.cond:
             if holding:
                 self.holding_clients.add(client)
-            else:
+            elif client in self.holding_clients:
                 self.holding_clients.discard(client)
                 self._release_held(client)
+                self._changed()
 
     # ------------------------------------------------------------------- add
     def add(self, qid: str, records: List[JobRecord]) -> List[int]:
@@ -167,6 +178,13 @@ class QueueState:
                     f"queue {qid!r} holds {self._size(q)} of max_size={q.max_size} jobs; "
                     f"cannot add {len(records)} more"
                 )
+            reserved = [rec.id for rec in records if rec.id]
+            if reserved:  # only ids this queue handed out, each once
+                if len(set(reserved)) != len(reserved):
+                    raise ValueError("id: the same job id twice in one batch")
+                for job_id in reserved:
+                    if not 0 < job_id < q.next_id or job_id in q.ids:
+                        raise ValueError(f"id: job id {job_id} was not reserved or is taken")
             now = self.clock()
             ids = []
             for rec in records:
@@ -195,6 +213,8 @@ class QueueState:
         with self.cond:
             q = self.queue(qid)
             first = q.next_id
+            if first + n > INT64_MAX:
+                raise ValueError(f"n: queue {qid!r} has no {n} job ids left")
             q.next_id += n
             return first
 
@@ -370,12 +390,24 @@ class QueueState:
     def _complete(self, q: QueueInfo, rec: JobRecord) -> None:
         rec.processed = self.clock()
         q.n_completed += 1
-        self.client_pending[rec.client] -= 1
-        if q.auto_remove:
+        client = rec.client
+        left = self.client_pending.get(client, 1) - 1
+        if left:
+            self.client_pending[client] = left
+        else:
+            self.client_pending.pop(client, None)
+        if client in self.abandoned:   # nobody will ever collect it
+            self.records.pop(rec.seq, None)
+            q.ids.pop(rec.id, None)
+            if not left:
+                self._forget_abandoned(client)
+        elif q.auto_remove:
             self._forget(q, rec)
         else:
             heapq.heappush(q.completed, (rec.priority, rec.id, rec.seq))
             q.n_done += 1
+            if self.expiring:
+                self.done_order.append(rec.seq)
 
     def _forget(self, q: QueueInfo, rec: JobRecord) -> None:
         """Drop a record; its completed-heap entry (if any) is skipped later."""
@@ -412,11 +444,15 @@ class QueueState:
             return out
 
     def mark_processed(self, results: Iterable[Tuple[int, Optional[bytes]]]) -> None:
-        """The client ran its callback/log for these jobs; complete them."""
+        """The client ran its callback/log for these held jobs; complete them.
+
+        Only held jobs (finished, not yet processed) of a holding client:
+        completing a running job would free its slot twice, never."""
         with self.cond:
             for seq, callback_blob in results:
                 rec = self.records.get(seq)
-                if rec is None or rec.processed is not None:
+                if (rec is None or rec.processed is not None or not rec.finished
+                        or rec.client not in self.notices):
                     continue
                 rec.callback_blob = callback_blob
                 q = self.queues[rec.qid]
@@ -428,8 +464,9 @@ class QueueState:
         """The client goes away: complete what it held; its notice reader
         gets what is left, then None."""
         with self.cond:
-            self.holding_clients.discard(client)
-            self._release_held(client)
+            if client in self.holding_clients:
+                self.holding_clients.discard(client)
+                self._release_held(client)
             if client in self.notices:
                 self.closing.add(client)
             self._changed()
@@ -516,7 +553,7 @@ class QueueState:
     def pop_ids(self, qid: str, ids: List[int]) -> List[Optional[dict]]:
         """Remove and return these completed jobs, in the order asked (None if not done)."""
         with self.cond:
-            q = self.queue(qid)
+            q = self.queues.get(qid) or QueueInfo(qid)
             out = []
             for job_id in ids:
                 rec = self.records.get(q.ids.get(job_id, -1))
@@ -528,8 +565,9 @@ class QueueState:
             self._changed()
             return out
 
-    def forget_client(self, qid: str, client: str) -> int:
-        """Drop a departing client's completed jobs that nobody collected."""
+    def forget_client(self, qid: str, client: str, drop_queue: bool = False) -> int:
+        """Drop a departing client's completed jobs that nobody collected
+        (and, ``drop_queue``, its private queue once empty)."""
         with self.cond:
             q = self.queues.get(qid)
             if q is None:
@@ -538,9 +576,79 @@ class QueueState:
                     if self.records[s].client == client and self.records[s].processed is not None]
             for rec in gone:
                 self._forget(q, rec)
-            self.client_pending.pop(client, None)
+            if not self.client_pending.get(client):  # its running jobs still count
+                self.client_pending.pop(client, None)
+            if drop_queue:
+                self._drop_if_empty(qid)
             self._changed()
             return len(gone)
+
+    def _drop_if_empty(self, qid: str) -> None:
+        q = self.queues.get(qid)
+        if q is not None and not q.ids and q.pending == 0:
+            del self.queues[qid]
+
+    def abandon(self, qid: str, client: str) -> int:
+        """A client vanished without goodbye: dispose of its private queue
+        ``qid`` as ``dispose()`` would (cancel its waiting jobs, stop its
+        running ones); its jobs are dropped as they end. Returns how many
+        were cancelled or asked to stop."""
+        with self.cond:
+            self.abandoned[client] = qid
+            self.holding_clients.discard(client)
+            self._release_held(client)
+            self.notices.pop(client, None)
+            self.closing.discard(client)
+            n = self.cancel_all(qid, client, running=True)
+            q = self.queues.get(qid)
+            if q is not None:
+                for rec in [self.records[s] for s in list(q.ids.values())]:
+                    if rec.client == client and rec.processed is not None:
+                        self._forget(q, rec)
+            if not self.client_pending.get(client):
+                self._forget_abandoned(client)
+            self._changed()
+            return n
+
+    def _forget_abandoned(self, client: str) -> None:
+        """The last job of a vanished client ended: forget the client and its queue."""
+        qid = self.abandoned.pop(client, None)
+        self.client_pending.pop(client, None)
+        if qid is not None:
+            self._drop_if_empty(qid)
+
+    def expire_finished(self, before: float, batch: int = 10_000) -> int:
+        """Drop completed jobs nobody collected that were processed before
+        ``before`` (their accounting rows were written when they ended).
+        Holds the lock for at most ``batch`` jobs at a time."""
+        dropped = 0
+        while True:
+            with self.cond:
+                order, records, touched = self.done_order, self.records, {}
+                n = 0
+                while order and n < batch:
+                    rec = records.get(order[0])
+                    if rec is not None and rec.processed is not None and rec.processed >= before:
+                        break
+                    order.popleft()
+                    if rec is None or rec.processed is None:
+                        continue
+                    q = self.queues.get(rec.qid)
+                    if q is None or q.ids.get(rec.id) != rec.seq:
+                        records.pop(rec.seq, None)
+                        continue
+                    self._forget(q, rec)
+                    touched[q.qid] = q
+                    n += 1
+                for q in touched.values():  # their completed heaps hold the dropped jobs' entries
+                    if len(q.completed) > 2 * q.n_done + 64:
+                        q.completed = [e for e in q.completed if e[2] in records]
+                        heapq.heapify(q.completed)
+                dropped += n
+                if n:
+                    self._changed()
+                if n < batch:
+                    return dropped
 
     def wait_client(self, client: str, timeout: float) -> int:
         """Block up to ``timeout`` until all of a client's jobs completed."""
@@ -555,7 +663,7 @@ class QueueState:
         whether waiting longer can ever succeed; or, given a ``reply``
         channel and nothing to answer yet, a ``Deferred`` that sends it later."""
         with self.cond:
-            q = self.queue(qid)
+            q = self.queues.get(qid) or QueueInfo(qid)   # an unknown qid is not stored
 
             def answer() -> Tuple[Optional[dict], int]:
                 got = self._pop_completed(qid, 1)
@@ -568,7 +676,7 @@ class QueueState:
     def wait_pending(self, qid: str, below: int, timeout: float) -> int:
         """Block up to ``timeout`` until fewer than ``below`` jobs are pending."""
         with self.cond:
-            q = self.queue(qid)
+            q = self.queues.get(qid) or QueueInfo(qid)
             self._wait_for(lambda: q.pending < below, timeout)
             return q.pending
 
@@ -586,7 +694,7 @@ class QueueState:
 
     def counts(self, qid: str) -> dict:
         with self.cond:
-            q = self.queue(qid)
+            q = self.queues.get(qid) or QueueInfo(qid)
             return {
                 "waiting": q.n_waiting, "working": q.n_working,
                 "completed": q.n_done, "submitted": q.n_submitted,

@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Supervisor"]
 
 MEMORY_CHECK_INTERVAL = 0.05
+MAX_SELECT_TIMEOUT = 3600.0   # seconds; see _next_timeout
 #: after 3 workers of a user died while starting, that user's jobs fail
 #: (with the reason) for this long instead of starting worker after worker
 BOOT_RETRY = 10.0
@@ -329,6 +330,10 @@ class Supervisor:
             timeout = max(0.0, min(deadlines) - now)
         if any(w.max_memory for w in self.workers if w.seq is not None and not w.dead):
             timeout = MEMORY_CHECK_INTERVAL if timeout is None else min(timeout, MEMORY_CHECK_INTERVAL)
+        if timeout is not None:
+            # epoll's timeout is an int of milliseconds: past ~24.8 days it
+            # overflows; a far deadline is simply looked at again later
+            timeout = min(timeout, MAX_SELECT_TIMEOUT)
         return timeout
 
     # ---------------------------------------------------------- channel I/O

@@ -20,7 +20,7 @@ def free_port() -> int:
 class Server:
     """An ezpq-server in a 0755 directory (other users can reach its socket)."""
 
-    def __init__(self, kind="unix", workers=2, start_method="fork", log=True):
+    def __init__(self, kind="unix", workers=2, start_method="fork", log=True, extra=()):
         self.dir = tempfile.mkdtemp(prefix="ezpq-srv-")
         os.chmod(self.dir, 0o755)
         self.keyfile = os.path.join(self.dir, "key")
@@ -36,6 +36,7 @@ class Server:
                "--log-level", "WARNING"]
         if self.log_file:
             cmd += ["--log-file", self.log_file]
+        cmd += list(extra)
         self.proc = subprocess.Popen(cmd)
         deadline = time.monotonic() + 30
         while True:
