@@ -8,7 +8,9 @@ the machine are not ours to judge or kill.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 
@@ -22,6 +24,22 @@ START_METHODS = ["fork", "spawn"]
 #: Inherited by every process the suite starts (workers exec'd with a clean
 #: environment are found as descendants of a marked server instead).
 SESSION_MARK = os.environ.setdefault("EZPQ_TEST_SESSION", uuid.uuid4().hex)
+
+#: Every temporary directory the suite makes (servers' sockets and logs, the
+#: embedded servers' too: TMPDIR is inherited) lives under one root, removed
+#: when the session ends. 0755, so that throwaway users reach their sockets.
+if "EZPQ_TEST_TMP_ROOT" not in os.environ:
+    os.environ["EZPQ_TEST_TMP_ROOT"] = tempfile.mkdtemp(prefix="ezpq-test-")
+    os.chmod(os.environ["EZPQ_TEST_TMP_ROOT"], 0o755)
+    os.environ["TMPDIR"] = tempfile.tempdir = os.environ["EZPQ_TEST_TMP_ROOT"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_temporary_directories():
+    yield
+    root = os.environ.get("EZPQ_TEST_TMP_ROOT")
+    if root and os.path.basename(root).startswith("ezpq-test-"):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 STDLIB_HELPERS = ("resource_tracker", "forkserver")  # one per interpreter, by multiprocessing
