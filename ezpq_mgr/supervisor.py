@@ -73,8 +73,8 @@ BOOT_RETRY = 10.0
 #: a frame begun must make progress within this (a healthy worker writes a
 #: whole frame at once; a job writing half a header must not hold its slot)
 STALL_TIMEOUT = 2.0
-_READ_CHUNK = 1 << 20
-_READS_PER_EVENT = 16   # then let the others have their turn
+_READ_CHUNK = 1 << 16    # below malloc's mmap threshold: no mmap/mremap/munmap per read
+_READS_PER_EVENT = 16   # (1 MiB) then let the others have their turn
 _IOV_MAX = 512
 
 

@@ -252,7 +252,7 @@ class _Channel:
     def _read(self) -> bytes:
         while True:
             try:
-                data = os.read(self.fd, 1 << 20)
+                data = os.read(self.fd, 1 << 16)  # below the mmap threshold: no mmap per job
             except BlockingIOError:
                 self._wait(select.POLLIN)
                 continue
@@ -282,11 +282,10 @@ def _sweep_children(children_fd: Optional[int], meter_saw: bool) -> None:
     """Kill whatever the job left running (and reap it). The hot path pays
     one pread of our main thread's ``children`` (~1 us); only a job that
     started processes pays for a look at every thread."""
-    me = os.getpid()
     if children_fd is not None and not meter_saw:
         if not os.pread(children_fd, 64, 0):
             return
-    left = child_pids(me)
+    left = child_pids(os.getpid())
     if left:
         kill_tree(left)
     while True:
