@@ -204,6 +204,8 @@ class Supervisor:
         self._woken = False
         self._stopping = False
         self._queued: List[WorkerHandle] = []   # workers with bytes to write (lock held to add)
+        self._rearm = False     # EVENT_WRITE interest must be recomputed (_watch_writes)
+        self._suspect = False   # some channel has a frame begun or failed a write (_check_stalls)
         self._thread: Optional[threading.Thread] = None
         self._thread_jobs = 0                   # thread jobs running in this process
         self._orphans_in_hand: set = set()      # adopted processes being killed and reaped
@@ -279,7 +281,9 @@ class Supervisor:
         while not self._stopping:
             with self.state.cond:
                 timeout = self._next_timeout()
-                self._watch_writes()
+                if self._rearm:   # only when a flush left bytes behind or emptied them
+                    self._rearm = False
+                    self._watch_writes()
             events = self._selector.select(timeout)
             if self._stopping:
                 break
@@ -303,7 +307,8 @@ class Supervisor:
                 for w, messages, error in inbox:
                     if not w.dead:
                         self._apply(w, messages, error)
-                self._check_stalls()
+                if self._suspect:   # a frame begun, or a write that failed
+                    self._check_stalls()
                 for w in deaths:
                     self._on_death(w)
             self.state.outbox.deliver()  # answers our results made possible, outside the lock
@@ -357,6 +362,8 @@ class Supervisor:
                 messages += w.reader.feed(data)
             except workerproto.ProtocolError as e:
                 return messages, str(e)
+            if w.reader.partial:
+                self._suspect = True
             if len(data) < _READ_CHUNK:
                 break
         return messages, None
@@ -371,7 +378,7 @@ class Supervisor:
                     out.clear()
                 while out:
                     try:
-                        n = os.writev(w.fd, list(out)[:_IOV_MAX])
+                        n = os.write(w.fd, out[0]) if len(out) == 1 else os.writev(w.fd, list(out)[:_IOV_MAX])
                     except BlockingIOError:
                         break
                     except OSError:
@@ -379,6 +386,7 @@ class Supervisor:
                         # channel down: the supervisor ends it (_check_stalls)
                         out.clear()
                         w.broken = True
+                        self._suspect = True
                         self.wake()
                         break
                     while n:
@@ -391,6 +399,7 @@ class Supervisor:
                             n = 0
                 left = bool(out)
             if left != bool(w.events & selectors.EVENT_WRITE):
+                self._rearm = True
                 self.wake()   # the supervisor thread (re)arms EVENT_WRITE
 
     def _watch_writes(self) -> None:
@@ -649,9 +658,12 @@ class Supervisor:
         """A frame begun and not extended for STALL_TIMEOUT, or a channel that
         refuses our messages while its worker lives, is a violation. Caller holds the lock."""
         now = time.monotonic()
+        self._suspect = False
         for w in self.workers:
             if w.dead:
                 continue
+            if (w.reader is not None and w.reader.partial) or w.broken:
+                self._suspect = True   # look again next time
             if w.reader is not None and w.reader.partial and now - w.last_rx > STALL_TIMEOUT:
                 self._violation(w, f"a message begun and not finished within {STALL_TIMEOUT:g} s")
             elif w.broken and w.proc is not None and is_alive(w.proc.pid):
