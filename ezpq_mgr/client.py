@@ -26,6 +26,7 @@ from .embedded import PrivateServer
 from .errors import ConnectionError, EzpqError
 from .job import Job, normalize_args, plain_name
 from .jobdict import log_csv, to_job_dict
+from .workerproto import CANNOT_LOAD
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Queue:
             if self._server is not None:
                 self._server.stop()
             raise
+        self._unloadable_reported: set = set()
         self._notices = threading.Thread(target=self._take_notices, name=f"ezpq-notices-{self._qid}",
                                          daemon=True)
         self._notices.start()
@@ -268,7 +270,7 @@ class Queue:
             for snap in notices:
                 job = to_job_dict(snap)
                 if job["exception"] and not snap["suppress_errors"] and job["status"] in (
-                        "failed", "lost", "killed"):
+                        "failed", "lost", "killed") and self._first_report(job):
                     sys.stderr.write(f"ezpq job {job['id']} ({job['function']}) {job['status']}:\n"
                                      f"{job['exception']}\n")
                     sys.stderr.flush()
@@ -279,6 +281,16 @@ class Queue:
                     self._remote.call("mark_processed", processed)
                 except Exception:
                     return
+
+    def _first_report(self, job: dict) -> bool:
+        """Print a failed job's error? A function the worker cannot load is
+        reported once per function, not once per job of a map."""
+        if not job["exception"].startswith(CANNOT_LOAD):
+            return True
+        if job["function"] in self._unloadable_reported:
+            return False
+        self._unloadable_reported.add(job["function"])
+        return True
 
     def _post_process(self, job: dict) -> Optional[bytes]:
         result = None

@@ -71,11 +71,16 @@ def run_call(fn_blob: bytes, args_blob: bytes, fn_cache: Optional[Dict[bytes, An
     try:
         fn = fn_cache.get(fn_blob) if fn_cache is not None else None
         if fn is None:
-            fn = serialize.load(fn_blob)
+            try:
+                fn = serialize.load(fn_blob)
+            except (ImportError, AttributeError) as exc:
+                fn = _Unloadable(cannot_load_message(exc))
             if fn_cache is not None:
                 if len(fn_cache) >= _FN_CACHE_SIZE:
                     fn_cache.clear()
                 fn_cache[fn_blob] = fn
+        if type(fn) is _Unloadable:  # said in one line, not a traceback per job
+            return JobStatus.FAILED, 1, None, fn.why
         args, kwargs = serialize.load(args_blob)
         output = fn(*(args or ()), **(kwargs or {}))
     except BaseException:  # the job's own SystemExit/KeyboardInterrupt fail the job only
@@ -87,6 +92,32 @@ def run_call(fn_blob: bytes, args_blob: bytes, fn_cache: Optional[Dict[bytes, An
         return (JobStatus.FAILED, output["returncode"], blob,
                 f"command exited with code {output['returncode']}")
     return JobStatus.COMPLETED, 0, blob, None
+
+
+CANNOT_LOAD = workerproto.CANNOT_LOAD
+
+
+class _Unloadable:
+    """A function whose pickle refers to a module this worker cannot import
+    (cached like a function, so each later job fails at once)."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def cannot_load_message(exc: BaseException) -> str:
+    """What to do when a function's module is missing in the worker."""
+    module = getattr(exc, "name", None)
+    if not module and isinstance(exc, AttributeError):  # "Can't get attribute 'f' on <module 'm' ...>"
+        text = str(exc)
+        start = text.find("<module '")
+        module = text[start + 9:text.find("'", start + 9)] if start >= 0 else None
+    where = f"defined in module {module!r}, which" if module else "defined in a module that"
+    return (f"{CANNOT_LOAD}: it is {where} the worker cannot import ({type(exc).__name__}: {exc}). "
+            f"Define the function in the main script (it then travels by value), or install "
+            f"the module where the server runs.")
 
 
 def thread_cpu() -> Tuple[float, float]:

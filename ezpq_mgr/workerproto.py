@@ -44,6 +44,10 @@ __all__ = ["VERSION", "READY", "JOB", "RESULT", "FIGURES", "STOP", "ProtocolErro
            "FrameReader", "encode_ready", "encode_stop", "encode_job", "decode_job",
            "encode_result", "encode_figures", "DEFAULT_MAX_MESSAGE", "HEADER"]
 
+#: How a job's ``exception`` starts when its worker could not load its
+#: function; the client prints such an error once per function, not per job.
+CANNOT_LOAD = "the worker cannot load this job's function"
+
 VERSION = 1
 READY, JOB, RESULT, FIGURES, STOP = 1, 2, 3, 4, 5
 NAMES = {READY: "ready", JOB: "job", RESULT: "result", FIGURES: "figures", STOP: "stop"}

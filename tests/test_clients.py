@@ -132,3 +132,26 @@ def test_get_right_after_put_never_looks_before_the_job_arrives():
         assert in_flight.wait(10)      # the flusher holds the batch now
         job = Q.get(wait=True, timeout=30)
         assert job is not None and job["output"] == 36, job
+
+
+GHOST_SCRIPT = r'''
+import sys, types
+import ezpq_mgr as ezpq
+ghost = types.ModuleType("ghostmod")          # importable here, nowhere else
+exec("def double(x):\n    return 2 * x", ghost.__dict__)
+sys.modules["ghostmod"] = ghost
+with ezpq.Queue(2) as Q:
+    jobs = Q.map(ghost.double, range(20))
+print(sorted({j["status"] for j in jobs}), jobs[0]["exception"])
+'''
+
+
+def test_a_function_the_worker_cannot_load_is_explained_once():
+    done = subprocess.run([sys.executable, "-c", GHOST_SCRIPT], capture_output=True, text=True,
+                          timeout=120, cwd=HERE)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("['failed']"), done.stdout
+    assert "defined in module 'ghostmod', which the worker cannot import" in done.stdout
+    assert "Define the function in the main script" in done.stdout
+    assert done.stderr.count("cannot load this job's function") == 1, done.stderr
+    assert "Traceback" not in done.stderr
