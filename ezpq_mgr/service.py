@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Service", "SLICE"]
 
+#: Jobs one wait_jobs call may name (the check runs under the state's lock).
+MAX_WAIT_JOBS = 100_000
 SLICE = 5.0
 
 
@@ -386,12 +388,21 @@ class Service:
         me = peers.current()
         schema.check_ids("seqs", seqs, 1)
         timeout = _slice(timeout)
+        if len(seqs) > MAX_WAIT_JOBS:
+            raise ValueError(f"wait_jobs: at most {MAX_WAIT_JOBS} jobs per call, got {len(seqs)}")
         with self.state.cond:
             if seqs:
-                recs = [self._record(s) for s in seqs]
+                recs = [self._record(s) for s in dict.fromkeys(seqs)]
             else:
                 recs = [r for r in self.state.records.values() if r.uid == me.uid]
-            self.state._wait_for(lambda: all(r.finished for r in recs), timeout)
+            unfinished = [r for r in recs if not r.finished]
+
+            def done() -> bool:   # re-run at every change, under the lock: kept short
+                while unfinished and unfinished[-1].finished:
+                    unfinished.pop()
+                return not unfinished or all(r.finished for r in unfinished)
+
+            self.state._wait_for(done, timeout)
             return [self._snap(r.snapshot()) for r in recs]
 
     def report(self, by: str, all_users: bool = True) -> List[dict]:

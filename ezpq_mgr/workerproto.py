@@ -128,6 +128,7 @@ def _finite(x: float, what: str) -> float:
 
 
 _isfinite = math.isfinite
+_LATEST = 1e11   # seconds since 1970 (year 5138): any real clock is below, NaN is not
 
 
 def _unpack_figures(data, pos: int, _unpack=_FIGS.unpack_from) -> Figures:
@@ -161,8 +162,8 @@ def _decode_result(data, pos: int, end: int) -> tuple:
     code, exitcode, started, ended, has_figs = _RES.unpack_from(data, pos)
     if code > 1 or has_figs & ~1:
         raise ProtocolError("bad result header")
-    if not (_isfinite(started) and _isfinite(ended)):
-        raise ProtocolError("a time is not a finite number")
+    if not (0.0 <= started <= _LATEST and 0.0 <= ended <= _LATEST):   # NaN fails too
+        raise ProtocolError("a time out of range (not a date)")
     pos += _RES.size
     figures = None
     if has_figs:

@@ -487,3 +487,17 @@ def test_a_200k_job_client_leaves_server_memory_near_idle(server, users):
     assert grown < 100 * 2**20, f"server RSS grew by {grown / 2**20:.0f} MiB after the client left"
     assert Remote(server.address, server.key).call("info")["running"] == 0
     assert_b_served(server, users)
+
+
+def test_wait_jobs_with_a_huge_list_is_refused_and_stalls_nobody(server, users):
+    """The attacker's find: 3,000,000 copies of one job number in wait_jobs,
+    on four connections, held the state's lock until the box ran out of
+    memory. Now: at most 100,000 jobs a call (duplicates counted once)."""
+    remote, token, env = connect(server)
+    remote.call("put", "w", [record(token, env)])
+    seq = remote.call("jobs", "w")[0]["seq"]
+    t0 = time.monotonic()
+    assert refused(remote.call, "wait_jobs", [seq] * 3_000_000, 1.0).startswith("ValueError")
+    assert time.monotonic() - t0 < 5
+    assert len(remote.call("wait_jobs", [seq] * 50_000, 5.0)) == 1
+    assert_b_served(server, users)

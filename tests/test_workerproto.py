@@ -50,7 +50,7 @@ def _frame(kind, body, version=wp.VERSION, reserved=0):
     (_frame(wp.RESULT, wp.encode_result("completed", 0, 1.0, 2.0, b"x", None, None)[8:] + b"\x00"),
      "trailing"),
     (_frame(wp.RESULT, struct.pack("!Biddb", 7, 0, 1.0, 2.0, 0) + b"\xff" * 8), "bad result"),
-    (_frame(wp.RESULT, struct.pack("!Biddb", 0, 0, float("nan"), 2.0, 0) + b"\xff" * 8), "finite number"),
+    (_frame(wp.RESULT, struct.pack("!Biddb", 0, 0, float("nan"), 2.0, 0) + b"\xff" * 8), "out of range"),
     (_frame(wp.FIGURES, struct.pack("!BddqqB", 1, -1.0, 0, 0, 0, 0)), "range"),
 ])
 def test_anything_else_is_refused(data, why):
@@ -84,3 +84,16 @@ def test_costs_about_what_pickle_did():
     t_theirs = min(timeit.repeat(theirs, number=n, repeat=3)) / n
     print(f"workerproto {t_ours * 1e6:.2f} us, pickle {t_theirs * 1e6:.2f} us per result+figures")
     assert t_ours < 3 * t_theirs
+
+
+def test_a_result_with_times_that_are_no_dates_is_a_violation():
+    """A job that forges its result's times (±1.7e308) must not reach the
+    accounting log or the job dict, where they overflow datetime."""
+    import pytest as _pytest
+    from ezpq_mgr import workerproto as wp
+    for started, ended in ((-1.7e308, 1.7e308), (0.0, 1e12), (float("nan"), 1.0)):
+        frame = wp.encode_result("completed", 0, started, ended, None, None, wp.NO_FIGURES)
+        with _pytest.raises(wp.ProtocolError):
+            wp.FrameReader().feed(frame)
+    ok = wp.encode_result("completed", 0, 1.7e9, 1.7e9 + 1, None, None, wp.NO_FIGURES)
+    assert wp.FrameReader().feed(ok)[0][0] == "result"
