@@ -316,9 +316,19 @@ def _sweep_children(children_fd: Optional[int], meter_saw: bool) -> None:
     if children_fd is not None and not meter_saw:
         if not os.pread(children_fd, 64, 0):
             return
-    left = child_pids(os.getpid())
-    if left:
+    # repeated: an orphan of a dying child is re-parented to us a moment
+    # after that child's exit, so one pass can miss it
+    for _ in range(50):
+        left = child_pids(os.getpid())
+        if not left:
+            break
         kill_tree(left)
+        _reap()
+    _reap()
+
+
+def _reap() -> None:
+    """Collect every exited child (we are their subreaper)."""
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
