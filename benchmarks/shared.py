@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,3 +56,4 @@ def w5(clients=4, n=1000, workers=2, job=noop):
     finally:
         server.terminate()
         server.wait(15)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -29,7 +29,6 @@ import itertools
 import logging
 import operator
 import os
-import pwd
 import queue
 import re
 import stat
@@ -39,6 +38,7 @@ from datetime import datetime
 from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional
 
 from .job import FIELDS
+from .peers import describe_user
 
 __all__ = ["AccountingLog", "LogFileError", "ROW_FIELDS", "report", "REPORT_KEYS", "MEMORY_ROWS",
            "PENDING_ROWS"]
@@ -138,16 +138,9 @@ def _typed(fields: List[str]) -> dict:
 
 
 # ------------------------------------------------------ opening safely
-def _who(uid: int) -> str:
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
-
-
 def _check_directory(log: str, path: str, st: os.stat_result, me: int, writers: int) -> None:
     if st.st_uid not in (0, me):
-        raise LogFileError(f"{log}: directory {path} is owned by {_who(st.st_uid)}, who could replace the log")
+        raise LogFileError(f"{log}: directory {path} is owned by {describe_user(st.st_uid)}, who could replace the log")
     if st.st_mode & writers and not st.st_mode & stat.S_ISVTX:
         raise LogFileError(f"{log}: directory {path} is writable by others without the sticky bit "
                            f"(mode {oct(st.st_mode & 0o7777)})")
@@ -198,7 +191,7 @@ def open_log(path: str) -> int:
         if not stat.S_ISREG(st.st_mode):
             raise LogFileError(f"{path} is not a regular file")
         if st.st_uid != me:
-            raise LogFileError(f"{path} is owned by {_who(st.st_uid)}, not by {_who(me)}")
+            raise LogFileError(f"{path} is owned by {describe_user(st.st_uid)}, not by {describe_user(me)}")
         if st.st_nlink > 1:
             raise LogFileError(f"{path} has {st.st_nlink} hard links; use a file of its own")
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):

@@ -24,6 +24,7 @@ import sys
 from typing import List, Optional
 
 from .connection import DEFAULT_PORT, authkey_path, parse_address
+from .peers import describe_user
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def ensure_authkey(path: str) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise StartupError(f"key file {path} is not a regular file")
         if st.st_uid != os.geteuid():
-            raise StartupError(f"key file {path} is owned by {_user_name(st.st_uid)}, not by "
-                               f"{_user_name(os.geteuid())} who runs the server; chown it or use another")
+            raise StartupError(f"key file {path} is owned by {describe_user(st.st_uid)}, not by "
+                               f"{describe_user(os.geteuid())} who runs the server; chown it or use another")
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise StartupError(f"key file {path} is readable by others (mode {oct(st.st_mode & 0o777)}); "
                                f"chmod 600 it")
@@ -77,14 +78,6 @@ def ensure_authkey(path: str) -> bytes:
     if not key:
         raise StartupError(f"key file {path} is empty")
     return key
-
-
-def _user_name(uid: int) -> str:
-    import pwd
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
 
 
 def _peer_pid(path: str) -> Optional[int]:

@@ -16,7 +16,7 @@ import os
 import pwd
 import threading
 
-__all__ = ["Identity", "current", "serve_as", "owner", "user_name"]
+__all__ = ["describe_user", "Identity", "current", "serve_as", "owner", "user_name"]
 
 logger = logging.getLogger(__name__)
 _local = threading.local()
@@ -35,6 +35,14 @@ def user_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
+
+
+def describe_user(uid: int) -> str:
+    """``alice (uid 1000)``, or ``uid 1000`` for a uid with no name: for messages."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 @functools.lru_cache(maxsize=1)

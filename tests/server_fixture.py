@@ -62,13 +62,19 @@ class Server:
         """SIGTERM and wait; its exit code (None if it had already ended)."""
         if self.proc.poll() is not None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGUSR1)  # its threads' stacks, to stderr
-                time.sleep(0.5)
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc)
+
+
+def terminate(proc: subprocess.Popen) -> int:
+    """SIGTERM a server we started and wait for it; one that does not stop
+    within 15 s prints its threads' stacks (SIGUSR1) and is killed. Its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # its threads' stacks, to stderr
+            time.sleep(0.5)
+            proc.kill()
+            proc.wait()
+    return proc.returncode

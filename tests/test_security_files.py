@@ -27,7 +27,7 @@ from ezpq_mgr.accounting import AccountingLog, report
 from ezpq_mgr.connection import Remote
 from ezpq_mgr.job import JobRecord, JobStatus
 from jobs import square
-from server_fixture import Server
+from server_fixture import Server, terminate
 
 from multiuser import USERS, needs_root, users  # noqa: F401 (fixture)
 
@@ -90,13 +90,7 @@ class Launch:
         raise AssertionError("ezpq-server neither refused nor served within the deadline")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.err_file.close()
         return self.proc.returncode
 

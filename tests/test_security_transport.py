@@ -25,6 +25,7 @@ from ezpq_mgr.connection import Remote
 from ezpq_mgr.errors import ConnectionError as EzpqConnectionError
 
 from multiuser import FORK, USERS, become, needs_root, users  # noqa: F401 (fixture)
+from server_fixture import terminate
 
 pytestmark = needs_root
 
@@ -87,13 +88,7 @@ class LoggedServer:
             return f.read().decode(errors="replace")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.log.close()
         subprocess.run(["rm", "-rf", self.dir])
         return self.proc.returncode
