@@ -9,7 +9,7 @@ psutil.Process that ``kill_tree`` had dropped as a zombie without waiting
 for it (AttributeError). Before, the thread died silently and the job stayed
 ``working`` (the run hung, about 1 in 25 under load); once a dying server
 thread stops the server, the client sees exactly item 22's EOFError.
-tests/test_security_transport.py reproduces it in one run with jobs that
+tests/test_security.py reproduces it in one run with jobs that
 take 30-65 ms to die on SIGTERM.
 """
 
