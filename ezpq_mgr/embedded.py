@@ -6,7 +6,8 @@ interpreter (never a fork or spawn of the client), so the client's
 every start method. It listens on a Unix socket in a private 0700 temp
 directory with a random authkey. Its stdin is a pipe from the client: when
 the client closes it, or dies (SIGKILL included), the server stops and
-kills its workers. It runs in its own session, so a Ctrl+C meant for the
+kills its workers, then removes that temp directory itself (a client
+ended by SIGKILL or SIGTERM cleans nothing up). It runs in its own session, so a Ctrl+C meant for the
 client does not kill it before the client has cleaned up.
 
 A process forked from the client (``os.fork``, a fork-started pool) does not
@@ -37,6 +38,21 @@ START_TIMEOUT = 60.0
 _LIVE: "weakref.WeakSet[PrivateServer]" = weakref.WeakSet()
 
 
+SOCKET_NAME = "server.sock"
+#: sun_path holds 108 bytes, the terminating NUL included
+_MAX_SOCKET_PATH = 107
+
+
+def _private_dir() -> str:
+    """A fresh 0700 directory for the server's socket: in the temp dir, or
+    in /tmp when the temp dir is too deep for a socket path (a long TMPDIR
+    would otherwise make every embedded queue fail to start)."""
+    room = _MAX_SOCKET_PATH - len(os.sep + SOCKET_NAME) - len(os.sep + "ezpq-") - 8
+    if len(os.fsencode(tempfile.gettempdir())) <= room:
+        return tempfile.mkdtemp(prefix="ezpq-")
+    return tempfile.mkdtemp(prefix="ezpq-", dir="/tmp")
+
+
 def _disown_after_fork() -> None:
     """In a forked child: let go of every private server of the parent."""
     for server in list(_LIVE):
@@ -51,8 +67,8 @@ class PrivateServer:
     """A server process owned by this client."""
 
     def __init__(self, workers: int, start_method: Optional[str], prestart: bool):
-        self.dir = tempfile.mkdtemp(prefix="ezpq-")
-        self.address = os.path.join(self.dir, "server.sock")
+        self.dir = _private_dir()
+        self.address = os.path.join(self.dir, SOCKET_NAME)
         self.authkey = os.urandom(32)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
@@ -73,7 +89,8 @@ class PrivateServer:
         self._finalizer = weakref.finalize(self, _stop, self.popen, self.dir, 10.0)
         _LIVE.add(self)
         config = {"address": self.address, "authkey": self.authkey.hex(), "workers": workers,
-                  "start_method": start_method, "prestart": prestart, "sys_path": sys.path}
+                  "start_method": start_method, "prestart": prestart, "sys_path": sys.path,
+                  "private_dir": self.dir}
         try:
             self.popen.stdin.write((json.dumps(config) + "\n").encode())
             self.popen.stdin.flush()

@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import select
+import shutil
 import signal
 import stat
 import sys
@@ -236,9 +237,23 @@ def _main_embedded() -> None:
         os.close(ready_fd)
 
     threading.Thread(target=watch_stdin, name="ezpq-lifeline", daemon=True).start()
-    serve(config["address"], bytes.fromhex(config["authkey"]), config["workers"],
-          config.get("start_method"), config.get("prestart", True), shared=False,
-          on_ready=ready, stop_event=stop)
+    try:
+        serve(config["address"], bytes.fromhex(config["authkey"]), config["workers"],
+              config.get("start_method"), config.get("prestart", True), shared=False,
+              on_ready=ready, stop_event=stop)
+    finally:
+        _remove_private_dir(config.get("private_dir"), config["address"])
+
+
+def _remove_private_dir(directory: Optional[str], address: str) -> None:
+    """The client made ``directory`` (0700) for this server's socket alone.
+    The server removes it as it exits, so that a client ended by SIGKILL or
+    SIGTERM (which runs no clean-up of its own) leaves nothing in the temp
+    dir. Only that directory, only when the socket was in it, and never
+    through a symlink: ``rmtree`` refuses to follow one."""
+    if not directory or os.path.dirname(address) != directory or os.path.islink(directory):
+        return
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

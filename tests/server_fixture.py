@@ -1,6 +1,7 @@
 """Start a real ``ezpq-server`` subprocess for tests (Unix socket or TCP)."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,11 +59,15 @@ class Server:
             "--address", f"{self.address[0]}:{self.address[1]}"]
         return [sys.executable, "-m", "ezpq_mgr", *where, "--authkey-file", self.keyfile]
 
-    def stop(self):
-        """SIGTERM and wait; its exit code (None if it had already ended)."""
-        if self.proc.poll() is not None:
-            return None
-        return terminate(self.proc)
+    def stop(self, keep_files=False):
+        """SIGTERM and wait, then remove its directory (``keep_files``: not
+        yet, the test reads its log; a later ``stop()`` removes it). Its exit
+        code (None if it had already ended)."""
+        try:
+            return None if self.proc.poll() is not None else terminate(self.proc)
+        finally:
+            if not keep_files:
+                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def terminate(proc: subprocess.Popen) -> int:

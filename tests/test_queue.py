@@ -265,12 +265,18 @@ def test_connection_errors(Q, tmp_path):
         ezpq.Queue(address=Q._server.address, authkey=b"wrong")
 
 
-def test_server_dies_with_a_killed_client(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM"])
+def test_server_dies_with_a_killed_client_and_leaves_no_directory(tmp_path, signame):
+    """A client ended by a signal runs no clean-up: its private server stops
+    with it, kills its workers and removes its own socket directory."""
     import signal
     import subprocess
     import psutil
     from jobs import wait_for_file
 
+    import pathlib
+    import tempfile
+    private_tmp = pathlib.Path(tempfile.mkdtemp(prefix="c"))  # short: tmp_path is too long for a socket
     pidfile = tmp_path / "pids"
     script = tmp_path / "client.py"
     script.write_text(
@@ -284,19 +290,41 @@ def test_server_dies_with_a_killed_client(tmp_path):
         f"open({str(pidfile)!r} + '.tmp', 'w').write(' '.join(map(str, pids)))\n"
         f"import os; os.rename({str(pidfile)!r} + '.tmp', {str(pidfile)!r})\n"
         "time.sleep(60)\n")
-    client = subprocess.Popen([sys.executable, str(script)])
+    client = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ, TMPDIR=str(private_tmp)))
     try:
         assert wait_for_file(str(pidfile), 60)
         pids = [int(p) for p in pidfile.read_text().split()]
         assert len(pids) >= 3  # server + 2 workers
-        client.send_signal(signal.SIGKILL)
+        assert [p.name for p in private_tmp.iterdir()][0].startswith("ezpq-")
+        client.send_signal(getattr(signal, signame))
         client.wait()
         gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
                                         timeout=5)
         assert not alive, f"left alive: {alive}"
+        assert list(private_tmp.iterdir()) == []
     finally:
         client.kill()
         client.wait()
+        private_tmp.rmdir()
+
+
+def test_a_temp_dir_too_long_for_a_socket_falls_back_to_tmp(monkeypatch):
+    """A Unix socket path holds at most 107 bytes: with a deep TMPDIR the
+    private server's directory is made in /tmp instead, and removed after."""
+    import tempfile
+    deep = tempfile.mkdtemp()
+    long_dir = os.path.join(deep, "d" * 100)
+    os.mkdir(long_dir)
+    monkeypatch.setattr(tempfile, "tempdir", long_dir)
+    try:
+        with ezpq.Queue(1) as Q:
+            directory = Q._server.dir
+            assert os.path.dirname(directory) == "/tmp"
+            assert [j["output"] for j in Q.map(abs, [-1, -2])] == [1, 2]
+        assert not os.path.exists(directory)
+    finally:
+        os.rmdir(long_dir)
+        os.rmdir(deep)
 
 
 def test_a_forked_child_neither_holds_nor_removes_the_private_server(tmp_path):

@@ -196,7 +196,7 @@ def test_report_totals_equal_the_accounting_csv(server):
         Q.put(sleep_for, "x", suppress_errors=True)  # fails
         Q.wait()
     rows = Remote(server.address, server.key).call("report", "user", True)
-    assert server.stop() == 0  # flushes the CSV
+    assert server.stop(keep_files=True) == 0  # flushes the CSV
     with open(server.log_file, newline="") as f:
         csv_rows = list(csv.DictReader(f))
     assert rows[0]["jobs"] == len(csv_rows) == 11
@@ -221,7 +221,7 @@ def test_sigterm_stops_server_and_workers(server):
         Q.wait_worker(timeout=0.05)
     tree = psutil.Process(server.proc.pid).children(recursive=True)
     assert tree
-    assert server.stop() == 0  # SIGTERM
+    assert server.stop(keep_files=True) == 0  # SIGTERM
     gone, alive = psutil.wait_procs(tree, timeout=5)
     assert not alive
     with pytest.raises(ezpq.ConnectionError):
