@@ -28,10 +28,13 @@ SESSION_MARK = os.environ.setdefault("EZPQ_TEST_SESSION", uuid.uuid4().hex)
 #: Every temporary directory the suite makes (servers' sockets and logs, the
 #: embedded servers' too: TMPDIR is inherited) lives under one root, removed
 #: when the session ends. 0755, so that throwaway users reach their sockets.
-if "EZPQ_TEST_TMP_ROOT" not in os.environ:
-    os.environ["EZPQ_TEST_TMP_ROOT"] = tempfile.mkdtemp(prefix="ezpq-test-")
-    os.chmod(os.environ["EZPQ_TEST_TMP_ROOT"], 0o755)
-    os.environ["TMPDIR"] = tempfile.tempdir = os.environ["EZPQ_TEST_TMP_ROOT"]
+#: Made in ``pytest_configure``, not at import: a process that merely imports
+#: this module (a spawned child unpickling a test's function) makes none.
+def pytest_configure(config):
+    if "EZPQ_TEST_TMP_ROOT" not in os.environ:
+        os.environ["EZPQ_TEST_TMP_ROOT"] = tempfile.mkdtemp(prefix="ezpq-test-")
+        os.chmod(os.environ["EZPQ_TEST_TMP_ROOT"], 0o755)
+        os.environ["TMPDIR"] = tempfile.tempdir = os.environ["EZPQ_TEST_TMP_ROOT"]
 
 
 @pytest.fixture(scope="session", autouse=True)
