@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 from . import schema
 
-__all__ = ["Job", "JobStatus", "JobRecord", "FIELDS", "FINISHED", "normalize_args"]
+__all__ = ["Job", "JobStatus", "Phase", "TRANSITIONS", "JobRecord", "FIELDS", "FINISHED", "normalize_args"]
 
 
 class JobStatus(str, enum.Enum):
@@ -35,6 +35,46 @@ class JobStatus(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class Phase(enum.IntEnum):
+    """Where a job is on the server; its ``status`` says how it ended.
+
+    Every change of phase goes through ``QueueState._move`` (the one place
+    where counts are kept, and where a journal hooks in). The allowed
+    changes are ``TRANSITIONS``::
+
+        NEW ─> WAITING ─> RUNNING ─> RETURNED ─┐
+                 ^  │        │  │              │
+                 │  │        │  └──────────────┤ (a final status)
+                 └──┼────────┴─ retry ─────────┤
+                    │ cancelled/skipped        v
+                    └───────────────────> HELD ─> DONE ─> GONE
+                                          (or straight to DONE)
+    """
+
+    NEW = 0        # built from a client's record, not yet accepted
+    WAITING = 1    # in its queue's (or lane's) waiting heap
+    RUNNING = 2    # on a worker, holding one of the server's slots
+    RETURNED = 3   # its function returned; its figures are on the way (no slot, not cancellable)
+    HELD = 4       # final; its client's callback or log runs before it counts as done
+    DONE = 5       # final and processed: get/collect may take it
+    GONE = 6       # collected, expired or dropped: the record is deleted
+
+
+#: (from, to) pairs ``QueueState._move`` allows; anything else is a bug.
+TRANSITIONS = frozenset({
+    (Phase.NEW, Phase.WAITING),
+    (Phase.WAITING, Phase.RUNNING), (Phase.WAITING, Phase.DONE),
+    (Phase.RUNNING, Phase.RETURNED), (Phase.RUNNING, Phase.WAITING),
+    (Phase.RUNNING, Phase.HELD), (Phase.RUNNING, Phase.DONE),
+    (Phase.RETURNED, Phase.WAITING), (Phase.RETURNED, Phase.HELD), (Phase.RETURNED, Phase.DONE),
+    (Phase.HELD, Phase.DONE),
+    (Phase.DONE, Phase.GONE),
+})
+
+#: Phases in which a job still counts against its client (not yet done).
+UNDONE = frozenset({Phase.WAITING, Phase.RUNNING, Phase.RETURNED, Phase.HELD})
 
 
 FINISHED = frozenset(
@@ -190,6 +230,7 @@ class JobRecord:
     pid: Optional[int] = None
     host: Optional[str] = None
     attempts: int = 0
+    phase: Phase = Phase.NEW      # the server's own bookkeeping (never sent to clients)
 
     @property
     def finished(self) -> bool:
@@ -202,5 +243,5 @@ class JobRecord:
         return d
 
 
-_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord) if f.name != "fn_blob")
+_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord) if f.name not in ("fn_blob", "phase"))
 _snapshot_values = operator.attrgetter(*_SNAPSHOT_FIELDS)

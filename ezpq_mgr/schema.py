@@ -69,6 +69,7 @@ SERVER_FIELDS = frozenset({
     "seq", "qid", "user", "uid", "status", "submitted", "started", "ended", "processed",
     "exitcode", "cancelled", "output_blob", "exception", "callback_blob", "cpu_user",
     "cpu_system", "max_rss", "max_rss_method", "max_rss_children", "pid", "host", "attempts",
+    "phase",
 })
 
 

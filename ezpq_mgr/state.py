@@ -7,14 +7,18 @@ the lock once ("lock the state once per unit of work") and every change that
 someone may wait for ends in ``_changed()``, which wakes only the waiters
 whose condition now holds (no thundering herd at 10,000 jobs/s).
 
-Data flow of one job::
+A job's life is its ``Phase`` (job.py). Every change of phase goes through
+``_move``, which checks it against ``TRANSITIONS`` and keeps every count
+(per queue and phase, running jobs per user, undone jobs per client): no
+other code touches a count. The verbs that move jobs::
 
-    add() ──> waiting heap of its qid ──pick()──> working ──finish()──┐
-      │        (a lane exposes only its best      │                   │
-      │         waiting job to that heap)         │ held for the      v
-      │                                           │ client's callback/log
-      └──cancel()──────────────────────────────> completed heap of its qid
-                                                   ──get()/collect()──> client
+    add ─> WAITING ─pick─> RUNNING ─release─> RETURNED
+             │               │                   │
+             │ cancel/skip   └──── finish ───────┴─> (retry: WAITING)
+             v                          │
+            DONE <─ mark_processed ─ HELD <─┘ (its client post-processes)
+             │                          (or straight to DONE)
+             └─ get/collect/pop_ids/expire/forget ─> GONE (record deleted)
 
 Heap entries are ``(priority, seq)`` tuples (seq is the global submission
 counter), so ties are FIFO and records are never compared. Stale entries
@@ -31,11 +35,17 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from .errors import JobNotFound, QueueFull
-from .job import JobRecord, JobStatus
+from .job import TRANSITIONS, UNDONE, JobRecord, JobStatus, Phase
 from .replies import Deferred, Outbox
 from .schema import INT64_MAX, SETTINGS
 
 __all__ = ["QueueState", "QueueInfo", "Outcome"]
+
+# The phases as module constants: a class attribute of an Enum costs ~40 ns
+# a lookup, and the hot path moves every job through five phases.
+NEW, WAITING, RUNNING, RETURNED, HELD, DONE, GONE = Phase
+#: _ALLOWED[frm][to]: TRANSITIONS as a table (no tuple built per move)
+_ALLOWED = [[(frm, to) in TRANSITIONS for to in Phase] for frm in Phase]
 
 FAILED_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED, JobStatus.TIMEOUT)
 #: Outcomes whose error text is printed on the client's stderr (unless suppress_errors).
@@ -85,13 +95,10 @@ class QueueInfo:
     ids: Dict[int, int] = dataclasses.field(default_factory=dict)   # id -> seq
     lanes: Dict[bytes, Lane] = dataclasses.field(default_factory=dict)
     next_id: int = 1
-    n_waiting: int = 0
-    n_running: int = 0
-    n_finishing: int = 0               # returned, its figures on their way: working, no slot
-    n_held: int = 0
-    n_submitted: int = 0
-    n_completed: int = 0
-    n_done: int = 0                    # jobs in ``completed`` still to be collected
+    #: jobs in each phase (indexed by Phase; kept by QueueState._move alone)
+    count: List[int] = dataclasses.field(default_factory=lambda: [0] * len(Phase))
+    n_submitted: int = 0               # ever accepted (NEW -> WAITING)
+    n_completed: int = 0               # ever done (-> DONE)
     cap: int = 0                       # max concurrent jobs of this qid; 0 = none
     max_size: int = 0
     paused: bool = False
@@ -99,12 +106,27 @@ class QueueInfo:
     auto_remove: bool = False
 
     @property
+    def n_waiting(self) -> int:
+        return self.count[WAITING]
+
+    @property
+    def n_running(self) -> int:
+        return self.count[RUNNING]
+
+    @property
     def n_working(self) -> int:
-        return self.n_running + self.n_finishing + self.n_held
+        """Running, returned or held: ezpq's "working" (not yet collectable)."""
+        c = self.count
+        return c[RUNNING] + c[RETURNED] + c[HELD]
+
+    @property
+    def n_done(self) -> int:
+        """Done and not yet collected."""
+        return self.count[DONE]
 
     @property
     def pending(self) -> int:
-        return self.n_waiting + self.n_working
+        return self.count[WAITING] + self.n_working
 
 
 class QueueState:
@@ -119,17 +141,17 @@ class QueueState:
         self.records: Dict[int, JobRecord] = {}
         self.queues: Dict[str, QueueInfo] = {}
         self.seq = 0
-        self.n_running = 0
-        self.user_running: Dict[str, int] = {}
+        self.n_running = 0                          # jobs in RUNNING, all queues (slots taken)
+        self.user_running: Dict[str, int] = {}      # user -> its jobs in RUNNING
         self.holding_clients: set = set()          # clients that post-process jobs
         self.notices: Dict[str, List[int]] = {}    # client -> seqs to tell it about
         self.closing: set = set()                   # clients whose notices end when drained
         self.kill_requests: List[Tuple[int, JobStatus, str]] = []
-        self.client_pending: Dict[str, int] = {}  # client -> its jobs not yet completed
+        self.client_pending: Dict[str, int] = {}  # client -> its jobs not yet DONE
+        self.on_move: Optional[Callable[[JobRecord, Phase, Phase], None]] = None  # (lock held)
         self.version = 0                            # bumped on every change
         self.waiters: List[Tuple[Callable[[], bool], threading.Condition]] = []
         self.deferred: List[Deferred] = []   # parked calls, answered by _changed
-        self.finishing: set = set()          # seqs released by release(), not yet finished
         self.outbox = Outbox()               # their answers, sent once the lock is free
         self.abandoned: Dict[str, str] = {}  # client gone without goodbye -> its private qid
         self.expiring = False                # keep done_order for expire_finished
@@ -200,9 +222,7 @@ class QueueState:
                 rec.status = JobStatus.WAITING
                 self.records[rec.seq] = rec
                 q.ids[rec.id] = rec.seq
-                q.n_submitted += 1
-                q.n_waiting += 1
-                self.client_pending[rec.client] = self.client_pending.get(rec.client, 0) + 1
+                self._move(q, rec, WAITING)
                 self._enqueue(q, rec)
                 ids.append(rec.id)
             self._changed()
@@ -217,6 +237,42 @@ class QueueState:
                 raise ValueError(f"n: queue {qid!r} has no {n} job ids left")
             q.next_id += n
             return first
+
+    # ------------------------------------------------------------ the move
+    def _move(self, q: QueueInfo, rec: JobRecord, to: Phase) -> None:
+        """Move ``rec`` to phase ``to``: the one place where a job changes
+        phase and where every count changes with it. Caller holds the lock."""
+        frm = rec.phase
+        if not _ALLOWED[frm][to]:
+            raise AssertionError(f"job {rec.seq} of {q.qid!r}: no move from {frm.name} to {to.name}")
+        rec.phase = to
+        count = q.count
+        count[to] += 1   # count[GONE]: ever deleted
+        if frm is not NEW:
+            count[frm] -= 1
+        if frm is RUNNING:
+            self.n_running -= 1
+            self.user_running[rec.user] -= 1
+        elif to is RUNNING:
+            self.n_running += 1
+            self.user_running[rec.user] = self.user_running.get(rec.user, 0) + 1
+        if frm is NEW:
+            q.n_submitted += 1
+            self.client_pending[rec.client] = self.client_pending.get(rec.client, 0) + 1
+        elif to is DONE:
+            rec.processed = self.clock()
+            q.n_completed += 1
+            left = self.client_pending.get(rec.client, 1) - 1
+            if left:
+                self.client_pending[rec.client] = left
+            else:
+                self.client_pending.pop(rec.client, None)
+        elif to is GONE:
+            self.records.pop(rec.seq, None)
+            if q.ids.get(rec.id) == rec.seq:
+                del q.ids[rec.id]
+        if self.on_move is not None:
+            self.on_move(rec, frm, to)
 
     def _enqueue(self, q: QueueInfo, rec: JobRecord) -> None:
         entry = (rec.priority, rec.seq)
@@ -238,7 +294,6 @@ class QueueState:
         failed = lane.last_exit not in (0, None)
         while failed and lane.heap and self.records[lane.heap[0][1]].stop_on_lane_error:
             nxt = self.records[heapq.heappop(lane.heap)[1]]
-            q.n_waiting -= 1
             nxt.status = JobStatus.SKIPPED
             nxt.cancelled = True
             nxt.exitcode = lane.last_exit
@@ -256,7 +311,7 @@ class QueueState:
     def _clean_lane(self, lane: Lane) -> None:
         while lane.heap:
             rec = self.records.get(lane.heap[0][1])
-            if rec is not None and rec.status == JobStatus.WAITING:
+            if rec is not None and rec.phase is WAITING:
                 return
             heapq.heappop(lane.heap)
 
@@ -266,7 +321,7 @@ class QueueState:
         while q.waiting:
             seq = q.waiting[0][1]
             rec = self.records.get(seq)
-            if rec is not None and rec.status == JobStatus.WAITING:
+            if rec is not None and rec.phase is WAITING:
                 if rec.lane_key is None:
                     return rec
                 lane = q.lanes.get(rec.lane_key)
@@ -306,10 +361,7 @@ class QueueState:
         best.status = JobStatus.WORKING
         best.started = self.clock()
         best.attempts += 1
-        q.n_waiting -= 1
-        q.n_running += 1
-        self.n_running += 1
-        self.user_running[best.user] = self.user_running.get(best.user, 0) + 1
+        self._move(q, best, RUNNING)
         self.version += 1
         return best
 
@@ -318,14 +370,9 @@ class QueueState:
         """Record a working job's outcome (retry it, hold it, or complete it)."""
         with self.cond:
             rec = self.records.get(seq)
-            if rec is None or rec.status != JobStatus.WORKING:
+            if rec is None or rec.phase not in (RUNNING, RETURNED):
                 return
             q = self.queues[rec.qid]
-            if seq in self.finishing:
-                self.finishing.discard(seq)
-                q.n_finishing -= 1
-            else:
-                self._free_slot(q, rec)
             for name in _OUTCOME_FIELDS:
                 value = getattr(outcome, name)
                 if value is not None or name != "started":
@@ -352,24 +399,16 @@ class QueueState:
         slot, so its worker can take the next job meanwhile."""
         with self.cond:
             rec = self.records.get(seq)
-            if rec is None or rec.status != JobStatus.WORKING or seq in self.finishing:
+            if rec is None or rec.phase is not RUNNING:
                 return
-            q = self.queues[rec.qid]
-            self._free_slot(q, rec)
-            self.finishing.add(seq)
-            q.n_finishing += 1
+            self._move(self.queues[rec.qid], rec, RETURNED)
             self.version += 1
-
-    def _free_slot(self, q: QueueInfo, rec: JobRecord) -> None:
-        q.n_running -= 1
-        self.n_running -= 1
-        self.user_running[rec.user] -= 1
 
     def _retry(self, q: QueueInfo, rec: JobRecord) -> None:
         rec.status = JobStatus.WAITING
         rec.started = rec.ended = rec.exitcode = None
         rec.cancelled = False
-        q.n_waiting += 1
+        self._move(q, rec, WAITING)
         self._enqueue(q, rec)
 
     def _done(self, q: QueueInfo, rec: JobRecord, held_ok: bool = True) -> None:
@@ -381,40 +420,31 @@ class QueueState:
         if tell and rec.client in self.notices:
             self.notices[rec.client].append(rec.seq)
         if holding and rec.client in self.notices:
-            q.n_held += 1
+            self._move(q, rec, HELD)
         else:
             self._complete(q, rec)
         if q.auto_stop and q.pending == 0:
             q.paused = True
 
     def _complete(self, q: QueueInfo, rec: JobRecord) -> None:
-        rec.processed = self.clock()
-        q.n_completed += 1
+        """The job is done: collectable, or dropped at once when nobody will
+        collect it (its client vanished, or the queue has auto_remove)."""
+        self._move(q, rec, DONE)
         client = rec.client
-        left = self.client_pending.get(client, 1) - 1
-        if left:
-            self.client_pending[client] = left
-        else:
-            self.client_pending.pop(client, None)
-        if client in self.abandoned:   # nobody will ever collect it
-            self.records.pop(rec.seq, None)
-            q.ids.pop(rec.id, None)
-            if not left:
+        if client in self.abandoned:
+            self._move(q, rec, GONE)
+            if not self.client_pending.get(client):
                 self._forget_abandoned(client)
         elif q.auto_remove:
-            self._forget(q, rec)
+            self._move(q, rec, GONE)
         else:
             heapq.heappush(q.completed, (rec.priority, rec.id, rec.seq))
-            q.n_done += 1
             if self.expiring:
                 self.done_order.append(rec.seq)
 
     def _forget(self, q: QueueInfo, rec: JobRecord) -> None:
-        """Drop a record; its completed-heap entry (if any) is skipped later."""
-        self.records.pop(rec.seq, None)
-        q.ids.pop(rec.id, None)
-        if rec.processed is not None and not q.auto_remove:
-            q.n_done -= 1
+        """Drop a done job; its completed-heap entry is skipped later."""
+        self._move(q, rec, GONE)
 
     # ------------------------------------------------ client post-processing
     def open_notices(self, client: str) -> None:
@@ -439,7 +469,7 @@ class QueueState:
                 rec = self.records.get(seq)
                 if rec is not None:
                     snap = rec.snapshot()
-                    snap["held"] = rec.processed is None
+                    snap["held"] = rec.phase is HELD
                     out.append(snap)
             return out
 
@@ -451,13 +481,10 @@ class QueueState:
         with self.cond:
             for seq, callback_blob in results:
                 rec = self.records.get(seq)
-                if (rec is None or rec.processed is not None or not rec.finished
-                        or rec.client not in self.notices):
+                if rec is None or rec.phase is not HELD or rec.client not in self.notices:
                     continue
                 rec.callback_blob = callback_blob
-                q = self.queues[rec.qid]
-                q.n_held -= 1
-                self._complete(q, rec)
+                self._complete(self.queues[rec.qid], rec)
             self._changed()
 
     def close_notices(self, client: str) -> None:
@@ -473,10 +500,8 @@ class QueueState:
 
     def _release_held(self, client: str) -> None:
         for rec in list(self.records.values()):
-            if rec.client == client and rec.finished and rec.processed is None:
-                q = self.queues[rec.qid]
-                q.n_held -= 1
-                self._complete(q, rec)
+            if rec.client == client and rec.phase is HELD:
+                self._complete(self.queues[rec.qid], rec)
 
     # ---------------------------------------------------------------- cancel
     def cancel(self, qid: str, job_id: int) -> bool:
@@ -492,10 +517,9 @@ class QueueState:
             return done
 
     def _cancel(self, q: QueueInfo, rec: JobRecord) -> bool:
-        if rec.status == JobStatus.WAITING:
+        if rec.phase is WAITING:
             rec.status = JobStatus.CANCELLED
             rec.cancelled = True
-            q.n_waiting -= 1
             self._done(q, rec, held_ok=False)
             if rec.lane_key is not None and rec.lane_key in q.lanes:
                 lane = q.lanes[rec.lane_key]
@@ -503,7 +527,7 @@ class QueueState:
                     lane.exposed = None
                 self._settle(q, lane)
             return True
-        if rec.status == JobStatus.WORKING and rec.seq not in self.finishing:
+        if rec.phase is RUNNING:
             self.kill_requests.append((rec.seq, JobStatus.CANCELLED, "cancelled by request"))
             return True
         return False
@@ -519,7 +543,7 @@ class QueueState:
                 rec = self.records[seq]
                 if client is not None and rec.client != client:
                     continue
-                if rec.status == JobStatus.WAITING or (running and rec.status == JobStatus.WORKING):
+                if rec.phase is WAITING or (running and rec.phase is RUNNING):
                     n += self._cancel(q, rec)
             self._changed()
             return n
@@ -543,7 +567,7 @@ class QueueState:
         while q.completed and (n <= 0 or len(out) < n):
             _, _, seq = heapq.heappop(q.completed)
             rec = self.records.get(seq)
-            if rec is not None and rec.qid == qid:
+            if rec is not None and rec.qid == qid and rec.phase is DONE:
                 out.append(rec.snapshot())
                 self._forget(q, rec)
         if out:
@@ -557,7 +581,7 @@ class QueueState:
             out = []
             for job_id in ids:
                 rec = self.records.get(q.ids.get(job_id, -1))
-                if rec is None or rec.processed is None:
+                if rec is None or rec.phase is not DONE:
                     out.append(None)
                     continue
                 out.append(rec.snapshot())
@@ -573,7 +597,7 @@ class QueueState:
             if q is None:
                 return 0
             gone = [self.records[s] for s in list(q.ids.values())
-                    if self.records[s].client == client and self.records[s].processed is not None]
+                    if self.records[s].client == client and self.records[s].phase is DONE]
             for rec in gone:
                 self._forget(q, rec)
             if not self.client_pending.get(client):  # its running jobs still count
@@ -603,7 +627,7 @@ class QueueState:
             q = self.queues.get(qid)
             if q is not None:
                 for rec in [self.records[s] for s in list(q.ids.values())]:
-                    if rec.client == client and rec.processed is not None:
+                    if rec.client == client and rec.phase is DONE:
                         self._forget(q, rec)
             if not self.client_pending.get(client):
                 self._forget_abandoned(client)
@@ -628,16 +652,12 @@ class QueueState:
                 n = 0
                 while order and n < batch:
                     rec = records.get(order[0])
-                    if rec is not None and rec.processed is not None and rec.processed >= before:
+                    if rec is not None and rec.phase is DONE and rec.processed >= before:
                         break
                     order.popleft()
-                    if rec is None or rec.processed is None:
+                    if rec is None or rec.phase is not DONE:
                         continue
-                    q = self.queues.get(rec.qid)
-                    if q is None or q.ids.get(rec.id) != rec.seq:
-                        records.pop(rec.seq, None)
-                        continue
-                    self._forget(q, rec)
+                    self._forget(self.queues[rec.qid], rec)
                     touched[q.qid] = q
                     n += 1
                 for q in touched.values():  # their completed heaps hold the dropped jobs' entries

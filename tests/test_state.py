@@ -188,3 +188,77 @@ def test_a_released_job_frees_its_slot_but_stays_working_until_finished(state):
     assert (counts["running"], counts["working"], counts["completed"]) == (1, 1, 1)
     assert state.user_running["u"] == 1
     assert state.pop_completed("q")[0]["cpu_user"] == 0.5
+
+
+def _recount(state):
+    """Every count, derived afresh from the records' phases."""
+    from ezpq_mgr.job import Phase
+    per_queue = {qid: [0] * len(Phase) for qid in state.queues}
+    running, users, clients = 0, {}, {}
+    for r in state.records.values():
+        per_queue[r.qid][r.phase] += 1
+        if r.phase is Phase.RUNNING:
+            running += 1
+            users[r.user] = users.get(r.user, 0) + 1
+        if r.phase in (Phase.WAITING, Phase.RUNNING, Phase.RETURNED, Phase.HELD):
+            clients[r.client] = clients.get(r.client, 0) + 1
+    return per_queue, running, users, clients
+
+
+def test_counts_always_equal_the_phases_of_the_records(state):
+    """A random mix of every verb (seeded): after each step the kept counts
+    equal those recounted from the records' phases, and every change went
+    through the one transition hook."""
+    import random
+    from ezpq_mgr.job import Phase, TRANSITIONS
+    rnd = random.Random(7)
+    moves = []
+    state.on_move = lambda r, frm, to: moves.append((frm, to))
+    state.open_notices("h")
+    state.set_holding("h", True)
+    state.configure("q2", auto_remove=True)
+    picked = []
+    for step in range(3000):
+        op = rnd.randrange(9)
+        if op <= 1:
+            state.add(rnd.choice(["q1", "q2"]), [rec(priority=rnd.randrange(3), client=rnd.choice("ch"),
+                                                      user=rnd.choice("ab"), lane=rnd.choice([None, 1]),
+                                                      stop=rnd.random() < 0.3, retries=rnd.randrange(2))])
+        elif op == 2:
+            with state.cond:
+                r = state.pick()
+            if r is not None:
+                picked.append(r.seq)
+        elif op == 3 and picked:
+            state.release(rnd.choice(picked))
+        elif op == 4 and picked:
+            seq = picked.pop(rnd.randrange(len(picked)))
+            state.finish(seq, Outcome(rnd.choice([JobStatus.COMPLETED, JobStatus.FAILED]), 0))
+        elif op == 5:
+            ids = list(state.queues["q1"].ids) if "q1" in state.queues else []
+            if ids:
+                state.cancel("q1", rnd.choice(ids))
+        elif op == 6:
+            notes = state.take_notices("h", 0) or []
+            state.mark_processed([(n["seq"], None) for n in notes if rnd.random() < 0.7])
+        elif op == 7:
+            state.pop_completed(rnd.choice(["q1", "q2"]), rnd.randrange(3))
+        else:
+            state.take_kill_requests()
+        per_queue, running, users, clients = _recount(state)
+        for qid, q in state.queues.items():
+            kept = [q.count[p] for p in Phase if p not in (Phase.NEW, Phase.GONE)]
+            assert kept == [per_queue[qid][p] for p in Phase if p not in (Phase.NEW, Phase.GONE)], step
+        assert state.n_running == running
+        assert {u: n for u, n in state.user_running.items() if n} == users
+        assert state.client_pending == clients
+    assert set(moves) <= TRANSITIONS and len(set(moves)) >= 10  # most transitions were taken
+
+
+def test_a_move_outside_the_transitions_is_refused(state):
+    from ezpq_mgr.job import Phase
+    state.add("q", [rec()])
+    r = next(iter(state.records.values()))
+    with state.cond, pytest.raises(AssertionError, match="no move from WAITING to HELD"):
+        state._move(state.queues["q"], r, Phase.HELD)
+    assert r.phase is Phase.WAITING
