@@ -350,13 +350,8 @@ def _cmd_cancel(remote, args, me):
 
 
 def _cmd_wait(remote, args, me):
-    import time
-    deadline = time.monotonic() + args.timeout if args.timeout else None
-    while True:
-        snaps = remote.call("wait_jobs", args.jobs, 5.0)
-        done = all(s["status"] not in ("waiting", "working") for s in snaps)
-        if done or (deadline is not None and time.monotonic() >= deadline):
-            break
+    snaps = remote.call("wait_jobs", args.jobs, args.timeout or None)   # answered when all are done
+    done = all(s["status"] not in ("waiting", "working") for s in snaps)
     if args.json:
         _print_json([_public(s, me) for s in snaps])
     else:

@@ -163,18 +163,29 @@ class Queue:
         """Send the buffered puts, in order, and then make call ``then`` if
         given (its result is returned). ``put()`` only holds the buffer lock
         for an append; the send happens under ``_send_lock`` alone."""
-        with self._send_lock:
+        lock, held = self._send_lock, [True]
+
+        def release() -> None:   # once the batch is on the wire: a parked then-call holds nobody
+            if held[0]:
+                held[0] = False
+                lock.release()
+
+        lock.acquire()
+        try:
             with self._buffer_cond:
                 if self._flush_error is not None:
                     error, self._flush_error = self._flush_error, None
                     raise error
                 batch, self._buffer = self._buffer, []
             if batch and then is not None:
-                return self._remote.call("put_then", self._qid, batch, then, list(args))
+                return self._remote.call("put_then", self._qid, batch, then, list(args), sent=release)
             if batch:
                 self._remote.call("put", self._qid, batch)
-        if then is not None:
-            return self._remote.call(then, *args)
+            release()
+            if then is not None:
+                return self._remote.call(then, *args)
+        finally:
+            release()
 
     def _flush_loop(self) -> None:
         """Daemon thread: send buffered puts at most FLUSH_DELAY s after they were made.
@@ -261,7 +272,7 @@ class Queue:
         """Daemon thread: react to this client's finished jobs."""
         while True:
             try:
-                notices = self._remote.call("take_notices", self._token, 5.0)
+                notices = self._remote.call("take_notices", self._token, None)  # parked until some
             except Exception:
                 return
             if notices is None:
@@ -311,16 +322,11 @@ class Queue:
         except EzpqError:
             return serialize.dump_value(repr(result))
 
-    def _wait_loop(self, step: Callable[[float], Any], done: Callable[[Any], bool],
-                   timeout: float = 0):
-        """Call ``step(slice)`` until ``done(result)`` or ``timeout`` (0 = none) passes."""
-        timeout = schema.client_timeout(timeout)
-        deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
-        while True:
-            left = 5.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            result = step(min(left, 5.0) if left > 0 else 0.0001)
-            if done(result) or (deadline is not None and time.monotonic() >= deadline):
-                return result
+    @staticmethod
+    def _server_timeout(timeout: Any) -> Optional[float]:
+        """A library call's timeout (0, None, inf: none) as a blocking call's
+        timeout at the server (None: none; the call is parked until done)."""
+        return schema.client_timeout(timeout) or None
 
     # ------------------------------------------------------------- ezpq API
     def __call__(self, fun: Callable) -> Callable:
@@ -401,9 +407,9 @@ class Queue:
     def _map_jobs(self, jobs: List[Job], show_progress: bool) -> List[dict]:
         ids = self._put_jobs(jobs)
         if show_progress:
-            self._progress(lambda s: self._call("wait_client", self._token, s), len(ids))
+            self._progress(lambda below, t: self._call("wait_client", self._token, below, t), len(ids))
         else:
-            self._wait_loop(lambda s: self._call("wait_client", self._token, s), lambda n: n == 0)
+            self._call("wait_client", self._token, 1, None)
         return self._collect_ids(ids)
 
     def map(self, function: Callable, iterable: Iterable, args: Any = None,
@@ -438,29 +444,34 @@ class Queue:
         """Block until this queue has no waiting or working job (or ``timeout``).
 
         Returns how many are still waiting or working (0 = all done)."""
-        schema.client_timeout(timeout)
+        server_timeout = self._server_timeout(timeout)
         if show_progress:
             return self.waitpb(poll, timeout)
-        return self._wait_loop(lambda s: self._call("wait_pending", self._qid, 1, s),
-                               lambda n: n == 0, timeout)
+        return self._call("wait_pending", self._qid, 1, server_timeout)
 
     def waitpb(self, poll: float = 0, timeout: float = 0) -> int:
         """``wait()`` with a tqdm progress bar."""
         total = self.size(waiting=True, working=True)
-        return self._progress(lambda s: self._call("wait_pending", self._qid, 1, s), total, timeout)
+        return self._progress(lambda below, t: self._call("wait_pending", self._qid, below, t),
+                              total, timeout)
 
-    def _progress(self, step: Callable[[float], int], total: int, timeout: float = 0) -> int:
+    def _progress(self, step: Callable[[int, Optional[float]], int], total: int, timeout: float = 0) -> int:
+        """Update a progress bar each time fewer jobs are left: ``step(left,
+        timeout)`` is answered by the server as soon as fewer than ``left``
+        are (one call per change, no polling)."""
         from .progress import bar
+        timeout = self._server_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         left = total
         with bar(total) as pb:
-            def tick(slice_: float) -> int:
-                nonlocal left
-                n = step(min(slice_, 0.2))
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                n = step(max(left, 1), wait)
                 if n < left:
                     pb.update(left - n)
                     left = n
-                return n
-            return self._wait_loop(tick, lambda n: n == 0, timeout)
+                if n == 0 or (deadline is not None and time.monotonic() >= deadline):
+                    return n
 
     def get(self, wait: bool = False, poll: float = 0, timeout: float = 0) -> Optional[dict]:
         """Pop the best completed job (lowest priority, then earliest), or None.
@@ -470,8 +481,7 @@ class Queue:
         if not (wait or poll or timeout):
             job, _ = self._call("get", self._qid, False, 0)
             return None if job is None else to_job_dict(job)
-        job, _ = self._wait_loop(lambda s: self._call("get", self._qid, True, s),
-                                 lambda r: r[0] is not None or r[1] == 0, timeout)
+        job, _ = self._call("get", self._qid, True, self._server_timeout(timeout))
         return None if job is None else to_job_dict(job)
 
     def collect(self, n: int = 0) -> List[dict]:
@@ -545,15 +555,7 @@ class Queue:
 
     def wait_worker(self, poll: float = 0, timeout: float = 0) -> bool:
         """Block until a worker is free for this queue; True if one is."""
-        version = [0]
-
-        def step(slice_: float) -> bool:
-            if not self.is_busy():
-                return True
-            version[0] = self._call("wait_change", version[0], slice_)
-            return not self.is_busy()
-
-        return self._wait_loop(step, bool, timeout)
+        return self._call("wait_free", self._qid, self._server_timeout(timeout))
 
     def dispose(self) -> None:
         """Cancel this client's waiting jobs, stop its running ones, wait, disconnect.
@@ -564,8 +566,7 @@ class Queue:
             return
         try:
             self._remote.call("cancel_all", self._qid, self._token, True)
-            self._wait_loop(lambda s: self._remote.call("wait_client", self._token, s),
-                            lambda n: n == 0, 30)
+            self._remote.call("wait_client", self._token, 1, 30.0)
             self._remote.call("goodbye", self._token, self._qid, True)
         except ConnectionError as exc:  # the server is gone: nothing left to release there
             logger.warning("dispose(): %s", exc)

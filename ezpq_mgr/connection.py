@@ -11,7 +11,7 @@ import os
 import pickle
 import socket
 import threading
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 from . import transport
 from .errors import AuthenticationError, ConnectionError
@@ -126,7 +126,11 @@ class Remote:
         local.sock, local.generation = sock, _generation
         return sock
 
-    def call(self, method: str, *args):
+    def call(self, method: str, *args, sent: Optional[Callable[[], None]] = None):
+        """Call ``method`` on the server and return its answer. ``sent()``
+        runs once the request is on the wire, before the answer is awaited
+        (the client's send lock is released there: the answer of a parked
+        call may take long)."""
         body = self._dumps((method, args))
         limit = self.max_message
         if limit is not None and len(body) > limit:
@@ -139,10 +143,15 @@ class Remote:
             else:
                 sock.sendall(transport.HEADER.pack(len(body)))
                 sock.sendall(body)
+            if sent is not None:
+                sent()
             kind, result = self._loads(self._recv(sock))
         except (EOFError, OSError) as exc:
             self._drop()
             raise ConnectionError(f"lost the ezpq server at {self.where}: {exc!r}") from None
+        except BaseException:  # Ctrl+C in a long wait: its answer must not be read as the next one's
+            self._drop()
+            raise
         if kind == "#RETURN":
             return result
         if kind == "#ERROR" and isinstance(result, BaseException):

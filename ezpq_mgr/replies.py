@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import select
 import threading
 import time
@@ -28,6 +29,9 @@ from typing import Any, Callable, Iterable, Optional
 from .errors import EzpqError
 from .outgoing import MessageTooLarge, PeerConnection
 from .peers import serve_as
+
+#: poll() takes an int of milliseconds: a longer deadline is waited in steps
+_MAX_POLL = 86400.0
 
 __all__ = ["DEFERRED", "Deferred", "Outbox", "ConnectionServer", "at_disconnect", "park",
            "reply_channel"]
@@ -38,7 +42,6 @@ logger = logging.getLogger(__name__)
 DEFERRED = object()
 
 _local = threading.local()
-_SAFETY_POLL = 1.0   # a parked serving thread re-checks its outbox this often
 
 
 class Deferred:
@@ -47,11 +50,11 @@ class Deferred:
     __slots__ = ("ready", "answer", "send", "deadline", "result", "settled")
 
     def __init__(self, ready: Callable[[], bool], answer: Callable[[], Any],
-                 send: Callable[[Any], None], timeout: float):
+                 send: Callable[[Any], None], timeout: Optional[float]):
         self.ready = ready
         self.answer = answer
         self.send = send
-        self.deadline = time.monotonic() + max(0.0, timeout)
+        self.deadline = math.inf if timeout is None else time.monotonic() + max(0.0, timeout)
         self.result: Any = None
         self.settled = False   # answered (maybe not yet sent) or withdrawn
 
@@ -67,6 +70,9 @@ class Outbox:
 
     def __contains__(self, d: Deferred) -> bool:
         return d in self._items
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
 
     def deliver(self) -> None:
         """Send every pending answer (any thread; each is sent exactly once)."""
@@ -171,9 +177,10 @@ class ConnectionServer:
             _send_reply(conn, msg)
 
     def _park(self, conn: PeerConnection, d: Deferred) -> None:
-        """Hold the deadline of our deferred call. Data from the client means
-        it has its answer (or is gone): withdraw the call if still parked."""
-        outbox = self.state.outbox
+        """Hold the deadline of our deferred call (sleeping in poll until
+        then: whoever answers it sends the answer itself, see StateLock).
+        Data from the client means it has its answer (or is gone): withdraw
+        the call if still parked."""
         poller = getattr(_local, "poller", None)
         if poller is None or _local.poller_fd != conn.fd:  # conn.poll() would build a selector per call
             poller = _local.poller = select.poll()
@@ -183,13 +190,11 @@ class ConnectionServer:
             left = d.deadline - time.monotonic()
             if left <= 0:
                 self.state.settle(d, answer=True)
-                break
-            if conn.has_buffered_input or poller.poll(max(1, int(min(left, _SAFETY_POLL) * 1000))):
+                return
+            if conn.has_buffered_input or poller.poll(
+                    None if left == math.inf else max(1, math.ceil(min(left, _MAX_POLL) * 1000))):
                 self.state.settle(d, answer=False)
-                break
-            if d in outbox:
-                outbox.deliver()
-        outbox.deliver()
+                return
 
 
 def park(d: Deferred) -> object:

@@ -176,17 +176,23 @@ def check_ids(what: str, value: Any, low: int = 0) -> list:
     return list(value)
 
 
-def wait_timeout(value: Any, longest: float) -> float:
-    """A blocking call's timeout, clamped to ``longest``: None or 0 mean
-    ``longest`` (clients loop over slices); nan, inf and negatives are refused."""
+#: A blocking call's longest finite timeout (longer ones are clamped).
+MAX_WAIT = 366 * 86400.0
+
+
+def wait_timeout(value: Any) -> Optional[float]:
+    """A blocking call's timeout at the server: None or 0 mean none (the
+    call is parked until its condition holds or its client leaves); a
+    finite number >= 0 is clamped to ``MAX_WAIT``; nan, inf and negatives
+    are refused."""
     if value is None:
-        return longest
+        return None
     if type(value) is not float and type(value) is not int:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"timeout must be a number of seconds, not {_kind(value)}")
     if not 0 <= value < math.inf:
         raise ValueError(f"timeout must be a finite number >= 0, got {value!r}")
-    return longest if value == 0 else min(float(value), longest)
+    return None if value == 0 else min(float(value), MAX_WAIT)
 
 
 def client_timeout(value: Any) -> float:

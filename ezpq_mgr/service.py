@@ -3,9 +3,10 @@
 ``multiprocessing.managers`` serves every client connection on its own
 thread, so these methods run concurrently; all shared data lives in
 ``QueueState`` behind its single lock. Replies are plain snapshots (dicts,
-lists, numbers, bytes), never live containers. Blocking calls wait at most
-``SLICE`` seconds, so a client that vanished cannot strand a server thread;
-clients loop over slices.
+lists, numbers, bytes), never live containers. Every blocking call is parked
+(``QueueState._answer_or_defer``) and answered the moment its condition
+holds, or at its own timeout (0 or None: none); a client that disconnects
+withdraws it. Clients make one call per wait, no loops.
 
 On a shared server every request runs as its caller (``peers.current()``):
 a queue name is private to its user (stored as ``"uid:qid"``), a job's
@@ -28,7 +29,7 @@ import itertools
 import logging
 import os
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import peers, schema
 from .accounting import AccountingLog, report
@@ -40,16 +41,16 @@ from .supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Service", "SLICE"]
+__all__ = ["Service"]
 
 #: Jobs one wait_jobs call may name (the check runs under the state's lock).
 MAX_WAIT_JOBS = 100_000
-SLICE = 5.0
 
 
-def _slice(timeout: Optional[float]) -> float:
-    """A wait's timeout: finite, >= 0, at most SLICE (0/None: SLICE)."""
-    return schema.wait_timeout(timeout, SLICE)
+def _parked(got: Any, visible: Callable[[Any], Any] = lambda answer: answer) -> Any:
+    """A state wait's result as this call's reply: ``visible(answer)`` now,
+    or, parked, later (the serving thread goes back to its connection)."""
+    return park(got) if isinstance(got, Deferred) else visible(got)
 
 
 def _int(what: str, value: Any, low: int = 0) -> int:
@@ -64,7 +65,7 @@ class Service:
 
     EXPOSED = (
         "hello", "configure", "put", "reserve_ids", "counts", "get", "collect", "pop_ids",
-        "wait_pending", "wait_client", "wait_change", "cancel", "cancel_all",
+        "wait_pending", "wait_client", "wait_free", "cancel", "cancel_all",
         "jobs", "job", "take_notices", "mark_processed", "set_holding",
         "goodbye", "set_workers", "n_workers", "info",
         "list_jobs", "show_job", "cancel_job", "wait_jobs", "report", "accounting", "whoami",
@@ -222,12 +223,15 @@ class Service:
         schema.check_bool("holding", holding)
         self.state.set_holding(self._client(client), holding)
 
-    def take_notices(self, client: str, timeout: float) -> Optional[List[dict]]:
+    def take_notices(self, client: str, timeout: Optional[float]) -> Optional[List[dict]]:
         self._client(client)
-        timeout = _slice(timeout)
+        timeout = schema.wait_timeout(timeout)
         self._hold(client)
-        notes = self.state.take_notices(client, timeout)
-        return None if notes is None else [self._snap(n) for n in notes]
+
+        def visible(notes):
+            return None if notes is None else [self._snap(n) for n in notes]
+
+        return _parked(self.state.take_notices(client, timeout, reply_channel(visible)), visible)
 
     def mark_processed(self, results: List[Tuple[int, Optional[bytes]]]) -> None:
         """The client post-processed these held jobs of its own (others are ignored)."""
@@ -315,13 +319,13 @@ class Service:
     def counts(self, qid: str) -> dict:
         return self.state.counts(self._key(qid))
 
-    def get(self, qid: str, wait: bool, timeout: float) -> Tuple[Optional[dict], int]:
+    def get(self, qid: str, wait: bool, timeout: Optional[float]) -> Tuple[Optional[dict], int]:
         def visible(answer):
             return self._snap(answer[0]), answer[1]
 
-        key, timeout = self._key(qid), _slice(timeout)
+        key, timeout = self._key(qid), schema.wait_timeout(timeout)
         got = self.state.get(key, schema.check_bool("wait", wait), timeout, reply_channel(visible))
-        return park(got) if isinstance(got, Deferred) else visible(got)
+        return _parked(got, visible)
 
     def collect(self, qid: str, n: int) -> List[dict]:
         key = self._key(qid)
@@ -332,18 +336,28 @@ class Service:
         key = self._key(qid)
         return [self._snap(s) for s in self.state.pop_ids(key, schema.check_ids("ids", ids))]
 
-    def wait_pending(self, qid: str, below: int, timeout: float) -> int:
-        key, timeout = self._key(qid), _slice(timeout)
+    def wait_pending(self, qid: str, below: int, timeout: Optional[float]) -> int:
+        """How many of the qid's jobs wait or work, once fewer than ``below``."""
+        key, timeout = self._key(qid), schema.wait_timeout(timeout)
         below = schema.check_int("below", below, schema.INT64_MIN, schema.INT64_MAX)
-        return self.state.wait_pending(key, below, timeout)
+        return _parked(self.state.wait_pending(key, below, timeout, reply_channel(int)))
 
-    def wait_client(self, client: str, timeout: float) -> int:
-        timeout = _slice(timeout)
-        return self.state.wait_client(self._client(client), timeout)
+    def wait_client(self, client: str, below: int, timeout: Optional[float]) -> int:
+        """How many of the client's jobs are not done, once fewer than ``below``."""
+        client, timeout = self._client(client), schema.wait_timeout(timeout)
+        below = schema.check_int("below", below, schema.INT64_MIN, schema.INT64_MAX)
+        return _parked(self.state.wait_client(client, below, timeout, reply_channel(int)))
 
-    def wait_change(self, version: int, timeout: float) -> int:
-        timeout = _slice(timeout)
-        return self.state.wait_change(_int("version", version), timeout)
+    def wait_free(self, qid: str, timeout: Optional[float]) -> bool:
+        """True once the qid could start a job now (ezpq's ``wait_worker``)."""
+        key, timeout = self._key(qid), schema.wait_timeout(timeout)
+        state, supervisor = self.state, self.supervisor
+
+        def slots() -> int:   # the qid's cap, else the server's workers (the client's n_workers())
+            q = state.queues.get(key)
+            return (q.cap if q is not None and q.cap else 0) or supervisor.slots
+
+        return _parked(self.state.wait_free(key, slots, timeout, reply_channel(bool)))
 
     def jobs(self, qid: str) -> List[dict]:
         return [self._snap(s) for s in self.state.jobs(self._key(qid))]
@@ -383,11 +397,12 @@ class Service:
         self.supervisor.wake()
         return done
 
-    def wait_jobs(self, seqs: List[int], timeout: float) -> List[dict]:
-        """Block up to ``timeout`` until these jobs (or all the caller's) finished."""
+    def wait_jobs(self, seqs: List[int], timeout: Optional[float]) -> List[dict]:
+        """These jobs (or all the caller's) once all finished, or as they
+        stand when ``timeout`` passes."""
         me = peers.current()
         schema.check_ids("seqs", seqs, 1)
-        timeout = _slice(timeout)
+        timeout = schema.wait_timeout(timeout)
         if len(seqs) > MAX_WAIT_JOBS:
             raise ValueError(f"wait_jobs: at most {MAX_WAIT_JOBS} jobs per call, got {len(seqs)}")
         with self.state.cond:
@@ -402,8 +417,10 @@ class Service:
                     unfinished.pop()
                 return not unfinished or all(r.finished for r in unfinished)
 
-            self.state._wait_for(done, timeout)
-            return [self._snap(r.snapshot()) for r in recs]
+            def answer() -> List[dict]:
+                return [self._snap(r.snapshot()) for r in recs]
+
+            return _parked(self.state.wait_for(done, answer, timeout, reply_channel(list)))
 
     def report(self, by: str, all_users: bool = True) -> List[dict]:
         return report(self.accounting(all_users), by)

@@ -4,8 +4,15 @@ No processes and no I/O live here, so the whole scheduling logic is tested
 with a fake clock (``tests/test_state.py``). The server's connection threads
 and the supervisor thread share one ``QueueState``; each public method takes
 the lock once ("lock the state once per unit of work") and every change that
-someone may wait for ends in ``_changed()``, which wakes only the waiters
-whose condition now holds (no thundering herd at 10,000 jobs/s).
+someone may wait for ends in ``_changed()``.
+
+One way to wait: every blocking call (``get``, ``wait_pending``,
+``wait_client``, ``wait_free``, ``take_notices``, ``wait_jobs``) is a
+``Deferred`` (replies.py) parked here with its condition; ``_changed()``
+answers those whose condition now holds, under the lock, into the outbox,
+and the lock itself (``StateLock``) sends the outbox when its outermost
+holder lets go, whichever thread that is. No thread blocks on a condition,
+nothing polls: an idle server makes no wake-ups.
 
 A job's life is its ``Phase`` (job.py). Every change of phase goes through
 ``_move``, which checks it against ``TRANSITIONS`` and keeps every count
@@ -129,13 +136,41 @@ class QueueInfo:
         return self.count[WAITING] + self.n_working
 
 
+class StateLock:
+    """The state's (re-entrant) lock. Leaving its outermost hold sends the
+    answers queued in the outbox meanwhile, so an answer made possible by any
+    change is sent at once, by the thread that made the change, outside the
+    lock (a large result is never written while the lock is held)."""
+
+    __slots__ = ("_lock", "_depth", "_outbox")
+
+    def __init__(self, outbox: Outbox):
+        self._lock = threading.RLock()
+        self._depth = 0          # changed only by the holder
+        self._outbox = outbox
+
+    def __enter__(self) -> "StateLock":
+        self._lock.acquire()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        outer = self._depth == 0
+        self._lock.release()
+        if outer and self._outbox:
+            self._outbox.deliver()
+
+
 class QueueState:
-    """All queues of one server. Thread-safe: every method locks ``cond``."""
+    """All queues of one server. Thread-safe: every public method holds
+    ``cond`` (the ``StateLock``); methods documented "caller holds the lock"
+    are for the supervisor and the service, inside their own ``with state.cond``."""
 
     def __init__(self, clock: Callable[[], float] = time.time,
                  on_final: Optional[Callable[[JobRecord], None]] = None):
-        self.lock = threading.RLock()
-        self.cond = threading.Condition(self.lock)   # ``with state.cond:`` = hold the lock
+        self.outbox = Outbox()               # answers of parked calls, sent once the lock is free
+        self.cond = StateLock(self.outbox)   # ``with state.cond:`` = hold the lock
         self.clock = clock
         self.on_final = on_final    # called (lock held) once per job reaching a final state
         self.records: Dict[int, JobRecord] = {}
@@ -150,9 +185,7 @@ class QueueState:
         self.client_pending: Dict[str, int] = {}  # client -> its jobs not yet DONE
         self.on_move: Optional[Callable[[JobRecord, Phase, Phase], None]] = None  # (lock held)
         self.version = 0                            # bumped on every change
-        self.waiters: List[Tuple[Callable[[], bool], threading.Condition]] = []
         self.deferred: List[Deferred] = []   # parked calls, answered by _changed
-        self.outbox = Outbox()               # their answers, sent once the lock is free
         self.abandoned: Dict[str, str] = {}  # client gone without goodbye -> its private qid
         self.expiring = False                # keep done_order for expire_finished
         self.done_order: "collections.deque[int]" = collections.deque()  # completed seqs, oldest first
@@ -415,9 +448,11 @@ class QueueState:
         """A job reached a final state: hand it to its client or complete it."""
         if self.on_final is not None:
             self.on_final(rec)
-        holding = held_ok and rec.client in self.holding_clients
-        tell = holding or (rec.status in ERROR_STATES and not rec.suppress_errors)
-        if tell and rec.client in self.notices:
+        # A job whose error its client prints is held until printed, so that
+        # the client's wait() returns only after the error is on its stderr.
+        error = rec.status in ERROR_STATES and not rec.suppress_errors
+        holding = held_ok and (error or rec.client in self.holding_clients)
+        if (holding or error) and rec.client in self.notices:
             self.notices[rec.client].append(rec.seq)
         if holding and rec.client in self.notices:
             self._move(q, rec, HELD)
@@ -451,27 +486,29 @@ class QueueState:
         with self.cond:
             self.notices.setdefault(client, [])
 
-    def take_notices(self, client: str, timeout: float) -> Optional[List[dict]]:
-        """Block up to ``timeout`` for finished jobs this client must look at.
-
-        Returns None once the client's notices are closed and drained."""
+    def take_notices(self, client: str, timeout: Optional[float], reply=None):
+        """Finished jobs this client must look at, as soon as there are some
+        (or ``timeout`` passes: an empty list). None once the client's
+        notices are closed and drained."""
         with self.cond:
-            self._wait_for(lambda: self.notices.get(client, True)
-                               or client in self.closing, timeout)
-            seqs = self.notices.get(client)
-            if seqs is None or (not seqs and client in self.closing):
-                self.notices.pop(client, None)
-                self.closing.discard(client)
-                return None
-            self.notices[client] = []
-            out = []
-            for seq in seqs:
-                rec = self.records.get(seq)
-                if rec is not None:
-                    snap = rec.snapshot()
-                    snap["held"] = rec.phase is HELD
-                    out.append(snap)
-            return out
+            def answer() -> Optional[List[dict]]:
+                seqs = self.notices.get(client)
+                if seqs is None or (not seqs and client in self.closing):
+                    self.notices.pop(client, None)
+                    self.closing.discard(client)
+                    return None
+                self.notices[client] = []
+                out = []
+                for seq in seqs:
+                    rec = self.records.get(seq)
+                    if rec is not None:
+                        snap = rec.snapshot()
+                        snap["held"] = rec.phase is HELD
+                        out.append(snap)
+                return out
+
+            return self._answer_or_defer(
+                lambda: self.notices.get(client, True) or client in self.closing, answer, timeout, reply)
 
     def mark_processed(self, results: Iterable[Tuple[int, Optional[bytes]]]) -> None:
         """The client ran its callback/log for these held jobs; complete them.
@@ -670,13 +707,15 @@ class QueueState:
                 if n < batch:
                     return dropped
 
-    def wait_client(self, client: str, timeout: float) -> int:
-        """Block up to ``timeout`` until all of a client's jobs completed."""
+    def wait_client(self, client: str, below: int, timeout: Optional[float], reply=None):
+        """How many of a client's jobs are not done, once fewer than ``below``
+        (1: all done) or when ``timeout`` passes."""
         with self.cond:
-            self._wait_for(lambda: self.client_pending.get(client, 0) == 0, timeout)
-            return self.client_pending.get(client, 0)
+            pending = self.client_pending
+            return self._answer_or_defer(lambda: pending.get(client, 0) < below,
+                                         lambda: pending.get(client, 0), timeout, reply)
 
-    def get(self, qid: str, wait: bool, timeout: float, reply=None):
+    def get(self, qid: str, wait: bool, timeout: Optional[float], reply=None):
         """Pop the best completed job; optionally wait up to ``timeout`` for one.
 
         Returns (job or None, jobs left in the queue) so the client knows
@@ -693,18 +732,31 @@ class QueueState:
                 return answer()
             return self._answer_or_defer(lambda: q.n_done or q.pending == 0, answer, timeout, reply)
 
-    def wait_pending(self, qid: str, below: int, timeout: float) -> int:
-        """Block up to ``timeout`` until fewer than ``below`` jobs are pending."""
+    def wait_pending(self, qid: str, below: int, timeout: Optional[float], reply=None):
+        """How many of the qid's jobs wait or work, once fewer than ``below``
+        (1: none) or when ``timeout`` passes."""
         with self.cond:
-            q = self.queues.get(qid) or QueueInfo(qid)
-            self._wait_for(lambda: q.pending < below, timeout)
-            return q.pending
+            def pending() -> int:
+                q = self.queues.get(qid)
+                return 0 if q is None else q.pending
+            return self._answer_or_defer(lambda: pending() < below, pending, timeout, reply)
 
-    def wait_change(self, version: int, timeout: float) -> int:
-        """Block until the state changed since ``version``; returns the new version."""
+    def wait_free(self, qid: str, slots: Callable[[], int], timeout: Optional[float], reply=None):
+        """True once the qid could start a job at once (nothing of it waits
+        and fewer of it run than ``slots()``, its concurrency), else False
+        when ``timeout`` passes: ezpq's ``wait_worker``."""
         with self.cond:
-            self._wait_for(lambda: self.version != version, timeout)
-            return self.version
+            def free() -> bool:
+                q = self.queues.get(qid)
+                return q is None or (q.n_waiting == 0 and q.n_running < slots())
+            return self._answer_or_defer(free, free, timeout, reply)
+
+    def wait_for(self, ready: Callable[[], bool], answer: Callable, timeout: Optional[float], reply=None):
+        """Park a caller's own condition (the service's ``wait_jobs``): the
+        same mechanism as every wait here. ``ready`` runs under the lock at
+        every change: keep it short."""
+        with self.cond:
+            return self._answer_or_defer(ready, answer, timeout, reply)
 
     # ---------------------------------------------------------------- counts
     @staticmethod
@@ -737,13 +789,13 @@ class QueueState:
                 raise JobNotFound(f"no job {job_id} in queue {qid!r}")
             return self.records[seq].snapshot()
 
-    def _answer_or_defer(self, ready: Callable[[], bool], answer: Callable, timeout: float, reply):
-        """(lock held) ``answer()`` once ``ready()``: now, after blocking, or,
-        with a ``reply`` channel, later from whichever thread makes it ready."""
-        if reply is None:
-            self._wait_for(ready, timeout)
-            return answer()
-        if ready():
+    def _answer_or_defer(self, ready: Callable[[], bool], answer: Callable,
+                         timeout: Optional[float], reply):
+        """(lock held) ``answer()`` now if ``ready()`` or if there is no
+        ``reply`` channel to answer later (a caller in this process, a test);
+        else a ``Deferred``: parked until ``ready()`` (answered by whichever
+        thread makes it so) or its deadline (``timeout`` s; None: none)."""
+        if reply is None or ready():
             return answer()
         d = Deferred(ready, answer, reply, timeout)
         self.deferred.append(d)
@@ -761,17 +813,6 @@ class QueueState:
                 d.result = d.answer()
                 self.outbox.put(d)
 
-    def _wait_for(self, predicate: Callable[[], bool], timeout: Optional[float]) -> bool:
-        """Wait (lock held) until ``predicate()`` holds; woken only when it does."""
-        if predicate():
-            return True
-        entry = (predicate, threading.Condition(self.lock))
-        self.waiters.append(entry)
-        try:
-            return entry[1].wait_for(predicate, timeout)
-        finally:
-            self.waiters.remove(entry)
-
     def _changed(self) -> None:
         self.version += 1
         if self.deferred:
@@ -781,6 +822,3 @@ class QueueState:
                     self.deferred.remove(d)
                     d.result = d.answer()
                     self.outbox.put(d)
-        for predicate, cv in self.waiters:
-            if predicate():
-                cv.notify()

@@ -28,6 +28,8 @@ def server():
 
 
 def _parked(server):
+    """Parked calls on the server: each open Queue parks one (its notice
+    reader's take_notices) besides the waits a test makes."""
     return Remote(server.address, server.key).call("info")["parked_calls"]
 
 
@@ -48,13 +50,14 @@ def test_parked_gets_on_one_qid_each_take_a_different_job(server, tmp_path):
     with ezpq.Queue(address=server.address, authkey=server.key, qid="shared") as Q:
         ids = [Q.put(wait_for_file, gate) for _ in range(2)]
         got, getters = [], []
-        for _ in range(2):
-            G = ezpq.Queue(address=server.address, authkey=server.key, qid="shared")
+        queues = [ezpq.Queue(address=server.address, authkey=server.key, qid="shared") for _ in range(2)]
+        _until(lambda: _parked(server) == 3)   # three notice readers
+        for G in queues:
             getters.append(G)
             t = threading.Thread(target=lambda G=G: got.append(G.get(wait=True)))
             t.start()
             getters.append(t)
-        _until(lambda: _parked(server) == 2)
+        _until(lambda: _parked(server) == 5)
         open(gate, "w").close()
         for t in getters[1::2]:
             t.join(30)
@@ -75,11 +78,12 @@ def test_a_client_killed_in_a_parked_get_takes_nothing(server, tmp_path):
         job_id = Q.put(wait_for_file, gate)
         ctx = multiprocessing.get_context("spawn")
         p = ctx.Process(target=_get_forever, args=(server.address, server.key))
+        _until(lambda: _parked(server) == 1)   # Q's notice reader
         p.start()
-        _until(lambda: _parked(server) == 1)
+        _until(lambda: _parked(server) == 3)   # + the client's notice reader and its get
         p.kill()
         p.join(10)
-        _until(lambda: _parked(server) == 0)  # withdrawn as its connection closed
+        _until(lambda: _parked(server) == 1)  # both withdrawn as their connections closed
         open(gate, "w").close()
         job = Q.get(wait=True)
         assert (job["id"], job["output"]) == (job_id, True)
@@ -92,7 +96,7 @@ def test_a_parked_get_is_answered_by_a_cancel_on_another_connection(server, tmp_
         got = []
         t = threading.Thread(target=lambda: got.append(Q.get(wait=True)))
         t.start()
-        _until(lambda: _parked(server) == 1)
+        _until(lambda: _parked(server) == 2)   # its notice reader and the get
         other = ezpq.Queue(address=server.address, authkey=server.key, qid="c")
         assert other.cancel(job_id)
         t.join(30)

@@ -1517,44 +1517,61 @@ def _cpu(proc):
 
 @needs_root
 def test_nan_inf_negative_wait_timeouts_return_promptly_and_spin_nothing(input_server, users):
+    """Every blocking call refuses NaN, inf and negative timeouts at once; a
+    huge finite one is clamped and parked (no server thread, no CPU), and
+    withdrawn the moment its client disconnects."""
     remote, token, env = connect(input_server)
     remote.call("configure", "w", {"paused": True})
     remote.call("put", "w", [record(token, env)])     # pending forever: every wait below waits
     seq = remote.call("jobs", "w")[0]["seq"]
-    version = remote.call("info")["version"]
-    calls = [("wait_change", lambda t: [version, t]), ("wait_pending", lambda t: ["w", 0, t]),
+    calls = [("wait_free", lambda t: ["w", t]), ("wait_pending", lambda t: ["w", 0 if t != 1e300 else 1, t]),
              ("get", lambda t: ["w", True, t]), ("take_notices", lambda t: [token, t]),
-             ("wait_jobs", lambda t: [[seq], t]), ("wait_client", lambda t: [token, t])]
+             ("wait_jobs", lambda t: [[seq], t]), ("wait_client", lambda t: [token, 1, t])]
+    remote.call("configure", "w", {"cap": 1})
     results = {}
 
     def one(r, method, args, key):
         t0 = time.monotonic()
         results[key] = (refused(r.call, method, *args), time.monotonic() - t0)
-        r.close()
 
-    threads = []
+    threads, huge = [], []
     for t in (math.nan, math.inf, -math.inf, -1.0, 1e300):
         for method, args in calls:
             r = Remote(input_server.address, input_server.key)   # connect one at a time (listen backlog)
             th = threading.Thread(target=one, args=(r, method, args(t), (method, t)), daemon=True)
             th.start()
             threads.append(th)
+            if t == 1e300:
+                huge.append((r, th))
     for th in threads:
-        th.join(8)
-    hung = [(m, t) for t in (math.nan, math.inf, -math.inf, -1.0, 1e300) for m, _ in calls
+        if not any(th is h for _, h in huge):
+            th.join(8)
+    hung = [(m, t) for t in (math.nan, math.inf, -math.inf, -1.0) for m, _ in calls
             if (m, t) not in results]
     assert not hung, f"calls hang: {hung}"
-    slow = {k: v for k, v in results.items() if v[1] > 1.0 and k[1] != 1e300}
+    slow = {k: v for k, v in results.items() if v[1] > 1.0}
     assert not slow, slow
     for (method, t), (what, _) in results.items():
-        if t != 1e300:  # a huge finite timeout is clamped, not refused
-            assert what.startswith("ValueError"), (method, t, what)
-    remote.close()
+        assert what.startswith("ValueError"), (method, t, what)
+    deadline = time.monotonic() + 5   # the clamped ones: parked, not refused
+    while remote.call("info")["parked_calls"] < len(calls):
+        assert time.monotonic() < deadline, remote.call("info")
+        time.sleep(0.02)
     proc = psutil.Process(input_server.proc.pid)
     before = _cpu(proc)
     time.sleep(1.0)
     used = _cpu(proc) - before
-    assert used < 0.3, f"the server burnt {used:.2f} s of CPU in 1 s after the calls"
+    assert used < 0.3, f"the server burnt {used:.2f} s of CPU in 1 s with parked calls"
+    for r, th in huge:   # their clients leave: the parked calls are withdrawn
+        sock = getattr(r._local, "sock", None)
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+        th.join(5)
+        assert not th.is_alive()
+    while remote.call("info")["parked_calls"]:
+        assert time.monotonic() < deadline + 5, remote.call("info")
+        time.sleep(0.02)
+    remote.close()
     assert_b_served(input_server, users)
 
 
@@ -1641,7 +1658,7 @@ def test_submit_jobs_left_on_the_server_do_not_slow_submit(input_server):
     for _ in range(5):
         remote.call("put", "cli", [record(token, env, name="n" * 200) for _ in range(1000)])
     deadline = time.monotonic() + 60
-    while remote.call("wait_client", token, 1.0):
+    while remote.call("wait_client", token, 1, 1.0):
         assert time.monotonic() < deadline
     loaded = submit_time()
     assert loaded < idle * 1.5 + 0.1, f"submit took {loaded:.2f} s with 5,000 jobs left, {idle:.2f} s idle"
