@@ -1077,6 +1077,121 @@ def test_oversize_message_is_refused_before_the_server_buffers_it(logged_server)
     assert served_within(logged_server)
 
 
+# ------------------------------------- a frame header alone, then a trickle
+#: A server whose deadline for a message begun is 2 s (30 s by default).
+SHORT_READ_TIMEOUT = 2.0
+SHORT_READ_SERVER = (f"import ezpq_mgr.outgoing as o; o.READ_TIMEOUT = {SHORT_READ_TIMEOUT}\n"
+                     "from ezpq_mgr.cli import server_main; server_main()\n")
+HEADER_SIZE = 64 * 1024 * 1024
+
+
+def stall_mid_message(server, n, size, out):
+    """As user A: ``n`` authenticated connections each send the header of a
+    ``size``-byte request and 4 KiB of it, then one byte each every 0.2 s
+    for 1 s, then nothing; reports when the server closed each of them."""
+    from ezpq_mgr import transport
+    socks = [transport.connect(server.address, server.key)[0] for _ in range(n)]
+    for s in socks:
+        s.sendall(transport.HEADER.pack(size) + b" " * 4096)
+    for _ in range(5):
+        time.sleep(0.2)  # the attack's own pace: a byte every 0.2 s
+        for s in socks:
+            s.sendall(b" ")
+    out.put(("trickled", time.monotonic()))
+    closed, deadline = 0, time.monotonic() + 3 * SHORT_READ_TIMEOUT + 10
+    for s in socks:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            closed += s.recv(1) == b""
+        except OSError:
+            pass
+    out.put(("closed", closed, time.monotonic()))
+    for s in socks:
+        s.close()
+
+
+@needs_root
+def test_a_header_alone_costs_no_memory_and_a_stalled_message_is_dropped(users):
+    """The attacker's find: the server allocated a message's whole buffer as
+    soon as its 8-byte header came, so 16 connections that each sent a
+    header and then trickled (or nothing) held ~2.5-4 GB of a root server.
+    Now memory follows the bytes received, and a message begun that stops
+    coming is dropped after the read deadline (logged once per connection)."""
+    a = users[USERS[0]]
+    s = LoggedServer(code=SHORT_READ_SERVER)
+    p = None
+    try:
+        pid = s.proc.pid
+        assert served_within(s)
+        before = vm(pid, "VmHWM")
+        out = FORK.Queue()
+        p, _ = start_as(a, stall_mid_message, s, 16, HEADER_SIZE, out)
+        kind, trickled = out.get(timeout=60)
+        assert kind == "trickled", trickled
+        assert served_within(s), "another client waited over 1 s during the attack"
+        grown = vm(pid, "VmHWM") - before
+        assert grown < 32 * 2**20, (f"16 connections that sent a {HEADER_SIZE >> 20} MiB header and ~4 KiB "
+                                    f"made the server's peak RSS grow by {grown / 2**20:.0f} MiB")
+        kind, closed, at = out.get(timeout=60)
+        assert closed == 16, f"the server closed {closed} of 16 stalled connections"
+        assert SHORT_READ_TIMEOUT * 0.75 <= at - trickled < SHORT_READ_TIMEOUT + 5, at - trickled
+        lines = [ln for ln in s.text().splitlines() if "then nothing for" in ln]
+        assert len(lines) == 16 and all(f"uid {a.pw_uid}" in ln for ln in lines), s.text()
+        assert served_within(s)
+    finally:
+        if p is not None:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        assert s.stop() == 0, s.text()
+
+
+def hold_stalled_connections(server, n, out, go):
+    """As user A: try ``n`` authenticated connections, each sending a 1 MiB
+    request's header and one byte of it; report how many got in."""
+    from ezpq_mgr import transport
+    socks, refused = [], []
+    for _ in range(n):
+        try:
+            sock = transport.connect(server.address, server.key)[0]
+        except transport.Refused as exc:
+            refused.append(str(exc))
+            continue
+        sock.sendall(transport.HEADER.pack(1 << 20) + b" ")
+        socks.append(sock)
+    out.put((len(socks), sorted(set(refused))))
+    go.wait(60)
+    for sock in socks:
+        sock.close()
+
+
+@needs_root
+def test_connections_stalled_mid_message_are_capped_per_user(logged_server, users):
+    """A message begun holds a serving thread until its read deadline: one
+    user holds at most ``MAX_PER_PEER`` such connections (the doorman's cap
+    counts them until they close), and others are still served."""
+    from ezpq_mgr.doorman import MAX_PER_PEER
+    a = users[USERS[0]]
+    pid = logged_server.proc.pid
+    before = vm(pid, "VmHWM")
+    go, out = FORK.Event(), FORK.Queue()
+    p, _ = start_as(a, hold_stalled_connections, logged_server, MAX_PER_PEER + 40, out, go)
+    try:
+        opened, why = out.get(timeout=60)
+        assert opened == MAX_PER_PEER, opened
+        assert why == [f"too many connections from one user (limit {MAX_PER_PEER})"], why
+        assert served_within(logged_server)
+        grown = vm(pid, "VmHWM") - before
+        assert grown < 64 * 2**20, f"{opened} stalled 1 MiB messages grew the server by {grown / 2**20:.0f} MiB"
+    finally:
+        go.set()
+        p.join(20)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 # --------------------------- item 20: what strangers get, what is logged
 @needs_root
 def test_unauthenticated_garbage_gets_no_traceback_and_refusals_are_logged(logged_server, users):
