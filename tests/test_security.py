@@ -32,7 +32,7 @@ import psutil
 import pytest
 
 import ezpq_mgr as ezpq
-from ezpq_mgr import accounting, serialize
+from ezpq_mgr import accounting, serialize, service
 from ezpq_mgr.accounting import AccountingLog, report
 from ezpq_mgr.connection import Remote
 from ezpq_mgr.errors import ConnectionError as EzpqConnectionError, JobNotFound
@@ -1837,6 +1837,177 @@ def test_wait_jobs_with_a_huge_list_is_refused_and_stalls_nobody(input_server, u
     assert refused(remote.call, "wait_jobs", [seq] * 3_000_000, 1.0).startswith("ValueError")
     assert time.monotonic() - t0 < 5
     assert len(remote.call("wait_jobs", [seq] * 50_000, 5.0)) == 1
+    assert_b_served(input_server, users)
+
+
+# ------------------------------------- item 18: what a client registers is freed
+#: A sys.path just under the limit of one hello (64 Ki characters, cwd included).
+BIG_SYS_PATH = ["/" + "p" * 3999] * 15
+
+
+def a_loops_hellos(input_server, n):
+    """As user A: ``n`` hello/goodbye pairs on one connection, then ``n``
+    hellos (holding, a private queue configured) on connections closed
+    without goodbye; each with an environment of its own and a big sys.path."""
+    remote = Remote(input_server.address, input_server.key)
+    for i in range(n):
+        token = uuid.uuid4().hex
+        remote.call("hello", token, input_server.dir, [f"/loop/{i}"] + BIG_SYS_PATH, True, "mine")
+        remote.call("configure", "mine", {"max_size": 10})
+        remote.call("goodbye", token, "mine", True)
+    for i in range(n):
+        gone = Remote(input_server.address, input_server.key)
+        token = uuid.uuid4().hex
+        gone.call("hello", token, input_server.dir, [f"/gone/{i}"] + BIG_SYS_PATH, True, f"p{i}")
+        gone.call("configure", f"p{i}", {"max_size": 10})
+        gone.close()
+    return n
+
+
+@needs_root
+def test_hello_loops_leave_server_memory_near_idle(input_server, users):
+    """The attacker's find: nothing a hello registered (the client's token,
+    its environment, its notice channel) was ever freed: 100 hellos with a
+    big sys.path grew a root server by 390 MB, and a client looping hello
+    with fresh tokens grew it for ever. Now all of it is freed at goodbye or
+    when the client's last connection closes."""
+    proc = psutil.Process(input_server.proc.pid)
+    b_round_trip(input_server)  # warm: workers started, first allocations made
+    idle = proc.memory_info().rss
+    assert run_as(users[USERS[0]], a_loops_hellos, input_server, 2000, timeout=300) == 2000
+    deadline = time.monotonic() + 20   # the last connections' disconnects are still being handled
+    while True:
+        grown = proc.memory_info().rss - idle
+        if grown < 48 * 2**20 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert grown < 48 * 2**20, f"server RSS grew by {grown / 2**20:.0f} MiB after 4,000 hellos were let go"
+    info = Remote(input_server.address, input_server.key).call("info")
+    assert info["clients"] == info["environments"] == 0, info
+    assert info["queues"] == 0, info   # B's queue "b" and A's went with their clients
+    assert_b_served(input_server, users)
+
+
+def a_fills_its_share(input_server):
+    """As user A, on one connection: fresh tokens, each with an environment
+    of its own (a big sys.path), until refused; then fresh tokens sharing
+    the first environment until refused; a hello too big; a goodbye; then
+    as many environments again on a new connection once the first closed."""
+    from ezpq_mgr.errors import EzpqError
+    seen = {}
+    remote = Remote(input_server.address, input_server.key)
+
+    def env(i):
+        return [f"/env/{i}"] + BIG_SYS_PATH
+
+    def hellos(what, limit, env_of):
+        for i in range(limit + 1):
+            token = uuid.uuid4().hex
+            try:
+                remote.call("hello", token, input_server.dir, env_of(i), False)
+            except EzpqError as exc:
+                seen[what] = (i, f"{type(exc).__name__}: {exc}")
+                return
+            seen.setdefault(what + " tokens", []).append(token)
+        seen[what] = (limit + 1, "accepted")
+
+    hellos("environments", service.MAX_CLIENTS_PER_USER, env)
+    hellos("clients", service.MAX_CLIENTS_PER_USER, lambda i: env(0))
+    seen["too big"] = refused(remote.call, "hello", uuid.uuid4().hex, input_server.dir,
+                              BIG_SYS_PATH * 2, False)
+    remote.call("goodbye", seen["clients tokens"][0], "x", True)
+    seen["after goodbye"] = refused(remote.call, "hello", uuid.uuid4().hex, input_server.dir, env(0), False)
+    remote.close()
+    n = seen["environments"][0]
+    deadline = time.monotonic() + 10   # the closed connection's clients are freed by its thread
+    while True:
+        again = Remote(input_server.address, input_server.key)
+        try:
+            for i in range(n):
+                again.call("hello", uuid.uuid4().hex, input_server.dir, [f"/again/{i}"] + BIG_SYS_PATH, False)
+            seen["after close"] = "accepted"
+            break
+        except Exception as exc:
+            seen["after close"] = repr(exc)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        finally:
+            again.close()
+    return seen
+
+
+@needs_root
+def test_one_user_holds_a_bounded_number_of_clients_and_environments(input_server, users):
+    """What one user may hold at once is capped (live client tokens, bytes
+    of environments), with a clear error at the cap, and one hello is
+    bounded in size; what was let go counts no more."""
+    seen = run_as(users[USERS[0]], a_fills_its_share, input_server, timeout=120)
+    budget, n_clients = service.MAX_ENV_BYTES_PER_USER, service.MAX_CLIENTS_PER_USER
+    chars = len(input_server.dir) + len("/env/0") + sum(map(len, BIG_SYS_PATH))   # one environment's
+    n_envs, why = seen["environments"]
+    assert budget // (chars + 4096) <= n_envs <= budget // chars, seen["environments"]
+    assert why.startswith("ServerLimit: at most 16.0 MiB of environments per user"), why
+    # the first token of "clients" shares the first environment: n_envs tokens were already live
+    assert seen["clients"][0] == n_clients - n_envs, seen["clients"]
+    assert seen["clients"][1].startswith(f"ServerLimit: at most {n_clients} clients per user"), seen["clients"]
+    assert seen["too big"].startswith("ValueError: sys_path") and "65536" in seen["too big"], seen["too big"]
+    assert seen["after goodbye"].startswith("accepted"), seen["after goodbye"]
+    assert seen["after close"] == "accepted", seen["after close"]
+    assert_b_served(input_server, users)
+
+
+def a_names_queues(input_server):
+    """As user A: configure fresh qids on one connection until refused;
+    the same on a new connection once that one closed; then paused ones,
+    which stay, until refused on a third connection."""
+    from ezpq_mgr.errors import EzpqError
+    seen = {}
+
+    def configure(what, settings, n):
+        remote = Remote(input_server.address, input_server.key)
+        try:
+            for i in range(n):
+                try:
+                    remote.call("configure", f"{what}{i}", settings)
+                except EzpqError as exc:
+                    seen[what] = (i, f"{type(exc).__name__}: {exc}")
+                    return
+            seen[what] = (n, "accepted")
+        finally:
+            remote.close()
+
+    limit = service.MAX_QUEUES_PER_USER
+    configure("fresh", {"max_size": 0}, limit + 1)
+    deadline = time.monotonic() + 10   # the first connection's queues are let go by its thread
+    while True:
+        configure("again", {"max_size": 0}, limit)
+        if seen["again"][0] == limit or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    while True:
+        configure("paused", {"paused": True}, limit)
+        if seen["paused"][0] == limit or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    configure("more", {"max_size": 0}, 1)   # the paused ones stay: no room
+    return seen
+
+
+@needs_root
+def test_queues_nobody_uses_are_dropped_and_a_user_holds_a_bounded_number(input_server, users):
+    """Every qid ever named stayed for the server's life (a loop of
+    configure calls on fresh names grew it for ever): now an empty queue no
+    open connection uses is dropped, unless paused or capped, and one user
+    holds at most ``MAX_QUEUES_PER_USER`` queues at once."""
+    limit = service.MAX_QUEUES_PER_USER
+    seen = run_as(users[USERS[0]], a_names_queues, input_server, timeout=120)
+    assert seen["fresh"][0] == limit, seen["fresh"]
+    assert seen["fresh"][1].startswith(f"ServerLimit: at most {limit} queues"), seen["fresh"]
+    assert seen["again"] == (limit, "accepted"), seen["again"]
+    assert seen["paused"] == (limit, "accepted"), seen["paused"]
+    assert seen["more"][0] == 0 and "unless paused" in seen["more"][1], seen["more"]
+    assert Remote(input_server.address, input_server.key).call("info")["queues"] == limit
     assert_b_served(input_server, users)
 
 
