@@ -5,7 +5,7 @@
 
 from .client import Queue
 from .errors import (AuthenticationError, ConnectionError, EzpqError, JobNotFound,
-                     QueueFull, ServerError, UnpicklableError)
+                     QueueFull, ServerError, ServerLimit, UnpicklableError)
 from .job import Job, JobStatus
 from .plot import Plot, to_dataframe
 
@@ -13,6 +13,6 @@ __version__ = "0.3.0"
 
 __all__ = [
     "Queue", "Job", "JobStatus", "Plot", "to_dataframe",
-    "EzpqError", "QueueFull", "JobNotFound", "ServerError", "ConnectionError",
+    "EzpqError", "QueueFull", "JobNotFound", "ServerError", "ServerLimit", "ConnectionError",
     "AuthenticationError", "UnpicklableError", "__version__",
 ]

@@ -8,6 +8,7 @@ trip: they keep their message in ``args`` and add no required arguments::
     Exception
     ├── EzpqError
     │   ├── QueueFull
+    │   ├── ServerLimit
     │   ├── JobNotFound          (also LookupError)
     │   ├── ServerError
     │   ├── ConnectionError      (also builtin ConnectionError)
@@ -21,6 +22,7 @@ import builtins
 __all__ = [
     "EzpqError",
     "QueueFull",
+    "ServerLimit",
     "JobNotFound",
     "ServerError",
     "ConnectionError",
@@ -35,6 +37,11 @@ class EzpqError(Exception):
 
 class QueueFull(EzpqError):
     """``put``/``submit`` past the queue's ``max_size``; nothing was enqueued."""
+
+
+class ServerLimit(EzpqError):
+    """A shared server's cap on what one user holds at once (clients,
+    environments, queues) was reached; nothing was changed."""
 
 
 class JobNotFound(EzpqError, LookupError):

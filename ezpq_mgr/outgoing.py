@@ -11,31 +11,52 @@ is empty, so at most one reply per connection is ever held in memory.
 
 Reads are the serving thread's own (blocking, on its own connection): a frame
 longer than ``max_message`` is read and thrown away in fixed chunks, never
-buffered, and answered with an error.
+buffered, and answered with an error. A frame's buffer grows with the bytes
+that came, never from its header's word alone (16 connections that each sent
+a 64 MiB header and then nothing held 1 GiB of the server), and a message
+begun must keep coming: a peer that sent part of one and then nothing for
+``READ_TIMEOUT`` s is dropped and its buffer freed. Between messages a
+connection may stay idle for as long as it likes.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import select
 import socket
 import threading
 from typing import Any, Callable, Deque, Optional, Set
 
+from .doorman import RateLimitedLog
 from .peers import Identity
 from .transport import HEADER, describe_size
 
-__all__ = ["PeerConnection", "Flusher", "MessageTooLarge"]
+__all__ = ["PeerConnection", "Flusher", "MessageTooLarge", "ReadTimeout", "READ_TIMEOUT"]
 
+logger = logging.getLogger(__name__)
+
+#: Seconds a message begun may go without a byte before its connection is
+#: dropped: long enough for a client paused by a loaded machine, short
+#: enough that stalled messages cannot pile up (the doorman's per-uid cap
+#: bounds how many one user holds meanwhile).
+READ_TIMEOUT = 30.0
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _FIRST_READ = 65536
+_CHUNK = 1 << 20      # the rest of a large message is read through this much scratch
 _DISCARD = 1 << 20
 _JOIN_BELOW = 65536   # smaller replies are sent as one buffer
+_log = RateLimitedLog(logger)   # a peer decides how often we would log
 
 
 class MessageTooLarge(Exception):
     """A request over the server's limit (already discarded from the stream)."""
+
+
+class ReadTimeout(EOFError):
+    """A peer began a message and stopped sending it (already logged): the
+    connection ends as if the peer had gone."""
 
 
 class PeerConnection:
@@ -55,6 +76,7 @@ class PeerConnection:
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._pending: Deque[memoryview] = collections.deque()
+        self._poller: Optional[select.poll] = None
         self.closed = False
 
     # -------------------------------------------------------------- reads
@@ -70,44 +92,94 @@ class PeerConnection:
 
     def read(self) -> bytes:
         """The next request's body (blocking); ``MessageTooLarge`` for an
-        oversize one, whose bytes were dropped as they came."""
+        oversize one, whose bytes were dropped as they came; ``ReadTimeout``
+        when the peer stopped in the middle of one.
+
+        Waiting for a request has no deadline; once its first bytes came,
+        every further read must get some within ``READ_TIMEOUT``. A request
+        that came whole in the first read (the common case) costs one recv."""
         buf = self._rbuf or self._recv(_FIRST_READ)
         while len(buf) < HEADER.size:
-            buf += self._recv(_FIRST_READ)
+            buf += self._recv_begun(_FIRST_READ, len(buf), None)
         size = HEADER.unpack_from(buf)[0]
         end = HEADER.size + size
         if self.max_message is not None and size > self.max_message:
             self._rbuf = b""
-            self._discard(size - (len(buf) - HEADER.size), buf[end:] if len(buf) > end else b"")
+            self._discard(size, size - (len(buf) - HEADER.size), buf[end:] if len(buf) > end else b"")
             raise MessageTooLarge(
                 f"a message of {describe_size(size)} is over this server's limit of "
                 f"{describe_size(self.max_message)} (ezpq-server --max-message)")
         if len(buf) >= end:
             self._rbuf = buf[end:]
             return buf[HEADER.size:end]
-        body = bytearray(size)
-        have = len(buf) - HEADER.size
-        body[:have] = buf[HEADER.size:]
-        view = memoryview(body)
-        while have < size:
-            k = self.sock.recv_into(view[have:], min(size - have, 1 << 22))
-            if not k:
-                raise EOFError
-            have += k
         self._rbuf = b""
+        return self._read_rest(size, buf[HEADER.size:])
+
+    def _read_rest(self, size: int, head: bytes) -> bytes:
+        """The rest of a ``size``-byte body whose ``head`` came: the buffer
+        grows by what each read brings (bytearray appends over-allocate, so
+        the copies are amortized), never ahead of it; so does the scratch
+        it is read through (64 KiB, doubled by each read that fills it)."""
+        body = bytearray(head)
+        scratch = memoryview(bytearray(min(size - len(body), _FIRST_READ)))
+        while len(body) < size:
+            k = self._recv_begun_into(scratch, min(size - len(body), len(scratch)), len(body), size)
+            body += scratch[:k]
+            if k == len(scratch) < _CHUNK and len(body) < size:
+                scratch = memoryview(bytearray(min(2 * k, _CHUNK, size - len(body))))
         return bytes(body) if size < _JOIN_BELOW else body
 
-    def _discard(self, left: int, extra: bytes) -> None:
+    def _wait_begun(self, have: int, size: Optional[int]) -> None:
+        """A message is begun (``have`` bytes of its body, or of its header
+        when ``size`` is None): wait for more, at most ``READ_TIMEOUT`` s."""
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.fd, select.POLLIN)
+        if self._poller.poll(READ_TIMEOUT * 1000):
+            return
+        what = "a message header" if size is None else f"a message of {describe_size(size)}"
+        _log(logging.WARNING, "closed a connection from uid %d (%s): %s begun (%d bytes came), "
+             "then nothing for %.0f s", self.identity.uid, self.identity.user, what, have, READ_TIMEOUT)
+        raise ReadTimeout(f"nothing for {READ_TIMEOUT:g} s in the middle of a message")
+
+    def _recv_begun(self, n: int, have: int, size: Optional[int]) -> bytes:
+        """Up to ``n`` bytes of a message begun (see ``_wait_begun``)."""
+        try:
+            if _MSG_DONTWAIT:
+                data = self.sock.recv(n, _MSG_DONTWAIT)
+            else:
+                raise BlockingIOError
+        except (BlockingIOError, InterruptedError):
+            self._wait_begun(have, size)
+            data = self.sock.recv(n)
+        if not data:
+            raise EOFError
+        return data
+
+    def _recv_begun_into(self, view: memoryview, n: int, have: int, size: int) -> int:
+        """``_recv_begun`` into ``view``; how many bytes came."""
+        try:
+            if _MSG_DONTWAIT:
+                k = self.sock.recv_into(view, n, _MSG_DONTWAIT)
+            else:
+                raise BlockingIOError
+        except (BlockingIOError, InterruptedError):
+            self._wait_begun(have, size)
+            k = self.sock.recv_into(view, n)
+        if not k:
+            raise EOFError
+        return k
+
+    def _discard(self, size: int, left: int, extra: bytes) -> None:
         if left <= 0:
             self._rbuf = extra
             return
-        scratch = bytearray(_DISCARD)
-        view = memoryview(scratch)
+        scratch = memoryview(bytearray(min(left, _FIRST_READ)))
         while left > 0:
-            k = self.sock.recv_into(view, min(left, _DISCARD))
-            if not k:
-                raise EOFError
+            k = self._recv_begun_into(scratch, min(left, len(scratch)), size - left, size)
             left -= k
+            if k == len(scratch) < _DISCARD:
+                scratch = memoryview(bytearray(min(2 * k, _DISCARD)))
 
     # -------------------------------------------------------------- sends
     def send(self, obj: Any) -> None:

@@ -24,14 +24,14 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 __all__ = [
     "MAX_TIMEOUT", "MAX_RETRIES", "MAX_TEXT", "MAX_BLOB", "MAX_LANE_KEY", "MAX_IDS", "MAX_RESERVE",
     "INT64_MIN", "INT64_MAX", "SETTINGS", "CLIENT_FIELDS", "SERVER_FIELDS", "RUNNERS",
     "check_record", "check_records", "check_settings", "check_text", "check_name", "check_int",
     "check_bool", "check_timeout", "check_priority", "check_retries", "check_max_memory",
-    "check_qid", "check_token", "check_ids", "check_blob", "wait_timeout", "client_timeout",
+    "check_qid", "check_token", "check_env", "check_ids", "check_blob", "wait_timeout", "client_timeout",
 ]
 
 DAY = 86400.0
@@ -42,6 +42,7 @@ MAX_QID = 256
 MAX_TOKEN = 64                # client tokens (uuid4 hex: 32)
 MAX_PATH = 4096
 MAX_SYS_PATH = 1000           # entries of a client's sys.path
+MAX_ENV = 64 * 1024           # characters of a client's cwd and sys.path together
 MAX_BLOB = 256 * 1024 * 1024  # a pickled function/arguments/callback result
 MAX_LANE_KEY = 64 * 1024      # a pickled lane (it is compared as bytes)
 MAX_IDS = 10_000_000          # ids in one pop_ids / seqs in one call
@@ -162,6 +163,26 @@ def check_qid(value: Any) -> str:
 
 def check_token(value: Any) -> str:
     return check_text("client", value, MAX_TOKEN)
+
+
+def check_env(cwd: Any, sys_path: Any) -> Tuple[str, ...]:
+    """A client's environment for its jobs: its working directory and
+    sys.path, printable paths, at most ``MAX_SYS_PATH`` entries and
+    ``MAX_ENV`` characters in all (the server keeps it while the client or
+    one of its jobs lives: 1,000 entries of 4 KiB each were 4 MB a hello)."""
+    check_text("cwd", cwd, MAX_PATH)
+    if type(sys_path) is not list:
+        raise TypeError(f"sys_path must be a list, not {_kind(sys_path)}")
+    if len(sys_path) > MAX_SYS_PATH:
+        raise ValueError(f"sys_path: at most {MAX_SYS_PATH} entries, got {len(sys_path)}")
+    total = len(cwd)
+    for p in sys_path:
+        check_text("sys_path", p, MAX_PATH)
+        total += len(p)
+    if total > MAX_ENV:
+        raise ValueError(f"sys_path: the working directory and sys.path take {total} characters, "
+                         f"at most {MAX_ENV}")
+    return tuple(sys_path)
 
 
 def check_ids(what: str, value: Any, low: int = 0) -> list:

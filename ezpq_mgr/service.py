@@ -21,6 +21,19 @@ without ``goodbye`` (``detach()``/``dispose()``), e.g. SIGKILLed, has its
 private queue disposed of as ``dispose()`` would; finished jobs nobody
 collects are dropped after ``keep_finished`` seconds (their accounting rows
 stay in the log).
+
+What a client registers is freed when nothing refers to it any more, and
+one user holds only so much at once (root and the server's owner are not
+capped): its token and notice channel at ``goodbye`` or when its last
+connection closes (``MAX_CLIENTS_PER_USER`` live at once); an environment
+(working directory and sys.path, see ``schema.check_env``) once no client
+and no unfinished job refers to it (``MAX_ENV_BYTES_PER_USER``); a queue once
+no connection uses it and it holds nothing a new one would not
+(``QueueState._drop_if_idle``; ``MAX_QUEUES_PER_USER``). Before, none of
+it was ever freed: 100 hellos with a big sys.path held 390 MB of a root
+server, and a client looping hello with fresh tokens grew it for ever.
+The registry is guarded by the state's lock, under which a job's end
+releases its environment.
 """
 
 from __future__ import annotations
@@ -33,11 +46,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import peers, schema
 from .accounting import AccountingLog, report
-from .errors import JobNotFound
+from .errors import JobNotFound, ServerLimit
 from .job import JobRecord
 from .replies import Deferred, at_disconnect, park, reply_channel
 from .state import QueueState
 from .supervisor import Supervisor
+from .transport import describe_size
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +59,25 @@ __all__ = ["Service"]
 
 #: Jobs one wait_jobs call may name (the check runs under the state's lock).
 MAX_WAIT_JOBS = 100_000
+#: What one user may hold at once on a server (root and its owner: no cap).
+#: A Queue is one client and uses one queue; its environment (working
+#: directory and sys.path) is shared by the user's clients and jobs with the
+#: same one, and a sys.path by those with the same sys.path: a job submitted
+#: from each of 10,000 directories costs ~10,000 working directories, one
+#: sys.path. Environments are counted in (about) the bytes they take.
+MAX_CLIENTS_PER_USER = 1024
+MAX_ENV_BYTES_PER_USER = 16 * 1024 * 1024
+MAX_QUEUES_PER_USER = 4096
+_SLOT = 64   # about what a str, a tuple or a dict entry costs beyond its characters
+
+
+def _env_cost(cwd: str) -> int:
+    """An environment's bytes, its sys.path apart (its objects and entries)."""
+    return len(cwd) + 8 * _SLOT
+
+
+def _path_cost(path: Tuple[str, ...]) -> int:
+    return sum(len(p) for p in path) + _SLOT * (2 * len(path) + 4)
 
 
 def _parked(got: Any, visible: Callable[[Any], Any] = lambda answer: answer) -> Any:
@@ -57,7 +90,50 @@ def _int(what: str, value: Any, low: int = 0) -> int:
     return schema.check_int(what, value, low, schema.INT64_MAX)
 
 
-_conn = threading.local()   # per connection: the client tokens it holds
+_conn = threading.local()   # per connection: what it holds (_Held)
+
+
+class _Client:
+    """A registered client token: whose it is, its environment, its private
+    queue, how many open connections speak for it; ``leaving`` once it said
+    goodbye while its notice reader still has notices to take."""
+
+    __slots__ = ("token", "uid", "env_id", "private", "live", "leaving")
+
+    def __init__(self, token: str, uid: int):
+        self.token, self.uid = token, uid
+        self.env_id, self.private, self.live, self.leaving = 0, None, 0, False
+
+
+class _Env:
+    """An environment of one user, and how many clients and unfinished
+    jobs refer to it."""
+
+    __slots__ = ("key", "uid", "refs", "cost")
+
+    def __init__(self, key: tuple, uid: int, cost: int):
+        self.key, self.uid, self.refs, self.cost = key, uid, 1, cost
+
+
+class _Path:
+    """A sys.path of one user, shared by its environments (``refs``)."""
+
+    __slots__ = ("path", "list", "refs", "cost")
+
+    def __init__(self, path: Tuple[str, ...]):
+        self.path, self.list, self.refs, self.cost = path, list(path), 0, _path_cost(path)
+
+
+class _Held:
+    """What one connection holds: the clients it spoke for (token ->
+    _Client) and the queues it used (key -> QueueInfo), let go when it closes."""
+
+    __slots__ = ("clients", "queues", "prune_at")
+
+    def __init__(self) -> None:
+        self.clients: Dict[str, _Client] = {}
+        self.queues: Dict[str, Any] = {}
+        self.prune_at = 8
 
 
 class Service:
@@ -79,12 +155,15 @@ class Service:
         self.shared = shared
         self.log = accounting or AccountingLog()
         state.on_final = self._on_final
-        self._env_ids: Dict[Tuple[str, Tuple[str, ...]], int] = {}
-        self._next_env = itertools.count(1)
-        self._clients: Dict[str, int] = {}      # client token -> uid
-        self._private: Dict[str, str] = {}      # client token -> its private queue's key
-        self._live: Dict[str, int] = {}         # client token -> its open connections
-        self._lock = threading.Lock()
+        if shared:
+            state.owner_of = self._owner_of
+        # the registry: under the state's lock (a job's end releases its environment)
+        self._envs: Dict[int, _Env] = {}
+        self._env_ids: Dict[Tuple[int, str, Tuple[str, ...]], int] = {}   # (uid, cwd, sys_path)
+        self._paths: Dict[Tuple[int, Tuple[str, ...]], _Path] = {}       # (uid, sys_path)
+        self._next_env = itertools.count(1)     # never reused: a worker remembers the last it got
+        self._clients: Dict[str, _Client] = {}
+        self._holds: Dict[int, List[int]] = {}  # uid -> [clients, bytes of environments] it holds
         self._closed = threading.Event()
         self.keep_finished = keep_finished
         if keep_finished:
@@ -123,54 +202,191 @@ class Service:
     def _client(self, token: str, known: bool = True) -> str:
         """Refuse a client token that belongs to another user (or, ``known``:
         that no ``hello`` registered)."""
-        uid = self._clients.get(token) if type(token) is str else None
-        if uid is None:
+        c = self._clients.get(token) if type(token) is str else None
+        if c is None:
             schema.check_token(token)
             if known:
                 raise ValueError("client: unknown client token (call hello first)")
             return token
         me = peers.current()
-        if uid != me.uid and not me.privileged:
+        if c.uid != me.uid and not me.privileged:
             raise PermissionError("that client belongs to another user")
         return token
 
-    def _hold(self, client: str) -> None:
-        """This connection speaks for ``client``: while any such connection
-        is open the client is alive; when the last one closes without a
-        ``goodbye``, its private queue is disposed of."""
-        held = getattr(_conn, "clients", None)
+    @staticmethod
+    def _owner_of(key: str) -> str:
+        return key.partition(":")[0]
+
+    # ------------------------------------------------------------- registry
+    def _held(self) -> _Held:
+        """What this connection holds (let go by ``_disconnected``)."""
+        held = getattr(_conn, "held", None)
         if held is None:
-            held = _conn.clients = set()
+            held = _conn.held = _Held()
             at_disconnect(self._disconnected)
-        if client in held:
+        return held
+
+    def _count(self, uid: int, which: int, delta: int) -> None:
+        """(lock held) Add ``delta`` to the clients (0) or environment bytes (1) of ``uid``."""
+        holds = self._holds.setdefault(uid, [0, 0])
+        holds[which] += delta
+        if holds == [0, 0]:
+            del self._holds[uid]
+
+    def _cap(self, me: peers.Identity, limit: int, why: str) -> None:
+        """(lock held) ``ServerLimit`` if ``me`` already has ``limit`` clients."""
+        n = self._holds.get(me.uid, (0, 0))[0]
+        if n >= limit and not me.privileged:
+            raise ServerLimit(f"at most {limit} clients per user at once on this server: "
+                              f"{me.user} has {n} ({why})")
+
+    def _env_acquire(self, me: peers.Identity, cwd: str, path: Tuple[str, ...]) -> int:
+        """(lock held) The id of ``me``'s environment (cwd, path), one more
+        reference; ``ServerLimit`` for a new one past the caller's bytes."""
+        env_id = self._env_ids.get((me.uid, cwd, path))
+        if env_id is not None:
+            self._envs[env_id].refs += 1
+            return env_id
+        shared = self._paths.get((me.uid, path))
+        cost = _env_cost(cwd)
+        new = cost + (0 if shared is not None else _path_cost(path))
+        held = self._holds.get(me.uid, (0, 0))[1]
+        if held + new > MAX_ENV_BYTES_PER_USER and not me.privileged:
+            raise ServerLimit(f"at most {describe_size(MAX_ENV_BYTES_PER_USER)} of environments per user "
+                              f"at once on this server: {me.user} holds {describe_size(held)}, this one "
+                              f"takes {describe_size(new)} (working directories and sys.paths of live "
+                              f"clients and unfinished jobs)")
+        if shared is None:
+            shared = self._paths[(me.uid, path)] = _Path(path)
+            self._count(me.uid, 1, shared.cost)
+        shared.refs += 1
+        key = (me.uid, cwd, shared.path)
+        env_id = self._env_ids[key] = next(self._next_env)
+        self._envs[env_id] = _Env(key, me.uid, cost)
+        self.supervisor.envs[env_id] = (cwd, shared.list)
+        self._count(me.uid, 1, cost)
+        return env_id
+
+    def _env_release(self, env_id: int, n: int = 1) -> None:
+        """(lock held) ``n`` references fewer; freed at none (its id is never
+        reused), and so is its sys.path when no other environment has it."""
+        env = self._envs.get(env_id)
+        if env is None:
             return
-        held.add(client)
-        with self._lock:
-            self._live[client] = self._live.get(client, 0) + 1
+        env.refs -= n
+        if env.refs > 0:
+            return
+        del self._envs[env_id]
+        del self._env_ids[env.key]
+        self.supervisor.envs.pop(env_id, None)
+        uid, _, path = env.key
+        self._count(uid, 1, -env.cost)
+        shared = self._paths[(uid, path)]
+        shared.refs -= 1
+        if not shared.refs:
+            del self._paths[(uid, path)]
+            self._count(uid, 1, -shared.cost)
+
+    def _free(self, c: _Client) -> None:
+        """(lock held) Forget a client: its token, its reference to its environment."""
+        if self._clients.get(c.token) is not c:
+            return
+        del self._clients[c.token]
+        self._env_release(c.env_id)
+        self._count(c.uid, 0, -1)
+
+    def _hold(self, c: _Client) -> None:
+        """(lock held) This connection speaks for ``c``: while any such
+        connection is open the client is alive; when the last one closes
+        without a ``goodbye``, its private queue is disposed of and its
+        token freed. Clients this connection spoke for that are gone are
+        let go now and then, so that a connection looping hello/goodbye on
+        fresh tokens holds nothing."""
+        held = self._held()
+        old = held.clients.get(c.token)
+        if old is c:
+            return
+        if old is not None:
+            self._let_go(old)
+        elif len(held.clients) >= held.prune_at:
+            for token, other in list(held.clients.items()):
+                if self._clients.get(token) is not other:
+                    del held.clients[token]
+                    self._let_go(other)
+            held.prune_at = 2 * len(held.clients) + 8
+        held.clients[c.token] = c
+        c.live += 1
+
+    def _let_go(self, c: _Client) -> Optional[int]:
+        """(lock held) One connection fewer speaks for ``c``. At none: a
+        client still registered left without goodbye (its private queue is
+        abandoned: how many of its jobs were cancelled is returned) or said
+        it and its notices are still unread; either way it is freed."""
+        c.live -= 1
+        if c.live > 0:
+            return None
+        current = self._clients.get(c.token)
+        if current is c:
+            self._free(c)
+            if c.private is not None:
+                return self.state.abandon(c.private, c.token)
+            self.state.drop_notices(c.token)
+        elif current is None:
+            self.state.drop_notices(c.token)
+        return None
+
+    def _use(self, key: str) -> None:
+        """This connection uses queue ``key`` (creating it): it is kept at
+        least until the connection closes. ``ServerLimit`` for a new queue
+        past the caller's cap."""
+        held = self._held()
+        q = held.queues.get(key)
+        if q is not None and self.state.queues.get(key) is q:
+            return
+        me = peers.current()
+        with self.state.cond:
+            if key not in self.state.queues and self.shared and not me.privileged:
+                n = self.state.queues_of.get(self._owner_of(key), 0)
+                if n >= MAX_QUEUES_PER_USER:
+                    raise ServerLimit(
+                        f"at most {MAX_QUEUES_PER_USER} queues per user at once on this server: {me.user} "
+                        f"has {n} (an empty queue is dropped once no client uses it, unless paused or capped)")
+            if q is not None:
+                self.state.release_queue(q)   # dropped and made again since: hold the new one
+            held.queues[key] = self.state.hold_queue(key)
 
     def _disconnected(self) -> None:
-        """(the closing connection's thread) Dispose of the private queue of
-        every client whose last connection this was and that said no goodbye."""
-        for client in getattr(_conn, "clients", ()):
-            with self._lock:
-                n = self._live.get(client, 1) - 1
-                if n > 0:
-                    self._live[client] = n
-                    continue
-                self._live.pop(client, None)
-                key = self._private.pop(client, None)
-            if key is not None:
-                n = self.state.abandon(key, client)
-                logger.info("client %s left without goodbye: %d of its jobs cancelled", client[:8], n)
-                self.supervisor.wake()
-        _conn.clients = set()
+        """(the closing connection's thread) Let go of what it held: the
+        private queue of every client whose last connection this was and
+        that said no goodbye is disposed of; tokens, notice channels,
+        environments and idle queues nobody refers to any more are freed."""
+        held = getattr(_conn, "held", None)
+        _conn.held = None
+        if held is None:
+            return
+        gone = []
+        with self.state.cond:
+            for c in held.clients.values():
+                n = self._let_go(c)
+                if n is not None:
+                    gone.append((c.token, n))
+            for q in held.queues.values():
+                self.state.release_queue(q)
+        for token, n in gone:
+            logger.info("client %s left without goodbye: %d of its jobs cancelled", token[:8], n)
+        if gone:
+            self.supervisor.wake()
 
     def _may_touch(self, rec: JobRecord) -> bool:
         me = peers.current()
         return me.privileged or rec.uid == me.uid
 
     def _on_final(self, rec: JobRecord) -> None:
+        """(state lock held) A job ended for good: its row; its environment
+        is needed no more (a retry is not an end)."""
         self.log.record(rec, self._visible_qid(rec.qid))
+        if rec.env_id:
+            self._env_release(rec.env_id)
 
     # --------------------------------------------------------------- clients
     def hello(self, client: str, cwd: str, sys_path: List[str], holding: bool,
@@ -181,41 +397,51 @@ class Service:
         disconnects without ``goodbye``, that queue's jobs are cancelled."""
         me = peers.current()
         schema.check_token(client)
-        schema.check_text("cwd", cwd, schema.MAX_PATH)
-        if type(sys_path) is not list:
-            raise TypeError(f"sys_path must be a list, not {type(sys_path).__name__}")
-        if len(sys_path) > schema.MAX_SYS_PATH:
-            raise ValueError(f"sys_path: at most {schema.MAX_SYS_PATH} entries")
-        for p in sys_path:
-            schema.check_text("sys_path", p, schema.MAX_PATH)
+        path = schema.check_env(cwd, sys_path)
         schema.check_bool("holding", holding)
         private = None if private_qid is None else self._key(private_qid)
-        key = (cwd, tuple(sys_path))
-        with self._lock:
-            if client in self._clients and self._clients[client] != me.uid:
+        with self.state.cond:
+            c = self._clients.get(client)
+            if c is not None and c.uid != me.uid:
                 raise PermissionError("that client token is taken")
-            self._clients[client] = me.uid
+            if c is None:
+                self._cap(me, MAX_CLIENTS_PER_USER,
+                          "a Queue is one until its detach() or dispose(), or until its connections close")
+            env_id = self._env_acquire(me, cwd, path)
+            if c is None:
+                c = self._clients[client] = _Client(client, me.uid)
+                self._count(me.uid, 0, 1)
+            else:   # hello again: the new environment replaces the old one
+                self._env_release(c.env_id)
+            c.env_id, c.leaving = env_id, False
             if private is not None:
-                self._private[client] = private
-            env_id = self._env_ids.get(key)
-            if env_id is None:
-                env_id = self._env_ids[key] = next(self._next_env)
-                self.supervisor.envs[env_id] = (cwd, list(sys_path))
-        self._hold(client)
-        self.state.open_notices(client)
-        if holding:
-            self.state.set_holding(client, True)
+                c.private = private
+            self._hold(c)
+            self.state.open_notices(client)
+            if holding:
+                self.state.set_holding(client, True)
         return {"env_id": env_id, "workers": self.supervisor.slots, "pid": os.getpid(),
                 "shared": self.shared, "user": me.user, "uid": me.uid}
 
     def goodbye(self, client: str, qid: str, forget: bool = True) -> None:
-        """A client leaves: release what it held, drop its uncollected results."""
+        """A client leaves: release what it held, drop its uncollected
+        results; its token is freed once its notice reader has taken what
+        is left (at once if nothing is)."""
         self._client(client)
         key = self._key(qid)
         schema.check_bool("forget", forget)
-        with self._lock:
-            private = self._private.pop(client, None)
-        self.state.close_notices(client)
+        with self.state.cond:
+            c = self._clients.get(client)
+            private = None
+            if c is not None:
+                private, c.private = c.private, None
+                c.leaving = True
+            if not self.state.close_notices(client) and c is not None:
+                self._free(c)
+            held = self._held()
+            if c is not None and held.clients.get(client) is c:   # this connection speaks for it no more
+                del held.clients[client]
+                self._let_go(c)
         if forget:
             self.state.forget_client(key, client, drop_queue=private == key)
 
@@ -226,10 +452,20 @@ class Service:
     def take_notices(self, client: str, timeout: Optional[float]) -> Optional[List[dict]]:
         self._client(client)
         timeout = schema.wait_timeout(timeout)
-        self._hold(client)
+        c = self._clients.get(client)
+        if c is not None and self._held().clients.get(client) is not c:
+            with self.state.cond:
+                if self._clients.get(client) is c:
+                    self._hold(c)
 
         def visible(notes):
-            return None if notes is None else [self._snap(n) for n in notes]
+            if notes is None:   # closed and drained: a client that said goodbye is gone now
+                with self.state.cond:
+                    c = self._clients.get(client)
+                    if c is not None and c.leaving:
+                        self._free(c)
+                return None
+            return [self._snap(n) for n in notes]
 
         return _parked(self.state.take_notices(client, timeout, reply_channel(visible)), visible)
 
@@ -254,41 +490,52 @@ class Service:
     # ------------------------------------------------------------------ jobs
     def configure(self, qid: str, settings: Dict[str, Any]) -> dict:
         key = self._key(qid)
-        self.state.configure(key, **schema.check_settings(settings))
+        schema.check_settings(settings)
+        self._use(key)
+        self.state.configure(key, **settings)
         self.supervisor.wake()
         return self.state.counts(key)
 
     def reserve_ids(self, qid: str, n: int) -> int:
-        return self.state.reserve_ids(self._key(qid),
-                                      schema.check_int("n", n, 1, schema.MAX_RESERVE))
+        key = self._key(qid)
+        n = schema.check_int("n", n, 1, schema.MAX_RESERVE)
+        self._use(key)
+        return self.state.reserve_ids(key, n)
 
     def put(self, qid: str, records: List[dict]) -> List[int]:
         """Enqueue a batch of job records, all or nothing, as the caller.
 
         Every record is checked (``schema.check_record``) before any is
         enqueued; the per-batch facts (the client token is the caller's, the
-        environment exists) once per distinct value."""
+        environment is the caller's) once per distinct value. Each job holds
+        its environment until it ends for good."""
         me = peers.current()
         key = self._key(qid)
         schema.check_records(records)
-        clients, envs = set(), set()
+        clients, envs = set(), {}
         recs = []
         for r in records:
             client, env_id = r["client"], r.get("env_id", 0)
             if client not in clients:
                 self._client(client)
                 clients.add(client)
-            if env_id not in envs:
-                if env_id and env_id not in self.supervisor.envs:
-                    raise ValueError(f"env_id: unknown environment {env_id}")
-                envs.add(env_id)
+            envs[env_id] = envs.get(env_id, 0) + 1
             r = dict(r)
             r.setdefault("id", 0)
             r.setdefault("name", None)
             r.setdefault("lane_key", None)
             r["user"], r["uid"] = me.user, me.uid
             recs.append(JobRecord(seq=0, qid=key, **r))
-        ids = self.state.add(key, recs)
+        self._use(key)
+        with self.state.cond:
+            for env_id in envs:
+                env = self._envs.get(env_id) if env_id else None
+                if env_id and (env is None or env.uid != me.uid):
+                    raise ValueError(f"env_id: unknown environment {env_id}")
+            ids = self.state.add(key, recs)
+            for env_id, n in envs.items():
+                if env_id:
+                    self._envs[env_id].refs += n
         self.supervisor.dispatch_now()
         return ids
 
@@ -446,5 +693,6 @@ class Service:
         with self.state.cond:
             return {"workers": self.supervisor.slots, "running": self.state.n_running,
                     "pid": os.getpid(), "queues": len(self.state.queues),
+                    "clients": len(self._clients), "environments": len(self._envs),
                     "version": self.state.version, "shared": self.shared,
                     "parked_calls": len(self.state.deferred)}

@@ -42,7 +42,7 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from .errors import JobNotFound, QueueFull
-from .job import TRANSITIONS, UNDONE, JobRecord, JobStatus, Phase
+from .job import TRANSITIONS, JobRecord, JobStatus, Phase
 from .replies import Deferred, Outbox
 from .schema import INT64_MAX, SETTINGS
 
@@ -111,6 +111,7 @@ class QueueInfo:
     paused: bool = False
     auto_stop: bool = False
     auto_remove: bool = False
+    holders: int = 0                   # open connections that use it (QueueState.hold_queue)
 
     @property
     def n_waiting(self) -> int:
@@ -189,6 +190,8 @@ class QueueState:
         self.abandoned: Dict[str, str] = {}  # client gone without goodbye -> its private qid
         self.expiring = False                # keep done_order for expire_finished
         self.done_order: "collections.deque[int]" = collections.deque()  # completed seqs, oldest first
+        self.owner_of: Callable[[str], object] = lambda qid: None   # whose a queue is, for queues_of
+        self.queues_of: Dict[object, int] = {}   # owner -> how many queues it has
 
     # ----------------------------------------------------------------- queues
     def queue(self, qid: str) -> QueueInfo:
@@ -196,7 +199,45 @@ class QueueState:
         q = self.queues.get(qid)
         if q is None:
             q = self.queues[qid] = QueueInfo(qid)
+            owner = self.owner_of(qid)
+            self.queues_of[owner] = self.queues_of.get(owner, 0) + 1
         return q
+
+    def _drop_queue(self, q: QueueInfo) -> None:
+        """Forget a queue (lock held): its settings, counters and id counter."""
+        if self.queues.get(q.qid) is not q:
+            return
+        del self.queues[q.qid]
+        owner = self.owner_of(q.qid)
+        left = self.queues_of.get(owner, 1) - 1
+        if left > 0:
+            self.queues_of[owner] = left
+        else:
+            self.queues_of.pop(owner, None)
+
+    def hold_queue(self, qid: str) -> QueueInfo:
+        """An open connection uses ``qid`` (creating it): it is kept while
+        held, whatever it holds (``release_queue`` when the connection closes)."""
+        with self.cond:
+            q = self.queue(qid)
+            q.holders += 1
+            return q
+
+    def release_queue(self, q: QueueInfo) -> None:
+        with self.cond:
+            q.holders -= 1
+            self._drop_if_idle(q)
+
+    def _drop_if_idle(self, q: QueueInfo) -> None:
+        """Drop a queue that nothing refers to any more and that remembers
+        nothing a new one would not (lock held): no connection uses it, no
+        job of it is on the server (so its ids may start again at 1), no
+        lane remembers a failure, and it is neither paused nor capped (the
+        settings a client does not send again when it configures a queue).
+        Without this, every qid ever named stayed for the server's life."""
+        if (q.holders <= 0 and not q.ids and q.pending == 0 and not q.lanes and not q.paused
+                and not q.cap):
+            self._drop_queue(q)
 
     def configure(self, qid: str, **settings) -> None:
         """Set queue settings (cap, max_size, paused, auto_stop, auto_remove):
@@ -341,6 +382,17 @@ class QueueState:
             lane.exposed = best[1]
             heapq.heappush(q.waiting, best)
 
+    def _drop_lane_if_idle(self, q: QueueInfo, key: bytes, lane: Lane) -> None:
+        """Forget a lane with nothing waiting or running whose last job did
+        not fail: a new Lane behaves the same (one per lane key ever used
+        stayed, each holding its key of up to 64 KiB). A lane whose last
+        job failed is kept: it skips later ``stop_on_lane_error`` jobs."""
+        if (lane.running is None and not lane.heap and lane.last_exit in (0, None)
+                and q.lanes.get(key) is lane):
+            del q.lanes[key]
+            if not q.ids:
+                self._drop_if_idle(q)
+
     def _clean_lane(self, lane: Lane) -> None:
         while lane.heap:
             rec = self.records.get(lane.heap[0][1])
@@ -424,6 +476,7 @@ class QueueState:
                 if lane is not None:
                     lane.last_exit, lane.last_id, lane.exposed = rec.exitcode, rec.id, None
                     self._settle(q, lane)
+                    self._drop_lane_if_idle(q, rec.lane_key, lane)
             self._changed()
 
     def release(self, seq: int) -> None:
@@ -470,8 +523,10 @@ class QueueState:
             self._move(q, rec, GONE)
             if not self.client_pending.get(client):
                 self._forget_abandoned(client)
+            if not q.ids:
+                self._drop_if_idle(q)
         elif q.auto_remove:
-            self._move(q, rec, GONE)
+            self._forget(q, rec)
         else:
             heapq.heappush(q.completed, (rec.priority, rec.id, rec.seq))
             if self.expiring:
@@ -480,6 +535,8 @@ class QueueState:
     def _forget(self, q: QueueInfo, rec: JobRecord) -> None:
         """Drop a done job; its completed-heap entry is skipped later."""
         self._move(q, rec, GONE)
+        if not q.ids:
+            self._drop_if_idle(q)
 
     # ------------------------------------------------ client post-processing
     def open_notices(self, client: str) -> None:
@@ -524,15 +581,32 @@ class QueueState:
                 self._complete(self.queues[rec.qid], rec)
             self._changed()
 
-    def close_notices(self, client: str) -> None:
+    def close_notices(self, client: str) -> bool:
         """The client goes away: complete what it held; its notice reader
-        gets what is left, then None."""
+        gets what is left, then None. True while some are left to read (an
+        empty channel is closed at once: its reader gets None all the same)."""
         with self.cond:
             if client in self.holding_clients:
                 self.holding_clients.discard(client)
                 self._release_held(client)
-            if client in self.notices:
+            left = bool(self.notices.get(client))
+            if left:
                 self.closing.add(client)
+            else:
+                self.notices.pop(client, None)
+                self.closing.discard(client)
+            self._changed()
+            return left
+
+    def drop_notices(self, client: str) -> None:
+        """Nobody will read this client's notices any more (its last
+        connection closed): complete what it held, forget the channel."""
+        with self.cond:
+            if client in self.holding_clients:
+                self.holding_clients.discard(client)
+                self._release_held(client)
+            self.notices.pop(client, None)
+            self.closing.discard(client)
             self._changed()
 
     def _release_held(self, client: str) -> None:
@@ -563,6 +637,7 @@ class QueueState:
                 if lane.exposed == rec.seq:
                     lane.exposed = None
                 self._settle(q, lane)
+                self._drop_lane_if_idle(q, rec.lane_key, lane)
             return True
         if rec.phase is RUNNING:
             self.kill_requests.append((rec.seq, JobStatus.CANCELLED, "cancelled by request"))
@@ -647,7 +722,7 @@ class QueueState:
     def _drop_if_empty(self, qid: str) -> None:
         q = self.queues.get(qid)
         if q is not None and not q.ids and q.pending == 0:
-            del self.queues[qid]
+            self._drop_queue(q)
 
     def abandon(self, qid: str, client: str) -> int:
         """A client vanished without goodbye: dispose of its private queue
@@ -694,7 +769,8 @@ class QueueState:
                     order.popleft()
                     if rec is None or rec.phase is not DONE:
                         continue
-                    self._forget(self.queues[rec.qid], rec)
+                    q = self.queues[rec.qid]
+                    self._forget(q, rec)
                     touched[q.qid] = q
                     n += 1
                 for q in touched.values():  # their completed heaps hold the dropped jobs' entries

@@ -32,7 +32,7 @@ import psutil
 import pytest
 
 import ezpq_mgr as ezpq
-from ezpq_mgr import accounting, serialize
+from ezpq_mgr import accounting, serialize, service
 from ezpq_mgr.accounting import AccountingLog, report
 from ezpq_mgr.connection import Remote
 from ezpq_mgr.errors import ConnectionError as EzpqConnectionError, JobNotFound
@@ -1077,6 +1077,121 @@ def test_oversize_message_is_refused_before_the_server_buffers_it(logged_server)
     assert served_within(logged_server)
 
 
+# ------------------------------------- a frame header alone, then a trickle
+#: A server whose deadline for a message begun is 2 s (30 s by default).
+SHORT_READ_TIMEOUT = 2.0
+SHORT_READ_SERVER = (f"import ezpq_mgr.outgoing as o; o.READ_TIMEOUT = {SHORT_READ_TIMEOUT}\n"
+                     "from ezpq_mgr.cli import server_main; server_main()\n")
+HEADER_SIZE = 64 * 1024 * 1024
+
+
+def stall_mid_message(server, n, size, out):
+    """As user A: ``n`` authenticated connections each send the header of a
+    ``size``-byte request and 4 KiB of it, then one byte each every 0.2 s
+    for 1 s, then nothing; reports when the server closed each of them."""
+    from ezpq_mgr import transport
+    socks = [transport.connect(server.address, server.key)[0] for _ in range(n)]
+    for s in socks:
+        s.sendall(transport.HEADER.pack(size) + b" " * 4096)
+    for _ in range(5):
+        time.sleep(0.2)  # the attack's own pace: a byte every 0.2 s
+        for s in socks:
+            s.sendall(b" ")
+    out.put(("trickled", time.monotonic()))
+    closed, deadline = 0, time.monotonic() + 3 * SHORT_READ_TIMEOUT + 10
+    for s in socks:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            closed += s.recv(1) == b""
+        except OSError:
+            pass
+    out.put(("closed", closed, time.monotonic()))
+    for s in socks:
+        s.close()
+
+
+@needs_root
+def test_a_header_alone_costs_no_memory_and_a_stalled_message_is_dropped(users):
+    """The attacker's find: the server allocated a message's whole buffer as
+    soon as its 8-byte header came, so 16 connections that each sent a
+    header and then trickled (or nothing) held ~2.5-4 GB of a root server.
+    Now memory follows the bytes received, and a message begun that stops
+    coming is dropped after the read deadline (logged once per connection)."""
+    a = users[USERS[0]]
+    s = LoggedServer(code=SHORT_READ_SERVER)
+    p = None
+    try:
+        pid = s.proc.pid
+        assert served_within(s)
+        before = vm(pid, "VmHWM")
+        out = FORK.Queue()
+        p, _ = start_as(a, stall_mid_message, s, 16, HEADER_SIZE, out)
+        kind, trickled = out.get(timeout=60)
+        assert kind == "trickled", trickled
+        assert served_within(s), "another client waited over 1 s during the attack"
+        grown = vm(pid, "VmHWM") - before
+        assert grown < 32 * 2**20, (f"16 connections that sent a {HEADER_SIZE >> 20} MiB header and ~4 KiB "
+                                    f"made the server's peak RSS grow by {grown / 2**20:.0f} MiB")
+        kind, closed, at = out.get(timeout=60)
+        assert closed == 16, f"the server closed {closed} of 16 stalled connections"
+        assert SHORT_READ_TIMEOUT * 0.75 <= at - trickled < SHORT_READ_TIMEOUT + 5, at - trickled
+        lines = [ln for ln in s.text().splitlines() if "then nothing for" in ln]
+        assert len(lines) == 16 and all(f"uid {a.pw_uid}" in ln for ln in lines), s.text()
+        assert served_within(s)
+    finally:
+        if p is not None:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        assert s.stop() == 0, s.text()
+
+
+def hold_stalled_connections(server, n, out, go):
+    """As user A: try ``n`` authenticated connections, each sending a 1 MiB
+    request's header and one byte of it; report how many got in."""
+    from ezpq_mgr import transport
+    socks, refused = [], []
+    for _ in range(n):
+        try:
+            sock = transport.connect(server.address, server.key)[0]
+        except transport.Refused as exc:
+            refused.append(str(exc))
+            continue
+        sock.sendall(transport.HEADER.pack(1 << 20) + b" ")
+        socks.append(sock)
+    out.put((len(socks), sorted(set(refused))))
+    go.wait(60)
+    for sock in socks:
+        sock.close()
+
+
+@needs_root
+def test_connections_stalled_mid_message_are_capped_per_user(logged_server, users):
+    """A message begun holds a serving thread until its read deadline: one
+    user holds at most ``MAX_PER_PEER`` such connections (the doorman's cap
+    counts them until they close), and others are still served."""
+    from ezpq_mgr.doorman import MAX_PER_PEER
+    a = users[USERS[0]]
+    pid = logged_server.proc.pid
+    before = vm(pid, "VmHWM")
+    go, out = FORK.Event(), FORK.Queue()
+    p, _ = start_as(a, hold_stalled_connections, logged_server, MAX_PER_PEER + 40, out, go)
+    try:
+        opened, why = out.get(timeout=60)
+        assert opened == MAX_PER_PEER, opened
+        assert why == [f"too many connections from one user (limit {MAX_PER_PEER})"], why
+        assert served_within(logged_server)
+        grown = vm(pid, "VmHWM") - before
+        assert grown < 64 * 2**20, f"{opened} stalled 1 MiB messages grew the server by {grown / 2**20:.0f} MiB"
+    finally:
+        go.set()
+        p.join(20)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 # --------------------------- item 20: what strangers get, what is logged
 @needs_root
 def test_unauthenticated_garbage_gets_no_traceback_and_refusals_are_logged(logged_server, users):
@@ -1739,6 +1854,177 @@ def test_wait_jobs_with_a_huge_list_is_refused_and_stalls_nobody(input_server, u
     assert refused(remote.call, "wait_jobs", [seq] * 3_000_000, 1.0).startswith("ValueError")
     assert time.monotonic() - t0 < 5
     assert len(remote.call("wait_jobs", [seq] * 50_000, 5.0)) == 1
+    assert_b_served(input_server, users)
+
+
+# ------------------------------------- item 18: what a client registers is freed
+#: A sys.path just under the limit of one hello (64 Ki characters, cwd included).
+BIG_SYS_PATH = ["/" + "p" * 3999] * 15
+
+
+def a_loops_hellos(input_server, n):
+    """As user A: ``n`` hello/goodbye pairs on one connection, then ``n``
+    hellos (holding, a private queue configured) on connections closed
+    without goodbye; each with an environment of its own and a big sys.path."""
+    remote = Remote(input_server.address, input_server.key)
+    for i in range(n):
+        token = uuid.uuid4().hex
+        remote.call("hello", token, input_server.dir, [f"/loop/{i}"] + BIG_SYS_PATH, True, "mine")
+        remote.call("configure", "mine", {"max_size": 10})
+        remote.call("goodbye", token, "mine", True)
+    for i in range(n):
+        gone = Remote(input_server.address, input_server.key)
+        token = uuid.uuid4().hex
+        gone.call("hello", token, input_server.dir, [f"/gone/{i}"] + BIG_SYS_PATH, True, f"p{i}")
+        gone.call("configure", f"p{i}", {"max_size": 10})
+        gone.close()
+    return n
+
+
+@needs_root
+def test_hello_loops_leave_server_memory_near_idle(input_server, users):
+    """The attacker's find: nothing a hello registered (the client's token,
+    its environment, its notice channel) was ever freed: 100 hellos with a
+    big sys.path grew a root server by 390 MB, and a client looping hello
+    with fresh tokens grew it for ever. Now all of it is freed at goodbye or
+    when the client's last connection closes."""
+    proc = psutil.Process(input_server.proc.pid)
+    b_round_trip(input_server)  # warm: workers started, first allocations made
+    idle = proc.memory_info().rss
+    assert run_as(users[USERS[0]], a_loops_hellos, input_server, 2000, timeout=300) == 2000
+    deadline = time.monotonic() + 20   # the last connections' disconnects are still being handled
+    while True:
+        grown = proc.memory_info().rss - idle
+        if grown < 48 * 2**20 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert grown < 48 * 2**20, f"server RSS grew by {grown / 2**20:.0f} MiB after 4,000 hellos were let go"
+    info = Remote(input_server.address, input_server.key).call("info")
+    assert info["clients"] == info["environments"] == 0, info
+    assert info["queues"] == 0, info   # B's queue "b" and A's went with their clients
+    assert_b_served(input_server, users)
+
+
+def a_fills_its_share(input_server):
+    """As user A, on one connection: fresh tokens, each with an environment
+    of its own (a big sys.path), until refused; then fresh tokens sharing
+    the first environment until refused; a hello too big; a goodbye; then
+    as many environments again on a new connection once the first closed."""
+    from ezpq_mgr.errors import EzpqError
+    seen = {}
+    remote = Remote(input_server.address, input_server.key)
+
+    def env(i):
+        return [f"/env/{i}"] + BIG_SYS_PATH
+
+    def hellos(what, limit, env_of):
+        for i in range(limit + 1):
+            token = uuid.uuid4().hex
+            try:
+                remote.call("hello", token, input_server.dir, env_of(i), False)
+            except EzpqError as exc:
+                seen[what] = (i, f"{type(exc).__name__}: {exc}")
+                return
+            seen.setdefault(what + " tokens", []).append(token)
+        seen[what] = (limit + 1, "accepted")
+
+    hellos("environments", service.MAX_CLIENTS_PER_USER, env)
+    hellos("clients", service.MAX_CLIENTS_PER_USER, lambda i: env(0))
+    seen["too big"] = refused(remote.call, "hello", uuid.uuid4().hex, input_server.dir,
+                              BIG_SYS_PATH * 2, False)
+    remote.call("goodbye", seen["clients tokens"][0], "x", True)
+    seen["after goodbye"] = refused(remote.call, "hello", uuid.uuid4().hex, input_server.dir, env(0), False)
+    remote.close()
+    n = seen["environments"][0]
+    deadline = time.monotonic() + 10   # the closed connection's clients are freed by its thread
+    while True:
+        again = Remote(input_server.address, input_server.key)
+        try:
+            for i in range(n):
+                again.call("hello", uuid.uuid4().hex, input_server.dir, [f"/again/{i}"] + BIG_SYS_PATH, False)
+            seen["after close"] = "accepted"
+            break
+        except Exception as exc:
+            seen["after close"] = repr(exc)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        finally:
+            again.close()
+    return seen
+
+
+@needs_root
+def test_one_user_holds_a_bounded_number_of_clients_and_environments(input_server, users):
+    """What one user may hold at once is capped (live client tokens, bytes
+    of environments), with a clear error at the cap, and one hello is
+    bounded in size; what was let go counts no more."""
+    seen = run_as(users[USERS[0]], a_fills_its_share, input_server, timeout=120)
+    budget, n_clients = service.MAX_ENV_BYTES_PER_USER, service.MAX_CLIENTS_PER_USER
+    chars = len(input_server.dir) + len("/env/0") + sum(map(len, BIG_SYS_PATH))   # one environment's
+    n_envs, why = seen["environments"]
+    assert budget // (chars + 4096) <= n_envs <= budget // chars, seen["environments"]
+    assert why.startswith("ServerLimit: at most 16.0 MiB of environments per user"), why
+    # the first token of "clients" shares the first environment: n_envs tokens were already live
+    assert seen["clients"][0] == n_clients - n_envs, seen["clients"]
+    assert seen["clients"][1].startswith(f"ServerLimit: at most {n_clients} clients per user"), seen["clients"]
+    assert seen["too big"].startswith("ValueError: sys_path") and "65536" in seen["too big"], seen["too big"]
+    assert seen["after goodbye"].startswith("accepted"), seen["after goodbye"]
+    assert seen["after close"] == "accepted", seen["after close"]
+    assert_b_served(input_server, users)
+
+
+def a_names_queues(input_server):
+    """As user A: configure fresh qids on one connection until refused;
+    the same on a new connection once that one closed; then paused ones,
+    which stay, until refused on a third connection."""
+    from ezpq_mgr.errors import EzpqError
+    seen = {}
+
+    def configure(what, settings, n):
+        remote = Remote(input_server.address, input_server.key)
+        try:
+            for i in range(n):
+                try:
+                    remote.call("configure", f"{what}{i}", settings)
+                except EzpqError as exc:
+                    seen[what] = (i, f"{type(exc).__name__}: {exc}")
+                    return
+            seen[what] = (n, "accepted")
+        finally:
+            remote.close()
+
+    limit = service.MAX_QUEUES_PER_USER
+    configure("fresh", {"max_size": 0}, limit + 1)
+    deadline = time.monotonic() + 10   # the first connection's queues are let go by its thread
+    while True:
+        configure("again", {"max_size": 0}, limit)
+        if seen["again"][0] == limit or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    while True:
+        configure("paused", {"paused": True}, limit)
+        if seen["paused"][0] == limit or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    configure("more", {"max_size": 0}, 1)   # the paused ones stay: no room
+    return seen
+
+
+@needs_root
+def test_queues_nobody_uses_are_dropped_and_a_user_holds_a_bounded_number(input_server, users):
+    """Every qid ever named stayed for the server's life (a loop of
+    configure calls on fresh names grew it for ever): now an empty queue no
+    open connection uses is dropped, unless paused or capped, and one user
+    holds at most ``MAX_QUEUES_PER_USER`` queues at once."""
+    limit = service.MAX_QUEUES_PER_USER
+    seen = run_as(users[USERS[0]], a_names_queues, input_server, timeout=120)
+    assert seen["fresh"][0] == limit, seen["fresh"]
+    assert seen["fresh"][1].startswith(f"ServerLimit: at most {limit} queues"), seen["fresh"]
+    assert seen["again"] == (limit, "accepted"), seen["again"]
+    assert seen["paused"] == (limit, "accepted"), seen["paused"]
+    assert seen["more"][0] == 0 and "unless paused" in seen["more"][1], seen["more"]
+    assert Remote(input_server.address, input_server.key).call("info")["queues"] == limit
     assert_b_served(input_server, users)
 
 

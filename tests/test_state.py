@@ -84,6 +84,40 @@ def test_lane_error_is_remembered_after_the_lane_emptied(state):
     assert state.job("q", 2)["status"] == "skipped"
 
 
+def test_idle_lanes_are_forgotten_but_a_failed_one_is_kept(state):
+    """One Lane per lane key ever used stayed for good; now a lane with
+    nothing waiting or running is dropped unless its last job failed."""
+    state.add("q", [rec(lane=i) for i in range(100)] + [rec(lane="bad")])
+    run_all(state, exitcodes={101: 1})
+    assert list(state.queues["q"].lanes) == [pickle.dumps("bad")]
+    state.add("q", [rec(lane="bad", stop=True), rec(lane=0, stop=True)])
+    run_all(state)
+    assert state.job("q", 102)["status"] == "skipped"
+    assert state.job("q", 103)["status"] == "completed"
+
+
+def test_a_queue_nobody_uses_is_dropped_once_empty(state):
+    """A held queue (an open connection uses it) stays, ids going on; once
+    let go and empty it is forgotten; paused or capped ones are kept."""
+    q = state.hold_queue("q")
+    state.add("q", [rec(), rec()])
+    run_all(state)
+    state.pop_completed("q", 0)
+    assert state.queues.get("q") is q
+    assert state.add("q", [rec()]) == [3]
+    state.release_queue(q)
+    assert state.queues.get("q") is q   # its job is still on the server
+    run_all(state)
+    state.pop_completed("q", 0)
+    assert "q" not in state.queues and state.queues_of == {}
+    assert state.add("q", [rec()]) == [1]  # nothing of the old qid was left
+    for name, setting in (("p", {"paused": True}), ("c", {"cap": 1})):
+        held = state.hold_queue(name)
+        state.configure(name, **setting)
+        state.release_queue(held)
+        assert name in state.queues
+
+
 def test_max_size_is_all_or_nothing(state):
     state.configure("q", max_size=3)
     state.add("q", [rec(), rec()])
