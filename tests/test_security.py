@@ -1646,7 +1646,10 @@ def test_nan_inf_negative_wait_timeouts_return_promptly_and_spin_nothing(input_s
     remote.call("configure", "w", {"cap": 1})
     results = {}
 
+    socks = {}
+
     def one(r, method, args, key):
+        socks[key] = r._connection()   # this thread's own connection
         t0 = time.monotonic()
         results[key] = (refused(r.call, method, *args), time.monotonic() - t0)
 
@@ -1678,12 +1681,11 @@ def test_nan_inf_negative_wait_timeouts_return_promptly_and_spin_nothing(input_s
     time.sleep(1.0)
     used = _cpu(proc) - before
     assert used < 0.3, f"the server burnt {used:.2f} s of CPU in 1 s with parked calls"
-    for r, th in huge:   # their clients leave: the parked calls are withdrawn
-        sock = getattr(r._local, "sock", None)
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
+    for (method, _), (r, th) in zip(calls, huge):   # their clients leave: the parked calls are withdrawn
+        socks[(method, 1e300)].shutdown(socket.SHUT_RDWR)
         th.join(5)
         assert not th.is_alive()
+        assert results[(method, 1e300)][0].startswith("other"), results[(method, 1e300)]  # ConnectionError
     while remote.call("info")["parked_calls"]:
         assert time.monotonic() < deadline + 5, remote.call("info")
         time.sleep(0.02)
