@@ -348,8 +348,10 @@ class QueueState:
 
     def release(self, seq: int) -> None:
         """A working job's function has returned; its figures are on their way.
-        It stays working (not collectable, not cancellable) but gives up its
-        slot, so its worker can take the next job meanwhile."""
+        It stays working (not collectable, still cancellable: until its
+        figures arrive the supervisor cannot tell a real result from one the
+        job forged while it runs on) but gives up its slot, so its worker
+        can take the next job meanwhile."""
         with self.cond:
             rec = self.records.get(seq)
             if rec is None or rec.status != JobStatus.WORKING or seq in self.finishing:
@@ -359,6 +361,32 @@ class QueueState:
             self.finishing.add(seq)
             q.n_finishing += 1
             self.version += 1
+
+    def requeue(self, seq: int) -> None:
+        """A working job that never started (handed to a worker that was
+        still on its last job, and that worker was then killed or left)
+        goes back to waiting, where it was in line; the attempt does not
+        count. If it was asked to stop meanwhile it ends so instead. Caller
+        may hold the lock."""
+        with self.cond:
+            rec = self.records.get(seq)
+            if rec is None or rec.status != JobStatus.WORKING or seq in self.finishing:
+                return
+            asked = next((r for r in self.kill_requests if r[0] == seq), None)
+            if asked is not None:
+                self.kill_requests.remove(asked)
+                self.finish(seq, Outcome(asked[1], None, exception=asked[2]))
+                return
+            q = self.queues[rec.qid]
+            self._free_slot(q, rec)
+            if rec.lane_key is not None and rec.lane_key in q.lanes:
+                q.lanes[rec.lane_key].running = None
+            rec.attempts -= 1
+            rec.status = JobStatus.WAITING
+            rec.started = rec.pid = rec.host = None
+            q.n_waiting += 1
+            self._enqueue(q, rec)
+            self._changed()
 
     def _free_slot(self, q: QueueInfo, rec: JobRecord) -> None:
         q.n_running -= 1
@@ -503,7 +531,7 @@ class QueueState:
                     lane.exposed = None
                 self._settle(q, lane)
             return True
-        if rec.status == JobStatus.WORKING and rec.seq not in self.finishing:
+        if rec.status == JobStatus.WORKING:  # its figures on their way too: it may still run
             self.kill_requests.append((rec.seq, JobStatus.CANCELLED, "cancelled by request"))
             return True
         return False
