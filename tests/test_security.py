@@ -340,15 +340,17 @@ def test_bad_frames_from_a_job_freeze_nothing(worker_server, users, kind):
 # ---------------------------------------------------------------------- item 10b
 def a_stops_its_idle_worker_then_sends_5mb(worker_server):
     def stop_me_later():
+        import _thread
         import os as _os
         import signal as _signal
-        import threading as _threading
         import time as _time
 
         def later():
             _time.sleep(0.3)
             _os.kill(_os.getpid(), _signal.SIGSTOP)
-        _threading.Thread(target=later, daemon=True).start()
+        # a thread ``threading`` does not know of (a Python thread would make
+        # the worker leave after the job); stopped, the worker burns no CPU
+        _thread.start_new_thread(later, ())
         return _os.getpid()
 
     with _queue(worker_server, "stopper") as Q:
@@ -842,7 +844,7 @@ def _stopped(pid):
         return False
 
 
-def retire_a_stopped_worker(Q):
+def retire_a_stopped_worker(Q, set_workers):
     """Stop both of the queue's two workers (the job above on each), then
     drop to one worker: one of them is retired and must be gone within
     seconds, although it never reads its STOP. The one kept is let go on
@@ -856,7 +858,7 @@ def retire_a_stopped_worker(Q):
     assert len(pids) == 2, pids
     assert _wait_for(lambda: all(_stopped(p) for p in pids), 5), pids
     t0 = time.monotonic()
-    Q.set_workers(1)
+    set_workers(1)
     gone = _wait_for(lambda: any(not _alive(p) for p in pids), 15)
     took = time.monotonic() - t0
     for pid in pids:   # ours (root's own workers, or this user's): let the kept one run on
@@ -870,8 +872,9 @@ def retire_a_stopped_worker(Q):
 @needs_root
 def test_a_retired_worker_that_does_not_exit_is_killed_root_server(worker_server):
     """The root server's own workers (the fixture's start method)."""
+    server = Remote(worker_server.address, worker_server.key)   # root: the server's workers
     with _queue(worker_server, "retire") as Q:
-        gone, took, after = retire_a_stopped_worker(Q)
+        gone, took, after = retire_a_stopped_worker(Q, lambda n: server.call("set_workers", n))
     assert gone, f"the retired worker is still there {took:.1f} s after it was retired"
     assert after == ("completed", 5)
 
@@ -879,7 +882,7 @@ def test_a_retired_worker_that_does_not_exit_is_killed_root_server(worker_server
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
 def test_a_retired_worker_that_does_not_exit_is_killed_embedded(method):
     with ezpq.Queue(n_workers=2, start_method=method) as Q:
-        gone, took, after = retire_a_stopped_worker(Q)
+        gone, took, after = retire_a_stopped_worker(Q, Q.set_workers)
     assert gone, f"the retired worker is still there {took:.1f} s after it was retired"
     assert after == ("completed", 5)
 
