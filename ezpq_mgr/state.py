@@ -481,14 +481,41 @@ class QueueState:
 
     def release(self, seq: int) -> None:
         """A working job's function has returned; its figures are on their way.
-        It stays working (not collectable, not cancellable) but gives up its
-        slot, so its worker can take the next job meanwhile."""
+        It stays working (not collectable, still cancellable: until its
+        figures arrive the supervisor cannot tell a real result from one the
+        job forged while it runs on) but gives up its slot, so its worker
+        can take the next job meanwhile."""
         with self.cond:
             rec = self.records.get(seq)
             if rec is None or rec.phase is not RUNNING:
                 return
             self._move(self.queues[rec.qid], rec, RETURNED)
             self.version += 1
+
+    def requeue(self, seq: int) -> None:
+        """A running job that never started (handed to a worker that was
+        still on its last job, and that worker was then killed or left)
+        goes back to waiting, where it was in line; the attempt does not
+        count. If it was asked to stop meanwhile it ends so instead. Caller
+        may hold the lock."""
+        with self.cond:
+            rec = self.records.get(seq)
+            if rec is None or rec.phase is not RUNNING:
+                return
+            asked = next((r for r in self.kill_requests if r[0] == seq), None)
+            if asked is not None:
+                self.kill_requests.remove(asked)
+                self.finish(seq, Outcome(asked[1], None, exception=asked[2]))
+                return
+            q = self.queues[rec.qid]
+            if rec.lane_key is not None and rec.lane_key in q.lanes:
+                q.lanes[rec.lane_key].running = None
+            rec.attempts -= 1
+            rec.status = JobStatus.WAITING
+            rec.started = rec.pid = rec.host = None
+            self._move(q, rec, WAITING)
+            self._enqueue(q, rec)
+            self._changed()
 
     def _retry(self, q: QueueInfo, rec: JobRecord) -> None:
         rec.status = JobStatus.WAITING
@@ -639,7 +666,7 @@ class QueueState:
                 self._settle(q, lane)
                 self._drop_lane_if_idle(q, rec.lane_key, lane)
             return True
-        if rec.phase is RUNNING:
+        if rec.phase is RUNNING or rec.phase is RETURNED:  # figures on their way: it may still run
             self.kill_requests.append((rec.seq, JobStatus.CANCELLED, "cancelled by request"))
             return True
         return False
@@ -655,7 +682,7 @@ class QueueState:
                 rec = self.records[seq]
                 if client is not None and rec.client != client:
                     continue
-                if rec.phase is WAITING or (running and rec.phase is RUNNING):
+                if rec.phase is WAITING or (running and rec.phase in (RUNNING, RETURNED)):
                     n += self._cancel(q, rec)
             self._changed()
             return n

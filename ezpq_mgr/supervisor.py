@@ -33,6 +33,23 @@ talks to us):
   the signal that really ended the worker (-9). When a worker dies with a
   job, the processes it left behind (re-parented to us: the server is a
   child subreaper) are killed and named in ``exception``.
+- A result is the job's word until its figures follow (a job can write a
+  RESULT of its own and run on): its slot is given back at the result, but
+  its timeout, memory limit and cancel hold until the figures arrive
+  (within ``FIGURES_TIMEOUT``). A kill in that window is that job's fate;
+  the job handed to the same worker meanwhile never started and goes back
+  to waiting (``QueueState.requeue``); its own limits count from the figures.
+- A job can also forge its figures, and then the worker looks idle while
+  the job runs on. So for another user's worker, what the server counts is
+  read from outside (``meter.ProcMeter``, /proc): the figures of each job
+  (the worker's own are only compared), and, while the worker is idle, its
+  CPU: an idle worker (and its processes) that used more than
+  ``IDLE_CPU_BUDGET`` since a first look ``IDLE_CHECK_INTERVAL`` after its
+  job, or that still has processes at a later look, is a violation and is
+  killed (a rogue runs for about two intervals). These looks are timers of
+  such idle workers only: a queue without them makes no wake-up.
+- A worker told to stop (retired) or that leaves by itself and is still
+  there ``RETIRE_GRACE`` s later is killed with its tree.
 
 Thread jobs run on threads of this process and report through ``finish``
 then ``wake``.
@@ -57,6 +74,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from . import workerproto
 from .job import JobRecord, JobStatus
+from .meter import TICKS, ProcMeter
 from .procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_rss
 from .state import Outcome, QueueState
 from .worker import HOST, exec_argv, run_call, thread_cpu, worker_main
@@ -73,6 +91,16 @@ BOOT_RETRY = 10.0
 #: a frame begun must make progress within this (a healthy worker writes a
 #: whole frame at once; a job writing half a header must not hold its slot)
 STALL_TIMEOUT = 2.0
+#: a result's figures must follow within this (a healthy worker measures
+#: with a few system calls and sends them microseconds later)
+FIGURES_TIMEOUT = 5.0
+#: a worker sent STOP (or that said it leaves) is killed if still there then
+RETIRE_GRACE = 3.0
+#: another user's idle worker: how often its CPU is looked at, and how much
+#: it may use (a healthy idle worker uses none: every thread of it blocks)
+IDLE_CHECK_INTERVAL = 1.0
+IDLE_CPU_BUDGET = 0.1
+_IDLE_SLACK = IDLE_CHECK_INTERVAL / 4   # looks this close are done in one wake-up
 _READ_CHUNK = 1 << 16    # below malloc's mmap threshold: no mmap/mremap/munmap per read
 _READS_PER_EVENT = 16   # (1 MiB) then let the others have their turn
 _IOV_MAX = 512
@@ -157,6 +185,13 @@ class WorkerHandle:
     ready: bool = False                # booted and waiting for a job
     dead: bool = False                 # being killed or gone: never reused
     pending: Optional[tuple] = None    # (seq, result) whose figures are on their way
+    pending_deadline: Optional[float] = None   # that job's limits, which hold until its figures
+    pending_memory: Optional[int] = None
+    figures_due: float = 0.0           # monotonic time its figures must have come by
+    retire_by: Optional[float] = None  # retired (or leaving): killed if still there then
+    gauge: Optional[ProcMeter] = None  # another user's worker, read from outside
+    idle_check: Optional[float] = None  # (idle, another user's) next look at its CPU
+    idle_cpu: Optional[int] = None     # its CPU ticks at the first look
     reader: Optional[workerproto.FrameReader] = None
     fd: int = -1
     last_rx: float = 0.0               # monotonic time bytes last came in
@@ -211,6 +246,7 @@ class Supervisor:
         self._orphans_in_hand: set = set()      # adopted processes being killed and reaped
         self._boot_failures: Dict[Optional[int], Tuple[int, float, str]] = {}  # uid: (n, when, why)
         self._violations = _RateLimit()
+        self._due: Optional[float] = None   # the nearest timer (_next_timeout)
 
     # ------------------------------------------------------------ lifecycle
     def start(self, prestart: bool = True) -> None:
@@ -268,6 +304,7 @@ class Supervisor:
             w.proc.exitcode(1)
             w.proc.close()
             self._close_channel(w)
+            self._drop_gauge(w)
         self._reap_orphans(wait=True)
         self.workers.clear()
         for conn in (self._lifeline_r, self._lifeline_w):
@@ -313,7 +350,8 @@ class Supervisor:
                     self._on_death(w)
             self.state.outbox.deliver()  # answers our results made possible, outside the lock
             with self.state.cond:
-                if self.state.kill_requests or self._has_limits():
+                if (self.state.kill_requests or self._has_limits()
+                        or (self._due is not None and time.monotonic() >= self._due)):
                     self._enforce_limits()
                 self._dispatch()
                 queued, self._queued = self._queued, []
@@ -322,18 +360,39 @@ class Supervisor:
             self.state.outbox.deliver()
 
     def _has_limits(self) -> bool:
-        """Is some running job under a deadline or a memory cap?"""
-        return any(w.deadline or w.max_memory for w in self.workers)
+        """Is some job under a deadline or a memory cap (its figures due or not)?"""
+        return any(w.deadline or w.max_memory or w.pending_deadline or w.pending_memory
+                   for w in self.workers)
 
     def _next_timeout(self) -> Optional[float]:
-        now = time.monotonic()
-        deadlines = [w.deadline for w in self.workers if w.deadline is not None and not w.dead]
-        deadlines += [w.last_rx + STALL_TIMEOUT for w in self.workers
-                      if not w.dead and w.reader is not None and w.reader.partial]
-        timeout = None
-        if deadlines:
-            timeout = max(0.0, min(deadlines) - now)
-        if any(w.max_memory for w in self.workers if w.seq is not None and not w.dead):
+        """Seconds until the nearest timer (also kept in ``_due``): a job's
+        deadline (while its figures are due: theirs, and the job's own), a
+        stalled frame, a retired worker's grace, an idle look; or the memory
+        check's interval while a job has a cap. None when there is none."""
+        due = None
+        poll = False
+        for w in self.workers:
+            if w.dead:
+                t = w.retire_by
+            elif w.pending is not None:
+                t = w.figures_due
+                if w.pending_deadline is not None and w.pending_deadline < t:
+                    t = w.pending_deadline
+                poll = poll or bool(w.pending_memory)
+            elif w.seq is not None:
+                t = w.deadline
+                poll = poll or bool(w.max_memory)
+            else:
+                t = w.idle_check
+            if t is not None and (due is None or t < due):
+                due = t
+            if not w.dead and w.reader is not None and w.reader.partial:
+                t = w.last_rx + STALL_TIMEOUT
+                if due is None or t < due:
+                    due = t
+        self._due = due
+        timeout = None if due is None else max(0.0, due - time.monotonic())
+        if poll:
             timeout = MEMORY_CHECK_INTERVAL if timeout is None else min(timeout, MEMORY_CHECK_INTERVAL)
         if timeout is not None:
             # epoll's timeout is an int of milliseconds: past ~24.8 days it
@@ -493,7 +552,8 @@ class Supervisor:
             if any(w.uid == uid and w.seq is None for w in live) or self._cannot_boot(uid):
                 continue  # one is idle or booting, or none can start now
             if len(live) >= self.slots:
-                victim = next((w for w in live if w.seq is None and w.uid not in self.demand), None)
+                victim = next((w for w in live if w.seq is None and w.pending is None
+                               and w.uid not in self.demand), None)
                 if victim is None:
                     continue
                 self._retire(victim)
@@ -504,7 +564,7 @@ class Supervisor:
                 logger.error("cannot start a worker for uid %s: %s", uid, e)
         self.demand.clear()
         surplus = len(live) - self.slots
-        for w in [w for w in live if w.seq is None][:max(0, surplus)]:
+        for w in [w for w in live if w.seq is None and w.pending is None][:max(0, surplus)]:
             self._retire(w)
 
     def _send(self, rec: JobRecord, worker: WorkerHandle) -> None:
@@ -515,6 +575,7 @@ class Supervisor:
         worker.seq = rec.seq
         worker.deadline = time.monotonic() + rec.timeout if rec.timeout else None
         worker.max_memory = rec.max_memory
+        worker.idle_check = None
         rec.pid, rec.host = worker.proc.pid, HOST
         self._queue(worker, workerproto.encode_job(rec.fn_blob, rec.args_blob, env, rec.runner == "thread"))
 
@@ -559,8 +620,31 @@ class Supervisor:
         return w
 
     def _retire(self, w: WorkerHandle) -> None:
+        """Tell an idle worker to stop; killed if still there after RETIRE_GRACE."""
         w.dead = True
+        w.retire_by = time.monotonic() + RETIRE_GRACE
+        w.idle_check = None
         self._queue(w, [workerproto.encode_stop()])
+        self.wake()   # the grace is a new timer
+
+    def _leaving(self, w: WorkerHandle) -> None:
+        """``w`` said its last job left threads and that it exits now: the
+        job handed to it after that job's result never started."""
+        if w.seq is not None:
+            self.state.requeue(w.seq)
+        self._clear_jobs(w)
+        w.dead = True
+        w.retire_by = time.monotonic() + RETIRE_GRACE
+        w.idle_check = None
+
+    def _end_retired(self, w: WorkerHandle) -> None:
+        """A retired worker outlived its grace (stopped, or a job's code holds
+        it): kill its tree. Its pidfd then reports it gone."""
+        w.retire_by = None
+        if self._violations.allow():
+            logger.warning("worker %s (uid %s) was still there %g s after it was told to stop: killed",
+                           w.proc.pid, w.uid, RETIRE_GRACE)
+        threading.Thread(target=kill_tree, args=([w.proc.pid],), name="ezpq-kill", daemon=True).start()
 
     def _start_thread_job(self, rec: JobRecord) -> None:
         rec.pid, rec.host = os.getpid(), HOST
@@ -602,6 +686,8 @@ class Supervisor:
                 return "a second ready message"
             w.ready = True
             self._boot_failures.pop(w.uid, None)
+            if w.uid is not None:
+                self._watch_from_outside(w)
             return None
         if not w.ready:
             return f"a {kind} message before ready"
@@ -609,6 +695,7 @@ class Supervisor:
             if w.pending is None:
                 return "figures with no result waiting for them"
             self._complete(w, w.pending, msg[1])
+            self._after_job(w, msg[2])
             return None
         # a result
         if w.pending is not None:
@@ -626,32 +713,125 @@ class Supervisor:
         figures (the worker measures after sending the result, so measuring
         costs the result no time). In between the job stays working but
         gives back its slot and its worker (which reads its next job only
-        after sending the figures); it completes with the figures."""
+        after sending the figures); it completes with the figures. Its
+        limits and cancel hold until then: the result may be the job's own
+        forgery while it runs on."""
         seq = w.seq
-        w.seq = w.deadline = w.max_memory = None
         if msg[7] is None:  # figures follow: free the worker for its next job now
             w.pending = (seq, msg)
+            w.pending_deadline, w.pending_memory = w.deadline, w.max_memory
+            w.figures_due = w.last_rx + FIGURES_TIMEOUT
+            w.seq = w.deadline = w.max_memory = None
             self.state.release(seq)
             return
+        w.seq = w.deadline = w.max_memory = None
         self._complete(w, (seq, msg), msg[7])
+        self._after_job(w, msg[8])
+
+    def _after_job(self, w: WorkerHandle, leaving: bool) -> None:
+        """``w``'s last job is over (its figures are in): it leaves; or the
+        job handed to it meanwhile starts now (its timeout counts from
+        here); or, another user's, it is idle and looked at."""
+        if leaving:
+            self._leaving(w)
+        elif w.seq is not None:
+            if w.deadline is not None:
+                rec = self.state.records.get(w.seq)
+                if rec is not None and rec.timeout:
+                    w.deadline = time.monotonic() + rec.timeout
+        elif w.gauge is not None:
+            w.idle_check = time.monotonic() + IDLE_CHECK_INTERVAL
+            w.idle_cpu = None
 
     def _complete(self, w: WorkerHandle, pending: tuple, figures: Optional[tuple]) -> None:
-        seq, (_, status, exitcode, started, ended, out, exc, _) = pending
+        """Record a job's result with its figures (None: none came). Another
+        user's job gets the figures we read ourselves (``_measured``)."""
+        seq, (_, status, exitcode, started, ended, out, exc) = pending[0], pending[1][:7]
         if w.pending is pending:
-            w.pending = None
+            w.pending = w.pending_deadline = w.pending_memory = None
+        if figures is not None and w.gauge is not None and self.accounting:
+            figures = self._measured(w, seq, figures)
         cpu_u, cpu_s, rss, method, rss_ch = figures or workerproto.NO_FIGURES
         self.state.finish(seq, Outcome(JobStatus(status), exitcode, out, exc, cpu_u, cpu_s,
                                        rss, method, rss_ch, pid=w.proc.pid, host=HOST,
                                        started=started, ended=ended))
 
+    def _measured(self, w: WorkerHandle, seq: int, told: tuple) -> tuple:
+        """The figures of another user's job as we read them (ProcMeter):
+        they win over what the worker ``told`` (the job may have written
+        that); a worker that told far less is logged. The children's peak
+        (``max_rss_children``) is the worker's word: reaped children's peaks
+        cannot be read from outside."""
+        try:
+            cpu_u, cpu_s, peak = w.gauge.take()
+        except OSError:
+            return told   # gone meanwhile: its own word is all there is
+        rec = self.state.records.get(seq)
+        t_u, t_s, t_rss, t_method, t_children = told
+        if rec is not None and rec.runner == "thread":   # thread jobs have no max_rss
+            return cpu_u, cpu_s, None, None, t_children
+        if peak is None:
+            peak, method = t_rss, t_method
+        else:
+            method = "vmhwm"
+        cpu, t_cpu = cpu_u + cpu_s, (t_u or 0.0) + (t_s or 0.0)
+        if ((cpu - t_cpu > 0.25 and t_cpu < 0.8 * cpu)
+                or (peak and (t_rss or 0) < 0.8 * peak and peak - (t_rss or 0) > 32 << 20)):
+            if self._violations.allow():
+                logger.warning("worker %s (uid %s): job %s told %.2f s CPU and max_rss %s; it used "
+                               "%.2f s and %s (recorded)", w.proc.pid, w.uid, seq, t_cpu, t_rss, cpu, peak)
+        return cpu_u, cpu_s, peak, method, t_children
+
+    def _watch_from_outside(self, w: WorkerHandle) -> None:
+        """Another user's worker is ready: open its /proc files (its figures
+        are read from them from now on) and look at it while it is idle."""
+        try:
+            w.gauge = ProcMeter(w.proc.pid)
+        except OSError as e:
+            logger.error("worker %s (uid %s): cannot read it from /proc (%s): its jobs' figures are "
+                         "its own word and its idle CPU is not watched", w.proc.pid, w.uid, e)
+            return
+        if w.seq is None:
+            w.idle_check = time.monotonic() + IDLE_CHECK_INTERVAL
+            w.idle_cpu = None
+
+    def _drop_gauge(self, w: WorkerHandle) -> None:
+        if w.gauge is not None:
+            w.gauge.close()
+            w.gauge = None
+
+    def _check_idle(self, w: WorkerHandle, now: float) -> None:
+        """Another user's worker that we count idle must be idle: the first
+        look (an interval after its job: it has swept up since) takes its
+        CPU; a later one that finds more than IDLE_CPU_BUDGET used since,
+        or any process of it, ends it. A job that forged its result and
+        figures and runs on, or a thread a lying worker kept, is caught so
+        within about two intervals. Caller holds the lock."""
+        try:
+            u, s, processes = w.gauge.cpu()
+        except OSError:
+            w.idle_check = None   # gone: its pidfd says so
+            return
+        if w.idle_cpu is None:
+            w.idle_cpu = u + s
+        elif u + s - w.idle_cpu > IDLE_CPU_BUDGET * TICKS:
+            self._violation(w, f"it used {(u + s - w.idle_cpu) / TICKS:.2f} s of CPU while idle")
+            return
+        elif processes:
+            self._violation(w, f"{processes} process(es) of it still ran while it was idle")
+            return
+        w.idle_check = now + IDLE_CHECK_INTERVAL
+
+    def _clear_jobs(self, w: WorkerHandle) -> None:
+        w.seq = w.deadline = w.max_memory = None
+        w.pending = w.pending_deadline = w.pending_memory = None
+
     def _violation(self, w: WorkerHandle, why: str) -> None:
-        """``w`` broke the protocol: end its tree; its job (the one running,
-        else the one whose figures were due) fails. Caller holds the lock."""
+        """``w`` broke the protocol: end its tree; its job (the one whose
+        figures were due, whose code spoke last; else the one running)
+        fails. Caller holds the lock."""
         if self._violations.allow():
             logger.warning("worker %s (uid %s): protocol violation: %s", w.proc.pid, w.uid, why)
-        if w.seq is None and w.pending is not None:
-            w.seq = w.pending[0]   # its job's code spoke last: that job fails
-            w.pending = None
         self._kill(w, JobStatus.FAILED, f"protocol violation: {why} (the job's worker was killed)")
 
     def _check_stalls(self) -> None:
@@ -670,9 +850,17 @@ class Supervisor:
                 self._violation(w, "its channel no longer takes messages")
 
     def _on_death(self, w: WorkerHandle) -> None:
-        """A worker process ended. Caller holds the lock."""
+        """A worker process ended. Caller holds the lock.
+
+        A result whose figures were due completes without them (a death is
+        no verdict of ours on it); the job handed over after that result
+        never started and goes back to waiting."""
         code = w.proc.exitcode(0.1)
+        if w.pending is not None and w.seq is not None and not w.dead:
+            self.state.requeue(w.seq)
+            w.seq = w.deadline = w.max_memory = None
         self._flush_pending(w)
+        self._drop_gauge(w)
         if not w.ready and not w.dead:
             n = self._boot_failures.get(w.uid, (0, 0.0, ""))[0] + 1
             why = (f"the worker for this user could not start (exit code {code}; "
@@ -741,7 +929,7 @@ class Supervisor:
         """Record the outcome of the job on a worker we lost (its pending
         result, if any, was flushed first)."""
         seq = w.seq
-        w.seq = w.deadline = w.max_memory = None
+        self._clear_jobs(w)
         rec = self.state.records.get(seq)
         if rec is not None:
             self.state.finish(seq, Outcome(status, exitcode, exception=why, pid=w.proc.pid, host=HOST))
@@ -754,43 +942,95 @@ class Supervisor:
 
     # --------------------------------------------------------------- limits
     def _enforce_limits(self) -> None:
-        """Kill jobs past their timeout or memory limit, or asked to stop."""
+        """Kill jobs past their timeout or memory limit, or asked to stop
+        (a job whose figures are due included: its result may be forged);
+        end retired workers past their grace; look at idle workers of other
+        users. Caller holds the lock."""
         now = time.monotonic()
+        later = []
         for seq, status, why in self.state.take_kill_requests():
-            w = next((w for w in self._live() if w.seq == seq), None)
-            if w is not None:
-                self._kill(w, status, why)
-        for w in self._live():
+            w = next((w for w in self._live()
+                      if w.seq == seq or (w.pending is not None and w.pending[0] == seq)), None)
+            if w is None:
+                continue
+            if w.seq == seq and w.pending is not None:
+                # handed over after the last job's result: not started yet
+                # (killing now would end that job); done once it has started
+                later.append((seq, status, why))
+                continue
+            self._kill(w, status, why)
+        self.state.kill_requests.extend(later)
+        for w in list(self.workers):
+            if w.dead:
+                if w.retire_by is not None and now >= w.retire_by:
+                    self._end_retired(w)
+                continue
+            if w.pending is not None:   # the job whose figures are due is the one in the worker
+                if w.pending_deadline is not None and now >= w.pending_deadline:
+                    self._kill(w, JobStatus.TIMEOUT, self._timed_out(w.pending[0]))
+                elif now >= w.figures_due:
+                    self._violation(w, f"no figures within {FIGURES_TIMEOUT:g} s of its result")
+                elif w.pending_memory:
+                    self._check_memory(w, w.pending_memory)
+                continue
             if w.seq is None:
+                if w.idle_check is not None and now >= w.idle_check - _IDLE_SLACK:
+                    self._check_idle(w, now)
                 continue
             if w.deadline is not None and now >= w.deadline:
-                rec = self.state.records.get(w.seq)
-                timeout = rec.timeout if rec else "?"
-                self._kill(w, JobStatus.TIMEOUT, f"timed out after {timeout} s")
+                self._kill(w, JobStatus.TIMEOUT, self._timed_out(w.seq))
             elif w.max_memory:
-                rss = tree_rss(w.proc.pid)
-                if rss > w.max_memory:
-                    self._kill(w, JobStatus.KILLED,
-                               f"killed: memory {rss} bytes passed max_memory={w.max_memory}")
+                self._check_memory(w, w.max_memory)
+
+    def _timed_out(self, seq: int) -> str:
+        rec = self.state.records.get(seq)
+        return f"timed out after {rec.timeout if rec else '?'} s"
+
+    def _check_memory(self, w: WorkerHandle, limit: int) -> None:
+        rss = tree_rss(w.proc.pid)
+        if rss > limit:
+            self._kill(w, JobStatus.KILLED, f"killed: memory {rss} bytes passed max_memory={limit}")
 
     def _kill(self, w: WorkerHandle, status: JobStatus, why: str) -> None:
-        """Stop a job by killing its worker's process tree, in a helper thread.
+        """Stop the job in ``w`` by killing its worker's process tree, in a
+        helper thread. That job is the one whose figures are due, if any
+        (its result does not count: the kill is its fate; the job handed to
+        ``w`` after that result never started and waits again), else the
+        one running.
 
         The job stays working until the tree is gone; then its outcome is
-        recorded with the signal that ended the worker, and any survivor is
-        named in ``exception``. The worker is never reused."""
-        self._flush_pending(w)
-        seq = w.seq
-        w.seq = w.deadline = w.max_memory = None
+        recorded with the signal that ended the worker (and, for another
+        user's worker, the CPU and memory it used, read just before), and
+        any survivor is named in ``exception``. The worker is never reused."""
+        if w.pending is not None:
+            seq = w.pending[0]
+            if w.seq is not None:
+                self.state.requeue(w.seq)
+        else:
+            seq = w.seq
+        self._clear_jobs(w)
         w.dead = True
+        w.idle_check = None
         with w.out_lock:
             w.out.clear()
+        gauge, w.gauge = w.gauge, None   # the helper thread reads and closes it
+        rec = self.state.records.get(seq) if seq is not None else None
+        with_rss = rec is not None and rec.runner != "thread"
         threading.Thread(target=self._kill_and_record,
-                         args=(seq, w.proc, status, why, time.time()),
+                         args=(seq, w.proc, status, why, time.time(), gauge, with_rss),
                          name="ezpq-kill", daemon=True).start()
 
-    def _kill_and_record(self, seq: Optional[int], proc: WorkerProcess,
-                         status: JobStatus, why: str, ended: float) -> None:
+    def _kill_and_record(self, seq: Optional[int], proc: WorkerProcess, status: JobStatus, why: str,
+                         ended: float, gauge: Optional[ProcMeter] = None, with_rss: bool = True) -> None:
+        figures = None
+        if gauge is not None:
+            try:
+                if seq is not None and self.accounting:
+                    figures = gauge.take()
+            except OSError:
+                pass
+            finally:
+                gauge.close()
         survivors = kill_tree([proc.pid])
         code = proc.exitcode(1.0)
         exitcode = code if code is not None and code < 0 else -signal.SIGKILL
@@ -798,6 +1038,10 @@ class Supervisor:
             why += f"; processes {survivors} survived SIGKILL"
             logger.error("job %s: %s", seq, why)
         if seq is not None:
-            self.state.finish(seq, Outcome(status, exitcode, exception=why, pid=proc.pid, host=HOST,
-                                           ended=ended))
+            outcome = Outcome(status, exitcode, exception=why, pid=proc.pid, host=HOST, ended=ended)
+            if figures is not None:
+                outcome.cpu_user, outcome.cpu_system = figures[0], figures[1]
+                if with_rss and figures[2] is not None:
+                    outcome.max_rss, outcome.max_rss_method = figures[2], "vmhwm"
+            self.state.finish(seq, outcome)
         self.wake()

@@ -6,7 +6,14 @@ unpickles what a worker sends). Between jobs it keeps nothing of the job but
 a small cache of unpickled functions (a ``map`` sends the same function
 bytes each time), and no process: whatever a job left running is killed as
 soon as its result is sent (the worker is a child subreaper, so orphans of
-the job's processes come back to it).
+the job's processes come back to it). A thread cannot be killed: a worker
+of another user whose job left a Python thread behind says so with the
+job's last message and exits (``leaving``), so that nothing of one job runs
+into the next one's time, figures or output; the server then starts a
+fresh worker. That is the worker's own word, so the server also checks
+from outside that a worker it counts idle uses no CPU (supervisor.py).
+Native threads a library keeps (a BLAS pool) are not Python threads and do
+not make a worker leave; idle, they cost nothing.
 
 Two ways in:
 
@@ -246,7 +253,8 @@ def exec_main() -> None:
     become_user(uid)
     _watch_lifeline(lifeline_fd)
     become_subreaper()
-    _serve(channel_fd, accounting == 1)
+    if _serve(channel_fd, accounting == 1, strict=True):
+        _exit()
 
 
 def worker_main(conn, lifeline, accounting: bool = True) -> None:
@@ -256,7 +264,21 @@ def worker_main(conn, lifeline, accounting: bool = True) -> None:
     _forget_mp_helpers()
     _watch_lifeline(lifeline_fd)
     become_subreaper()
-    _serve(channel_fd, accounting)
+    if _serve(channel_fd, accounting):
+        _exit()
+
+
+def _exit() -> None:
+    """Leave now, told to stop or leaving: a thread a job left behind
+    (non-daemon ones included) must not keep the worker alive. (At EOF the
+    interpreter ends as usual: the server is gone, or a job shut the
+    channel and the server ends the worker itself.)"""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    os._exit(0)
 
 
 class _Channel:
@@ -338,13 +360,18 @@ def _reap() -> None:
             return
 
 
-def _serve(fd: int, accounting: bool) -> None:
-    """Read jobs, run them, send results, until STOP or EOF.
+def _serve(fd: int, accounting: bool, strict: bool = False) -> bool:
+    """Read jobs, run them, send results, until STOP or EOF; True when told
+    to stop or leaving (then the caller exits at once), False at EOF.
 
     ``accounting`` False turns the per-job CPU and memory figures off (they
-    are then None); the benchmarks use it to show what accounting costs."""
+    are then None); the benchmarks use it to show what accounting costs.
+    ``strict`` (a worker of another user than the server's): after a job
+    that left a Python thread running, say so in its last message and
+    return (the worker leaves). A worker of the server's own user runs code
+    as trusted as the server itself and keeps its hot path as it was."""
     chan = _Channel(fd)
-    meter = JobMeter() if accounting else None
+    meter = JobMeter(resets=not strict) if accounting else None
     fn_cache: Dict[bytes, Any] = {}
     try:
         children_fd: Optional[int] = os.open(f"/proc/self/task/{os.getpid()}/children", os.O_RDONLY)
@@ -352,15 +379,17 @@ def _serve(fd: int, accounting: bool) -> None:
         children_fd = None
     if meter:
         meter.arm()
+    own_threads = threading.active_count()   # ours: main, lifeline, the meter's
+    leaving = False
     chan.send(workerproto.encode_ready())
     no_figures = workerproto.NO_FIGURES
     while True:
         try:
             kind, body = chan.recv()
         except (EOFError, OSError):
-            break
+            return False
         if kind != workerproto.JOB:
-            break
+            return True
         fn_blob, args_blob, env, as_thread = workerproto.decode_job(body)
         del body
         try:
@@ -372,7 +401,7 @@ def _serve(fd: int, accounting: bool) -> None:
             try:
                 chan.send(workerproto.encode_result("failed", 1, now, now, None, why, no_figures))
             except (EOFError, OSError):
-                break
+                return False
             continue
         if as_thread:  # a thread job of a shared server: this thread's CPU, no RSS
             u0, s0 = thread_cpu()
@@ -393,17 +422,23 @@ def _serve(fd: int, accounting: bool) -> None:
         except Exception:
             pass
         spawned = False
+        if strict and figures is not None:
+            leaving = threading.active_count() > own_threads
         try:
-            chan.send(workerproto.encode_result(status.value, exitcode, started, ended, out, exc, figures))
+            chan.send(workerproto.encode_result(status.value, exitcode, started, ended, out, exc, figures,
+                                                leaving))
             if figures is None:
                 # measured now: a system call before the send would delay the
                 # result by far more than its own cost (see meter.py)
                 figures, spawned = meter.stop()
-                chan.send(workerproto.encode_figures(figures))
+                leaving = strict and threading.active_count() > own_threads
+                chan.send(workerproto.encode_figures(figures, leaving))
         except (EOFError, OSError) as e:
             if getattr(e, "errno", None) not in (None, errno.EPIPE, errno.ECONNRESET, errno.EBADF):
                 raise
-            break
-        _sweep_children(children_fd, spawned)
+            return False
+        _sweep_children(children_fd, spawned or leaving)   # leaving: every thread's children
+        if leaving:
+            return True
         if meter:  # for the next job, while the supervisor reads this result
             meter.arm(reuse=not as_thread)

@@ -12,10 +12,17 @@ Frame: ``HEADER`` = version (1 byte), kind (1 byte), two zero bytes, body
 length (4 bytes, big-endian), then the body. Worker to server:
 
 - ``READY``: booted and waiting for a job (empty body).
-- ``RESULT``: the job's status, exit code, start and end times, a figures
-  flag (+ ``FIGS`` when set), then two blobs: output pickle, exception text.
+- ``RESULT``: the job's status, exit code, start and end times, a flags
+  byte (1: ``FIGS`` follow in this message; 2, only with 1: the worker
+  leaves after this job), then two blobs: output pickle, exception text.
 - ``FIGURES``: ``FIGS`` of the job whose result was sent last (measured
-  after the result went out, see meter.py).
+  after the result went out, see meter.py); its ``present`` bit 8 says the
+  worker leaves after this job.
+
+A worker "leaves" (of another user's: threads the job started are still
+there, see worker.py) by saying so in the message that ends the job, and
+then exits without reading anything: the server may already have written
+the next job to it, and knows from the flag that this job never started.
 
 Server to worker: ``JOB`` (flags, function pickle, arguments pickle, and
 the client's environment as JSON when it changed) and ``STOP``.
@@ -56,9 +63,10 @@ DEFAULT_MAX_MESSAGE = 256 << 20
 HEADER = struct.Struct("!BBHI")
 _LEN = struct.Struct("!I")
 _NONE = 0xFFFFFFFF
-#: status code, exit code, started, ended, figures follow in this message
+#: status code, exit code, started, ended, flags (1 figures in this message, 2 the worker leaves)
 _RES = struct.Struct("!Biddb")
-#: present bits (1 cpu, 2 rss, 4 rss of children), cpu user, cpu system, rss, rss children, method
+#: present bits (1 cpu, 2 rss, 4 rss of children; 8 the worker leaves after
+#: this job), cpu user, cpu system, rss, rss children, method
 _FIGS = struct.Struct("!BddqqB")
 _JOBFLAGS = struct.Struct("!B")
 
@@ -101,22 +109,25 @@ _NONE_LEN = _LEN.pack(_NONE)
 
 
 def encode_result(status: str, exitcode: int, started: float, ended: float,
-                  out: Optional[bytes], exc: Optional[str], figures: Optional[Figures]) -> bytes:
-    """A finished job; ``figures`` None: a FIGURES message follows."""
+                  out: Optional[bytes], exc: Optional[str], figures: Optional[Figures],
+                  leaving: bool = False) -> bytes:
+    """A finished job; ``figures`` None: a FIGURES message follows (and
+    says whether the worker leaves); else ``leaving`` says it."""
     e = None if exc is None else exc.encode("utf-8", "replace")
     size = _RES.size + 8 + (0 if out is None else len(out)) + (0 if e is None else len(e))
     if figures is not None:
         size += _FIGS.size
     head = _RESULT_HEAD.pack(VERSION, RESULT, 0, size, _STATUS_CODE[status], exitcode, started, ended,
-                             figures is not None)
+                             0 if figures is None else (3 if leaving else 1))
     return b"".join((head, b"" if figures is None else _pack_figures(figures),
                      _NONE_LEN if out is None else _LEN.pack(len(out)), out or b"",
                      _NONE_LEN if e is None else _LEN.pack(len(e)), e or b""))
 
 
-def encode_figures(figures: Figures) -> bytes:
+def encode_figures(figures: Figures, leaving: bool = False) -> bytes:
     cu, cs, rss, method, rch = figures
-    present = (1 if cu is not None else 0) | (2 if rss is not None else 0) | (4 if rch is not None else 0)
+    present = ((1 if cu is not None else 0) | (2 if rss is not None else 0) | (4 if rch is not None else 0)
+               | (8 if leaving else 0))
     return _FIGURES_FRAME.pack(VERSION, FIGURES, 0, _FIGS.size, present, cu or 0.0, cs or 0.0, rss or 0,
                                rch or 0, _METHOD_CODE.get(method, 0))
 
@@ -133,7 +144,7 @@ _LATEST = 1e11   # seconds since 1970 (year 5138): any real clock is below, NaN 
 
 def _unpack_figures(data, pos: int, _unpack=_FIGS.unpack_from) -> Figures:
     present, cu, cs, rss, rch, method = _unpack(data, pos)
-    if present & ~7 or method > 2:
+    if present & ~15 or method > 2:
         raise ProtocolError("bad figures")
     if rss < 0 or rch < 0 or not (0 <= cu < 1e12 and 0 <= cs < 1e12):
         raise ProtocolError("figures out of range")
@@ -159,16 +170,18 @@ def _take_blob(data, pos: int, end: int) -> Tuple[Optional[bytes], int]:
 def _decode_result(data, pos: int, end: int) -> tuple:
     if end - pos < _RES.size:
         raise ProtocolError("truncated result")
-    code, exitcode, started, ended, has_figs = _RES.unpack_from(data, pos)
-    if code > 1 or has_figs & ~1:
+    code, exitcode, started, ended, flags = _RES.unpack_from(data, pos)
+    if code > 1 or flags & ~3 or flags == 2:
         raise ProtocolError("bad result header")
     if not (0.0 <= started <= _LATEST and 0.0 <= ended <= _LATEST):   # NaN fails too
         raise ProtocolError("a time out of range (not a date)")
     pos += _RES.size
     figures = None
-    if has_figs:
+    if flags:
         if end - pos < _FIGS.size:
             raise ProtocolError("truncated figures")
+        if data[pos] & 8:
+            raise ProtocolError("bad figures")   # in a result, bit 2 of its flags says it
         figures = _unpack_figures(data, pos)
         pos += _FIGS.size
     out, pos = _take_blob(data, pos, end)
@@ -177,7 +190,7 @@ def _decode_result(data, pos: int, end: int) -> tuple:
         raise ProtocolError("trailing bytes after a result")
     if exc is not None:
         exc = exc.decode("utf-8", "replace")
-    return ("result", STATUSES[code], exitcode, started, ended, out, exc, figures)
+    return ("result", STATUSES[code], exitcode, started, ended, out, exc, figures, flags == 3)
 
 
 def _refuse_header(version: int, kind: int, reserved: int, size: int, limit: int) -> None:
@@ -244,7 +257,7 @@ class FrameReader:
                 elif kind == FIGURES:
                     if size != _FIGS_SIZE:
                         raise ProtocolError("bad figures size")
-                    messages.append(("figures", _unpack_figures(data, pos + 8)))
+                    messages.append(("figures", _unpack_figures(data, pos + 8), data[pos + 8] > 7))
                 elif size:
                     raise ProtocolError("a ready message has no body")
                 else:

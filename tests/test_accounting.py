@@ -136,3 +136,43 @@ def test_thread_jobs_measure_their_own_thread():
         job = Q.get(wait=True)
     assert job["cpu_user"] + job["cpu_system"] == pytest.approx(0.3, rel=0.2)
     assert job["max_rss"] is None and job["pid"] != os.getpid()
+
+
+def test_procmeter_reads_a_process_and_its_children_from_outside():
+    """The server's reading of another user's worker (meter.ProcMeter): CPU
+    of the process and of a child still running, the peak since the last
+    reading, each reading the next one's baseline."""
+    import subprocess
+    import sys
+    from ezpq_mgr.meter import ProcMeter
+    from ezpq_mgr.procutil import kill_tree
+    code = ("import os, sys, time\n"
+            "def burn(s):\n"
+            "    t = time.process_time()\n"
+            "    while time.process_time() - t < s: pass\n"
+            "sys.stdin.readline()\n"
+            "burn(0.4); block = b'x' * (150 << 20); del block\n"
+            "if os.fork() == 0:\n"
+            "    burn(0.3); print('done', flush=True); time.sleep(60); os._exit(0)\n"
+            "sys.stdin.readline()\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        meter = ProcMeter(p.pid)
+        idle_u, idle_s, idle_peak = meter.take()
+        assert idle_u + idle_s < 0.1 and idle_peak < 100 * MiB
+        p.stdin.write(b"\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == b"done\n"   # the child burnt its CPU and sleeps, alive
+        u, s, peak = meter.take()
+        assert u + s >= 0.6, (u, s)               # 0.4 s its own, 0.3 s its live child's
+        assert peak >= 150 * MiB
+        u, s, peak = meter.take()                 # nothing since
+        assert u + s < 0.05 and peak < 100 * MiB
+        assert meter.cpu()[2] == 1                # one descendant
+        meter.close()
+        meter.close()                             # once only: the numbers may be reused
+    finally:
+        kill_tree([p.pid])
+        p.wait()
+        p.stdin.close()
+        p.stdout.close()

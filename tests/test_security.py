@@ -340,15 +340,17 @@ def test_bad_frames_from_a_job_freeze_nothing(worker_server, users, kind):
 # ---------------------------------------------------------------------- item 10b
 def a_stops_its_idle_worker_then_sends_5mb(worker_server):
     def stop_me_later():
+        import _thread
         import os as _os
         import signal as _signal
-        import threading as _threading
         import time as _time
 
         def later():
             _time.sleep(0.3)
             _os.kill(_os.getpid(), _signal.SIGSTOP)
-        _threading.Thread(target=later, daemon=True).start()
+        # a thread ``threading`` does not know of (a Python thread would make
+        # the worker leave after the job); stopped, the worker burns no CPU
+        _thread.start_new_thread(later, ())
         return _os.getpid()
 
     with _queue(worker_server, "stopper") as Q:
@@ -663,6 +665,265 @@ def test_a_user_whose_worker_cannot_start_gets_failed_jobs_not_a_spawn_loop(work
     assert time.monotonic() - t0 < 20
     assert run_as(users[USERS[1]], one_quick_job, worker_server)[:2] == ("completed", 7)
 
+
+
+# ------------------------------------------- a job that says it is done and runs on (issue 10c)
+def forged_frames(figures_too):
+    """A RESULT for the job in hand (output 'forged', figures to follow) and,
+    ``figures_too``, the FIGURES that complete it: what a job can write to
+    its own worker's channel before it has really finished."""
+    import pickle
+    from ezpq_mgr import workerproto
+    now = time.time()
+    frames = workerproto.encode_result("completed", 0, now, now, pickle.dumps("forged"), None, None)
+    if figures_too:
+        frames += workerproto.encode_figures((0.0, 0.0, 4096, "vmhwm", None))
+    return frames
+
+
+def forge_then(frames, directory, then):
+    """Job body: write ``frames`` to its worker's channel, leave a pid file
+    in ``directory``, then go on: ``sleep``, ``memory`` (touch 300 MB and
+    sleep), ``loop`` (burn CPU), ``child`` (a child burns CPU, we sleep).
+    Everything ends by itself after 25 s, killed or not."""
+    def job():
+        import os as _os
+        import time as _time
+        for name in _os.listdir("/proc/self/fd"):
+            try:
+                if _os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    _os.write(int(name), frames)
+            except OSError:
+                pass
+        end = _time.monotonic() + 25
+        pids = [_os.getpid()]
+        if then == "child":
+            pid = _os.fork()
+            if pid == 0:
+                while _time.monotonic() < end:
+                    pass
+                _os._exit(0)
+            pids.append(pid)
+        with open(_os.path.join(directory, "pids-" + "-".join(map(str, pids))), "w"):
+            pass
+        block = b"\x01" * (300 << 20) if then == "memory" else None
+        while _time.monotonic() < end:
+            if then != "loop":
+                _time.sleep(0.05)
+        del block
+        return "real"
+    return job
+
+
+def _pids_in(directory):
+    names = [n for n in os.listdir(directory) if n.startswith("pids-")]
+    return [int(x) for x in names[0].split("-")[1:]] if names else []
+
+
+LIMITS = {"timeout": {"timeout": 1.5}, "max_memory": {"max_memory": 150 << 20}, "cancel": {}}
+
+
+def a_forges_its_result_under_a_limit(worker_server, limit):
+    """A's job sends a forged result and runs on; A's next job is put once
+    the forgery is in (so it is handed to the same worker, as the worker
+    looks free); with ``cancel``, A then cancels the first."""
+    directory = os.path.join(worker_server.dir, "forge-" + limit)
+    os.mkdir(directory)
+    with _queue(worker_server, "forger") as Q:
+        first = Q.put(forge_then(forged_frames(False), directory, "memory" if limit == "max_memory" else "sleep"),
+                      **LIMITS[limit])
+        assert _wait_for(lambda: _pids_in(directory), 20)
+        second = Q.put(int, args=[5])
+        time.sleep(0.2)  # both are in the server: the second is handed to the forger's worker
+        cancelled = Q.cancel(first) if limit == "cancel" else None
+        jobs = {}
+        for _ in range(2):
+            job = Q.get(wait=True, timeout=15)
+            if job is not None:
+                jobs[job["id"]] = (job["status"], job["output"], job["exception"])
+    return jobs.get(first), jobs.get(second), _pids_in(directory), cancelled
+
+
+@needs_root
+@pytest.mark.parametrize("limit", sorted(LIMITS))
+def test_a_job_that_forges_its_result_stays_under_its_limits(worker_server, users, limit):
+    a, b = users[USERS[0]], users[USERS[1]]
+    first, second, pids, cancelled = run_as(a, a_forges_its_result_under_a_limit, worker_server, limit)
+    assert cancelled in (None, True), "cancel() refused: the job is still running"
+    expected = {"timeout": "timeout", "max_memory": "killed", "cancel": "cancelled"}[limit]
+    assert first is not None and first[0] == expected and first[1] != "forged", (first, second)
+    if limit == "max_memory":
+        assert "max_memory" in first[2], first
+    assert second == ("completed", 5, None), (first, second)   # not lost, not charged with the kill
+    assert _wait_for(lambda: not any(_alive(p) for p in pids), 3), pids
+    assert run_as(b, one_quick_job, worker_server)[:2] == ("completed", 7)
+
+
+def a_forges_its_figures_then_burns(worker_server, then):
+    directory = os.path.join(worker_server.dir, "burn-" + then)
+    os.mkdir(directory)
+    with _queue(worker_server, "burner") as Q:
+        Q.put(forge_then(forged_frames(True), directory, then))
+        job = Q.get(wait=True, timeout=20)
+        t0 = time.monotonic()
+        assert _wait_for(lambda: _pids_in(directory), 10)
+    return job and (job["status"], job["output"]), _pids_in(directory), t0
+
+
+@needs_root
+@pytest.mark.parametrize("then", ["loop", "child"])
+def test_a_worker_counted_idle_that_burns_cpu_is_ended(worker_server, users, then):
+    """Result and figures forged, the job burns CPU on (or its child does):
+    the server counts the worker idle, so it must see for itself that an
+    idle worker of another user burns no CPU, and end it within seconds."""
+    a, b = users[USERS[0]], users[USERS[1]]
+    job, pids, t0 = run_as(a, a_forges_its_figures_then_burns, worker_server, then)
+    assert job == ("completed", "forged")   # its own job: what it says about it stands
+    assert pids
+    assert _wait_for(lambda: not any(_alive(p) for p in pids), 10), \
+        f"{[p for p in pids if _alive(p)]} still burning {time.monotonic() - t0:.1f} s after its job ended"
+    assert run_as(b, one_quick_job, worker_server)[:2] == ("completed", 7)
+
+
+# ------------------------------------------- a job's thread outlives it (issue 10c)
+def a_leaves_a_thread(worker_server, daemon):
+    def job(daemon):
+        import os as _os
+        import threading as _threading
+        import time as _time
+
+        def forever():
+            while True:
+                _time.sleep(0.05)
+        _threading.Thread(target=forever, daemon=daemon).start()
+        return _os.getpid()
+
+    with _queue(worker_server, "threads") as Q:
+        Q.put(job, args=[daemon])
+        first = Q.get(wait=True, timeout=20)
+        Q.put(os.getpid)
+        second = Q.get(wait=True, timeout=20)
+    return [(j["status"], j["output"]) for j in (first, second)]
+
+
+@needs_root
+@pytest.mark.parametrize("daemon", [True, False], ids=["daemon", "non-daemon"])
+def test_a_worker_left_with_a_jobs_thread_is_not_reused(worker_server, users, daemon):
+    a, b = users[USERS[0]], users[USERS[1]]
+    (s1, pid1), (s2, pid2) = run_as(a, a_leaves_a_thread, worker_server, daemon)
+    assert s1 == s2 == "completed"
+    assert pid2 != pid1                      # the next job ran in a fresh worker
+    assert _wait_for(lambda: not _alive(pid1), 5), pid1
+    assert run_as(b, one_quick_job, worker_server)[:2] == ("completed", 7)
+
+
+# ------------------------------------------- a retired worker that does not leave (issue 10c)
+def stop_my_worker_soon():
+    """Job body: a thread of it SIGSTOPs the worker once the job returned, so
+    the worker never reads the STOP it is sent when it is retired."""
+    def job():
+        import os as _os
+        import signal as _signal
+        import threading as _threading
+        import time as _time
+
+        def later():
+            _time.sleep(1.0)
+            _os.kill(_os.getpid(), _signal.SIGSTOP)
+        _threading.Thread(target=later, daemon=True).start()
+        _time.sleep(0.5)  # the other worker takes the other job meanwhile
+        return _os.getpid()
+    return job
+
+
+def _stopped(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def retire_a_stopped_worker(Q, set_workers):
+    """Stop both of the queue's two workers (the job above on each), then
+    drop to one worker: one of them is retired and must be gone within
+    seconds, although it never reads its STOP. The one kept is let go on
+    (SIGCONT) and serves the next job. Returns (whether one was gone,
+    seconds it took, the next job's status and output)."""
+    Q.put(stop_my_worker_soon())
+    Q.put(stop_my_worker_soon())
+    jobs = [Q.get(wait=True, timeout=60), Q.get(wait=True, timeout=60)]
+    assert all(j and j["status"] == "completed" for j in jobs), jobs
+    pids = {j["output"] for j in jobs}
+    assert len(pids) == 2, pids
+    assert _wait_for(lambda: all(_stopped(p) for p in pids), 5), pids
+    t0 = time.monotonic()
+    set_workers(1)
+    gone = _wait_for(lambda: any(not _alive(p) for p in pids), 15)
+    took = time.monotonic() - t0
+    for pid in pids:   # ours (root's own workers, or this user's): let the kept one run on
+        if _alive(pid):
+            os.kill(pid, signal.SIGCONT)
+    Q.put(int, args=[5])
+    after = Q.get(wait=True, timeout=60)
+    return gone, took, after and (after["status"], after["output"])
+
+
+@needs_root
+def test_a_retired_worker_that_does_not_exit_is_killed_root_server(worker_server):
+    """The root server's own workers (the fixture's start method)."""
+    server = Remote(worker_server.address, worker_server.key)   # root: the server's workers
+    with _queue(worker_server, "retire") as Q:
+        gone, took, after = retire_a_stopped_worker(Q, lambda n: server.call("set_workers", n))
+    assert gone, f"the retired worker is still there {took:.1f} s after it was retired"
+    assert after == ("completed", 5)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_retired_worker_that_does_not_exit_is_killed_embedded(method):
+    with ezpq.Queue(n_workers=2, start_method=method) as Q:
+        gone, took, after = retire_a_stopped_worker(Q, Q.set_workers)
+    assert gone, f"the retired worker is still there {took:.1f} s after it was retired"
+    assert after == ("completed", 5)
+
+
+# ------------------------------------------- a job forges its own figures (issue 10d)
+def a_forges_its_figures(worker_server):
+    def job():
+        import time as _time
+        from ezpq_mgr import workerproto as _wp
+        real = _wp.encode_figures
+        # every FIGURES its worker sends from now on says: no CPU, 4 KiB
+        _wp.encode_figures = lambda figures, *a, **k: real((0.001, 0.0, 4096, "vmhwm", None), *a, **k)
+        t0 = _time.process_time()
+        while _time.process_time() - t0 < 1.0:
+            pass
+        block = b"\x01" * (200 << 20)
+        del block
+        return "done"
+
+    with _queue(worker_server, "figures") as Q:
+        Q.put(job)
+        got = Q.get(wait=True, timeout=30)
+    return {k: got[k] for k in ("status", "output", "cpu_user", "cpu_system", "max_rss")}
+
+
+@needs_root
+def test_a_job_cannot_forge_its_cpu_and_memory_figures(worker_server, users):
+    a, b = users[USERS[0]], users[USERS[1]]
+    got = run_as(a, a_forges_its_figures, worker_server)
+    assert (got["status"], got["output"]) == ("completed", "done"), got
+    assert got["cpu_user"] + got["cpu_system"] >= 0.9, got
+    assert got["max_rss"] >= 200 << 20, got
+
+    def row():
+        with open(worker_server.log_file, newline="") as f:
+            return next((r for r in csv.DictReader(f) if r["user"] == USERS[0]), None)  # A's one job
+    assert _wait_for(row, 10)
+    logged = row()
+    assert float(logged["cpu_user"]) + float(logged["cpu_system"]) >= 0.9, logged
+    assert int(logged["max_rss"]) >= 200 << 20, logged
+    assert run_as(b, one_quick_job, worker_server)[:2] == ("completed", 7)
 
 # ============================================================================
 # Clients and strangers against the transport

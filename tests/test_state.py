@@ -212,8 +212,6 @@ def test_a_released_job_frees_its_slot_but_stays_working_until_finished(state):
     counts = state.counts("q")
     assert (counts["running"], counts["working"], counts["completed"]) == (0, 1, 0)
     assert state.pop_completed("q") == []          # nothing to collect yet
-    assert state.cancel("q", first.id) is False    # nothing left to stop
-    assert state.take_kill_requests() == []
     with state.cond:
         second = state.pick()                      # the slot went to the next job
     assert second is not None and state.counts("q")["running"] == 1
@@ -296,3 +294,39 @@ def test_a_move_outside_the_transitions_is_refused(state):
     with state.cond, pytest.raises(AssertionError, match="no move from WAITING to HELD"):
         state._move(state.queues["q"], r, Phase.HELD)
     assert r.phase is Phase.WAITING
+
+
+def test_a_released_job_can_still_be_cancelled(state):
+    """Its result may be one the job forged while it runs on: until its
+    figures arrive the supervisor can still stop it."""
+    state.add("q", [rec()])
+    with state.cond:
+        first = state.pick()
+    state.release(first.seq)
+    assert state.cancel("q", first.id) is True
+    assert state.take_kill_requests() == [(first.seq, JobStatus.CANCELLED, "cancelled by request")]
+
+
+@pytest.mark.parametrize("lane", [None, "L"])
+def test_a_requeued_job_waits_again_first_in_line(state, lane):
+    state.add("q", [rec(lane=lane), rec(lane=lane)])
+    with state.cond:
+        first = state.pick()
+    state.requeue(first.seq)   # its worker was killed before it ever read it
+    counts = state.counts("q")
+    assert (counts["waiting"], counts["running"], state.n_running) == (2, 0, 0)
+    assert state.user_running["u"] == 0
+    assert (first.status, first.attempts, first.started, first.pid) == (JobStatus.WAITING, 0, None, None)
+    assert run_all(state) == [("q", first.id), ("q", first.id + 1)]
+    assert state.records[first.seq].attempts == 1
+
+
+def test_a_requeued_job_that_was_asked_to_stop_ends_so(state):
+    state.add("q", [rec()])
+    with state.cond:
+        first = state.pick()
+    assert state.cancel("q", first.id)
+    state.requeue(first.seq)
+    job = state.pop_completed("q")[0]
+    assert job["status"] == "cancelled" and state.take_kill_requests() == []
+    assert state.counts("q")["working"] == 0 and state.n_running == 0

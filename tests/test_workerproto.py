@@ -13,13 +13,20 @@ from ezpq_mgr import workerproto as wp
 def test_round_trips():
     figs = (0.5, 0.25, 123 << 20, "vmhwm", None)
     frames = (wp.encode_ready() + wp.encode_result("failed", 3, 1.5, 2.5, b"\x80out", "Tracebäck", None)
-              + wp.encode_figures(figs) + wp.encode_result("completed", 0, 1.0, 2.0, None, None, wp.NO_FIGURES))
+              + wp.encode_figures(figs) + wp.encode_result("completed", 0, 1.0, 2.0, None, None, wp.NO_FIGURES)
+              + wp.encode_result("completed", 0, 1.0, 2.0, None, None, None)
+              + wp.encode_figures(figs, leaving=True)
+              + wp.encode_result("completed", 0, 1.0, 2.0, None, None, figs, leaving=True))
     reader = wp.FrameReader()
     got = []
     for i in range(len(frames)):  # one byte at a time: frames complete only when whole
         got += reader.feed(frames[i:i + 1])
-    assert got == [("ready",), ("result", "failed", 3, 1.5, 2.5, b"\x80out", "Tracebäck", None),
-                   ("figures", figs), ("result", "completed", 0, 1.0, 2.0, None, None, wp.NO_FIGURES)]
+    assert got == [("ready",), ("result", "failed", 3, 1.5, 2.5, b"\x80out", "Tracebäck", None, False),
+                   ("figures", figs, False),
+                   ("result", "completed", 0, 1.0, 2.0, None, None, wp.NO_FIGURES, False),
+                   ("result", "completed", 0, 1.0, 2.0, None, None, None, False),
+                   ("figures", figs, True),      # the worker leaves after this job
+                   ("result", "completed", 0, 1.0, 2.0, None, None, figs, True)]
     assert not reader.partial
 
 
@@ -52,6 +59,11 @@ def _frame(kind, body, version=wp.VERSION, reserved=0):
     (_frame(wp.RESULT, struct.pack("!Biddb", 7, 0, 1.0, 2.0, 0) + b"\xff" * 8), "bad result"),
     (_frame(wp.RESULT, struct.pack("!Biddb", 0, 0, float("nan"), 2.0, 0) + b"\xff" * 8), "out of range"),
     (_frame(wp.FIGURES, struct.pack("!BddqqB", 1, -1.0, 0, 0, 0, 0)), "range"),
+    (_frame(wp.FIGURES, struct.pack("!BddqqB", 16, 0, 0, 0, 0, 0)), "bad figures"),
+    # "leaving" without the figures that end the job, or as a figures bit inside a result
+    (_frame(wp.RESULT, struct.pack("!Biddb", 0, 0, 1.0, 2.0, 2) + b"\xff" * 8), "bad result"),
+    (_frame(wp.RESULT, struct.pack("!Biddb", 0, 0, 1.0, 2.0, 1) + struct.pack("!BddqqB", 11, 0, 0, 0, 0, 0)
+            + b"\xff" * 8), "bad figures"),
 ])
 def test_anything_else_is_refused(data, why):
     with pytest.raises(wp.ProtocolError, match=why):
