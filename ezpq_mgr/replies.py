@@ -68,9 +68,6 @@ class Outbox:
     def put(self, d: Deferred) -> None:
         self._items.append(d)
 
-    def __contains__(self, d: Deferred) -> bool:
-        return d in self._items
-
     def __bool__(self) -> bool:
         return bool(self._items)
 
@@ -144,7 +141,7 @@ class ConnectionServer:
                     logger.exception("a disconnect hook failed")
 
     def _loop(self, conn: PeerConnection) -> None:
-        service, exposed, outbox = self.service, self.exposed, self.state.outbox
+        service, exposed = self.service, self.exposed
         while not self.stop_event.is_set():
             conn.wait_drained()  # one reply in flight per connection, at most
             if conn.closed:
@@ -170,7 +167,6 @@ class ConnectionServer:
                     msg = ("#RETURN", getattr(service, method)(*args))
                 except Exception as e:
                     msg = ("#ERROR", e)
-            outbox.deliver()
             if msg[1] is DEFERRED:
                 self._park(conn, _local.parked)
                 continue

@@ -348,7 +348,7 @@ class Supervisor:
                     self._check_stalls()
                 for w in deaths:
                     self._on_death(w)
-            self.state.outbox.deliver()  # answers our results made possible, outside the lock
+            # (answers our results made possible were sent as that lock was let go: StateLock)
             with self.state.cond:
                 if (self.state.kill_requests or self._has_limits()
                         or (self._due is not None and time.monotonic() >= self._due)):
@@ -357,7 +357,6 @@ class Supervisor:
                 queued, self._queued = self._queued, []
             if queued:
                 self._flush(queued)
-            self.state.outbox.deliver()
 
     def _has_limits(self) -> bool:
         """Is some job under a deadline or a memory cap (its figures due or not)?"""

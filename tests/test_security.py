@@ -1007,6 +1007,15 @@ def logged_server():
     assert s.stop() == 0, s.text()
 
 
+def let_go(go, p):
+    """Tell the attacker process ``p`` to let go (``go``) and reap it."""
+    go.set()
+    p.join(20)
+    if p.is_alive():
+        p.kill()
+        p.join()
+
+
 def served_within(logged_server, seconds=1.0):
     """A fresh client gets an answer within ``seconds``."""
     t0 = time.monotonic()
@@ -1188,11 +1197,7 @@ def test_idle_unauthenticated_connections_are_closed_and_others_served(logged_se
         assert t_closed - t_open < 10
         assert served_within(logged_server)
     finally:
-        go.set()
-        p.join(20)
-        if p.is_alive():
-            p.kill()
-            p.join()
+        let_go(go, p)
 
 
 def _as(pw, fn):
@@ -1447,11 +1452,7 @@ def test_connections_stalled_mid_message_are_capped_per_user(logged_server, user
         grown = vm(pid, "VmHWM") - before
         assert grown < 64 * 2**20, f"{opened} stalled 1 MiB messages grew the server by {grown / 2**20:.0f} MiB"
     finally:
-        go.set()
-        p.join(20)
-        if p.is_alive():
-            p.kill()
-            p.join()
+        let_go(go, p)
 
 
 # --------------------------- item 20: what strangers get, what is logged
