@@ -63,19 +63,19 @@ class Outbox:
     """Answers computed under the state's lock, sent after it is released."""
 
     def __init__(self) -> None:
-        self._items: "collections.deque[Deferred]" = collections.deque()
+        self.items: "collections.deque[Deferred]" = collections.deque()
 
     def put(self, d: Deferred) -> None:
-        self._items.append(d)
+        self.items.append(d)
 
     def __bool__(self) -> bool:
-        return bool(self._items)
+        return bool(self.items)
 
     def deliver(self) -> None:
         """Send every pending answer (any thread; each is sent exactly once)."""
-        while self._items:
+        while self.items:
             try:
-                d = self._items.popleft()
+                d = self.items.popleft()
             except IndexError:
                 return
             d.send(d.result)

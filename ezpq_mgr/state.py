@@ -37,7 +37,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
-import threading
+import _thread
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -137,29 +137,26 @@ class QueueInfo:
         return self.count[WAITING] + self.n_working
 
 
-class StateLock:
+class StateLock(_thread.RLock):
     """The state's (re-entrant) lock. Leaving its outermost hold sends the
     answers queued in the outbox meanwhile, so an answer made possible by any
     change is sent at once, by the thread that made the change, outside the
-    lock (a large result is never written while the lock is held)."""
+    lock (a large result is never written while the lock is held).
 
-    __slots__ = ("_lock", "_depth", "_outbox")
+    A subclass of the C ``RLock``: entering is the C ``acquire`` itself, and
+    only the exit runs Python (the lock is taken several times per job)."""
 
-    def __init__(self, outbox: Outbox):
-        self._lock = threading.RLock()
-        self._depth = 0          # changed only by the holder
+    def __new__(cls, outbox: Outbox) -> "StateLock":
+        self = super().__new__(cls)
         self._outbox = outbox
-
-    def __enter__(self) -> "StateLock":
-        self._lock.acquire()
-        self._depth += 1
         return self
 
+    def __init__(self, outbox: Outbox) -> None:
+        pass
+
     def __exit__(self, *exc) -> None:
-        self._depth -= 1
-        outer = self._depth == 0
-        self._lock.release()
-        if outer and self._outbox:
+        self.release()
+        if self._outbox.items and not self._is_owned():
             self._outbox.deliver()
 
 

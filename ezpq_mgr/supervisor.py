@@ -315,12 +315,9 @@ class Supervisor:
 
     # ----------------------------------------------------------------- loop
     def run(self) -> None:
+        with self.state.cond:
+            timeout = self._next_timeout()
         while not self._stopping:
-            with self.state.cond:
-                timeout = self._next_timeout()
-                if self._rearm:   # only when a flush left bytes behind or emptied them
-                    self._rearm = False
-                    self._watch_writes()
             events = self._selector.select(timeout)
             if self._stopping:
                 break
@@ -340,6 +337,9 @@ class Supervisor:
                         inbox.append((w,) + self._read(w))   # outside the lock; a dead one's is dropped
                 elif kind == "sentinel":
                     deaths.append(w)
+            # one hold of the state's lock per round: results in, limits,
+            # dispatch, the next timer; letting it go sends the answers our
+            # results made possible (StateLock), then the jobs go out
             with self.state.cond:
                 for w, messages, error in inbox:
                     if not w.dead:
@@ -348,13 +348,15 @@ class Supervisor:
                     self._check_stalls()
                 for w in deaths:
                     self._on_death(w)
-            # (answers our results made possible were sent as that lock was let go: StateLock)
-            with self.state.cond:
                 if (self.state.kill_requests or self._has_limits()
                         or (self._due is not None and time.monotonic() >= self._due)):
                     self._enforce_limits()
                 self._dispatch()
                 queued, self._queued = self._queued, []
+                timeout = self._next_timeout()
+                if self._rearm:   # only when a flush left bytes behind or emptied them
+                    self._rearm = False
+                    self._watch_writes()
             if queued:
                 self._flush(queued)
 
