@@ -53,7 +53,7 @@ import math
 import struct
 from typing import List, Optional, Tuple
 
-from .messages import NO_FIGURES, Env, Figures, LateFigures, Ready, Result, RunJob
+from .messages import NO_FIGURES, Env, Figures, LateFigures, Ready, Result, RunJob, Stop
 
 __all__ = ["VERSION", "READY", "JOB", "RESULT", "FIGURES", "STOP", "ProtocolError",
            "FrameReader", "encode_ready", "encode_stop", "encode_job", "decode_job",
@@ -65,7 +65,8 @@ CANNOT_LOAD = "the worker cannot load this job's function"
 
 VERSION = 1
 READY, JOB, RESULT, FIGURES, STOP = 1, 2, 3, 4, 5
-NAMES = {READY: "ready", JOB: "job", RESULT: "result", FIGURES: "figures", STOP: "stop"}
+#: The record (messages.py) each kind of frame carries.
+RECORDS = {READY: Ready, JOB: RunJob, RESULT: Result, FIGURES: LateFigures, STOP: Stop}
 DEFAULT_MAX_MESSAGE = 256 << 20
 
 HEADER = struct.Struct("!BBHI")

@@ -112,3 +112,14 @@ def test_a_result_with_times_that_are_no_dates_is_a_violation():
             wp.FrameReader().feed(frame)
     ok = wp.encode_result("completed", 0, 1.7e9, 1.7e9 + 1, None, None, wp.NO_FIGURES)
     assert type(wp.FrameReader().feed(ok)[0]) is Result
+
+
+def test_each_kind_byte_names_one_record():
+    from ezpq_mgr.messages import Stop
+    frames = {wp.READY: wp.encode_ready(), wp.STOP: wp.encode_stop(),
+              wp.JOB: b"".join(wp.encode_job(b"f", b"a", None, False))}
+    for kind, frame in frames.items():
+        assert wp.HEADER.unpack_from(frame)[1] == kind
+    assert type(wp.FrameReader().feed(frames[wp.READY])[0]) is wp.RECORDS[wp.READY] is Ready
+    assert type(wp.decode_job(frames[wp.JOB][wp.HEADER.size:])) is wp.RECORDS[wp.JOB] is RunJob
+    assert wp.RECORDS[wp.STOP] is Stop
