@@ -108,6 +108,15 @@ def segfault():
     ctypes.string_at(0)
 
 
+def raise_signal(signum):
+    """Die of ``signum`` sent to ourselves, as a crash would (the default
+    action, even where Python or a test runner installed a handler)."""
+    import signal
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    time.sleep(10)
+
+
 def write_pid_and_sleep(path):
     with open(path + ".tmp", "w") as f:
         f.write(str(os.getpid()))
