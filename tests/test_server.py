@@ -188,6 +188,23 @@ def test_cli_end_to_end(server, tmp_path):
     assert Remote(server.address, server.key).call("n_workers") == 3
     code, _, err = run_cli(server, "frobnicate")
     assert code == 2
+    code, _, err = run_cli(server, "submit", "--")
+    assert code == 2 and "no command given" in err and "Traceback" not in err
+
+
+def test_cli_submit_prints_the_number_of_the_job_it_made(server):
+    """The number comes from the server's reply to the submit itself: jobs
+    submitted meanwhile on the same qid (by a Queue or another submit) do
+    not change it."""
+    with ezpq.Queue(address=server.address, authkey=server.key, qid="cli") as Q:
+        Q.put(sleep_for, 0, name="queued by a Queue")
+        code, out, err = run_cli(server, "--json", "submit", "--name", "mine", "--", "true")
+        Q.put(sleep_for, 0, name="after")
+        assert code == 0, err
+        made = json.loads(out)
+        shown = json.loads(run_cli(server, "show", str(made["job"]))[1])
+        assert shown["name"] == "mine" and shown["id"] == made["id"] == 2 and made["qid"] == "cli"
+        Q.wait()
 
 
 def test_report_totals_equal_the_accounting_csv(server):
