@@ -176,18 +176,22 @@ def server_main(argv: Optional[List[str]] = None) -> None:
         p.error("--keep-finished must be a finite number of seconds >= 0")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s ezpq-server[%(process)d] %(levelname)s %(message)s")
+    from .server import ServerDied
     try:
         _serve(args)
     except StartupError as exc:
         print(f"ezpq-server: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(EXIT_SERVER_REFUSED)
+    except ServerDied as exc:
+        print(f"ezpq-server: {exc}", file=sys.stderr)
+        sys.exit(EXIT_SERVER_FAILED)
 
 
 def _serve(args: argparse.Namespace) -> None:
     """Check the key and the address, then serve until stopped. Anything
     that stops it before it is up is a ``StartupError`` (one line)."""
     from .accounting import LogFileError
-    from .server import serve
+    from .server import ServerDied, serve
 
     key = ensure_authkey(args.authkey_file or authkey_path())
     if args.socket:
@@ -216,6 +220,8 @@ def _serve(args: argparse.Namespace) -> None:
         logger.debug("start-up failed", exc_info=True)
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise StartupError(f"cannot serve on {describe_address(address)}: {why}") from None
+    except ServerDied:
+        raise
     except Exception as exc:  # anything else before the server was up: still one line
         if ready:
             raise
