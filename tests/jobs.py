@@ -122,3 +122,18 @@ def write_pid_and_sleep(path):
         f.write(str(os.getpid()))
     os.rename(path + ".tmp", path)
     time.sleep(30)
+
+
+def wait_until_running(Q, job_id, timeout=20):
+    """Poll the job's state until it runs, with a deadline (a real event
+    to wait on, not a pause that hopes the job started meanwhile). Not
+    there yet is waiting too: a put another thread flushed may still be
+    on its way on that thread's connection."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = {j["id"]: j["status"] for j in Q.jobs()}.get(job_id, "not there yet")
+        if status == "working":
+            return
+        assert status in ("waiting", "not there yet") and time.monotonic() < deadline, \
+            f"job {job_id} is {status}"
+        time.sleep(0.01)

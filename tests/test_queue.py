@@ -11,7 +11,7 @@ import pytest
 
 import ezpq_mgr as ezpq
 from ezpq_mgr.job import FIELDS
-from jobs import (exit_hard, fail, generator_output, return_me, sleep_for, square)
+from jobs import (exit_hard, fail, generator_output, return_me, sleep_for, square, wait_until_running)
 
 
 @pytest.fixture
@@ -200,17 +200,6 @@ def test_unpicklable_output_fails_that_job_only(Q):
     assert job["status"] == "failed" and "cannot be pickled" in job["exception"]
     Q.put(square, 5)
     assert Q.get(wait=True)["output"] == 25
-
-
-def wait_until_running(Q, job_id, timeout=20):
-    """Poll the job's state until it runs (a deadline, not a pause)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = {j["id"]: j["status"] for j in Q.jobs()}[job_id]
-        if status == "working":
-            return
-        assert status == "waiting" and time.monotonic() < deadline, f"job {job_id} is {status}"
-        time.sleep(0.01)
 
 
 def test_cancel_waiting_and_running(Q):

@@ -13,7 +13,7 @@ import pytest
 
 import ezpq_mgr as ezpq
 from ezpq_mgr.connection import Remote
-from jobs import sleep_for, square
+from jobs import sleep_for, square, wait_until_running
 from server_fixture import Server
 
 
@@ -233,9 +233,7 @@ def test_cli_cannot_connect():
 
 def test_sigterm_stops_server_and_workers(server):
     Q = ezpq.Queue(address=server.address, authkey=server.key, n_workers=1)
-    Q.put(sleep_for, 30)
-    while not Q.is_working():
-        Q.wait_worker(timeout=0.05)
+    wait_until_running(Q, Q.put(sleep_for, 30))
     tree = psutil.Process(server.proc.pid).children(recursive=True)
     assert tree
     assert server.stop(keep_files=True) == 0  # SIGTERM
@@ -269,7 +267,7 @@ def test_thread_jobs_run_in_a_worker_process_not_the_server(server):
 def test_a_blocked_get_notices_a_dead_server(server):
     import threading
     Q = ezpq.Queue(address=server.address, authkey=server.key)
-    Q.put(sleep_for, 30)
+    job_id = Q.put(sleep_for, 30)
     errors = []
     started = threading.Event()
 
@@ -283,8 +281,7 @@ def test_a_blocked_get_notices_a_dead_server(server):
     t = threading.Thread(target=blocked)
     t.start()
     assert started.wait(5)
-    while not Q.is_working():
-        Q.wait_worker(timeout=0.05)
+    wait_until_running(Q, job_id)
     tree = psutil.Process(server.proc.pid).children(recursive=True)
     server.proc.kill()
     server.proc.wait()
