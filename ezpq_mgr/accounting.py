@@ -37,7 +37,7 @@ import time
 from datetime import datetime
 from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional
 
-from .job import FIELDS
+from .job import FIELDS, TIMES
 from .peers import describe_user
 
 __all__ = ["AccountingLog", "LogFileError", "ROW_FIELDS", "report", "REPORT_KEYS", "MEMORY_ROWS",
@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 ROW_FIELDS = tuple(f for f in FIELDS if f not in ("output", "args", "kwargs")) + ("uid", "job")
 REPORT_KEYS = ("user", "function", "qid")
-_TIMES = ("submitted", "started", "ended", "processed")
 
 #: Without a log file, ``report`` sees at most this many recent rows.
 MEMORY_ROWS = 10_000
@@ -60,7 +59,7 @@ _BATCH = 512  # rows per write(2)
 
 #: JobRecord attributes kept per finished job (payloads and blobs never are)
 _RAW_FIELDS = tuple(f for f in ROW_FIELDS
-                    if f not in ("job", "lane", "callback", "qid", "status", "runtime")) + ("seq", "lane_text")
+                    if f not in ("job", "lane", "callback", "qid", "status")) + ("seq", "lane_text")
 _KEPT = _RAW_FIELDS + ("qid", "status")
 _UID = _KEPT.index("uid")
 _raw_values = operator.attrgetter(*_RAW_FIELDS)
@@ -82,9 +81,7 @@ def _row(raw: tuple) -> dict:
     row["job"] = row.pop("seq")
     row["lane"] = row.pop("lane_text")
     row["callback"] = None  # a pickled client-side value: the server never unpickles it
-    if row.get("started") is not None and row.get("ended") is not None:
-        row["runtime"] = row["ended"] - row["started"]
-    for key in _TIMES:
+    for key in TIMES:
         if row.get(key) is not None:
             row[key] = datetime.fromtimestamp(row[key]).isoformat(sep=" ")
     return row

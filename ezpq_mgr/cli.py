@@ -23,7 +23,7 @@ import stat
 import sys
 from typing import List, Optional
 
-from .connection import DEFAULT_PORT, authkey_path, parse_address
+from .connection import DEFAULT_PORT, authkey_path, describe_address, parse_address
 from .peers import describe_user
 
 logger = logging.getLogger(__name__)
@@ -131,11 +131,6 @@ def _log_level(text: str) -> str:
     return level
 
 
-def _refuse(message: str) -> None:
-    print(f"ezpq-server: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(EXIT_SERVER_REFUSED)
-
-
 #: ``ezpq-server`` exit codes: 0 stopped (SIGTERM/SIGINT), 1 failed while
 #: serving, 2 refused to start (usage, key, socket, log file or address:
 #: one line on stderr saying why).
@@ -151,8 +146,6 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     on stderr, never a traceback."""
     import faulthandler
     import signal
-    from .accounting import LogFileError
-    from .server import serve
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
     p = argparse.ArgumentParser(prog="ezpq-server", description="Run a shared ezpq_mgr server.",
@@ -183,19 +176,32 @@ def server_main(argv: Optional[List[str]] = None) -> None:
         p.error("--keep-finished must be a finite number of seconds >= 0")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s ezpq-server[%(process)d] %(levelname)s %(message)s")
+    from .server import ServerDied
     try:
-        key = ensure_authkey(args.authkey_file or authkey_path())
-        if args.socket:
-            address = args.socket
-            claim_socket(address)
-        else:
-            try:
-                address = parse_address(args.address)
-            except ValueError as exc:
-                raise StartupError(str(exc)) from None
+        _serve(args)
     except StartupError as exc:
-        _refuse(str(exc))
-    where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+        print(f"ezpq-server: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(EXIT_SERVER_REFUSED)
+    except ServerDied as exc:
+        print(f"ezpq-server: {exc}", file=sys.stderr)
+        sys.exit(EXIT_SERVER_FAILED)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """Check the key and the address, then serve until stopped. Anything
+    that stops it before it is up is a ``StartupError`` (one line)."""
+    from .accounting import LogFileError
+    from .server import ServerDied, serve
+
+    key = ensure_authkey(args.authkey_file or authkey_path())
+    if args.socket:
+        address = args.socket
+        claim_socket(address)
+    else:
+        try:
+            address = parse_address(args.address)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
     ready = []
 
     def on_ready(bound) -> None:
@@ -207,17 +213,20 @@ def server_main(argv: Optional[List[str]] = None) -> None:
               on_ready=on_ready, max_message=args.max_message, allow_other_users=args.allow_other_users,
               keep_finished=args.keep_finished or None)
     except LogFileError as exc:
-        _refuse(f"--log-file: {exc}")
+        raise StartupError(f"--log-file: {exc}") from None
     except (OSError, OverflowError, ValueError) as exc:
         if ready:
             raise
         logger.debug("start-up failed", exc_info=True)
-        _refuse(f"cannot serve on {where}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise StartupError(f"cannot serve on {describe_address(address)}: {why}") from None
+    except ServerDied:
+        raise
     except Exception as exc:  # anything else before the server was up: still one line
         if ready:
             raise
         logger.debug("start-up failed", exc_info=True)
-        _refuse(f"cannot start: {type(exc).__name__}: {exc} (--log-level DEBUG shows where)")
+        raise StartupError(f"cannot start: {type(exc).__name__}: {exc} (--log-level DEBUG shows where)") from None
 
 
 def _size(text: str) -> int:
@@ -245,15 +254,20 @@ def _socket_mode(address) -> None:
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 
 
-def _connect(args):
-    from .connection import Remote, default_authkey
-    if args.socket:
-        address = args.socket
-    else:
-        address = parse_address(args.address or os.environ.get("EZPQ_ADDRESS")
-                                or f"127.0.0.1:{DEFAULT_PORT}")
-    key = default_authkey(args.authkey_file) if args.authkey_file else default_authkey()
-    return Remote(address, key, shared=True), address, key
+class _Link:
+    """The ``ezpq`` command's connection: the server's address and key
+    (``submit`` opens a Queue of its own), the call channel, and who we are."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .connection import Remote, default_authkey
+        if args.socket:
+            self.address = args.socket
+        else:
+            self.address = parse_address(args.address or os.environ.get("EZPQ_ADDRESS")
+                                         or f"127.0.0.1:{DEFAULT_PORT}")
+        self.key = default_authkey(args.authkey_file) if args.authkey_file else default_authkey()
+        self.remote = Remote(self.address, self.key, shared=True)
+        self.me = self.remote.call("whoami")["uid"]
 
 
 def _fmt_bytes(n) -> str:
@@ -284,10 +298,9 @@ def _table(rows: List[list], headers: List[str], widths: List[int]) -> str:
 def _status_rows(snaps: List[dict]) -> str:
     rows = []
     for s in snaps:
-        runtime = (s["ended"] - s["started"]) if s.get("started") and s.get("ended") else None
         cpu = None if s.get("cpu_user") is None else s["cpu_user"] + (s.get("cpu_system") or 0)
         rows.append([s["seq"], s["qid"], s["id"], s["user"], s["name"], s["status"], s["priority"],
-                     s.get("lane_text"), _fmt_s(runtime), _fmt_s(cpu), _fmt_bytes(s.get("max_rss"))])
+                     s.get("lane_text"), _fmt_s(s["runtime"]), _fmt_s(cpu), _fmt_bytes(s.get("max_rss"))])
     return _table(rows, ["job", "qid", "id", "user", "name", "status", "prio", "lane", "runtime", "cpu",
                          "max_rss"], [5, 8, 4, 8, 8, 9, 4, 4, 7, 6, 7])
 
@@ -304,40 +317,39 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=1, default=str))
 
 
-def _cmd_status(remote, args, me):
-    snaps = remote.call("list_jobs", True)
+def _cmd_status(link, args):
+    snaps = link.remote.call("list_jobs", True)
     if args.json:
-        _print_json([_public(s, me) for s in snaps])
+        _print_json([_public(s, link.me) for s in snaps])
     else:
         print(_status_rows(snaps))
     return EXIT_OK
 
 
-def _cmd_submit(remote, args, me, address, key):
+def _cmd_submit(link, args):
     from .client import Queue
+    from .job import Job
     from .shell import run_command
-    if not args.command:
-        raise SystemExit("ezpq submit: no command given (ezpq submit [options] -- CMD ARGS...)")
-    q = Queue(address=address, authkey=key, qid=args.qid)
+    q = Queue(address=link.address, authkey=link.key, qid=args.qid)
     try:
-        job_id = q.put(run_command, args=[list(args.command), dict(os.environ)], name=args.name or args.command[0],
-                       priority=args.priority, lane=args.lane, timeout=args.timeout, suppress_errors=True)
-        seq = remote.call("job", args.qid, job_id)["seq"]   # not "jobs": the qid may hold thousands
+        job = Job(run_command, args=[list(args.command), dict(os.environ)], name=args.name or args.command[0],
+                  priority=args.priority, lane=args.lane, timeout=args.timeout, suppress_errors=True)
+        numbers = q._call("submit", args.qid, q._record(job))   # the job's number comes with the reply
     finally:
         q.detach()
     if args.json:
-        _print_json({"job": seq, "qid": args.qid, "id": job_id})
+        _print_json({"job": numbers["job"], "qid": args.qid, "id": numbers["id"]})
     else:
-        print(seq)
+        print(numbers["job"])
     return EXIT_OK
 
 
-def _cmd_cancel(remote, args, me):
+def _cmd_cancel(link, args):
     from .errors import JobNotFound
     code, out = EXIT_OK, []
     for seq in args.jobs:
         try:
-            out.append({"job": seq, "cancelled": remote.call("cancel_job", seq)})
+            out.append({"job": seq, "cancelled": link.remote.call("cancel_job", seq)})
         except JobNotFound:
             out.append({"job": seq, "cancelled": False, "error": "not found"})
             code = EXIT_JOB
@@ -349,24 +361,24 @@ def _cmd_cancel(remote, args, me):
     return code
 
 
-def _cmd_wait(remote, args, me):
-    snaps = remote.call("wait_jobs", args.jobs, args.timeout or None)   # answered when all are done
+def _cmd_wait(link, args):
+    snaps = link.remote.call("wait_jobs", args.jobs, args.timeout or None)   # answered when all are done
     done = all(s["status"] not in ("waiting", "working") for s in snaps)
     if args.json:
-        _print_json([_public(s, me) for s in snaps])
+        _print_json([_public(s, link.me) for s in snaps])
     else:
         print(_status_rows(snaps))
     ok = done and all(s["status"] == "completed" for s in snaps)
     return EXIT_OK if ok else EXIT_JOB
 
 
-def _cmd_show(remote, args, me):
-    _print_json(_public(remote.call("show_job", args.job), me))
+def _cmd_show(link, args):
+    _print_json(_public(link.remote.call("show_job", args.job), link.me))
     return EXIT_OK
 
 
-def _cmd_report(remote, args, me):
-    rows = remote.call("report", args.by, True)
+def _cmd_report(link, args):
+    rows = link.remote.call("report", args.by, True)
     if args.json:
         _print_json(rows)
         return EXIT_OK
@@ -377,10 +389,10 @@ def _cmd_report(remote, args, me):
     return EXIT_OK
 
 
-def _cmd_plot(remote, args, me):
+def _cmd_plot(link, args):
     import pandas as pd
     from .plot import Plot
-    rows = remote.call("accounting", True)
+    rows = link.remote.call("accounting", True)
     if not rows:
         print("ezpq plot: no finished job to plot", file=sys.stderr)
         return EXIT_JOB
@@ -390,8 +402,8 @@ def _cmd_plot(remote, args, me):
     return EXIT_OK
 
 
-def _cmd_workers(remote, args, me):
-    n = remote.call("set_workers", args.n)
+def _cmd_workers(link, args):
+    n = link.remote.call("set_workers", args.n)
     if args.json:
         _print_json({"workers": n})
     else:
@@ -400,64 +412,66 @@ def _cmd_workers(remote, args, me):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ezpq", description="Use a shared ezpq-server.")
+    p = argparse.ArgumentParser(prog="ezpq", description="Use a shared ezpq-server.",
+                                epilog="exit codes: 0 ok, 1 a job failed or was not found, 2 usage, "
+                                       "3 cannot connect or not allowed")
     p.add_argument("--address", help=f"HOST:PORT (default $EZPQ_ADDRESS or 127.0.0.1:{DEFAULT_PORT})")
     p.add_argument("--socket", help="Unix socket path of the server")
     p.add_argument("--authkey-file", help=f"key file (default $EZPQ_AUTHKEY or {authkey_path()})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub = p.add_subparsers(dest="cmd", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False)   # --json after the command too
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON instead of a table")
-    _add = sub.add_parser
 
-    def add_parser(name, **kw):
-        return _add(name, parents=[common], **kw)
-    sub.add_parser = add_parser
-    sub.add_parser("status", help="your jobs (root and the server's owner: all)")
-    s = sub.add_parser("submit", help="run a shell command as a job: ezpq submit [options] -- CMD ARGS")
+    def command(name: str, handler, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, parents=[common], help=help)
+        c.set_defaults(handler=handler)
+        return c
+
+    command("status", _cmd_status, "your jobs (root and the server's owner: all)")
+    s = command("submit", _cmd_submit, "run a shell command as a job: ezpq submit [options] -- CMD ARGS")
     s.add_argument("--priority", type=int, default=100)
     s.add_argument("--lane", default=None)
     s.add_argument("--timeout", type=float, default=0)
     s.add_argument("--name", default=None)
     s.add_argument("--qid", default="cli")
     s.add_argument("command", nargs=argparse.REMAINDER)
-    c = sub.add_parser("cancel", help="cancel jobs")
+    c = command("cancel", _cmd_cancel, "cancel jobs")
     c.add_argument("jobs", type=int, nargs="+")
-    w = sub.add_parser("wait", help="wait for jobs (default: all of yours); 1 if any did not complete")
+    w = command("wait", _cmd_wait, "wait for jobs (default: all of yours); 1 if any did not complete")
     w.add_argument("jobs", type=int, nargs="*")
     w.add_argument("--timeout", type=float, default=0)
-    sh = sub.add_parser("show", help="one job as JSON")
+    sh = command("show", _cmd_show, "one job as JSON")
     sh.add_argument("job", type=int)
-    r = sub.add_parser("report", help="jobs, failures, CPU, memory, runtime per user/function/qid")
+    r = command("report", _cmd_report, "jobs, failures, CPU, memory, runtime per user/function/qid")
     r.add_argument("--by", choices=["user", "function", "qid"], default="user")
-    pl = sub.add_parser("plot", help="Gantt chart of finished jobs")
+    pl = command("plot", _cmd_plot, "Gantt chart of finished jobs")
     pl.add_argument("-o", "--output", required=True)
     pl.add_argument("--color-by", default="user")
     pl.add_argument("--facet-by", default="qid")
-    wk = sub.add_parser("workers", help="set the server's worker count (root/owner)")
+    wk = command("workers", _cmd_workers, "set the server's worker count (root/owner)")
     wk.add_argument("n", type=int)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """``ezpq``: the client command."""
-    from .errors import ConnectionError as EzpqConnectionError, EzpqError, JobNotFound
-    args = _parser().parse_args(argv)
-    if args.cmd == "submit" and args.command and args.command[0] == "--":
-        args.command = args.command[1:]
+    """``ezpq``: the client command. The commands raise; this alone turns
+    what they raise into a one-line message and the documented exit code."""
+    from .errors import ConnectionError as EzpqConnectionError, EzpqError
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "submit":
+        if args.command and args.command[0] == "--":
+            args.command = args.command[1:]
+        if not args.command:
+            parser.error("submit: no command given (ezpq submit [options] -- CMD ARGS...)")
     try:
-        remote, address, key = _connect(args)
-        me = remote.call("whoami")["uid"]
-        handler = globals()["_cmd_" + args.cmd]
-        code = handler(remote, args, me, address, key) if args.cmd == "submit" else handler(remote, args, me)
-    except JobNotFound as exc:
-        print(f"ezpq: {exc}", file=sys.stderr)
-        code = EXIT_JOB
+        code = args.handler(_Link(args), args)
     except (EzpqConnectionError, PermissionError) as exc:
         print(f"ezpq: {exc}", file=sys.stderr)
         code = EXIT_CONNECT
-    except EzpqError as exc:
+    except EzpqError as exc:   # JobNotFound among them
         print(f"ezpq: {exc}", file=sys.stderr)
         code = EXIT_JOB
     except (TypeError, ValueError) as exc:  # refused input (ours or the server's check)

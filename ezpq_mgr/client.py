@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, List, Optional
 from . import schema, serialize
 from .connection import Remote, default_authkey, parse_address
 from .embedded import PrivateServer
-from .errors import ConnectionError, EzpqError
-from .job import Job, normalize_args, plain_name
+from .errors import ConnectionError, EzpqError, JobNotFound
+from .job import ERROR_STATES, Job, normalize_args, plain_name
 from .jobdict import log_csv, to_job_dict
 from .messages import Processed
 from .workerproto import CANNOT_LOAD
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Queue"]
 
-_RUNNERS = {"process": "process", "thread": "thread"}
 FLUSH_DELAY = 0.002   # seconds a buffered put may wait for company
 FLUSH_SIZE = 1000     # records per put batch
 FLUSH_IDLE = 0.05     # seconds without puts before the flusher sleeps until woken
@@ -42,7 +41,7 @@ ID_BLOCK = 1024       # job ids reserved at a time by a buffering client
 
 def _runner_name(job_runner: Any) -> str:
     import threading as _threading
-    if isinstance(job_runner, str) and job_runner in _RUNNERS:
+    if job_runner in ("process", "thread"):
         return job_runner
     if isinstance(job_runner, type):
         if issubclass(job_runner, _threading.Thread):
@@ -98,7 +97,6 @@ class Queue:
         self._token = uuid.uuid4().hex
         self._callback = callback
         self._log_file = log_file
-        self._poll = poll
         self.show_progress = show_progress
         self._max_size = max_size
         self._server: Optional[PrivateServer] = None
@@ -141,7 +139,7 @@ class Queue:
         self._buffer: List[dict] = []
         self._buffer_cond = threading.Condition(threading.RLock())
         self._send_lock = threading.Lock()
-        self._ids = iter(())
+        self._next_id = self._id_end = 1   # ids reserved and not yet given out: next_id..id_end-1
         self._flush_error: Optional[BaseException] = None
         self._flusher_idle = False
         self._flusher = threading.Thread(target=self._flush_loop, name=f"ezpq-flush-{self._qid}",
@@ -216,11 +214,11 @@ class Queue:
 
     def _buffer_put(self, record: dict) -> int:
         with self._buffer_cond:
-            job_id = next(self._ids, None)
-            if job_id is None:
-                first = self._remote.call("reserve_ids", self._qid, ID_BLOCK)
-                self._ids = iter(range(first, first + ID_BLOCK))
-                job_id = next(self._ids)
+            if self._next_id == self._id_end:
+                self._next_id = self._remote.call("reserve_ids", self._qid, ID_BLOCK)
+                self._id_end = self._next_id + ID_BLOCK
+            job_id = self._next_id
+            self._next_id += 1
             record["id"] = job_id
             self._buffer.append(record)
             full = len(self._buffer) >= FLUSH_SIZE
@@ -281,8 +279,8 @@ class Queue:
             processed = []
             for snap in notices:
                 job = to_job_dict(snap)
-                if job["exception"] and not snap["suppress_errors"] and job["status"] in (
-                        "failed", "lost", "killed") and self._first_report(job):
+                if job["exception"] and not snap["suppress_errors"] and job["status"] in ERROR_STATES \
+                        and self._first_report(job):
                     sys.stderr.write(f"ezpq job {job['id']} ({job['function']}) {job['status']}:\n"
                                      f"{job['exception']}\n")
                     sys.stderr.flush()
@@ -508,8 +506,13 @@ class Queue:
             self.wait()
 
     def cancel(self, job_id: int) -> bool:
-        """Cancel a waiting job or kill a running one; False if it had finished."""
-        return self._call("cancel", self._qid, int(job_id))
+        """Cancel a waiting job or kill a running one; False if it had
+        finished (collected or not); ``JobNotFound`` for an id this queue
+        never gave out (one it reserved for later puts included)."""
+        job_id = int(job_id)
+        if self._buffered and job_id >= self._next_id:
+            raise JobNotFound(f"no job {job_id} in queue {self._qid!r}")
+        return self._call("cancel", self._qid, job_id)
 
     def jobs(self) -> List[dict]:
         """Snapshot of every job of this queue still on the server, in id order."""

@@ -17,7 +17,7 @@ from . import transport
 from .errors import AuthenticationError, ConnectionError
 from .messages import RETURN, Reply, Request
 
-__all__ = ["Remote", "parse_address", "default_authkey", "authkey_path", "DEFAULT_PORT"]
+__all__ = ["Remote", "parse_address", "describe_address", "default_authkey", "authkey_path", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 50515
 Address = Union[str, Tuple[str, int]]
@@ -59,7 +59,8 @@ def default_authkey(path: Optional[str] = None) -> bytes:
             f"(ezpq-server creates it when missing)") from None
 
 
-def _describe(address: Address) -> str:
+def describe_address(address: Address) -> str:
+    """An address as the user writes it: a socket path, or HOST:PORT."""
     return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
 
@@ -98,7 +99,7 @@ class Remote:
     def __init__(self, address: Address, authkey: Union[bytes, str], shared: bool = True):
         authkey = as_authkey(authkey)
         self.address = address
-        self.where = _describe(address)
+        self.where = describe_address(address)
         self._authkey = bytes(authkey)
         if shared:
             from . import wire

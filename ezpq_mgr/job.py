@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
+import signal
 import sys
 from typing import Any, Callable, Optional
 
 from . import schema
 
-__all__ = ["Job", "JobStatus", "Phase", "TRANSITIONS", "JobRecord", "FIELDS", "FINISHED", "normalize_args"]
+__all__ = ["Job", "JobStatus", "Phase", "TRANSITIONS", "JobRecord", "FIELDS", "FINISHED", "ERROR_STATES",
+           "TIMES", "CRASH_SIGNALS", "death", "normalize_args"]
 
 
 class JobStatus(str, enum.Enum):
@@ -88,6 +90,37 @@ FINISHED = frozenset(
         JobStatus.LOST,
     }
 )
+
+#: Ends whose ``exception`` the submitting client prints (unless
+#: ``suppress_errors``): the job's own error, not a limit it was given.
+#: A tuple: its members equal their text too ("failed" in ERROR_STATES).
+ERROR_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED)
+
+#: A job's times (epoch seconds on the server, datetimes in a job dict).
+TIMES = ("submitted", "started", "ended", "processed")
+
+#: Signals a process raises against itself when it crashes. A job that dies
+#: of one failed by its own doing (``failed``), unlike one ended by a signal
+#: from outside (``killed``: SIGKILL, the OOM killer, SIGTERM).
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT})
+
+
+def death(exitcode: Optional[int]) -> "tuple[JobStatus, str]":
+    """How a job whose worker process died under it ended: its status, and
+    the signal's name and what it means, for ``exception`` ("" without one).
+    A negative exit code is the signal: a crash signal (``CRASH_SIGNALS``)
+    is the job's own failure, any other a kill from outside; an exit without
+    a signal (``os._exit``) leaves the job ``lost``."""
+    if exitcode is None or exitcode >= 0:
+        return JobStatus.LOST, ""
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    if -exitcode in CRASH_SIGNALS:
+        return JobStatus.FAILED, f"{name}: the job crashed"
+    return JobStatus.KILLED, f"{name}: killed from outside"
+
 
 #: Keys of a job dict, in order: ezpq 0.2.2's first, then ezpq_mgr's.
 FIELDS = (
@@ -236,6 +269,14 @@ class JobRecord:
     def finished(self) -> bool:
         return self.status in FINISHED
 
+    @property
+    def runtime(self) -> Optional[float]:
+        """Seconds it ran (ended - started), None until both are known: the
+        one place this is computed (snapshots, job dicts, the accounting log
+        and ``ezpq status`` read it)."""
+        started, ended = self.started, self.ended
+        return None if started is None or ended is None else ended - started
+
     def snapshot(self) -> dict:
         """Plain-data copy for a client; the function blob stays on the server."""
         d = dict(zip(_SNAPSHOT_FIELDS, _snapshot_values(self)))
@@ -243,5 +284,6 @@ class JobRecord:
         return d
 
 
-_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord) if f.name not in ("fn_blob", "phase"))
+_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord)
+                         if f.name not in ("fn_blob", "phase")) + ("runtime",)
 _snapshot_values = operator.attrgetter(*_SNAPSHOT_FIELDS)

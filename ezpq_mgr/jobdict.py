@@ -9,14 +9,11 @@ from datetime import datetime
 from typing import Optional
 
 from . import serialize
-from .job import FIELDS
+from .job import FIELDS, TIMES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["to_job_dict", "log_csv"]
-
-_TIMES = ("submitted", "started", "ended", "processed")
-
 
 def _load(blob: Optional[bytes], what: str):
     try:
@@ -25,7 +22,8 @@ def _load(blob: Optional[bytes], what: str):
         return f"<{what} cannot be unpickled here: {exc!r}>"
 
 
-def _describe(blob: Optional[bytes], what: str) -> Optional[str]:
+def _unopened(blob: Optional[bytes], what: str) -> Optional[str]:
+    """A payload shown by its size only (another user's: never unpickled)."""
     return None if blob is None else f"<{what}: {len(blob)} bytes, not unpickled>"
 
 
@@ -34,19 +32,17 @@ def to_job_dict(snap: dict, trusted: bool = True) -> dict:
 
     ``trusted=False`` (another user's job, seen by root) never unpickles its
     payloads: a pickle runs code, so they are shown as their size only."""
-    load = _load if trusted else _describe
+    load = _load if trusted else _unopened
     args, kwargs = (_load(snap["args_blob"], "arguments") or (None, None)) if trusted else (
-        _describe(snap["args_blob"], "arguments"), None)
+        _unopened(snap["args_blob"], "arguments"), None)
     d = {key: snap.get(key) for key in FIELDS}
     d["args"], d["kwargs"] = args, kwargs
     d["lane"] = _load(snap["lane_key"], "lane") if trusted else snap.get("lane_text")
     d["output"] = load(snap["output_blob"], "output")
     d["callback"] = load(snap["callback_blob"], "callback result")
-    for key in _TIMES:
+    for key in TIMES:
         if snap[key] is not None:
             d[key] = datetime.fromtimestamp(snap[key])
-    if snap["started"] is not None and snap["ended"] is not None:
-        d["runtime"] = snap["ended"] - snap["started"]
     return d
 
 

@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Tuple
 import psutil
 
 from .messages import Figures
-from .procutil import descendants, own_peak, tree_pids
+from .procutil import descendants, own_peak, tree_pids, vmhwm
 
 __all__ = ["JobMeter", "ProcMeter"]
 
@@ -166,11 +166,7 @@ class JobMeter:
 
     # ------------------------------------------------------------- helpers
     def _read_hwm(self) -> Optional[int]:
-        data = os.pread(self._status_fd, 8192, 0)
-        i = data.find(b"VmHWM:")
-        if i < 0:
-            return None
-        return int(data[i + 6:data.index(b"kB", i)]) * 1024
+        return vmhwm(os.pread(self._status_fd, 8192, 0))
 
     def _rss_loop(self) -> None:
         while True:
@@ -281,10 +277,7 @@ class ProcMeter:
         u, s, _ = self.cpu()
         peak = None
         if self._clear is not None:
-            data = os.pread(self._status, 4096, 0)
-            i = data.find(b"VmHWM:")
-            if i >= 0:
-                peak = int(data[i + 6:data.index(b"kB", i)]) * 1024
+            peak = vmhwm(os.pread(self._status, 4096, 0))
             os.write(self._clear, b"5")
         u0, s0 = self._mark
         # a child reaped between our reads can be missed once: never go back

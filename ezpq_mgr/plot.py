@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Union
 
+from .job import TIMES
+
 __all__ = ["Plot", "to_dataframe", "COLUMNS", "THEMES"]
 
 COLUMNS = ("qid", "priority", "lane", "cancelled", "exitcode", "name", "output",
@@ -19,7 +21,6 @@ COLUMNS = ("qid", "priority", "lane", "cancelled", "exitcode", "name", "output",
 THEMES = ("bw", "classic", "gray", "grey", "seaborn", "538", "dark", "matplotlib",
           "minimal", "xkcd", "light")
 SCALES = ("fixed", "free", "free_x", "free_y")
-_TIMES = ("submitted", "started", "ended", "processed")
 _NUMERIC = ("cpu_user", "cpu_system", "max_rss", "max_rss_children", "runtime", "exitcode", "pid")
 
 
@@ -39,7 +40,7 @@ def to_dataframe(jobs: Union[Sequence[dict], Any]):
         df = pd.read_csv(jobs)
     else:
         df = pd.DataFrame(list(jobs))
-    for col in _TIMES:
+    for col in TIMES:
         if col in df:
             df[col] = pd.to_datetime(df[col])
     for col in _NUMERIC:
@@ -64,7 +65,7 @@ class Plot:
         if df.empty:
             raise ValueError("Plot needs at least one job")
         start = df["submitted"].min()
-        for col in _TIMES:
+        for col in TIMES:
             df[col + "_offset"] = (df[col] - start).dt.total_seconds()
         self.jobs_df = df
 

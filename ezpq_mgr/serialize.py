@@ -21,7 +21,8 @@ from .errors import UnpicklableError
 __all__ = ["dump_function", "dump_call_args", "dump_value", "load", "load_or_none", "dump_output"]
 
 
-def _describe(value: Any) -> str:
+def _short_repr(value: Any) -> str:
+    """A value named in an error message: its repr, cut to 80 characters."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -72,7 +73,7 @@ def dump_function(function: Any) -> bytes:
     try:
         blob = cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        raise UnpicklableError(f"function {_describe(function)} cannot be pickled: {exc}") from exc
+        raise UnpicklableError(f"function {_short_repr(function)} cannot be pickled: {exc}") from exc
     if cacheable:
         with _fn_cache_lock:
             _FN_CACHE[id(function)] = (function, blob)
@@ -108,7 +109,7 @@ def _probe(value: Any, where: str) -> None:
     try:
         cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        raise UnpicklableError(f"{where} = {_describe(value)} cannot be pickled: {exc}") from exc
+        raise UnpicklableError(f"{where} = {_short_repr(value)} cannot be pickled: {exc}") from exc
 
 
 def dump_value(value: Any, what: str = "value") -> bytes:
@@ -116,7 +117,7 @@ def dump_value(value: Any, what: str = "value") -> bytes:
     try:
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        raise UnpicklableError(f"{what} {_describe(value)} cannot be pickled: {exc}") from exc
+        raise UnpicklableError(f"{what} {_short_repr(value)} cannot be pickled: {exc}") from exc
 
 
 def dump_output(value: Any) -> Tuple[Optional[bytes], Optional[str]]:
@@ -129,7 +130,7 @@ def dump_output(value: Any) -> Tuple[Optional[bytes], Optional[str]]:
         try:
             return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), None
         except Exception as exc:
-            return None, (f"output {_describe(value)} of type {type(value).__name__} "
+            return None, (f"output {_short_repr(value)} of type {type(value).__name__} "
                           f"cannot be pickled: {exc!r}")
 
 

@@ -38,9 +38,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["serve", "ServerDied"]
 
-class ServerDied(SystemExit):
+class ServerDied(Exception):
     """A server thread died of an unexpected exception: the server stopped
-    (exit status 1, so that systemd restarts it) instead of living on."""
+    instead of living on. ``serve`` raises it; the mains (``ezpq-server``,
+    the embedded server) exit with status 1, so that systemd restarts it."""
 
 
 _WORKER_FRAME_LIMIT = (1 << 32) - 1
@@ -151,7 +152,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
                 pass
         threading.excepthook = previous_hook
     if died:
-        raise ServerDied(1)
+        raise ServerDied(f"server thread {', '.join(died)} died (its traceback is in the log)")
 
 
 def _wait_for_stop(stop: threading.Event) -> None:
@@ -242,6 +243,9 @@ def _main_embedded() -> None:
         serve(config["address"], bytes.fromhex(config["authkey"]), config["workers"],
               config.get("start_method"), config.get("prestart", True), shared=False,
               on_ready=ready, stop_event=stop)
+    except ServerDied as exc:
+        logger.critical("%s", exc)
+        sys.exit(1)
     finally:
         _remove_private_dir(config.get("private_dir"), config["address"])
 

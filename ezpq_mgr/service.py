@@ -145,9 +145,9 @@ class Service:
     EXPOSED = (
         "hello", "configure", "put", "reserve_ids", "counts", "get", "collect", "pop_ids",
         "wait_pending", "wait_client", "wait_free", "cancel", "cancel_all",
-        "jobs", "job", "take_notices", "mark_processed", "set_holding",
+        "jobs", "take_notices", "mark_processed",
         "goodbye", "set_workers", "n_workers", "info",
-        "list_jobs", "show_job", "cancel_job", "wait_jobs", "report", "accounting", "whoami",
+        "submit", "list_jobs", "show_job", "cancel_job", "wait_jobs", "report", "accounting", "whoami",
         "put_then",
     )
 
@@ -448,10 +448,6 @@ class Service:
         if forget:
             self.state.forget_client(key, client, drop_queue=private == key)
 
-    def set_holding(self, client: str, holding: bool) -> None:
-        schema.check_bool("holding", holding)
-        self.state.set_holding(self._client(client), holding)
-
     def take_notices(self, client: str, timeout: Optional[float]) -> Optional[List[dict]]:
         self._client(client)
         timeout = schema.wait_timeout(timeout)
@@ -498,7 +494,12 @@ class Service:
         return self.state.reserve_ids(key, n)
 
     def put(self, qid: str, records: List[dict]) -> List[int]:
-        """Enqueue a batch of job records, all or nothing, as the caller.
+        """Enqueue a batch of job records, all or nothing, as the caller;
+        their per-queue ids."""
+        return [rec.id for rec in self._add(qid, records)]
+
+    def _add(self, qid: str, records: List[dict]) -> List[JobRecord]:
+        """``put``'s work; the records as stored (their ``seq`` is set).
 
         Every record is checked, and the server's record of it built from
         the checked values (``messages.job_records``), before any is
@@ -521,12 +522,12 @@ class Service:
                 env = self._envs.get(env_id) if env_id else None
                 if env_id and (env is None or env.uid != me.uid):
                     raise ValueError(f"env_id: unknown environment {env_id}")
-            ids = self.state.add(key, recs)
+            self.state.add(key, recs)
             for env_id, n in envs.items():
                 if env_id:
                     self._envs[env_id].refs += n
         self.supervisor.dispatch_now()
-        return ids
+        return recs
 
     def put_then(self, qid: str, records: List[dict], method: str, args: list):
         """``put`` a client's buffered jobs, then make its next call: one
@@ -599,13 +600,16 @@ class Service:
     def jobs(self, qid: str) -> List[dict]:
         return [self._snap(s) for s in self.state.jobs(self._key(qid))]
 
-    def job(self, qid: str, job_id: int) -> dict:
-        return self._snap(self.state.job(self._key(qid), _int("job_id", job_id)))
-
     # ------------------------------------------------- the ezpq command's calls
     def whoami(self) -> dict:
         me = peers.current()
         return {"uid": me.uid, "user": me.user, "privileged": me.privileged}
+
+    def submit(self, qid: str, record: dict) -> dict:
+        """``ezpq submit``: enqueue one job; its server-wide number (``job``,
+        what the other ezpq commands take) and its per-queue ``id``."""
+        rec = self._add(qid, [record])[0]
+        return {"job": rec.seq, "id": rec.id}
 
     def list_jobs(self, all_users: bool = False) -> List[dict]:
         """Every job still on the server that the caller may see (all: privileged)."""

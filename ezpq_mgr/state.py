@@ -42,7 +42,7 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from .errors import JobNotFound, QueueFull
-from .job import TRANSITIONS, JobRecord, JobStatus, Phase
+from .job import ERROR_STATES, TRANSITIONS, JobRecord, JobStatus, Phase
 from .messages import KillRequest, Outcome
 from .replies import Deferred, Outbox
 from .schema import INT64_MAX, SETTINGS
@@ -56,8 +56,6 @@ NEW, WAITING, RUNNING, RETURNED, HELD, DONE, GONE = Phase
 _ALLOWED = [[(frm, to) in TRANSITIONS for to in Phase] for frm in Phase]
 
 FAILED_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED, JobStatus.TIMEOUT)
-#: Outcomes whose error text is printed on the client's stderr (unless suppress_errors).
-ERROR_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED)
 
 
 _OUTCOME_FIELDS = Outcome._fields[1:]   # all but status
@@ -622,12 +620,16 @@ class QueueState:
 
     # ---------------------------------------------------------------- cancel
     def cancel(self, qid: str, job_id: int) -> bool:
-        """Cancel a waiting job or ask the supervisor to stop a running one."""
+        """Cancel a waiting job or ask the supervisor to stop a running one.
+        False for a job that has finished, collected (or dropped) or not:
+        ``JobNotFound`` only for an id the queue never gave out."""
         with self.cond:
             q = self.queues.get(qid)
             seq = q.ids.get(job_id) if q else None
             rec = self.records.get(seq) if seq else None
             if rec is None:
+                if q is not None and 0 < job_id < q.next_id:
+                    return False
                 raise JobNotFound(f"no job {job_id} in queue {qid!r}")
             done = self._cancel(q, rec)
             self._changed()

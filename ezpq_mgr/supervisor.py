@@ -73,7 +73,7 @@ import time
 from typing import Any, Deque, Dict, List, NamedTuple, Optional, Tuple
 
 from . import workerproto
-from .job import JobRecord, JobStatus
+from .job import JobRecord, JobStatus, death
 from .messages import NO_FIGURES, Env, Figures, LateFigures, Outcome, Ready, Result
 from .meter import TICKS, ProcMeter
 from .procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_rss
@@ -223,7 +223,7 @@ class Supervisor:
     process sets it; never inside a test runner)."""
 
     def __init__(self, state: QueueState, slots: int, start_method: Optional[str] = None,
-                 envs: Optional[Dict[int, Env]] = None, shared: bool = False,
+                 shared: bool = False,
                  max_message: int = workerproto.DEFAULT_MAX_MESSAGE, subreaper: bool = False):
         if not isinstance(max_message, int) or isinstance(max_message, bool) or not 0 < max_message < 1 << 32:
             raise ValueError(f"max_message must be a positive int below 4 GiB, not {max_message!r}")
@@ -236,7 +236,7 @@ class Supervisor:
         self.accounting = os.environ.get("EZPQ_ACCOUNTING", "1") != "0"
         self.demand: set = set()            # run-as uids with a runnable job and no idle worker
         self.ctx = multiprocessing.get_context(start_method)
-        self.envs = envs if envs is not None else {}
+        self.envs: Dict[int, Env] = {}   # env_id -> (cwd, sys.path): kept by the Service
         self.workers: List[WorkerHandle] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -878,9 +878,9 @@ class Supervisor:
             logger.error("a worker for uid %s died while starting (exit code %s)", w.uid, code)
         if w.seq is not None and not w.dead:
             left = self._reap_orphans()
-            status = JobStatus.KILLED if code is not None and code < 0 else JobStatus.LOST
+            status, signal_name = death(code)   # its own crash signal: failed; from outside: killed
             why = (f"the worker process (pid {w.proc.pid}) died while running the job "
-                   f"(exit code {code})")
+                   f"(exit code {code}{', ' + signal_name if signal_name else ''})")
             if left:
                 why += f"; processes it left running were killed: {left}"
             self._finalize(w, status, code if code is not None else -signal.SIGKILL, why)

@@ -108,8 +108,32 @@ def segfault():
     ctypes.string_at(0)
 
 
+def raise_signal(signum):
+    """Die of ``signum`` sent to ourselves, as a crash would (the default
+    action, even where Python or a test runner installed a handler)."""
+    import signal
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    time.sleep(10)
+
+
 def write_pid_and_sleep(path):
     with open(path + ".tmp", "w") as f:
         f.write(str(os.getpid()))
     os.rename(path + ".tmp", path)
     time.sleep(30)
+
+
+def wait_until_running(Q, job_id, timeout=20):
+    """Poll the job's state until it runs, with a deadline (a real event
+    to wait on, not a pause that hopes the job started meanwhile). Not
+    there yet is waiting too: a put another thread flushed may still be
+    on its way on that thread's connection."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = {j["id"]: j["status"] for j in Q.jobs()}.get(job_id, "not there yet")
+        if status == "working":
+            return
+        assert status in ("waiting", "not there yet") and time.monotonic() < deadline, \
+            f"job {job_id} is {status}"
+        time.sleep(0.01)

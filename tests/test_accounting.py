@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 import ezpq_mgr as ezpq
-from jobs import (burn_cpu, child_burns_cpu, child_touches_memory, exit_hard, segfault,
+from jobs import (burn_cpu, child_burns_cpu, child_touches_memory, exit_hard, raise_signal, segfault,
                   spawn_sleeper_tree, square, touch_memory, touch_memory_in_a_thread, wait_for_file,
                   write_pid_and_sleep)
 
@@ -100,16 +100,30 @@ def test_timeout_kills_the_whole_tree(Q1, tmp_path):
     assert Q1.get(wait=True)["output"] == 25
 
 
-@pytest.mark.parametrize("job,status,code", [
-    ((exit_hard, 3), "lost", 3),
-    ((segfault,), "killed", -signal.SIGSEGV),
-])
-def test_crashes_are_reported(Q1, job, status, code):
-    Q1.put(job[0], args=list(job[1:]), suppress_errors=True)
+def test_an_exit_without_a_result_is_lost(Q1):
+    Q1.put(exit_hard, 3, suppress_errors=True)
     got = Q1.get(wait=True)
-    assert got["status"] == status and got["exitcode"] == code
+    assert got["status"] == "lost" and got["exitcode"] == 3
     assert "died" in got["exception"]
     assert [j["output"] for j in Q1.map(square, [1, 2])] == [1, 4]
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("job,sig", [
+    ((segfault,), signal.SIGSEGV),
+    ((raise_signal, int(signal.SIGSEGV)), signal.SIGSEGV),
+    ((raise_signal, int(signal.SIGBUS)), signal.SIGBUS),
+    ((raise_signal, int(signal.SIGFPE)), signal.SIGFPE),
+    ((raise_signal, int(signal.SIGILL)), signal.SIGILL),
+    ((raise_signal, int(signal.SIGABRT)), signal.SIGABRT),
+], ids=["string_at_0", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"])
+def test_a_job_that_crashes_of_its_own_signal_failed(start_method, job, sig):
+    with ezpq.Queue(1, start_method=start_method) as Q:
+        Q.put(job[0], args=list(job[1:]), suppress_errors=True)
+        got = Q.get(wait=True)
+        assert got["status"] == "failed" and got["exitcode"] == -sig, got
+        assert sig.name in got["exception"] and "died" in got["exception"], got["exception"]
+        assert [j["output"] for j in Q.map(square, [1, 2])] == [1, 4]   # the worker was replaced
 
 
 def test_outside_sigkill_is_reported(Q1, tmp_path):
@@ -119,6 +133,7 @@ def test_outside_sigkill_is_reported(Q1, tmp_path):
     os.kill(int(open(path).read()), signal.SIGKILL)
     job = Q1.get(wait=True)
     assert job["status"] == "killed" and job["exitcode"] == -signal.SIGKILL
+    assert "SIGKILL" in job["exception"]
     assert Q1.map(square, [3])[0]["output"] == 9
 
 

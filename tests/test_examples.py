@@ -30,8 +30,11 @@ PLOTS = {"quickstart.py": "quickstart.png", "submit.py": "submit.png", "lanes.py
 
 
 def test_every_example_is_covered():
+    """Every script in examples/ has a case here, and every case a script."""
     scripts = {f for f in os.listdir(EXAMPLES) if f.endswith(".py")}
-    assert set(CASES) <= scripts
+    assert set(CASES) == scripts, (f"examples without a case: {sorted(scripts - set(CASES))}; "
+                                   f"cases without a script: {sorted(set(CASES) - scripts)}")
+    assert set(PLOTS) <= set(CASES)
 
 
 @pytest.mark.parametrize("script", sorted(CASES))

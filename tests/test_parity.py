@@ -69,11 +69,16 @@ def test_lane_error(Q):
     Q.wait()
     output = Q.collect()
     assert len(output) == 100
-    assert N > len([x for x in output if x['started'] is not None])
     # every job after a failure in its lane was skipped, with the failure's exit code
     by_lane = {}
     for job in sorted(output, key=lambda j: j['id']):
         by_lane.setdefault(job['lane'], []).append(job)
+    # so a lane ran up to its first failing job (reciprocal(0)) and no further
+    expected = sum(next((i + 1 for i, j in enumerate(jobs) if j['args'] == [0]), len(jobs))
+                   for jobs in by_lane.values())
+    started = [x for x in output if x['started'] is not None]
+    assert len(started) == expected
+    assert any(x['status'] == 'failed' for x in output)
     for jobs in by_lane.values():
         for prev, job in zip(jobs, jobs[1:]):
             if prev['exitcode'] not in (0, None):

@@ -5,12 +5,13 @@ import os
 import pickle
 import sys
 import threading
+import time
 
 import pytest
 
 import ezpq_mgr as ezpq
 from ezpq_mgr.job import FIELDS
-from jobs import (exit_hard, fail, generator_output, return_me, sleep_for, square)
+from jobs import (exit_hard, fail, generator_output, return_me, sleep_for, square, wait_until_running)
 
 
 @pytest.fixture
@@ -206,14 +207,28 @@ def test_cancel_waiting_and_running(Q):
     running = Q.put(sleep_for, 30)
     waiting = Q.put(sleep_for, 30)
     assert Q.cancel(waiting) is True
-    Q.wait_worker(timeout=0.01)
+    wait_until_running(Q, running)
     assert Q.cancel(running) is True
     assert Q.wait() == 0
     jobs = {j["id"]: j for j in Q.collect()}
     assert jobs[waiting]["status"] == "cancelled" and jobs[waiting]["started"] is None
     assert jobs[running]["status"] == "cancelled" and jobs[running]["exitcode"] < 0
-    with pytest.raises(ezpq.JobNotFound):
-        Q.cancel(999)
+    assert jobs[running]["started"] is not None
+
+
+@pytest.mark.parametrize("qid", [None, "named"], ids=["buffered", "shared_qid"])
+def test_cancel_of_a_finished_job_is_false_and_of_an_unknown_id_raises(qid):
+    with ezpq.Queue(1, qid=qid) as Q:
+        collected, uncollected = Q.put(square, 2), Q.put(square, 3)
+        assert Q.wait() == 0
+        assert Q.get()["id"] == collected
+        assert Q.cancel(uncollected) is False      # finished, not collected
+        assert Q.cancel(collected) is False        # finished and collected
+        assert Q.get()["id"] == uncollected        # the False cancel left it alone
+        for never in (0, uncollected + 1, 999, 10 ** 6):
+            with pytest.raises(ezpq.JobNotFound):
+                Q.cancel(never)
+        assert Q.put(square, 4) == uncollected + 1 and Q.get(wait=True)["output"] == 16
 
 
 def test_counters_and_predicates(Q):
@@ -232,6 +247,16 @@ def test_clear_waiting_and_stop_all():
             Q.put(return_me, i)
         assert Q.clear_waiting() == 3
         assert [j["status"] for j in Q.collect()] == ["cancelled"] * 3
+        running = Q.put(sleep_for, 30)
+        waiting = Q.put(sleep_for, 30)
+        Q.start()
+        wait_until_running(Q, running)
+        Q.stop_all()   # waits for the stop
+        assert Q.size(waiting=True, working=True) == 0
+        jobs = {j["id"]: j for j in Q.collect()}
+        assert jobs[waiting]["status"] == "cancelled" and jobs[waiting]["started"] is None
+        assert jobs[running]["status"] == "cancelled" and jobs[running]["exitcode"] < 0
+        assert Q.put(return_me, 7) and Q.get(wait=True)["output"] == 7   # the queue carries on
 
 
 def test_jobs_run_in_the_clients_cwd_and_sys_path(tmp_path, monkeypatch):
@@ -400,8 +425,7 @@ def test_stop_all_cancels_waiting_and_stops_running():
         first = Q.put(sleep_for, 30)
         for _ in range(3):
             Q.put(sleep_for, 30)
-        while not Q.is_working():
-            Q.wait_worker(timeout=0.05)
+        wait_until_running(Q, first)
         Q.stop_all()
         jobs = {j["id"]: j for j in Q.collect()}
         assert len(jobs) == 4 and {j["status"] for j in jobs.values()} == {"cancelled"}

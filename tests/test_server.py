@@ -13,7 +13,7 @@ import pytest
 
 import ezpq_mgr as ezpq
 from ezpq_mgr.connection import Remote
-from jobs import sleep_for, square
+from jobs import sleep_for, square, wait_until_running
 from server_fixture import Server
 
 
@@ -189,6 +189,23 @@ def test_cli_end_to_end(server, tmp_path):
     assert Remote(server.address, server.key).call("n_workers") == 3
     code, _, err = run_cli(server, "frobnicate")
     assert code == 2
+    code, _, err = run_cli(server, "submit", "--")
+    assert code == 2 and "no command given" in err and "Traceback" not in err
+
+
+def test_cli_submit_prints_the_number_of_the_job_it_made(server):
+    """The number comes from the server's reply to the submit itself: jobs
+    submitted meanwhile on the same qid (by a Queue or another submit) do
+    not change it."""
+    with ezpq.Queue(address=server.address, authkey=server.key, qid="cli") as Q:
+        Q.put(sleep_for, 0, name="queued by a Queue")
+        code, out, err = run_cli(server, "--json", "submit", "--name", "mine", "--", "true")
+        Q.put(sleep_for, 0, name="after")
+        assert code == 0, err
+        made = json.loads(out)
+        shown = json.loads(run_cli(server, "show", str(made["job"]))[1])
+        assert shown["name"] == "mine" and shown["id"] == made["id"] == 2 and made["qid"] == "cli"
+        Q.wait()
 
 
 def test_report_totals_equal_the_accounting_csv(server):
@@ -217,9 +234,7 @@ def test_cli_cannot_connect():
 
 def test_sigterm_stops_server_and_workers(server):
     Q = ezpq.Queue(address=server.address, authkey=server.key, n_workers=1)
-    Q.put(sleep_for, 30)
-    while not Q.is_working():
-        Q.wait_worker(timeout=0.05)
+    wait_until_running(Q, Q.put(sleep_for, 30))
     tree = psutil.Process(server.proc.pid).children(recursive=True)
     assert tree
     assert server.stop(keep_files=True) == 0  # SIGTERM
@@ -253,7 +268,7 @@ def test_thread_jobs_run_in_a_worker_process_not_the_server(server):
 def test_a_blocked_get_notices_a_dead_server(server):
     import threading
     Q = ezpq.Queue(address=server.address, authkey=server.key)
-    Q.put(sleep_for, 30)
+    job_id = Q.put(sleep_for, 30)
     errors = []
     started = threading.Event()
 
@@ -267,8 +282,7 @@ def test_a_blocked_get_notices_a_dead_server(server):
     t = threading.Thread(target=blocked)
     t.start()
     assert started.wait(5)
-    while not Q.is_working():
-        Q.wait_worker(timeout=0.05)
+    wait_until_running(Q, job_id)
     tree = psutil.Process(server.proc.pid).children(recursive=True)
     server.proc.kill()
     server.proc.wait()
