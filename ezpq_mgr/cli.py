@@ -153,6 +153,7 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     import signal
     from .accounting import LogFileError
     from .server import serve
+    from .store import StoreError
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
     p = argparse.ArgumentParser(prog="ezpq-server", description="Run a shared ezpq_mgr server.",
@@ -176,6 +177,12 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--keep-finished", type=float, default=86400.0, metavar="SECONDS",
                    help="drop finished jobs nobody collected after SECONDS (default 86400, one day; "
                         "0: keep them); their accounting rows stay in the log")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="keep the queue in an SQLite database in DIR (created 0700): waiting jobs and "
+                        "uncollected results survive a restart, a crash or a SIGKILL")
+    p.add_argument("--sync", choices=["normal", "full"], default="normal",
+                   help="with --state-dir: normal (default) survives a kill of the server, full also "
+                        "a power loss (SQLite synchronous=FULL: an fsync per group commit)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be >= 1")
@@ -205,9 +212,11 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     try:
         serve(address, key, args.workers, args.start_method, shared=True, log_file=args.log_file,
               on_ready=on_ready, max_message=args.max_message, allow_other_users=args.allow_other_users,
-              keep_finished=args.keep_finished or None)
+              keep_finished=args.keep_finished or None, state_dir=args.state_dir, sync=args.sync)
     except LogFileError as exc:
         _refuse(f"--log-file: {exc}")
+    except StoreError as exc:
+        _refuse(str(exc))
     except (OSError, OverflowError, ValueError) as exc:
         if ready:
             raise
