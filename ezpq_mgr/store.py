@@ -171,14 +171,16 @@ class Store:
         except OSError as exc:
             raise StoreError(f"--state-dir {self.dir}: cannot write in it: {exc.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # a POSIX record lock: held by this process alone (a forked worker
+            # does not inherit it), released by the kernel when it dies
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             try:
                 pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             except OSError:
                 pid = "unknown"
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise StoreError(f"--state-dir {self.dir} is in use by another ezpq-server (pid {pid}); "
                                  f"stop it first or choose another directory") from None
             raise StoreError(f"--state-dir {self.dir}: cannot lock {lock}: {exc.strerror}") from None
