@@ -423,7 +423,9 @@ def _parser() -> argparse.ArgumentParser:
     def add_parser(name, **kw):
         return _add(name, parents=[common], **kw)
     sub.add_parser = add_parser
-    sub.add_parser("status", help="your jobs (root and the server's owner: all)")
+    st = sub.add_parser("status", help="your jobs (root and the server's owner: all)")
+    st.add_argument("--retry", type=_seconds, default=0, metavar="SECONDS",
+                    help="keep trying to connect for SECONDS (a server that restarts)")
     s = sub.add_parser("submit", help="run a shell command as a job: ezpq submit [options] -- CMD ARGS")
     s.add_argument("--priority", type=int, default=100)
     s.add_argument("--lane", default=None)
@@ -436,6 +438,9 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("wait", help="wait for jobs (default: all of yours); 1 if any did not complete")
     w.add_argument("jobs", type=int, nargs="*")
     w.add_argument("--timeout", type=float, default=0)
+    w.add_argument("--retry", type=_seconds, default=0, metavar="SECONDS",
+                   help="when the server is unreachable or goes away, keep reconnecting for SECONDS "
+                        "and wait again (a server with --state-dir that restarts keeps the jobs)")
     sh = sub.add_parser("show", help="one job as JSON")
     sh.add_argument("job", type=int)
     r = sub.add_parser("report", help="jobs, failures, CPU, memory, runtime per user/function/qid")
@@ -449,6 +454,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
+    return value
+
+
+def _run_retrying(args) -> int:
+    """Run the command; with ``--retry SECONDS``, a connection that fails or
+    breaks is made again (every 0.2 s) until SECONDS have passed since the
+    first failure, and the command starts over (``wait`` waits again)."""
+    import time
+    from .errors import ConnectionError as EzpqConnectionError
+    retry = getattr(args, "retry", 0)
+    until = None
+    while True:
+        try:
+            remote, address, key = _connect(args)
+            me = remote.call("whoami")["uid"]
+            until = None   # connected: a later break gets its own SECONDS
+            handler = globals()["_cmd_" + args.cmd]
+            return handler(remote, args, me, address, key) if args.cmd == "submit" else handler(remote, args, me)
+        except EzpqConnectionError:
+            now = time.monotonic()
+            until = now + retry if until is None else until
+            if now >= until:
+                raise
+            logger.debug("cannot reach the server; trying again", exc_info=True)
+            time.sleep(min(0.2, until - now))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """``ezpq``: the client command."""
     from .errors import ConnectionError as EzpqConnectionError, EzpqError, JobNotFound
@@ -456,10 +495,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.cmd == "submit" and args.command and args.command[0] == "--":
         args.command = args.command[1:]
     try:
-        remote, address, key = _connect(args)
-        me = remote.call("whoami")["uid"]
-        handler = globals()["_cmd_" + args.cmd]
-        code = handler(remote, args, me, address, key) if args.cmd == "submit" else handler(remote, args, me)
+        code = _run_retrying(args)
     except JobNotFound as exc:
         print(f"ezpq: {exc}", file=sys.stderr)
         code = EXIT_JOB

@@ -266,10 +266,13 @@ def _main_embedded() -> None:
         os.close(ready_fd)
 
     threading.Thread(target=watch_stdin, name="ezpq-lifeline", daemon=True).start()
+    from .store import StoreError
     try:
         serve(config["address"], bytes.fromhex(config["authkey"]), config["workers"],
               config.get("start_method"), config.get("prestart", True), shared=False,
               on_ready=ready, stop_event=stop, state_dir=config.get("state_dir"))
+    except StoreError as exc:   # Queue(state_dir=...) that cannot be used: the client says why
+        os.write(ready_fd, (json.dumps({"refused": str(exc)}) + "\n").encode())
     finally:
         _remove_private_dir(config.get("private_dir"), config["address"])
 

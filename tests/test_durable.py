@@ -360,3 +360,47 @@ def test_disk_full_stops_the_server_and_keeps_what_was_committed(durable, tmpfs)
     assert all(j["status"] == "waiting" for j in jobs.values())
     Q2.clear_waiting()
     Q2.dispose()
+
+
+def test_ezpq_wait_and_status_retry_across_a_restart(durable):
+    """``ezpq wait --retry`` keeps waiting for a job through a restart of the
+    server (job numbers are kept); ``ezpq status --retry`` connects once it is up."""
+    s = durable(workers=1).start()
+    base = [sys.executable, "-m", "ezpq_mgr", "--socket", s.address, "--authkey-file", s.keyfile]
+    marker = os.path.join(s.dir, "started")
+    Q = s.queue("cli")
+    Q.put(_touch_then_sleep, [marker, 60])           # keeps the worker busy
+    job = Q.put(return_me, 5)
+    _wait_until(lambda: os.path.exists(marker), what="the first job to start")
+    numbers = Remote(s.address, s.key).call("list_jobs", False)
+    waited = [n["seq"] for n in numbers if n["id"] == job][0]
+    waiter = subprocess.Popen(base + ["--json", "wait", str(waited), "--retry", "30"],
+                              stdout=subprocess.PIPE, text=True)
+    s.kill(signal.SIGKILL)
+    assert subprocess.run(base + ["status"], capture_output=True).returncode == 3
+    status = subprocess.Popen(base + ["status", "--retry", "30"], stdout=subprocess.PIPE, text=True)
+    s.start()
+    assert status.wait(30) == 0
+    out, _ = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0, out
+    assert '"output": 5' in out
+    Q2 = s.queue("cli")
+    assert sorted(j["status"] for j in Q2.collect()) == ["completed", "lost"]
+    Q2.dispose()
+
+
+def test_embedded_queue_with_a_state_dir(durable):
+    """``Queue(state_dir=...)``: the private server keeps its queue there;
+    a later Queue on the same dir and qid finds the jobs again."""
+    s = durable()
+    where = os.path.join(s.dir, "embedded")
+    Q = ezpq.Queue(1, state_dir=where, qid="mine", auto_start=False)
+    ids = [Q.put(return_me, i) for i in range(3)]
+    Q.detach()
+    with pytest.raises(ValueError):
+        ezpq.Queue(state_dir=where, address=s.address)
+    Q2 = ezpq.Queue(1, state_dir=where, qid="mine")
+    Q2.start()
+    assert Q2.wait(timeout=30) == 0
+    assert sorted((j["id"], j["output"]) for j in Q2.collect()) == list(zip(ids, range(3)))
+    Q2.dispose()
