@@ -104,6 +104,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     service = Service(state, supervisor, shared=shared, accounting=accounting,
                       keep_finished=keep_finished)
     try:
+        state.seq = accounting.max_job()   # job numbers continue after the log's largest
         if store is not None:
             store.restore(state, service)
         listener = transport.listen(address)

@@ -29,14 +29,14 @@ class Durable:
     """An ezpq-server on a Unix socket with a state dir, started and
     restarted on the same files; the test's own temp dir, removed by ``close``."""
 
-    def __init__(self, workers=1, state_dir=None, extra=()):
+    def __init__(self, workers=1, state_dir=None, extra=(), stateless=False):
         self.dir = tempfile.mkdtemp(prefix="ezpq-durable-")
         self.keyfile = os.path.join(self.dir, "key")
         self.address = os.path.join(self.dir, "s.sock")
         self.state_dir = state_dir or os.path.join(self.dir, "state")
         self.cmd = [sys.executable, "-c", "from ezpq_mgr.cli import server_main; server_main()",
                     "--socket", self.address, "--workers", str(workers), "--authkey-file", self.keyfile,
-                    "--log-level", "WARNING", "--state-dir", self.state_dir, *extra]
+                    "--log-level", "WARNING", *([] if stateless else ["--state-dir", self.state_dir]), *extra]
         self.proc = None
 
     def start(self):
@@ -404,3 +404,25 @@ def test_embedded_queue_with_a_state_dir(durable):
     assert Q2.wait(timeout=30) == 0
     assert sorted((j["id"], j["output"]) for j in Q2.collect()) == list(zip(ids, range(3)))
     Q2.dispose()
+
+
+def test_without_a_state_dir_the_log_file_keeps_the_history(durable):
+    """No --state-dir but --log-file: after a restart ``ezpq report`` covers
+    the whole file and job numbers continue after the largest in it."""
+    s = durable(stateless=True)
+    log = os.path.join(s.dir, "acct.csv")
+    s.cmd += ["--log-file", log]
+    for run in range(2):
+        s.start()
+        Q = s.queue("hist")
+        for i in range(3):
+            Q.put(return_me, i)
+        assert Q.wait(timeout=30) == 0
+        Q.dispose()
+        s.kill(signal.SIGTERM)
+    s.start()
+    rows = Remote(s.address, s.key).call("accounting", True)
+    assert sorted(int(r["job"]) for r in rows) == list(range(1, 7))
+    base = [sys.executable, "-m", "ezpq_mgr", "--socket", s.address, "--authkey-file", s.keyfile]
+    out = subprocess.run(base + ["--json", "report", "--by", "qid"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and '"jobs": 6' in out.stdout, out.stdout
