@@ -48,6 +48,7 @@ unchanged; ids, job numbers and queue settings continue where they were.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -266,17 +267,23 @@ class Store:
         no lock contention; no hooks installed yet). Returns figures."""
         t0 = time.perf_counter()
         db = self.db
+        # the columns in JobRecord's own order, so a row is its positional
+        # arguments (100,000 jobs: ~4x faster than keywords); a field we do
+        # not store keeps its default
+        fields = [f.name for f in dataclasses.fields(JobRecord)]
+        names = tuple(f for f in fields if f in STATIC + MUTABLE)
+        positional = list(names) == fields
         try:
             seq_row = db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()
             queues = db.execute(f"SELECT {', '.join(QUEUE_COLUMNS)} FROM queues").fetchall()
             envs = db.execute("SELECT env_id, uid, cwd, sys_path FROM envs").fetchall()
-            rows = db.execute(f"SELECT {', '.join(STATIC + MUTABLE)} FROM jobs ORDER BY seq").fetchall()
+            rows = db.execute(f"SELECT {', '.join(names)} FROM jobs ORDER BY seq").fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path} is damaged ({exc}); refusing to start over it: "
                              f"move it away to start empty") from None
-        names = STATIC + MUTABLE
-        bools = [names.index(c) for c in _BOOLS]
-        i_phase, i_status = names.index("phase"), names.index("status")
+        statuses = {s.value: s for s in JobStatus}
+        phases = list(Phase)
+        NEW, WAITING, RUNNING, RETURNED = Phase.NEW, Phase.WAITING, Phase.RUNNING, Phase.RETURNED
         max_seq = int(seq_row[0]) if seq_row else 0
         now = state.clock()
         changed: List[JobRecord] = []
@@ -290,29 +297,32 @@ class Store:
             jobs = []
             refs: Dict[int, int] = {}
             for row in rows:
-                row = list(row)
-                phase = Phase(row[i_phase])
-                row[i_status] = JobStatus(row[i_status])
-                for i in bools:
-                    row[i] = bool(row[i])
-                row[i_phase] = Phase.NEW
-                rec = JobRecord(**dict(zip(names, row)))
+                rec = JobRecord(*row) if positional else JobRecord(**dict(zip(names, row)))
+                phase = phases[rec.phase]
+                rec.phase = NEW
+                rec.status = statuses[rec.status]
+                rec.suppress_errors = rec.suppress_errors == 1
+                rec.stop_on_lane_error = rec.stop_on_lane_error == 1
+                rec.cancelled = rec.cancelled == 1
                 jobs.append((rec, phase))
-                if phase in (Phase.WAITING, Phase.RUNNING, Phase.RETURNED) and rec.env_id:
+                if rec.env_id and (phase is WAITING or phase is RUNNING or phase is RETURNED):
                     refs[rec.env_id] = refs.get(rec.env_id, 0) + 1
-                max_seq = max(max_seq, rec.seq)
+            if jobs:
+                max_seq = max(max_seq, jobs[-1][0].seq)
             service.restore_envs({r[0]: (r[1], r[2], tuple(json.loads(r[3]))) for r in envs}, refs)
             dropped_envs = [r[0] for r in envs if r[0] not in refs]
             state.seq = max(state.seq, max_seq)
+            q = None
             for rec, phase in jobs:
-                q = state.queue(rec.qid)
+                if q is None or q.qid != rec.qid:
+                    q = state.queue(rec.qid)
                 if q.next_id <= rec.id:
                     q.next_id = rec.id + 1
                 state.records[rec.seq] = rec
                 q.ids[rec.id] = rec.seq
                 processed = rec.processed
-                if phase is Phase.WAITING:
-                    state._move(q, rec, Phase.WAITING)
+                if phase is WAITING:
+                    state._move(q, rec, WAITING)
                     state._enqueue(q, rec)
                     n["waiting"] += 1
                 elif phase in (Phase.RUNNING, Phase.RETURNED):
