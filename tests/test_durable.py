@@ -93,12 +93,13 @@ def _wait_until(cond, limit=30.0, what="condition"):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_restart_keeps_waiting_jobs_and_uncollected_results(durable, sig):
+@pytest.mark.parametrize("sig,sync", [(signal.SIGTERM, "normal"), (signal.SIGKILL, "normal"),
+                                      (signal.SIGKILL, "full")], ids=["SIGTERM", "SIGKILL", "SIGKILL-sync-full"])
+def test_restart_keeps_waiting_jobs_and_uncollected_results(durable, sig, sync):
     """20 jobs: 3 collected, 3 completed-uncollected, 1 running, 13 waiting;
     a restart on the same dir gives a new client exactly the other 17:
     results unchanged (not run again), the running one lost, the waiting ones run."""
-    s = durable(workers=1).start()
+    s = durable(workers=1, extra=["--sync", sync]).start()
     Q = s.queue("r")
     ids = [Q.put(return_me, i) for i in range(6)]
     ids.append(Q.put(sleep_for, 60))
