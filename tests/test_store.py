@@ -127,7 +127,7 @@ def test_restore_keeps_order_results_and_ends_running_jobs(where):
         if rec.lane_key is not None:
             state2.finish(rec.seq, Outcome(JobStatus.COMPLETED, 0))
     assert order == ["w-late-but-first", "retry", "w2", "lane1", "lane2"]
-    assert state2.seq == 9
+    assert state2.seq == 9 and q.next_id == 20
     assert state2.add("q", [_rec()]) == [20]
     st2.close()
 
