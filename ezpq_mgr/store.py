@@ -411,12 +411,12 @@ class Store:
         connection's thread, before its reply). ``StoreError`` if the
         journal cannot write any more."""
         mark = self._appended
-        if self._committed >= mark and self.failed is None:
+        if self._committed >= mark:
             return
         with self._cv:
             while self._committed < mark and self.failed is None:
                 self._cv.wait()
-        if self.failed is not None:
+        if self._committed < mark:
             raise StoreError(f"the server cannot save its state: {self.failed}")
 
     def hold(self, d) -> bool:
@@ -545,3 +545,7 @@ class Store:
             self.db.close()
             self.db = None
         self._unlock()
+        with self._cv:   # a reply still waiting now would wait for ever: it is refused
+            if self.failed is None:
+                self.failed = "the server stopped before it could save this"
+            self._cv.notify_all()
