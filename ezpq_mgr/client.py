@@ -26,6 +26,7 @@ from .embedded import PrivateServer
 from .errors import ConnectionError, EzpqError
 from .job import Job, normalize_args, plain_name
 from .jobdict import log_csv, to_job_dict
+from .messages import Processed
 from .workerproto import CANNOT_LOAD
 
 logger = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ class Queue:
                                      f"{job['exception']}\n")
                     sys.stderr.flush()
                 if snap["held"]:
-                    processed.append((snap["seq"], self._post_process(job)))
+                    processed.append(Processed(snap["seq"], self._post_process(job)))
             if processed:
                 try:
                     self._remote.call("mark_processed", processed)
@@ -484,9 +485,9 @@ class Queue:
         Blocks when ``wait``, ``poll`` or ``timeout`` is given, until a job
         completes, the queue is empty, or ``timeout`` passes."""
         if not (wait or poll or timeout):
-            job, _ = self._call("get", self._qid, False, 0)
+            job = self._call("get", self._qid, False, 0)
             return None if job is None else to_job_dict(job)
-        job, _ = self._call("get", self._qid, True, self._server_timeout(timeout))
+        job = self._call("get", self._qid, True, self._server_timeout(timeout))
         return None if job is None else to_job_dict(job)
 
     def collect(self, n: int = 0) -> List[dict]:

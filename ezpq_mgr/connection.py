@@ -15,6 +15,7 @@ from typing import Callable, Optional, Tuple, Union
 
 from . import transport
 from .errors import AuthenticationError, ConnectionError
+from .messages import RETURN, Reply, Request
 
 __all__ = ["Remote", "parse_address", "default_authkey", "authkey_path", "DEFAULT_PORT"]
 
@@ -90,8 +91,9 @@ class Remote:
     Each thread has its own connection (a call waits for its reply, so
     threads cannot share one); a forked child opens its own. A shared
     server speaks JSON (wire.py), the private server of an embedded queue
-    pickle. The server's ``max_message`` is learnt at the handshake and
-    checked before sending: an oversize call raises ``ValueError`` here."""
+    pickle. A call is one ``Request``, answered by one ``Reply``. The
+    server's ``max_message`` is learnt at the handshake and checked before
+    sending: an oversize call raises ``ValueError`` here."""
 
     def __init__(self, address: Address, authkey: Union[bytes, str], shared: bool = True):
         authkey = as_authkey(authkey)
@@ -131,7 +133,7 @@ class Remote:
         runs once the request is on the wire, before the answer is awaited
         (the client's send lock is released there: the answer of a parked
         call may take long)."""
-        body = self._dumps((method, args))
+        body = self._dumps(Request(method, args))
         limit = self.max_message
         if limit is not None and len(body) > limit:
             raise ValueError(f"this call to {method!r} is {transport.describe_size(len(body))}, over the "
@@ -145,16 +147,20 @@ class Remote:
                 sock.sendall(body)
             if sent is not None:
                 sent()
-            kind, result = self._loads(self._recv(sock))
+            reply = self._loads(self._recv(sock))
         except (EOFError, OSError) as exc:
             self._drop()
             raise ConnectionError(f"lost the ezpq server at {self.where}: {exc!r}") from None
         except BaseException:  # Ctrl+C in a long wait: its answer must not be read as the next one's
             self._drop()
             raise
-        if kind == "#RETURN":
+        try:
+            kind, result = Reply.parse(reply)
+        except (TypeError, ValueError):
+            kind, result = type(reply).__name__, None
+        if kind == RETURN:
             return result
-        if kind == "#ERROR" and isinstance(result, BaseException):
+        if isinstance(result, BaseException):
             raise result
         raise ConnectionError(f"unexpected answer from the ezpq server at {self.where}: {kind!r}")
 
@@ -211,5 +217,6 @@ class Remote:
             pass
 
 
-def _pickle_dumps(obj) -> bytes:
-    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+def _pickle_dumps(msg: tuple) -> bytes:
+    """A message record as the tuple of its fields (``messages.py``)."""
+    return pickle.dumps(tuple(msg), pickle.HIGHEST_PROTOCOL)

@@ -25,7 +25,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from . import transport
 from .peers import Identity, owner, user_name

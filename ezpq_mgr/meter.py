@@ -47,12 +47,10 @@ from typing import Dict, List, Optional, Tuple
 
 import psutil
 
+from .messages import Figures
 from .procutil import descendants, own_peak, tree_pids
 
 __all__ = ["JobMeter", "ProcMeter"]
-
-#: (cpu_user, cpu_system, max_rss, max_rss_method, max_rss_children)
-Figures = Tuple[float, float, int, str, Optional[int]]
 
 _SELF, _CHILDREN = resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN
 _getrusage = resource.getrusage
@@ -145,13 +143,13 @@ class JobMeter:
             self._sampling.clear()
             rss, method = max(self._sampled, self._proc.memory_info().rss), "sampled"
         if c1 == c0 and not self._saw_children:  # the usual job: it started no process
-            return (s1.ru_utime - s0.ru_utime, s1.ru_stime - s0.ru_stime, rss, method, None), False
+            return Figures(s1.ru_utime - s0.ru_utime, s1.ru_stime - s0.ru_stime, rss, method, None), False
         peak = self._child_peak
         if c1.ru_maxrss > c0.ru_maxrss:
             peak = max(peak, c1.ru_maxrss * 1024)
         self._saw_children = True   # the caller reaps orphans: re-read the baseline
-        return (s1.ru_utime - s0.ru_utime + c1.ru_utime - c0.ru_utime,
-                s1.ru_stime - s0.ru_stime + c1.ru_stime - c0.ru_stime, rss, method, peak or None), True
+        return Figures(s1.ru_utime - s0.ru_utime + c1.ru_utime - c0.ru_utime,
+                       s1.ru_stime - s0.ru_stime + c1.ru_stime - c0.ru_stime, rss, method, peak or None), True
 
     def _peak(self, maxrss_kib: int) -> int:
         """The job's peak from getrusage's maxrss = max(exec-time figure, mark).

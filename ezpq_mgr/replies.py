@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from .errors import EzpqError, ServerError
+from .messages import ERROR, RETURN, Reply, Request
 from .outgoing import MessageTooLarge, PeerConnection
 from .peers import serve_as
 
@@ -63,22 +64,22 @@ class Outbox:
     """Answers computed under the state's lock, sent after it is released."""
 
     def __init__(self) -> None:
-        self._items: "collections.deque[Deferred]" = collections.deque()
+        self.items: "collections.deque[Deferred]" = collections.deque()
         #: a durable server's journal keeps an answer until what it reports is
         #: committed (``Store.hold``: True when it took it); None: send at once
         self.hold: Optional[Callable[[Deferred], bool]] = None
 
     def put(self, d: Deferred) -> None:
-        self._items.append(d)
+        self.items.append(d)
 
     def __bool__(self) -> bool:
-        return bool(self._items)
+        return bool(self.items)
 
     def deliver(self) -> None:
         """Send every pending answer (any thread; each is sent exactly once)."""
-        while self._items:
+        while self.items:
             try:
-                d = self._items.popleft()
+                d = self.items.popleft()
             except IndexError:
                 return
             if self.hold is not None and self.hold(d):
@@ -97,28 +98,29 @@ def reply_channel(transform: Callable[[Any], Any]) -> Optional[Callable[[Any], N
 
     def send(answer: Any) -> None:
         try:
-            msg = ("#RETURN", transform(answer))
+            msg = Reply(RETURN, transform(answer))
         except Exception as exc:
-            msg = ("#ERROR", exc)
+            msg = Reply(ERROR, exc)
         _send_reply(conn, msg)
 
     return send
 
 
-def _send_reply(conn: PeerConnection, msg: tuple) -> None:
+def _send_reply(conn: PeerConnection, msg: Reply) -> None:
     try:
         conn.send(msg)
     except Exception as exc:  # an answer our serializer refuses
         logger.error("cannot send a reply: %s", exc)
-        conn.send(("#ERROR", EzpqError(f"the server could not send its answer: {exc}")))
+        conn.send(Reply(ERROR, EzpqError(f"the server could not send its answer: {exc}")))
 
 
 class ConnectionServer:
     """Serves the requests of authenticated connections, one thread each.
 
-    A request is ``(method, args)``; only the service's ``exposed`` methods
-    exist (the stdlib manager's built-ins, ``shutdown`` and friends, do not).
-    Replies are ``("#RETURN", value)`` or ``("#ERROR", exception)``."""
+    A ``Request`` names a method and its arguments; only the service's
+    ``exposed`` methods exist (the stdlib manager's built-ins, ``shutdown``
+    and friends, do not). Each is answered by one ``Reply``: ``RETURN`` and
+    the value, or ``ERROR`` and the exception."""
 
     def __init__(self, service: Any, exposed: Iterable[str], state: Any, loads: Callable[[bytes], Any],
                  stop_event: threading.Event):
@@ -157,32 +159,30 @@ class ConnectionServer:
             try:
                 body = conn.read()
             except MessageTooLarge as exc:
-                conn.send(("#ERROR", ValueError(f"ezpq server: {exc}")))
+                conn.send(Reply(ERROR, ValueError(f"ezpq server: {exc}")))
                 continue
             except (EOFError, OSError, MemoryError, OverflowError):
                 return  # gone, or a frame no memory can hold: this connection ends, not the server
             try:
-                method, args = self.loads(body)
-                if not isinstance(method, str) or not isinstance(args, (list, tuple)):
-                    raise TypeError
+                method, args = Request.parse(self.loads(body))
             except Exception:
-                conn.send(("#ERROR", ValueError("ezpq server: malformed request")))
+                conn.send(Reply(ERROR, ValueError("ezpq server: malformed request")))
                 continue
             if method not in exposed:
-                msg = ("#ERROR", AttributeError(f"method {method[:100]!r} is not exposed"))
+                msg = Reply(ERROR, AttributeError(f"method {method[:100]!r} is not exposed"))
             else:
                 try:
-                    msg = ("#RETURN", getattr(service, method)(*args))
+                    msg = Reply(RETURN, getattr(service, method)(*args))
                 except Exception as e:
-                    msg = ("#ERROR", e)
-            if msg[1] is DEFERRED:
+                    msg = Reply(ERROR, e)
+            if msg.value is DEFERRED:
                 self._park(conn, _local.parked)
                 continue
             if self.barrier is not None:
                 try:
                     self.barrier()
                 except Exception as e:   # the state cannot be saved: say so, never acknowledge
-                    msg = ("#ERROR", ServerError(str(e)))
+                    msg = Reply(ERROR, ServerError(str(e)))
             _send_reply(conn, msg)
 
     def _park(self, conn: PeerConnection, d: Deferred) -> None:

@@ -218,8 +218,9 @@ def _wait_for_stop(stop: threading.Event) -> None:
         # w stays open: the kick thread may still write to it; closed at exit
 
 
-def _pickle_dumps(obj) -> bytes:
-    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+def _pickle_dumps(msg: tuple) -> bytes:
+    """A ``Reply`` as the tuple of its fields (``messages.py``)."""
+    return pickle.dumps(tuple(msg), pickle.HIGHEST_PROTOCOL)
 
 
 def _identity(path: str) -> Optional[tuple]:

@@ -15,8 +15,10 @@ sees, collects and cancels only their own jobs; root and the server's owner
 see all through the admin calls (``list_jobs``, ``cancel_job``, ...).
 
 Nothing a client sends is trusted: every argument is checked here against
-``schema`` (the client library checks the same at the call, but a hostile
-client bypasses it), before anything changes. A client that disconnects
+``schema`` and ``messages`` (the client library checks the same at the
+call, but a hostile client bypasses it), before anything changes; a job's
+record is built from the checked values (``messages.job_record``), never
+from the client's dict. A client that disconnects
 without ``goodbye`` (``detach()``/``dispose()``), e.g. SIGKILLed, has its
 private queue disposed of as ``dispose()`` would; finished jobs nobody
 collects are dropped after ``keep_finished`` seconds (their accounting rows
@@ -45,6 +47,7 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import peers, schema
+from .messages import Env, Processed, job_records
 from .accounting import AccountingLog, report
 from .errors import JobNotFound, ServerLimit
 from .job import JobRecord
@@ -266,7 +269,7 @@ class Service:
         key = (me.uid, cwd, shared.path)
         env_id = self._env_ids[key] = next(self._next_env)
         self._envs[env_id] = _Env(key, me.uid, cost)
-        self.supervisor.envs[env_id] = (cwd, shared.list)
+        self.supervisor.envs[env_id] = Env(cwd, shared.list)
         self._count(me.uid, 1, cost)
         if self.on_env is not None:
             self.on_env(env_id, key)
@@ -498,19 +501,11 @@ class Service:
 
         return _parked(self.state.take_notices(client, timeout, reply_channel(visible)), visible)
 
-    def mark_processed(self, results: List[Tuple[int, Optional[bytes]]]) -> None:
+    def mark_processed(self, results: List[Processed]) -> None:
         """The client post-processed these held jobs of its own (others are ignored)."""
         if type(results) is not list and type(results) is not tuple:
             raise TypeError(f"results must be a list of (seq, callback blob), not {type(results).__name__}")
-        checked = []
-        for pair in results:
-            if type(pair) not in (list, tuple) or len(pair) != 2:
-                raise TypeError("results must be (seq, callback blob) pairs")
-            seq, blob = pair
-            _int("seq", seq, 1)
-            if blob is not None:
-                schema.check_blob("callback_blob", blob)
-            checked.append((seq, blob))
+        checked = [Processed.parse(r) for r in results]
         with self.state.cond:
             mine = [(seq, blob) for seq, blob in checked
                     if seq in self.state.records and self._may_touch(self.state.records[seq])]
@@ -534,27 +529,21 @@ class Service:
     def put(self, qid: str, records: List[dict]) -> List[int]:
         """Enqueue a batch of job records, all or nothing, as the caller.
 
-        Every record is checked (``schema.check_record``) before any is
+        Every record is checked, and the server's record of it built from
+        the checked values (``messages.job_records``), before any is
         enqueued; the per-batch facts (the client token is the caller's, the
         environment is the caller's) once per distinct value. Each job holds
         its environment until it ends for good."""
         me = peers.current()
         key = self._key(qid)
-        schema.check_records(records)
+        recs = job_records(records, key, me.user, me.uid)
         clients, envs = set(), {}
-        recs = []
-        for r in records:
-            client, env_id = r["client"], r.get("env_id", 0)
+        for rec in recs:
+            client, env_id = rec.client, rec.env_id
             if client not in clients:
                 self._client(client)
                 clients.add(client)
             envs[env_id] = envs.get(env_id, 0) + 1
-            r = dict(r)
-            r.setdefault("id", 0)
-            r.setdefault("name", None)
-            r.setdefault("lane_key", None)
-            r["user"], r["uid"] = me.user, me.uid
-            recs.append(JobRecord(seq=0, qid=key, **r))
         self._use(key)
         with self.state.cond:
             for env_id in envs:
@@ -595,9 +584,10 @@ class Service:
     def counts(self, qid: str) -> dict:
         return self.state.counts(self._key(qid))
 
-    def get(self, qid: str, wait: bool, timeout: Optional[float]) -> Tuple[Optional[dict], int]:
+    def get(self, qid: str, wait: bool, timeout: Optional[float]) -> Optional[dict]:
+        """The best completed job (None: none, or none before ``timeout``)."""
         def visible(answer):
-            return self._snap(answer[0]), answer[1]
+            return self._snap(answer[0])
 
         key, timeout = self._key(qid), schema.wait_timeout(timeout)
         got = self.state.get(key, schema.check_bool("wait", wait), timeout, reply_channel(visible))

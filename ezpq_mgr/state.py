@@ -37,12 +37,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
-import threading
+import _thread
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from .errors import JobNotFound, QueueFull
 from .job import TRANSITIONS, JobRecord, JobStatus, Phase
+from .messages import KillRequest, Outcome
 from .replies import Deferred, Outbox
 from .schema import INT64_MAX, SETTINGS
 
@@ -59,26 +60,7 @@ FAILED_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED, JobStatus.T
 ERROR_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED)
 
 
-@dataclasses.dataclass
-class Outcome:
-    """What a worker (or the supervisor) reports about one finished run."""
-
-    status: JobStatus
-    exitcode: Optional[int]
-    output_blob: Optional[bytes] = None
-    exception: Optional[str] = None
-    cpu_user: Optional[float] = None
-    cpu_system: Optional[float] = None
-    max_rss: Optional[int] = None
-    max_rss_method: Optional[str] = None
-    max_rss_children: Optional[int] = None
-    pid: Optional[int] = None
-    host: Optional[str] = None
-    started: Optional[float] = None    # when the worker really began (None: keep dispatch time)
-    ended: Optional[float] = None
-
-
-_OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome) if f.name != "status")
+_OUTCOME_FIELDS = Outcome._fields[1:]   # all but status
 
 
 @dataclasses.dataclass
@@ -137,29 +119,26 @@ class QueueInfo:
         return self.count[WAITING] + self.n_working
 
 
-class StateLock:
+class StateLock(_thread.RLock):
     """The state's (re-entrant) lock. Leaving its outermost hold sends the
     answers queued in the outbox meanwhile, so an answer made possible by any
     change is sent at once, by the thread that made the change, outside the
-    lock (a large result is never written while the lock is held)."""
+    lock (a large result is never written while the lock is held).
 
-    __slots__ = ("_lock", "_depth", "_outbox")
+    A subclass of the C ``RLock``: entering is the C ``acquire`` itself, and
+    only the exit runs Python (the lock is taken several times per job)."""
 
-    def __init__(self, outbox: Outbox):
-        self._lock = threading.RLock()
-        self._depth = 0          # changed only by the holder
+    def __new__(cls, outbox: Outbox) -> "StateLock":
+        self = super().__new__(cls)
         self._outbox = outbox
-
-    def __enter__(self) -> "StateLock":
-        self._lock.acquire()
-        self._depth += 1
         return self
 
+    def __init__(self, outbox: Outbox) -> None:
+        pass
+
     def __exit__(self, *exc) -> None:
-        self._depth -= 1
-        outer = self._depth == 0
-        self._lock.release()
-        if outer and self._outbox:
+        self.release()
+        if self._outbox.items and not self._is_owned():
             self._outbox.deliver()
 
 
@@ -182,7 +161,7 @@ class QueueState:
         self.holding_clients: set = set()          # clients that post-process jobs
         self.notices: Dict[str, List[int]] = {}    # client -> seqs to tell it about
         self.closing: set = set()                   # clients whose notices end when drained
-        self.kill_requests: List[Tuple[int, JobStatus, str]] = []
+        self.kill_requests: List[KillRequest] = []
         self.client_pending: Dict[str, int] = {}  # client -> its jobs not yet DONE
         self.on_move: Optional[Callable[[JobRecord, Phase, Phase], None]] = None  # (lock held)
         #: (lock held) a queue's id counter or settings changed (dropped=True: it is forgotten);
@@ -513,10 +492,10 @@ class QueueState:
             rec = self.records.get(seq)
             if rec is None or rec.phase is not RUNNING:
                 return
-            asked = next((r for r in self.kill_requests if r[0] == seq), None)
+            asked = next((r for r in self.kill_requests if r.seq == seq), None)
             if asked is not None:
                 self.kill_requests.remove(asked)
-                self.finish(seq, Outcome(asked[1], None, exception=asked[2]))
+                self.finish(seq, Outcome(asked.status, None, exception=asked.why))
                 return
             q = self.queues[rec.qid]
             if rec.lane_key is not None and rec.lane_key in q.lanes:
@@ -678,7 +657,7 @@ class QueueState:
                 self._drop_lane_if_idle(q, rec.lane_key, lane)
             return True
         if rec.phase is RUNNING or rec.phase is RETURNED:  # figures on their way: it may still run
-            self.kill_requests.append((rec.seq, JobStatus.CANCELLED, "cancelled by request"))
+            self.kill_requests.append(KillRequest(rec.seq, JobStatus.CANCELLED, "cancelled by request"))
             return True
         return False
 
@@ -698,7 +677,7 @@ class QueueState:
             self._changed()
             return n
 
-    def take_kill_requests(self) -> List[Tuple[int, JobStatus, str]]:
+    def take_kill_requests(self) -> List[KillRequest]:
         """For the supervisor: running jobs that must be stopped. Caller holds the lock."""
         out, self.kill_requests = self.kill_requests, []
         return out

@@ -5,9 +5,9 @@ selector on the workers' channels, a pidfd per worker (readable when it
 exits) and a wakeup pipe, with the nearest deadline as its timeout: no
 polling::
 
-      QueueState ──pick()──> Supervisor ──JOB (workerproto)──> worker process
-          ^                    │   ^                                 │
-          └──── finish() ──────┘   └──── RESULT, FIGURES ────────────┘
+      QueueState ──pick()──> Supervisor ──RunJob (workerproto)──> worker process
+          ^                    │   ^                                    │
+          └─ finish(Outcome) ──┘   └──── Result, LateFigures ───────────┘
                                    pidfd fires: worker died → job lost/killed,
                                    its orphans killed, worker replaced
 
@@ -70,13 +70,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, NamedTuple, Optional, Tuple
 
 from . import workerproto
 from .job import JobRecord, JobStatus
+from .messages import NO_FIGURES, Env, Figures, LateFigures, Outcome, Ready, Result
 from .meter import TICKS, ProcMeter
 from .procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_rss
-from .state import Outcome, QueueState
+from .state import QueueState
 from .worker import HOST, exec_argv, run_call, thread_cpu, worker_main
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,13 @@ def _kill_and_reap(orphans: List[int], live: List[int], in_hand: set) -> None:
         in_hand.difference_update(orphans)
 
 
+class Returned(NamedTuple):
+    """A job whose worker sent its ``Result`` and whose figures are due
+    (``WorkerHandle.pending``): the supervisor's own note, never sent."""
+    seq: int
+    result: Result
+
+
 class WorkerProcess:
     """A worker process however it was started (multiprocessing or exec):
     its pid, a pidfd that becomes readable when it exits (a multiprocessing
@@ -184,7 +192,7 @@ class WorkerHandle:
     uid: Optional[int] = None          # the user it runs as (None: the server's)
     ready: bool = False                # booted and waiting for a job
     dead: bool = False                 # being killed or gone: never reused
-    pending: Optional[tuple] = None    # (seq, result) whose figures are on their way
+    pending: Optional[Returned] = None  # the job whose figures are on their way
     pending_deadline: Optional[float] = None   # that job's limits, which hold until its figures
     pending_memory: Optional[int] = None
     figures_due: float = 0.0           # monotonic time its figures must have come by
@@ -215,7 +223,7 @@ class Supervisor:
     process sets it; never inside a test runner)."""
 
     def __init__(self, state: QueueState, slots: int, start_method: Optional[str] = None,
-                 envs: Optional[Dict[int, Tuple[str, list]]] = None, shared: bool = False,
+                 envs: Optional[Dict[int, Env]] = None, shared: bool = False,
                  max_message: int = workerproto.DEFAULT_MAX_MESSAGE, subreaper: bool = False):
         if not isinstance(max_message, int) or isinstance(max_message, bool) or not 0 < max_message < 1 << 32:
             raise ValueError(f"max_message must be a positive int below 4 GiB, not {max_message!r}")
@@ -315,12 +323,9 @@ class Supervisor:
 
     # ----------------------------------------------------------------- loop
     def run(self) -> None:
+        with self.state.cond:
+            timeout = self._next_timeout()
         while not self._stopping:
-            with self.state.cond:
-                timeout = self._next_timeout()
-                if self._rearm:   # only when a flush left bytes behind or emptied them
-                    self._rearm = False
-                    self._watch_writes()
             events = self._selector.select(timeout)
             if self._stopping:
                 break
@@ -340,6 +345,9 @@ class Supervisor:
                         inbox.append((w,) + self._read(w))   # outside the lock; a dead one's is dropped
                 elif kind == "sentinel":
                     deaths.append(w)
+            # one hold of the state's lock per round: results in, limits,
+            # dispatch, the next timer; letting it go sends the answers our
+            # results made possible (StateLock), then the jobs go out
             with self.state.cond:
                 for w, messages, error in inbox:
                     if not w.dead:
@@ -348,13 +356,15 @@ class Supervisor:
                     self._check_stalls()
                 for w in deaths:
                     self._on_death(w)
-            # (answers our results made possible were sent as that lock was let go: StateLock)
-            with self.state.cond:
                 if (self.state.kill_requests or self._has_limits()
                         or (self._due is not None and time.monotonic() >= self._due)):
                     self._enforce_limits()
                 self._dispatch()
                 queued, self._queued = self._queued, []
+                timeout = self._next_timeout()
+                if self._rearm:   # only when a flush left bytes behind or emptied them
+                    self._rearm = False
+                    self._watch_writes()
             if queued:
                 self._flush(queued)
 
@@ -678,9 +688,10 @@ class Supervisor:
             self._violation(w, error)
 
     def _on_message(self, w: WorkerHandle, msg: tuple) -> Optional[str]:
-        """One message in its phase; a reason when it is out of place."""
-        kind = msg[0]
-        if kind == "ready":
+        """One message (``Ready``, ``Result``, ``LateFigures``) in its phase;
+        a reason when it is out of place."""
+        kind = type(msg)
+        if kind is Ready:
             if w.ready:
                 return "a second ready message"
             w.ready = True
@@ -689,12 +700,12 @@ class Supervisor:
                 self._watch_from_outside(w)
             return None
         if not w.ready:
-            return f"a {kind} message before ready"
-        if kind == "figures":
+            return f"a {'result' if kind is Result else 'figures'} message before ready"
+        if kind is LateFigures:
             if w.pending is None:
                 return "figures with no result waiting for them"
-            self._complete(w, w.pending, msg[1])
-            self._after_job(w, msg[2])
+            self._complete(w, w.pending, msg.figures)
+            self._after_job(w, msg.leaving)
             return None
         # a result
         if w.pending is not None:
@@ -704,8 +715,8 @@ class Supervisor:
         self._on_result(w, msg)
         return None
 
-    def _on_result(self, w: WorkerHandle, msg: tuple) -> None:
-        """Worker ``w`` finished its job: ``msg`` is a decoded RESULT (the job
+    def _on_result(self, w: WorkerHandle, msg: Result) -> None:
+        """Worker ``w`` finished its job: ``msg`` is its ``Result`` (the job
         is the one we gave it). Caller holds the lock.
 
         A measured job's result comes in two messages: the result, then its
@@ -716,16 +727,16 @@ class Supervisor:
         limits and cancel hold until then: the result may be the job's own
         forgery while it runs on."""
         seq = w.seq
-        if msg[7] is None:  # figures follow: free the worker for its next job now
-            w.pending = (seq, msg)
+        if msg.figures is None:  # figures follow: free the worker for its next job now
+            w.pending = Returned(seq, msg)
             w.pending_deadline, w.pending_memory = w.deadline, w.max_memory
             w.figures_due = w.last_rx + FIGURES_TIMEOUT
             w.seq = w.deadline = w.max_memory = None
             self.state.release(seq)
             return
         w.seq = w.deadline = w.max_memory = None
-        self._complete(w, (seq, msg), msg[7])
-        self._after_job(w, msg[8])
+        self._complete(w, Returned(seq, msg), msg.figures)
+        self._after_job(w, msg.leaving)
 
     def _after_job(self, w: WorkerHandle, leaving: bool) -> None:
         """``w``'s last job is over (its figures are in): it leaves; or the
@@ -742,20 +753,19 @@ class Supervisor:
             w.idle_check = time.monotonic() + IDLE_CHECK_INTERVAL
             w.idle_cpu = None
 
-    def _complete(self, w: WorkerHandle, pending: tuple, figures: Optional[tuple]) -> None:
+    def _complete(self, w: WorkerHandle, pending: Returned, figures: Optional[Figures]) -> None:
         """Record a job's result with its figures (None: none came). Another
         user's job gets the figures we read ourselves (``_measured``)."""
-        seq, (_, status, exitcode, started, ended, out, exc) = pending[0], pending[1][:7]
+        seq, r = pending
         if w.pending is pending:
             w.pending = w.pending_deadline = w.pending_memory = None
         if figures is not None and w.gauge is not None and self.accounting:
             figures = self._measured(w, seq, figures)
-        cpu_u, cpu_s, rss, method, rss_ch = figures or workerproto.NO_FIGURES
-        self.state.finish(seq, Outcome(JobStatus(status), exitcode, out, exc, cpu_u, cpu_s,
-                                       rss, method, rss_ch, pid=w.proc.pid, host=HOST,
-                                       started=started, ended=ended))
+        cpu_u, cpu_s, rss, method, rss_ch = figures or NO_FIGURES
+        self.state.finish(seq, Outcome(JobStatus(r.status), r.exitcode, r.output, r.exception, cpu_u, cpu_s,
+                                       rss, method, rss_ch, w.proc.pid, HOST, r.started, r.ended))
 
-    def _measured(self, w: WorkerHandle, seq: int, told: tuple) -> tuple:
+    def _measured(self, w: WorkerHandle, seq: int, told: Figures) -> Figures:
         """The figures of another user's job as we read them (ProcMeter):
         they win over what the worker ``told`` (the job may have written
         that); a worker that told far less is logged. The children's peak
@@ -768,7 +778,7 @@ class Supervisor:
         rec = self.state.records.get(seq)
         t_u, t_s, t_rss, t_method, t_children = told
         if rec is not None and rec.runner == "thread":   # thread jobs have no max_rss
-            return cpu_u, cpu_s, None, None, t_children
+            return Figures(cpu_u, cpu_s, None, None, t_children)
         if peak is None:
             peak, method = t_rss, t_method
         else:
@@ -779,7 +789,7 @@ class Supervisor:
             if self._violations.allow():
                 logger.warning("worker %s (uid %s): job %s told %.2f s CPU and max_rss %s; it used "
                                "%.2f s and %s (recorded)", w.proc.pid, w.uid, seq, t_cpu, t_rss, cpu, peak)
-        return cpu_u, cpu_s, peak, method, t_children
+        return Figures(cpu_u, cpu_s, peak, method, t_children)
 
     def _watch_from_outside(self, w: WorkerHandle) -> None:
         """Another user's worker is ready: open its /proc files (its figures
@@ -949,7 +959,7 @@ class Supervisor:
         later = []
         for seq, status, why in self.state.take_kill_requests():
             w = next((w for w in self._live()
-                      if w.seq == seq or (w.pending is not None and w.pending[0] == seq)), None)
+                      if w.seq == seq or (w.pending is not None and w.pending.seq == seq)), None)
             if w is None:
                 continue
             if w.seq == seq and w.pending is not None:
@@ -966,7 +976,7 @@ class Supervisor:
                 continue
             if w.pending is not None:   # the job whose figures are due is the one in the worker
                 if w.pending_deadline is not None and now >= w.pending_deadline:
-                    self._kill(w, JobStatus.TIMEOUT, self._timed_out(w.pending[0]))
+                    self._kill(w, JobStatus.TIMEOUT, self._timed_out(w.pending.seq))
                 elif now >= w.figures_due:
                     self._violation(w, f"no figures within {FIGURES_TIMEOUT:g} s of its result")
                 elif w.pending_memory:
@@ -1002,7 +1012,7 @@ class Supervisor:
         user's worker, the CPU and memory it used, read just before), and
         any survivor is named in ``exception``. The worker is never reused."""
         if w.pending is not None:
-            seq = w.pending[0]
+            seq = w.pending.seq
             if w.seq is not None:
                 self.state.requeue(w.seq)
         else:
@@ -1037,10 +1047,12 @@ class Supervisor:
             why += f"; processes {survivors} survived SIGKILL"
             logger.error("job %s: %s", seq, why)
         if seq is not None:
-            outcome = Outcome(status, exitcode, exception=why, pid=proc.pid, host=HOST, ended=ended)
+            cpu_u = cpu_s = rss = None
             if figures is not None:
-                outcome.cpu_user, outcome.cpu_system = figures[0], figures[1]
-                if with_rss and figures[2] is not None:
-                    outcome.max_rss, outcome.max_rss_method = figures[2], "vmhwm"
-            self.state.finish(seq, outcome)
+                cpu_u, cpu_s, peak = figures
+                if with_rss and peak is not None:
+                    rss = peak
+            self.state.finish(seq, Outcome(status, exitcode, exception=why, cpu_user=cpu_u, cpu_system=cpu_s,
+                                           max_rss=rss, max_rss_method=None if rss is None else "vmhwm",
+                                           pid=proc.pid, host=HOST, ended=ended))
         self.wake()

@@ -5,12 +5,19 @@ Every message is a frame: an 8-byte big-endian length, then that many bytes
 begins with a mutual HMAC handshake that a server can run without blocking
 (``doorman.py`` runs all of them on one thread, with a deadline):
 
-1. server: ``EZPQ/1 `` + 32 random bytes (its nonce); or ``NO `` + one line
-   saying why this peer is refused (another user on a non-root server,
-   too many connections)
-2. client: ``EZPQ/1 `` + HMAC-SHA256(key, "client:" + server nonce) + its own nonce
-3. server: ``OK `` + HMAC-SHA256(key, "server:" + client nonce) + JSON of
-   the server's limits (``max_message``); or ``NO wrong authkey``
+1. server, ``Challenge``: ``EZPQ/1 `` + 32 random bytes (its nonce); or
+   ``Refusal``: ``NO `` + one line saying why this peer is refused (another
+   user on a non-root server, too many connections)
+2. client, ``Answer``: ``EZPQ/1 `` + HMAC-SHA256(key, "client:" + server
+   nonce) + its own nonce
+3. server, ``Welcome``: ``OK `` + HMAC-SHA256(key, "server:" + client nonce)
+   + JSON of the server's limits (``max_message``); or ``Refusal``: ``NO
+   wrong authkey``
+
+Each message is a record of ``messages.py``; its first bytes name it (the
+answer's fixed size is checked, never used to tell messages apart). Then
+the client sends ``Request`` frames and the server answers each with a
+``Reply``.
 
 The refusal texts are fixed strings: a peer that has not proven the key is
 never sent a traceback, a path or anything the server computed from its bytes.
@@ -29,9 +36,11 @@ import time
 from typing import Any, Dict, Optional, Tuple, Union
 
 from .errors import AuthenticationError, ConnectionError
+from .messages import Answer, Challenge, Refusal, Welcome
 
 __all__ = ["HEADER", "MAGIC", "frame", "recv_frame", "connect", "listen", "challenge",
-           "check_answer", "welcome", "refusal", "DEFAULT_MAX_MESSAGE", "CONNECT_TIMEOUT",
+           "check_answer", "welcome", "refusal", "encode_handshake", "parse_greeting", "parse_answer",
+           "parse_welcome", "DEFAULT_MAX_MESSAGE", "CONNECT_TIMEOUT",
            "AUTH_TIMEOUT", "BACKLOG", "Refused", "describe_size"]
 
 HEADER = struct.Struct("!Q")
@@ -84,29 +93,72 @@ def _mac(key: bytes, label: bytes, nonce: bytes) -> bytes:
     return hmac.new(key, label + nonce, hashlib.sha256).digest()
 
 
+# ------------------------------------------------------------ the handshake's bytes
+_OK, _NO = b"OK ", b"NO "
+
+
+def encode_handshake(msg: Any) -> bytes:
+    """The frame of a ``Challenge``, ``Answer``, ``Welcome`` or ``Refusal``."""
+    kind = type(msg)
+    if kind is Challenge:
+        return frame(MAGIC + msg.nonce)
+    if kind is Answer:
+        return frame(MAGIC + msg.digest + msg.nonce)
+    if kind is Welcome:
+        return frame(_OK + msg.digest + json.dumps(msg.limits).encode())
+    if kind is Refusal:
+        return frame(_NO + msg.why.encode())
+    raise TypeError(f"not a handshake message: {kind.__name__}")
+
+
+def parse_greeting(body: bytes) -> Union[Challenge, Refusal]:
+    """The server's first frame (client side)."""
+    if body.startswith(_NO):
+        return Refusal(body[3:].decode(errors="replace"))
+    if not body.startswith(MAGIC) or len(body) != len(MAGIC) + NONCE:
+        raise ConnectionError("not an ezpq server (unknown greeting)")
+    return Challenge(body[len(MAGIC):])
+
+
+def parse_answer(body: bytes) -> Optional[Answer]:
+    """The client's answer (server side); None: not one."""
+    if len(body) != ANSWER_SIZE or not body.startswith(MAGIC):
+        return None
+    return Answer(body[len(MAGIC):len(MAGIC) + DIGEST], body[len(MAGIC) + DIGEST:])
+
+
+def parse_welcome(body: bytes) -> Union[Welcome, Refusal]:
+    """The server's second frame (client side); its digest is not checked here."""
+    if body.startswith(_NO):
+        return Refusal(body[3:].decode(errors="replace"))
+    if not body.startswith(_OK) or len(body) < len(_OK) + DIGEST:
+        raise AuthenticationError("the server does not know our authkey")
+    return Welcome(body[3:3 + DIGEST], json.loads(body[3 + DIGEST:] or b"{}"))
+
+
 # ------------------------------------------------------------ server side
 def challenge() -> Tuple[bytes, bytes]:
-    """(nonce, the frame that sends it)."""
+    """(nonce, the frame of its ``Challenge``)."""
     nonce = os.urandom(NONCE)
-    return nonce, frame(MAGIC + nonce)
+    return nonce, encode_handshake(Challenge(nonce))
 
 
 def check_answer(key: bytes, nonce: bytes, body: bytes) -> Optional[bytes]:
-    """The client's nonce if ``body`` proves it holds ``key``, else None."""
-    if len(body) != ANSWER_SIZE or not body.startswith(MAGIC):
+    """The client's nonce if ``body`` is an ``Answer`` that proves it holds ``key``, else None."""
+    answer = parse_answer(body)
+    if answer is None or not hmac.compare_digest(answer.digest, _mac(key, b"client:", nonce)):
         return None
-    digest = body[len(MAGIC):len(MAGIC) + DIGEST]
-    if not hmac.compare_digest(digest, _mac(key, b"client:", nonce)):
-        return None
-    return body[len(MAGIC) + DIGEST:]
+    return answer.nonce
 
 
 def welcome(key: bytes, client_nonce: bytes, info: Dict[str, Any]) -> bytes:
-    return frame(b"OK " + _mac(key, b"server:", client_nonce) + json.dumps(info).encode())
+    """The frame of the ``Welcome`` for a client that proved the key."""
+    return encode_handshake(Welcome(_mac(key, b"server:", client_nonce), info))
 
 
 def refusal(text: str) -> bytes:
-    return frame(b"NO " + text.encode())
+    """The frame of a ``Refusal`` (a fixed text: nothing computed from the peer's bytes)."""
+    return encode_handshake(Refusal(text))
 
 
 def listen(address: Address) -> socket.socket:
@@ -179,29 +231,24 @@ def connect(address: Address, authkey: bytes,
     try:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            first = recv_frame(sock, HANDSHAKE_LIMIT)
-            if first.startswith(b"NO "):
-                raise Refused(first[3:].decode(errors="replace"))
-            if not first.startswith(MAGIC) or len(first) != len(MAGIC) + NONCE:
-                raise ConnectionError("not an ezpq server (unknown greeting)")
+            greeting = parse_greeting(recv_frame(sock, HANDSHAKE_LIMIT))
+            if type(greeting) is Refusal:
+                raise Refused(greeting.why)
             mine = os.urandom(NONCE)
-            sock.sendall(frame(MAGIC + _mac(authkey, b"client:", first[len(MAGIC):]) + mine))
-            reply = recv_frame(sock, HANDSHAKE_LIMIT)
+            sock.sendall(encode_handshake(Answer(_mac(authkey, b"client:", greeting.nonce), mine)))
+            reply = parse_welcome(recv_frame(sock, HANDSHAKE_LIMIT))
         except socket.timeout:
             raise TimeoutError(f"no answer within {timeout:g} s") from None
         except EOFError:
             raise ConnectionError("the server closed the connection during the handshake") from None
-        if reply.startswith(b"NO "):
-            text = reply[3:].decode(errors="replace")
-            if text == WRONG_KEY:
+        if type(reply) is Refusal:
+            if reply.why == WRONG_KEY:
                 raise AuthenticationError("the server refused the authkey")
-            raise Refused(text)
-        if not reply.startswith(b"OK ") or not hmac.compare_digest(
-                reply[3:3 + DIGEST], _mac(authkey, b"server:", mine)):
+            raise Refused(reply.why)
+        if not hmac.compare_digest(reply.digest, _mac(authkey, b"server:", mine)):
             raise AuthenticationError("the server does not know our authkey")
-        info = json.loads(reply[3 + DIGEST:] or b"{}")
         sock.settimeout(None)
-        return sock, info
+        return sock, reply.limits
     except BaseException:
         sock.close()
         raise

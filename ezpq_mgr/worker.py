@@ -1,7 +1,8 @@
 """Running one job: in a persistent worker process, or on a server thread.
 
-A worker process loops ``recv job → run → send outcome`` over its channel
-to the supervisor, in the format of ``workerproto`` (the server never
+A worker process loops ``recv RunJob → run → send Result (then
+LateFigures)`` over its channel to the supervisor (the messages of
+``messages.py``, in the format of ``workerproto``: the server never
 unpickles what a worker sends). Between jobs it keeps nothing of the job but
 a small cache of unpickled functions (a ``map`` sends the same function
 bytes each time), and no process: whatever a job left running is killed as
@@ -49,6 +50,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import serialize, workerproto
 from .job import JobStatus
+from .messages import Env, Figures
 from .shell import ShellResult
 from .meter import JobMeter
 from .procutil import become_subreaper, child_pids, kill_tree
@@ -62,7 +64,7 @@ _FN_CACHE_SIZE = 32
 CallResult = Tuple[JobStatus, int, Optional[bytes], Optional[str]]
 
 
-def apply_env(env: Optional[Tuple[str, list]]) -> None:
+def apply_env(env: Optional[Env]) -> None:
     """Run in the submitting client's working directory with its sys.path."""
     if env is None:
         return
@@ -390,7 +392,7 @@ def _serve(fd: int, accounting: bool, strict: bool = False) -> bool:
             return False
         if kind != workerproto.JOB:
             return True
-        fn_blob, args_blob, env, as_thread = workerproto.decode_job(body)
+        fn_blob, args_blob, env, as_thread = workerproto.decode_job(body)   # a RunJob
         del body
         try:
             apply_env(env)
@@ -413,7 +415,7 @@ def _serve(fd: int, accounting: bool, strict: bool = False) -> bool:
         figures = None  # a measured job's figures follow its result
         if as_thread:
             u1, s1 = thread_cpu()
-            figures = (u1 - u0, s1 - s0, None, None, None)
+            figures = Figures(u1 - u0, s1 - s0, None, None, None)
         elif not meter:
             figures = no_figures
         try:

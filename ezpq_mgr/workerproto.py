@@ -1,4 +1,5 @@
-"""The worker channel: a small versioned format of named messages.
+"""The worker channel's bytes: a small versioned format for the named
+messages of ``messages.py`` (Ready, RunJob, Result, LateFigures, Stop).
 
 A worker runs untrusted code (the job) in the same process that talks to
 the server, so anything a worker sends may have been written by the job.
@@ -9,23 +10,28 @@ client unpickles it). The same format is used on every server, root or
 not, shared or embedded, so there is one parser to get right.
 
 Frame: ``HEADER`` = version (1 byte), kind (1 byte), two zero bytes, body
-length (4 bytes, big-endian), then the body. Worker to server:
+length (4 bytes, big-endian), then the body. The kind byte names the
+message (never its length). Worker to server:
 
-- ``READY``: booted and waiting for a job (empty body).
-- ``RESULT``: the job's status, exit code, start and end times, a flags
-  byte (1: ``FIGS`` follow in this message; 2, only with 1: the worker
-  leaves after this job), then two blobs: output pickle, exception text.
-- ``FIGURES``: ``FIGS`` of the job whose result was sent last (measured
-  after the result went out, see meter.py); its ``present`` bit 8 says the
-  worker leaves after this job.
+- ``READY`` (``Ready``): booted and waiting for a job (empty body).
+- ``RESULT`` (``Result``): the job's status, exit code, start and end
+  times, a flags byte (1: ``FIGS`` follow in this message; 2, only with 1:
+  the worker leaves after this job), then two blobs: output pickle,
+  exception text.
+- ``FIGURES`` (``LateFigures``): ``FIGS`` of the job whose result was sent
+  last (measured after the result went out, see meter.py); its ``present``
+  bit 8 says the worker leaves after this job.
 
 A worker "leaves" (of another user's: threads the job started are still
 there, see worker.py) by saying so in the message that ends the job, and
 then exits without reading anything: the server may already have written
 the next job to it, and knows from the flag that this job never started.
 
-Server to worker: ``JOB`` (flags, function pickle, arguments pickle, and
-the client's environment as JSON when it changed) and ``STOP``.
+Server to worker: ``JOB`` (``RunJob``: flags, function pickle, arguments
+pickle, and the client's environment as JSON when it changed) and ``STOP``
+(``Stop``). The encoders take a message's fields in its record's order
+(``encode_result(*result)``), so the hot path builds no record to send one;
+the decoders return the records.
 
 A result names no job: the server knows which job it gave to which worker
 and believes nothing else. ``FrameReader`` checks every header (version,
@@ -47,9 +53,11 @@ import math
 import struct
 from typing import List, Optional, Tuple
 
+from .messages import NO_FIGURES, Env, Figures, LateFigures, Ready, Result, RunJob, Stop
+
 __all__ = ["VERSION", "READY", "JOB", "RESULT", "FIGURES", "STOP", "ProtocolError",
            "FrameReader", "encode_ready", "encode_stop", "encode_job", "decode_job",
-           "encode_result", "encode_figures", "DEFAULT_MAX_MESSAGE", "HEADER"]
+           "encode_result", "encode_figures", "DEFAULT_MAX_MESSAGE", "HEADER", "NO_FIGURES"]
 
 #: How a job's ``exception`` starts when its worker could not load its
 #: function; the client prints such an error once per function, not per job.
@@ -57,7 +65,8 @@ CANNOT_LOAD = "the worker cannot load this job's function"
 
 VERSION = 1
 READY, JOB, RESULT, FIGURES, STOP = 1, 2, 3, 4, 5
-NAMES = {READY: "ready", JOB: "job", RESULT: "result", FIGURES: "figures", STOP: "stop"}
+#: The record (messages.py) each kind of frame carries.
+RECORDS = {READY: Ready, JOB: RunJob, RESULT: Result, FIGURES: LateFigures, STOP: Stop}
 DEFAULT_MAX_MESSAGE = 256 << 20
 
 HEADER = struct.Struct("!BBHI")
@@ -74,10 +83,6 @@ STATUSES = ("completed", "failed")
 _STATUS_CODE = {s: i for i, s in enumerate(STATUSES)}
 METHODS = (None, "vmhwm", "sampled")
 _METHOD_CODE = {m: i for i, m in enumerate(METHODS)}
-
-#: (cpu_user, cpu_system, max_rss, max_rss_method, max_rss_children)
-Figures = Tuple[Optional[float], Optional[float], Optional[int], Optional[str], Optional[int]]
-NO_FIGURES: Figures = (None, None, None, None, None)
 
 
 class ProtocolError(Exception):
@@ -111,8 +116,8 @@ _NONE_LEN = _LEN.pack(_NONE)
 def encode_result(status: str, exitcode: int, started: float, ended: float,
                   out: Optional[bytes], exc: Optional[str], figures: Optional[Figures],
                   leaving: bool = False) -> bytes:
-    """A finished job; ``figures`` None: a FIGURES message follows (and
-    says whether the worker leaves); else ``leaving`` says it."""
+    """A ``Result``, from its fields; ``figures`` None: a ``LateFigures``
+    follows (and says whether the worker leaves); else ``leaving`` says it."""
     e = None if exc is None else exc.encode("utf-8", "replace")
     size = _RES.size + 8 + (0 if out is None else len(out)) + (0 if e is None else len(e))
     if figures is not None:
@@ -125,6 +130,7 @@ def encode_result(status: str, exitcode: int, started: float, ended: float,
 
 
 def encode_figures(figures: Figures, leaving: bool = False) -> bytes:
+    """A ``LateFigures``, from its fields."""
     cu, cs, rss, method, rch = figures
     present = ((1 if cu is not None else 0) | (2 if rss is not None else 0) | (4 if rch is not None else 0)
                | (8 if leaving else 0))
@@ -139,6 +145,7 @@ def _finite(x: float, what: str) -> float:
 
 
 _isfinite = math.isfinite
+_new = tuple.__new__   # a record from its fields' tuple: the cheapest way to name them
 _LATEST = 1e11   # seconds since 1970 (year 5138): any real clock is below, NaN is not
 
 
@@ -149,10 +156,10 @@ def _unpack_figures(data, pos: int, _unpack=_FIGS.unpack_from) -> Figures:
     if rss < 0 or rch < 0 or not (0 <= cu < 1e12 and 0 <= cs < 1e12):
         raise ProtocolError("figures out of range")
     if present == 3:  # the usual: no children
-        return (cu, cs, rss, METHODS[method], None)
-    return (cu if present & 1 else None, cs if present & 1 else None,
-            rss if present & 2 else None, METHODS[method] if present & 2 else None,
-            rch if present & 4 else None)
+        return _new(Figures, (cu, cs, rss, METHODS[method], None))
+    return _new(Figures, (cu if present & 1 else None, cs if present & 1 else None,
+                          rss if present & 2 else None, METHODS[method] if present & 2 else None,
+                          rch if present & 4 else None))
 
 
 def _take_blob(data, pos: int, end: int) -> Tuple[Optional[bytes], int]:
@@ -167,7 +174,7 @@ def _take_blob(data, pos: int, end: int) -> Tuple[Optional[bytes], int]:
     return data[pos:pos + n], pos + n
 
 
-def _decode_result(data, pos: int, end: int) -> tuple:
+def _decode_result(data, pos: int, end: int) -> Result:
     if end - pos < _RES.size:
         raise ProtocolError("truncated result")
     code, exitcode, started, ended, flags = _RES.unpack_from(data, pos)
@@ -190,7 +197,7 @@ def _decode_result(data, pos: int, end: int) -> tuple:
         raise ProtocolError("trailing bytes after a result")
     if exc is not None:
         exc = exc.decode("utf-8", "replace")
-    return ("result", STATUSES[code], exitcode, started, ended, out, exc, figures, flags == 3)
+    return _new(Result, (STATUSES[code], exitcode, started, ended, out, exc, figures, flags == 3))
 
 
 def _refuse_header(version: int, kind: int, reserved: int, size: int, limit: int) -> None:
@@ -203,7 +210,7 @@ def _refuse_header(version: int, kind: int, reserved: int, size: int, limit: int
 
 _unpack_header = HEADER.unpack_from
 _FIGS_SIZE = _FIGS.size
-_READY_MSG = ("ready",)
+_READY_MSG = Ready()
 
 
 _WORKER_KINDS = (READY, RESULT, FIGURES)
@@ -232,6 +239,7 @@ class FrameReader:
         return bool(self._chunks)
 
     def feed(self, data: bytes) -> List[tuple]:
+        """The messages (``Ready``, ``Result``, ``LateFigures``) ``data`` completed."""
         if self._chunks:
             self._chunks.append(data)
             self._have += len(data)
@@ -257,7 +265,7 @@ class FrameReader:
                 elif kind == FIGURES:
                     if size != _FIGS_SIZE:
                         raise ProtocolError("bad figures size")
-                    messages.append(("figures", _unpack_figures(data, pos + 8), data[pos + 8] > 7))
+                    messages.append(_new(LateFigures, (_unpack_figures(data, pos + 8), data[pos + 8] > 7)))
                 elif size:
                     raise ProtocolError("a ready message has no body")
                 else:
@@ -274,8 +282,9 @@ class FrameReader:
 
 
 # ------------------------------------------------------------ server -> worker
-def encode_job(fn_blob: bytes, args_blob: bytes, env: Optional[tuple], as_thread: bool) -> List[bytes]:
-    """A job as buffers for ``writev`` (the pickles are not copied)."""
+def encode_job(fn_blob: bytes, args_blob: bytes, env: Optional[Env], as_thread: bool) -> List[bytes]:
+    """A ``RunJob``, from its fields, as buffers for ``writev`` (the pickles
+    are not copied)."""
     env_b = b"" if env is None else json.dumps(list(env)).encode()
     flags = (1 if as_thread else 0) | (2 if env is not None else 0)
     size = 1 + 4 + len(fn_blob) + 4 + len(args_blob) + (4 + len(env_b) if env is not None else 0)
@@ -286,13 +295,13 @@ def encode_job(fn_blob: bytes, args_blob: bytes, env: Optional[tuple], as_thread
     return [head, fn_blob, _LEN.pack(len(args_blob)), args_blob] + ([tail] if tail else [])
 
 
-def decode_job(body: bytes) -> Tuple[bytes, bytes, Optional[tuple], bool]:
-    """(fn_blob, args_blob, env, as_thread) of a JOB body (from the server: trusted)."""
+def decode_job(body: bytes) -> RunJob:
+    """The ``RunJob`` of a JOB body (from the server: trusted)."""
     flags, end = body[0], len(body)
     fn, pos = _take_blob(body, 1, end)
     args, pos = _take_blob(body, pos, end)
     env = None
     if flags & 2:
         env_b, pos = _take_blob(body, pos, end)
-        env = tuple(json.loads(env_b))
-    return fn, args, env, bool(flags & 1)
+        env = Env(*json.loads(env_b))
+    return RunJob(fn, args, env, bool(flags & 1))

@@ -674,10 +674,12 @@ def forged_frames(figures_too):
     its own worker's channel before it has really finished."""
     import pickle
     from ezpq_mgr import workerproto
+    from ezpq_mgr.messages import Figures, LateFigures, Result
     now = time.time()
-    frames = workerproto.encode_result("completed", 0, now, now, pickle.dumps("forged"), None, None)
+    frames = workerproto.encode_result(*Result("completed", 0, now, now, pickle.dumps("forged"), None, None,
+                                               False))
     if figures_too:
-        frames += workerproto.encode_figures((0.0, 0.0, 4096, "vmhwm", None))
+        frames += workerproto.encode_figures(*LateFigures(Figures(0.0, 0.0, 4096, "vmhwm", None), False))
     return frames
 
 
@@ -892,9 +894,10 @@ def a_forges_its_figures(worker_server):
     def job():
         import time as _time
         from ezpq_mgr import workerproto as _wp
+        from ezpq_mgr.messages import Figures as _Figures
         real = _wp.encode_figures
-        # every FIGURES its worker sends from now on says: no CPU, 4 KiB
-        _wp.encode_figures = lambda figures, *a, **k: real((0.001, 0.0, 4096, "vmhwm", None), *a, **k)
+        # every LateFigures its worker sends from now on says: no CPU, 4 KiB
+        _wp.encode_figures = lambda figures, *a, **k: real(_Figures(0.001, 0.0, 4096, "vmhwm", None), *a, **k)
         t0 = _time.process_time()
         while _time.process_time() - t0 < 1.0:
             pass
@@ -1323,9 +1326,10 @@ def test_oversize_message_is_refused_before_the_server_buffers_it(logged_server)
         assert Q.size() == 0
     # the same message sent raw, past the client library's check
     from ezpq_mgr import transport, wire
+    from ezpq_mgr.messages import ERROR, RETURN, Reply, Request
     sock = transport.connect(logged_server.address, logged_server.key)[0]
     try:
-        body = wire.dumps(("put", ["big", [{"fn": b"x" * 1024}]]))
+        body = wire.dumps(Request("put", ["big", [{"fn": b"x" * 1024}]]))
         size = 300 * 1024 * 1024
         sock.sendall(transport.HEADER.pack(size) + body)
         chunk = b"\0" * (1 << 20)
@@ -1334,10 +1338,10 @@ def test_oversize_message_is_refused_before_the_server_buffers_it(logged_server)
             n = min(len(chunk), size - sent)
             sock.sendall(chunk[:n])
             sent += n
-        kind, exc = wire.loads(transport.recv_frame(sock))
-        assert kind == "#ERROR" and isinstance(exc, ValueError) and "max-message" in str(exc)
-        sock.sendall(transport.frame(wire.dumps(("whoami", []))))  # the connection still works
-        assert wire.loads(transport.recv_frame(sock))[0] == "#RETURN"
+        kind, exc = Reply.parse(wire.loads(transport.recv_frame(sock)))
+        assert kind == ERROR and isinstance(exc, ValueError) and "max-message" in str(exc)
+        sock.sendall(transport.frame(wire.dumps(Request("whoami", []))))  # the connection still works
+        assert Reply.parse(wire.loads(transport.recv_frame(sock))).kind == RETURN
     finally:
         sock.close()
     assert vm(pid, "VmHWM") - before < 50 * 1024 * 1024

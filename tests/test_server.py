@@ -128,13 +128,14 @@ def test_server_never_unpickles_what_a_client_sends(server, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     from ezpq_mgr import transport, wire
+    from ezpq_mgr.messages import ERROR, Reply
     with pytest.raises(Exception):  # the stdlib's client cannot even complete the handshake
         Client(server.address, authkey=server.key).send_bytes(pickle.dumps(Evil()))
     sock = transport.connect(server.address, server.key)[0]  # authenticated, then a raw pickle
     try:
         sock.sendall(transport.frame(pickle.dumps(Evil())))
-        kind, exc = wire.loads(transport.recv_frame(sock))
-        assert kind == "#ERROR" and "malformed request" in str(exc)
+        kind, exc = Reply.parse(wire.loads(transport.recv_frame(sock)))
+        assert kind == ERROR and "malformed request" in str(exc)
     finally:
         sock.close()
     assert not marker.exists()

@@ -7,7 +7,8 @@ import pytest
 
 from ezpq_mgr.errors import JobNotFound, QueueFull
 from ezpq_mgr.job import JobRecord, JobStatus
-from ezpq_mgr.state import Outcome, QueueState
+from ezpq_mgr.messages import KillRequest, Outcome
+from ezpq_mgr.state import QueueState
 
 
 @pytest.fixture
@@ -142,7 +143,7 @@ def test_cancel_running_asks_the_supervisor(state):
         r = state.pick()
     assert state.cancel("q", 1) is True
     with state.cond:
-        assert state.take_kill_requests() == [(r.seq, JobStatus.CANCELLED, "cancelled by request")]
+        assert state.take_kill_requests() == [KillRequest(r.seq, JobStatus.CANCELLED, "cancelled by request")]
 
 
 def test_paused_queue_and_cap(state):
@@ -304,7 +305,7 @@ def test_a_released_job_can_still_be_cancelled(state):
         first = state.pick()
     state.release(first.seq)
     assert state.cancel("q", first.id) is True
-    assert state.take_kill_requests() == [(first.seq, JobStatus.CANCELLED, "cancelled by request")]
+    assert state.take_kill_requests() == [KillRequest(first.seq, JobStatus.CANCELLED, "cancelled by request")]
 
 
 @pytest.mark.parametrize("lane", [None, "L"])

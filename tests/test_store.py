@@ -11,7 +11,8 @@ import pytest
 
 from ezpq_mgr import store as store_mod
 from ezpq_mgr.job import JobRecord, JobStatus, Phase
-from ezpq_mgr.state import Outcome, QueueState
+from ezpq_mgr.messages import Outcome
+from ezpq_mgr.state import QueueState
 from ezpq_mgr.store import Store, StoreError
 
 

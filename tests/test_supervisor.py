@@ -11,6 +11,7 @@ import pytest
 
 from ezpq_mgr import workerproto
 from ezpq_mgr.job import JobRecord, JobStatus
+from ezpq_mgr.messages import NO_FIGURES, Figures, LateFigures, Ready, Result
 from ezpq_mgr.state import QueueState
 from ezpq_mgr.supervisor import IDLE_CHECK_INTERVAL, Supervisor, WorkerHandle
 
@@ -34,18 +35,28 @@ def running():
     os.close(sup._wake_w)
 
 
-def _messages(*frames):
+_ENCODE = {Ready: workerproto.encode_ready, Result: workerproto.encode_result,
+           LateFigures: workerproto.encode_figures}
+
+
+def _messages(*sent):
+    """What the supervisor reads when a worker sends these messages (through
+    the real format: encoded, then decoded by a FrameReader)."""
     reader = workerproto.FrameReader()
-    return reader.feed(b"".join(frames))
+    return reader.feed(b"".join(_ENCODE[type(m)](*m) for m in sent))
 
 
 def _result(figures=None, output=42):
-    return workerproto.encode_result("completed", 0, 1.0, 2.0, pickle.dumps(output), None, figures)
+    return Result("completed", 0, 1.0, 2.0, pickle.dumps(output), None, figures, False)
+
+
+def _figures(figures=NO_FIGURES, leaving=False):
+    return LateFigures(figures, leaving)
 
 
 def test_figures_complete_the_job_and_the_worker_is_free_at_the_result(running):
     state, sup, w, rec, killed = running
-    result, figures = _messages(_result(), workerproto.encode_figures((0.25, 0.01, 30 << 20, "vmhwm", None)))
+    result, figures = _messages(_result(), _figures(Figures(0.25, 0.01, 30 << 20, "vmhwm", None)))
     with state.cond:
         sup._apply(w, [result], None)
         assert w.idle and w.deadline is None       # may take the next job now
@@ -69,26 +80,26 @@ def test_a_worker_lost_before_its_figures_still_completes_the_job(running):
 def test_unmeasured_results_complete_at_once(running):
     state, sup, w, rec, killed = running
     with state.cond:
-        sup._apply(w, _messages(_result(figures=workerproto.NO_FIGURES)), None)
+        sup._apply(w, _messages(_result(figures=NO_FIGURES)), None)
     assert state.pop_completed("q")[0]["status"] == JobStatus.COMPLETED.value
 
 
-@pytest.mark.parametrize("frames, why", [
-    ([_result(workerproto.NO_FIGURES), _result(workerproto.NO_FIGURES)], "no job was given"),
+@pytest.mark.parametrize("sent, why", [
+    ([_result(NO_FIGURES), _result(NO_FIGURES)], "no job was given"),
     ([_result(), _result()], "figures were due"),
-    ([workerproto.encode_ready()], "second ready"),
+    ([Ready()], "second ready"),
 ])
-def test_a_message_out_of_place_is_a_violation_that_fails_the_job(running, frames, why):
+def test_a_message_out_of_place_is_a_violation_that_fails_the_job(running, sent, why):
     state, sup, w, rec, killed = running
     with state.cond:
-        sup._apply(w, _messages(*frames), None)
+        sup._apply(w, _messages(*sent), None)
     assert len(killed) == 1 and killed[0][1] == JobStatus.FAILED and why in killed[0][2]
 
 
 def test_figures_without_a_result_are_a_violation(running):
     state, sup, w, rec, killed = running
     with state.cond:
-        sup._apply(w, _messages(workerproto.encode_figures(workerproto.NO_FIGURES)), None)
+        sup._apply(w, _messages(_figures()), None)
     assert len(killed) == 1 and "protocol violation" in killed[0][2]
     assert w.seq == rec.seq  # the job it ran is the one that fails
 
@@ -152,7 +163,7 @@ def test_the_job_handed_over_is_stopped_only_once_it_started(handed_over):
         w.deadline = 0.0                            # and its own timeout waits too
         sup._enforce_limits()
         assert not killed
-        sup._apply(w, _messages(workerproto.encode_figures(workerproto.NO_FIGURES)), None)
+        sup._apply(w, _messages(_figures()), None)
         assert w.deadline > 0                       # its timeout counts from now
         sup._enforce_limits()
     assert state.pop_completed("q")[0]["status"] == "completed"
@@ -172,7 +183,7 @@ def test_figures_that_never_come_are_a_violation(handed_over):
 def test_a_worker_that_leaves_gives_back_the_job_it_never_read(handed_over):
     state, sup, w, first, second, killed = handed_over
     with state.cond:
-        sup._apply(w, _messages(workerproto.encode_figures(workerproto.NO_FIGURES, leaving=True)), None)
+        sup._apply(w, _messages(_figures(leaving=True)), None)
     assert state.pop_completed("q")[0]["status"] == "completed"
     assert w.dead and w.retire_by is not None and not killed
     assert second.status == JobStatus.WAITING and second.attempts == 0

@@ -8,36 +8,39 @@ import timeit
 import pytest
 
 from ezpq_mgr import workerproto as wp
+from ezpq_mgr.messages import Env, Figures, LateFigures, Ready, Result, RunJob
 
 
 def test_round_trips():
-    figs = (0.5, 0.25, 123 << 20, "vmhwm", None)
-    frames = (wp.encode_ready() + wp.encode_result("failed", 3, 1.5, 2.5, b"\x80out", "Tracebäck", None)
-              + wp.encode_figures(figs) + wp.encode_result("completed", 0, 1.0, 2.0, None, None, wp.NO_FIGURES)
-              + wp.encode_result("completed", 0, 1.0, 2.0, None, None, None)
-              + wp.encode_figures(figs, leaving=True)
-              + wp.encode_result("completed", 0, 1.0, 2.0, None, None, figs, leaving=True))
+    figs = Figures(0.5, 0.25, 123 << 20, "vmhwm", None)
+    sent = [Ready(),
+            Result("failed", 3, 1.5, 2.5, b"\x80out", "Tracebäck", None, False),
+            LateFigures(figs, False),
+            Result("completed", 0, 1.0, 2.0, None, None, wp.NO_FIGURES, False),
+            Result("completed", 0, 1.0, 2.0, None, None, None, False),
+            LateFigures(figs, True),      # the worker leaves after this job
+            Result("completed", 0, 1.0, 2.0, None, None, figs, True),
+            Result("completed", 0, 1.0, 2.0, None, None, Figures(1.0, 0.5, None, None, 7 << 20), False)]
+    encode = {Ready: wp.encode_ready, Result: wp.encode_result, LateFigures: wp.encode_figures}
+    frames = b"".join(encode[type(m)](*m) for m in sent)
     reader = wp.FrameReader()
     got = []
     for i in range(len(frames)):  # one byte at a time: frames complete only when whole
         got += reader.feed(frames[i:i + 1])
-    assert got == [("ready",), ("result", "failed", 3, 1.5, 2.5, b"\x80out", "Tracebäck", None, False),
-                   ("figures", figs, False),
-                   ("result", "completed", 0, 1.0, 2.0, None, None, wp.NO_FIGURES, False),
-                   ("result", "completed", 0, 1.0, 2.0, None, None, None, False),
-                   ("figures", figs, True),      # the worker leaves after this job
-                   ("result", "completed", 0, 1.0, 2.0, None, None, figs, True)]
+    assert got == sent and [type(m) for m in got] == [type(m) for m in sent]
+    assert got[1].exception == "Tracebäck" and got[5].leaving and got[7].figures.max_rss_children == 7 << 20
     assert not reader.partial
 
 
-@pytest.mark.parametrize("env", [None, ("/tmp", ["/a", "/b"])])
+@pytest.mark.parametrize("env", [None, Env("/tmp", ["/a", "/b"])])
 @pytest.mark.parametrize("size", [10, 70000])
 def test_job_round_trip(env, size):
-    fn, args = b"f" * size, b"a" * (size + 1)
-    frame = b"".join(bytes(b) for b in wp.encode_job(fn, args, env, True))
+    job = RunJob(b"f" * size, b"a" * (size + 1), env, True)
+    frame = b"".join(bytes(b) for b in wp.encode_job(*job))
     version, kind, _, n = wp.HEADER.unpack_from(frame)
     assert (version, kind, n) == (wp.VERSION, wp.JOB, len(frame) - wp.HEADER.size)
-    assert wp.decode_job(frame[wp.HEADER.size:]) == (fn, args, env, True)
+    got = wp.decode_job(frame[wp.HEADER.size:])
+    assert type(got) is RunJob and got == job and (env is None or type(got.env) is Env)
 
 
 def _frame(kind, body, version=wp.VERSION, reserved=0):
@@ -108,4 +111,15 @@ def test_a_result_with_times_that_are_no_dates_is_a_violation():
         with _pytest.raises(wp.ProtocolError):
             wp.FrameReader().feed(frame)
     ok = wp.encode_result("completed", 0, 1.7e9, 1.7e9 + 1, None, None, wp.NO_FIGURES)
-    assert wp.FrameReader().feed(ok)[0][0] == "result"
+    assert type(wp.FrameReader().feed(ok)[0]) is Result
+
+
+def test_each_kind_byte_names_one_record():
+    from ezpq_mgr.messages import Stop
+    frames = {wp.READY: wp.encode_ready(), wp.STOP: wp.encode_stop(),
+              wp.JOB: b"".join(wp.encode_job(b"f", b"a", None, False))}
+    for kind, frame in frames.items():
+        assert wp.HEADER.unpack_from(frame)[1] == kind
+    assert type(wp.FrameReader().feed(frames[wp.READY])[0]) is wp.RECORDS[wp.READY] is Ready
+    assert type(wp.decode_job(frames[wp.JOB][wp.HEADER.size:])) is wp.RECORDS[wp.JOB] is RunJob
+    assert wp.RECORDS[wp.STOP] is Stop
