@@ -23,15 +23,17 @@ def _client(address, key, n, start, results, job=noop):
                  sorted(j["id"] for j in out) == sorted(ids), time.perf_counter()))
 
 
-def w5(clients=4, n=1000, workers=2, job=noop):
+def w5(clients=4, n=1000, workers=2, job=noop, state_dir=False):
     """Aggregate jobs/s of ``clients`` spawned processes x ``n`` no-op jobs
     (``job``: pass one defined in the caller's main script); and whether
-    each client got exactly its own results."""
+    each client got exactly its own results. ``state_dir``: the server
+    keeps its queue in a state dir (``--state-dir``, a fresh one)."""
     tmp = tempfile.mkdtemp(prefix="ezpq-bench-")
     sock, keyfile = os.path.join(tmp, "s.sock"), os.path.join(tmp, "key")
     server = subprocess.Popen([sys.executable, "-c", "from ezpq_mgr.cli import server_main; server_main()",
                                "--socket", sock, "--workers", str(workers), "--authkey-file", keyfile,
-                               "--log-level", "WARNING"])
+                               "--log-level", "WARNING",
+                               *(["--state-dir", os.path.join(tmp, "state")] if state_dir else [])])
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):

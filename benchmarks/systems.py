@@ -4,6 +4,8 @@ multiprocessing.Pool. Each method runs one workload and returns its figures;
 
 import concurrent.futures
 import multiprocessing
+import os
+import shutil
 import tempfile
 import time
 
@@ -49,8 +51,11 @@ class _EzpqApi:
         out = [j["output"] for j in jobs]
         return out if self.ordered_map else sorted(out)
 
+    def make_queue(self, workers, **kw):
+        return self.ezpq.Queue(workers, **kw)
+
     def w1_put(self, n, workers=2):
-        with self.ezpq.Queue(workers) as Q:
+        with self.make_queue(workers) as Q:
             self.warm(Q)
             t = time.perf_counter()
             for i in range(n):
@@ -62,7 +67,7 @@ class _EzpqApi:
         return n / dt
 
     def w1b_map(self, n, workers=2):
-        with self.ezpq.Queue(workers) as Q:
+        with self.make_queue(workers) as Q:
             self.warm(Q)
             t = time.perf_counter()
             out = Q.map(noop, range(n))
@@ -105,9 +110,52 @@ class _EzpqApi:
 class EzpqMgr(_EzpqApi):
     name = "ezpq_mgr"
 
-    def __init__(self):
+    def __init__(self, state_dir=False):
         import ezpq_mgr
         self.ezpq = ezpq_mgr
+        self.state_dir = state_dir   # each queue in a fresh --state-dir (durable server)
+        self._dirs = []
+
+    def make_queue(self, workers, **kw):
+        if self.state_dir:
+            d = tempfile.mkdtemp(prefix="ezpq-bench-state-")
+            self._dirs.append(d)
+            kw["state_dir"] = os.path.join(d, "state")
+        return self.ezpq.Queue(workers, **kw)
+
+    def cleanup(self):
+        for d in self._dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self._dirs.clear()
+
+    def w6_restart(self, n):
+        """W6 on a state dir: n waiting jobs, the server stopped; then the
+        seconds from a new Queue on that dir until it sees all n waiting
+        (a fresh server interpreter, the restore, the connection), the
+        database's bytes per job, and the drain rate after the restart."""
+        d = tempfile.mkdtemp(prefix="ezpq-bench-w6-")
+        try:
+            state = os.path.join(d, "state")
+            Q = self.ezpq.Queue(2, auto_start=False, state_dir=state)
+            qid = Q._qid
+            for i in range(n):
+                Q.put(noop, i)
+            assert Q.size(waiting=True) == n
+            Q.detach()
+            size = sum(os.path.getsize(os.path.join(state, f)) for f in os.listdir(state))
+            t = time.perf_counter()
+            Q = self.ezpq.Queue(2, auto_start=False, state_dir=state, qid=qid)
+            assert Q.size(waiting=True) == n
+            load = time.perf_counter() - t
+            t = time.perf_counter()
+            Q.start()
+            Q.wait()
+            drain = n / (time.perf_counter() - t)
+            assert len(Q.collect()) == n
+            Q.dispose()
+            return load, size / n, drain
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
     def w6(self, n):
         with self.ezpq.Queue(2, auto_start=False) as Q:

@@ -303,8 +303,9 @@ class AccountingLog:
                 self._recent.append(raw)
 
     def visible(self, uid: Optional[int]) -> List[dict]:
-        """Rows of one user (None: all): this run's rows, read from the CSV as
-        they are iterated (with the rows that still wait to be written)."""
+        """Rows of one user (None: all): every row of the CSV, earlier runs of
+        the server included, read as they are iterated (with the rows that
+        still wait to be written)."""
         if self._writer is None:
             with self._lock:
                 raws = list(self._recent)
@@ -326,8 +327,23 @@ class AccountingLog:
                 self._fd = -1
 
     # ------------------------------------------------------------ reading
-    def _lines(self, end: int, waiting: List[bytes]) -> Iterator[str]:
-        pos, rest = self._start, b""
+    def max_job(self) -> int:
+        """The largest job number (``job`` column) in the file before this
+        run (0: none), so that this run's numbers continue after it and the
+        column stays unique across restarts. Reads the whole file once, at start."""
+        if self._writer is None:
+            return 0
+        col, top = ROW_FIELDS.index("job"), 0
+        for fields in csv.reader(self._lines(self._start, [], since=0)):
+            if len(fields) == len(ROW_FIELDS):
+                try:
+                    top = max(top, int(fields[col]))
+                except ValueError:
+                    pass   # the header, or a torn line
+        return top
+
+    def _lines(self, end: int, waiting: List[bytes], since: int = 0) -> Iterator[str]:
+        pos, rest = since, b""   # from the start: a restarted server reports its history too
         while pos < end:
             chunk = os.pread(self._fd, min(1 << 16, end - pos), pos)
             if not chunk:

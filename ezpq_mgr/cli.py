@@ -169,6 +169,12 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--keep-finished", type=float, default=86400.0, metavar="SECONDS",
                    help="drop finished jobs nobody collected after SECONDS (default 86400, one day; "
                         "0: keep them); their accounting rows stay in the log")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="keep the queue in an SQLite database in DIR (created 0700): waiting jobs and "
+                        "uncollected results survive a restart, a crash or a SIGKILL")
+    p.add_argument("--sync", choices=["normal", "full"], default="normal",
+                   help="with --state-dir: normal (default) survives a kill of the server, full also "
+                        "a power loss (SQLite synchronous=FULL: an fsync per group commit)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be >= 1")
@@ -192,6 +198,7 @@ def _serve(args: argparse.Namespace) -> None:
     that stops it before it is up is a ``StartupError`` (one line)."""
     from .accounting import LogFileError
     from .server import ServerDied, serve
+    from .store import StoreError
 
     key = ensure_authkey(args.authkey_file or authkey_path())
     if args.socket:
@@ -211,9 +218,11 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         serve(address, key, args.workers, args.start_method, shared=True, log_file=args.log_file,
               on_ready=on_ready, max_message=args.max_message, allow_other_users=args.allow_other_users,
-              keep_finished=args.keep_finished or None)
+              keep_finished=args.keep_finished or None, state_dir=args.state_dir, sync=args.sync)
     except LogFileError as exc:
         raise StartupError(f"--log-file: {exc}") from None
+    except StoreError as exc:
+        raise StartupError(str(exc)) from None
     except (OSError, OverflowError, ValueError) as exc:
         if ready:
             raise
@@ -429,7 +438,9 @@ def _parser() -> argparse.ArgumentParser:
         c.set_defaults(handler=handler)
         return c
 
-    command("status", _cmd_status, "your jobs (root and the server's owner: all)")
+    st = command("status", _cmd_status, "your jobs (root and the server's owner: all)")
+    st.add_argument("--retry", type=_seconds, default=0, metavar="SECONDS",
+                    help="keep trying to connect for SECONDS (a server that restarts)")
     s = command("submit", _cmd_submit, "run a shell command as a job: ezpq submit [options] -- CMD ARGS")
     s.add_argument("--priority", type=int, default=100)
     s.add_argument("--lane", default=None)
@@ -442,6 +453,9 @@ def _parser() -> argparse.ArgumentParser:
     w = command("wait", _cmd_wait, "wait for jobs (default: all of yours); 1 if any did not complete")
     w.add_argument("jobs", type=int, nargs="*")
     w.add_argument("--timeout", type=float, default=0)
+    w.add_argument("--retry", type=_seconds, default=0, metavar="SECONDS",
+                   help="when the server is unreachable or goes away, keep reconnecting for SECONDS "
+                        "and wait again (a server with --state-dir that restarts keeps the jobs)")
     sh = command("show", _cmd_show, "one job as JSON")
     sh.add_argument("job", type=int)
     r = command("report", _cmd_report, "jobs, failures, CPU, memory, runtime per user/function/qid")
@@ -453,6 +467,38 @@ def _parser() -> argparse.ArgumentParser:
     wk = command("workers", _cmd_workers, "set the server's worker count (root/owner)")
     wk.add_argument("n", type=int)
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
+    return value
+
+
+def _run_retrying(args) -> int:
+    """Run the command; with ``--retry SECONDS``, a connection that fails or
+    breaks is made again (every 0.2 s) until SECONDS have passed since the
+    first failure, and the command starts over (``wait`` waits again)."""
+    import time
+    from .errors import ConnectionError as EzpqConnectionError
+    retry = getattr(args, "retry", 0)
+    until = None
+    while True:
+        try:
+            link = _Link(args)
+            until = None   # connected: a later break gets its own SECONDS
+            return args.handler(link, args)
+        except EzpqConnectionError:
+            now = time.monotonic()
+            until = now + retry if until is None else until
+            if now >= until:
+                raise
+            logger.debug("cannot reach the server; trying again", exc_info=True)
+            time.sleep(min(0.2, until - now))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -467,7 +513,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if not args.command:
             parser.error("submit: no command given (ezpq submit [options] -- CMD ARGS...)")
     try:
-        code = args.handler(_Link(args), args)
+        code = _run_retrying(args)
     except (EzpqConnectionError, PermissionError) as exc:
         print(f"ezpq: {exc}", file=sys.stderr)
         code = EXIT_CONNECT

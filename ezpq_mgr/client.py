@@ -75,6 +75,7 @@ class Queue:
         address: Any = None,
         authkey: Optional[bytes] = None,
         start_method: Optional[str] = None,
+        state_dir: Optional[str] = None,
     ):
         self._runner = _runner_name(job_runner)
         if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, int)
@@ -103,9 +104,13 @@ class Queue:
         self._disposed = False
         if address is None:
             address = os.environ.get("EZPQ_ADDRESS") or None
+        if state_dir is not None and address is not None:
+            raise ValueError("state_dir is for the embedded queue; a shared server keeps its "
+                             "state with ezpq-server --state-dir")
         if address is None:
             self._server = PrivateServer(n_workers or os.cpu_count() or 1, start_method,
-                                         prestart=self._runner == "process")
+                                         prestart=self._runner == "process",
+                                         state_dir=None if state_dir is None else os.fspath(state_dir))
             address, key = self._server.address, self._server.authkey
         else:
             address = parse_address(address)

@@ -66,7 +66,8 @@ if hasattr(os, "register_at_fork"):
 class PrivateServer:
     """A server process owned by this client."""
 
-    def __init__(self, workers: int, start_method: Optional[str], prestart: bool):
+    def __init__(self, workers: int, start_method: Optional[str], prestart: bool,
+                 state_dir: Optional[str] = None):
         self.dir = _private_dir()
         self.address = os.path.join(self.dir, SOCKET_NAME)
         self.authkey = os.urandom(32)
@@ -90,7 +91,7 @@ class PrivateServer:
         _LIVE.add(self)
         config = {"address": self.address, "authkey": self.authkey.hex(), "workers": workers,
                   "start_method": start_method, "prestart": prestart, "sys_path": sys.path,
-                  "private_dir": self.dir}
+                  "private_dir": self.dir, "state_dir": state_dir and os.path.abspath(state_dir)}
         try:
             self.popen.stdin.write((json.dumps(config) + "\n").encode())
             self.popen.stdin.flush()
@@ -115,6 +116,10 @@ class PrivateServer:
                     code = self.popen.wait(5)
                     raise ServerError(f"the private ezpq server exited during start-up (exit code {code})")
                 data += chunk
+        refused = json.loads(data).get("refused")
+        if refused:   # e.g. its state dir is in use or damaged: the server's one line
+            self.popen.wait(10)
+            raise ServerError(f"the private ezpq server refused to start: {refused}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close the lifeline and wait for the server to exit (kill it past ``timeout``)."""

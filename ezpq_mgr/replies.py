@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Optional
 
-from .errors import EzpqError
+from .errors import EzpqError, ServerError
 from .messages import ERROR, RETURN, Reply, Request
 from .outgoing import MessageTooLarge, PeerConnection
 from .peers import serve_as
@@ -65,6 +65,9 @@ class Outbox:
 
     def __init__(self) -> None:
         self.items: "collections.deque[Deferred]" = collections.deque()
+        #: a durable server's journal keeps an answer until what it reports is
+        #: committed (``Store.hold``: True when it took it); None: send at once
+        self.hold: Optional[Callable[[Deferred], bool]] = None
 
     def put(self, d: Deferred) -> None:
         self.items.append(d)
@@ -79,6 +82,8 @@ class Outbox:
                 d = self.items.popleft()
             except IndexError:
                 return
+            if self.hold is not None and self.hold(d):
+                continue
             d.send(d.result)
 
 
@@ -124,6 +129,9 @@ class ConnectionServer:
         self.state = state
         self.loads = loads
         self.stop_event = stop_event
+        #: a durable server's journal: blocks until what a reply reports is
+        #: committed (``Store.barrier``); None: reply at once
+        self.barrier: Optional[Callable[[], None]] = None
 
     def serve(self, conn: PeerConnection) -> None:
         """The serving thread of one connection, until the client leaves."""
@@ -170,6 +178,11 @@ class ConnectionServer:
             if msg.value is DEFERRED:
                 self._park(conn, _local.parked)
                 continue
+            if self.barrier is not None:
+                try:
+                    self.barrier()
+                except Exception as e:   # the state cannot be saved: say so, never acknowledge
+                    msg = Reply(ERROR, ServerError(str(e)))
             _send_reply(conn, msg)
 
     def _park(self, conn: PeerConnection, d: Deferred) -> None:

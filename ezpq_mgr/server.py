@@ -52,7 +52,8 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
           shared: bool = True, log_file: Optional[str] = None,
           on_ready=None, stop_event: Optional[threading.Event] = None,
           max_message: Optional[int] = transport.DEFAULT_MAX_MESSAGE,
-          allow_other_users: bool = False, keep_finished: Optional[float] = None) -> None:
+          allow_other_users: bool = False, keep_finished: Optional[float] = None,
+          state_dir: Optional[str] = None, sync: str = "normal") -> None:
     """Run a server until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
     ``shared``: several users may connect: JSON on the wire (never pickle),
@@ -66,8 +67,14 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     it cannot run anyone else's jobs as them; ``allow_other_users`` lets
     everyone in, their jobs running as the owner (logged at start).
 
+    ``state_dir``: keep the queue in an SQLite database there (store.py),
+    restored at start; ``sync`` "full" also survives a power loss. A
+    directory in use, damaged or unwritable raises ``StoreError`` before
+    anything is served.
+
     Any thread dying of an unexpected exception is logged and stops the
-    server with ``ServerDied`` (exit status 1)."""
+    server with ``ServerDied`` (exit status 1); so does a state database
+    that cannot be written any more (disk full)."""
     stop = stop_event or threading.Event()
     died: List[str] = []
 
@@ -81,6 +88,14 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         stop.set()
 
     accounting = AccountingLog(log_file)  # first: an unsafe log file refuses the start (LogFileError)
+    store = None
+    if state_dir is not None:
+        from .store import Store
+        try:
+            store = Store(state_dir, sync)
+        except BaseException:
+            accounting.close()
+            raise
     state = QueueState()
     # a worker's messages (a job's output) obey the server's limit; a private
     # server has none, so only the worker format's own 4 GiB frame bound holds
@@ -90,9 +105,14 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     service = Service(state, supervisor, shared=shared, accounting=accounting,
                       keep_finished=keep_finished)
     try:
+        state.seq = accounting.max_job()   # job numbers continue after the log's largest
+        if store is not None:
+            store.restore(state, service)
         listener = transport.listen(address)
     except BaseException:
         accounting.close()
+        if store is not None:
+            store.close()
         raise
     ours = _identity(address) if isinstance(address, str) else None
     previous_hook = threading.excepthook
@@ -112,6 +132,14 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
 
     doorman = Doorman(listener, authkey, admit, {"max_message": max_message},
                       allow_other_users=allow_other_users)
+    if store is not None:   # before any job moves: every move is journaled
+        def journal_failed(why: str) -> None:
+            died.append("ezpq-journal")
+            stop.set()
+        store.on_failure = journal_failed
+        store.attach(state, service)
+        state.outbox.hold = store.hold
+        connections.barrier = store.barrier
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -143,6 +171,8 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
             t.join(5)
         service.close()
         supervisor.stop()
+        if store is not None:
+            store.close()
         accounting.close()
         listener.close()
         if ours is not None and _identity(address) == ours:
@@ -239,10 +269,13 @@ def _main_embedded() -> None:
         os.close(ready_fd)
 
     threading.Thread(target=watch_stdin, name="ezpq-lifeline", daemon=True).start()
+    from .store import StoreError
     try:
         serve(config["address"], bytes.fromhex(config["authkey"]), config["workers"],
               config.get("start_method"), config.get("prestart", True), shared=False,
-              on_ready=ready, stop_event=stop)
+              on_ready=ready, stop_event=stop, state_dir=config.get("state_dir"))
+    except StoreError as exc:   # Queue(state_dir=...) that cannot be used: the client says why
+        os.write(ready_fd, (json.dumps({"refused": str(exc)}) + "\n").encode())
     except ServerDied as exc:
         logger.critical("%s", exc)
         sys.exit(1)

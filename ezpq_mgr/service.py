@@ -168,6 +168,9 @@ class Service:
         self._clients: Dict[str, _Client] = {}
         self._holds: Dict[int, List[int]] = {}  # uid -> [clients, bytes of environments] it holds
         self._closed = threading.Event()
+        #: (lock held) an environment was made (env_id, key) or freed (env_id, None):
+        #: the durable server's journal (store.py), None otherwise
+        self.on_env: Optional[Callable[[int, Optional[tuple]], None]] = None
         self.keep_finished = keep_finished
         if keep_finished:
             state.expiring = True
@@ -268,7 +271,31 @@ class Service:
         self._envs[env_id] = _Env(key, me.uid, cost)
         self.supervisor.envs[env_id] = Env(cwd, shared.list)
         self._count(me.uid, 1, cost)
+        if self.on_env is not None:
+            self.on_env(env_id, key)
         return env_id
+
+    def restore_envs(self, envs: Dict[int, Tuple[int, str, Tuple[str, ...]]], refs: Dict[int, int]) -> None:
+        """(lock held; before serving) The environments of jobs restored from
+        a state dir: ``envs`` env_id -> (uid, cwd, sys_path), each with
+        ``refs`` unfinished jobs (those without any are not kept). New ids
+        continue after the largest (a worker remembers the last it got)."""
+        for env_id, (uid, cwd, path) in envs.items():
+            n = refs.get(env_id, 0)
+            if not n or (uid, cwd, path) in self._env_ids:
+                continue
+            shared = self._paths.get((uid, path))
+            if shared is None:
+                shared = self._paths[(uid, path)] = _Path(path)
+                self._count(uid, 1, shared.cost)
+            shared.refs += 1
+            key = (uid, cwd, shared.path)
+            self._env_ids[key] = env_id
+            env = self._envs[env_id] = _Env(key, uid, _env_cost(cwd))
+            env.refs = n
+            self.supervisor.envs[env_id] = (cwd, shared.list)
+            self._count(uid, 1, env.cost)
+        self._next_env = itertools.count(max(envs, default=0) + 1)
 
     def _env_release(self, env_id: int, n: int = 1) -> None:
         """(lock held) ``n`` references fewer; freed at none (its id is never
@@ -281,6 +308,8 @@ class Service:
             return
         del self._envs[env_id]
         del self._env_ids[env.key]
+        if self.on_env is not None:
+            self.on_env(env_id, None)
         self.supervisor.envs.pop(env_id, None)
         uid, _, path = env.key
         self._count(uid, 1, -env.cost)

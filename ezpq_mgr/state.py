@@ -162,6 +162,9 @@ class QueueState:
         self.kill_requests: List[KillRequest] = []
         self.client_pending: Dict[str, int] = {}  # client -> its jobs not yet DONE
         self.on_move: Optional[Callable[[JobRecord, Phase, Phase], None]] = None  # (lock held)
+        #: (lock held) a queue's id counter or settings changed (dropped=True: it is forgotten);
+        #: the durable server's journal (store.py), None otherwise
+        self.on_queue: Optional[Callable[..., None]] = None
         self.version = 0                            # bumped on every change
         self.deferred: List[Deferred] = []   # parked calls, answered by _changed
         self.abandoned: Dict[str, str] = {}  # client gone without goodbye -> its private qid
@@ -185,6 +188,8 @@ class QueueState:
         if self.queues.get(q.qid) is not q:
             return
         del self.queues[q.qid]
+        if self.on_queue is not None:
+            self.on_queue(q, dropped=True)
         owner = self.owner_of(q.qid)
         left = self.queues_of.get(owner, 1) - 1
         if left > 0:
@@ -229,6 +234,8 @@ class QueueState:
             q = self.queue(qid)
             for key, value in settings.items():
                 setattr(q, key, value)
+            if self.on_queue is not None:
+                self.on_queue(q)
             self._changed()
 
     def set_holding(self, client: str, holding: bool) -> None:
@@ -276,6 +283,8 @@ class QueueState:
                 self._move(q, rec, WAITING)
                 self._enqueue(q, rec)
                 ids.append(rec.id)
+            if self.on_queue is not None:
+                self.on_queue(q)
             self._changed()
             return ids
 
@@ -287,6 +296,8 @@ class QueueState:
             if first + n > INT64_MAX:
                 raise ValueError(f"n: queue {qid!r} has no {n} job ids left")
             q.next_id += n
+            if self.on_queue is not None:
+                self.on_queue(q)
             return first
 
     # ------------------------------------------------------------ the move

@@ -1,0 +1,551 @@
+"""The durable server's state on disk: an SQLite journal, and the restore.
+
+``ezpq-server --state-dir DIR`` keeps ``DIR/state.db`` (stdlib ``sqlite3``,
+WAL mode), next to ``DIR/lock``. Nothing here runs on the hot path under
+the queue's lock but appending a tuple: the state calls our hooks (lock
+held) and one journal thread writes what piled up meanwhile in ONE
+transaction (group commit), then lets go of the replies that waited for it::
+
+    QueueState._move ──on_move──┐                      ┌─> commit ─> replies released
+    QueueState (ids, settings) ─┼─> _pending (list) ─> │ journal thread: coalesce per
+    Service (environments) ─────┘   under the lock     │ job, executemany, COMMIT
+
+What must be on disk before what is said (the rule): **no reply leaves the
+server before everything journaled until it was computed is committed**
+(``barrier`` for a connection's direct replies, ``hold`` for the answers
+of parked calls that other threads send). So a ``put`` is acknowledged only
+once its jobs are committed, and a ``get``/``collect`` hands a result over
+only once its removal is committed (a killed server never gives a result
+twice). Moves nobody is told about (a job starting, finishing) are written
+by the next group commit, a fraction of a millisecond later; a job that
+started within that window before a SIGKILL may run again instead of
+coming back ``lost``.
+
+Schema (``SCHEMA_VERSION``; ``PRAGMA user_version``, and ``application_id``
+marks the file as ours)::
+
+    meta(key PRIMARY KEY, value)        'seq': the server-wide job number
+    queues(qid PRIMARY KEY, next_id, cap, max_size, paused, auto_stop, auto_remove)
+    envs(env_id PRIMARY KEY, uid, cwd, sys_path)   a job's working directory
+                                                   and sys.path (JSON list)
+    jobs(seq PRIMARY KEY, <STATIC>, <MUTABLE>)     one row per job on the server
+
+A job's row is inserted when it is accepted (its payloads are opaque BLOBs,
+never unpickled here), updated at each later phase change (the
+``MUTABLE`` columns only), deleted when it is collected or dropped; a job
+that is accepted and collected within one group commit never touches the
+disk. Collected jobs leave nothing behind: their accounting row is the
+history. The next version adds a function to ``MIGRATIONS`` (old version
+-> new, run in one transaction at open); a file of a newer or unknown
+version, or one that is not ours, refuses the start, never an empty start
+over it.
+
+Restore (``restore``): waiting jobs wait again in their order; jobs that
+were running (or had returned, their figures unsent) run again when they
+have ``retries`` left, else end ``lost``; held and done jobs are done,
+unchanged; ids, job numbers and queue settings continue where they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import stat
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+from .job import JobRecord, JobStatus, Phase
+
+__all__ = ["Store", "StoreError", "SCHEMA_VERSION", "DB_NAME"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+#: PRAGMA application_id: "EZPQ"; a file without it is not ours
+APPLICATION_ID = 0x455A5051
+DB_NAME = "state.db"
+LOCK_NAME = "lock"
+
+#: Columns set when a job is accepted, never changed after.
+STATIC = ("seq", "qid", "id", "client", "user", "uid", "name", "priority", "lane_key", "lane_text",
+          "timeout", "function", "fn_blob", "args_blob", "runner", "suppress_errors",
+          "stop_on_lane_error", "retries", "max_memory", "env_id", "submitted")
+#: Columns a phase change may change (written as a whole at each).
+MUTABLE = ("phase", "status", "started", "ended", "processed", "exitcode", "cancelled", "output_blob",
+           "exception", "callback_blob", "cpu_user", "cpu_system", "max_rss", "max_rss_method",
+           "max_rss_children", "pid", "host", "attempts")
+_BOOLS = ("suppress_errors", "stop_on_lane_error", "cancelled")
+QUEUE_COLUMNS = ("qid", "next_id", "cap", "max_size", "paused", "auto_stop", "auto_remove")
+
+_SCHEMA = f"""
+CREATE TABLE meta(key TEXT PRIMARY KEY, value);
+CREATE TABLE queues(qid TEXT PRIMARY KEY, next_id INTEGER NOT NULL, cap INTEGER, max_size INTEGER,
+                    paused INTEGER, auto_stop INTEGER, auto_remove INTEGER);
+CREATE TABLE envs(env_id INTEGER PRIMARY KEY, uid INTEGER, cwd TEXT, sys_path TEXT);
+CREATE TABLE jobs(seq INTEGER PRIMARY KEY, {", ".join(c for c in STATIC + MUTABLE if c != "seq")});
+"""
+
+#: version -> function(conn) that brings a database of that version to the next
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+_INSERT = f"INSERT OR REPLACE INTO jobs({', '.join(STATIC + MUTABLE)}) VALUES ({', '.join('?' * len(STATIC + MUTABLE))})"
+_UPDATE = f"UPDATE jobs SET {', '.join(c + '=?' for c in MUTABLE)} WHERE seq=?"
+
+
+def _static(rec: JobRecord) -> tuple:
+    return (rec.seq, rec.qid, rec.id, rec.client, rec.user, rec.uid, rec.name, rec.priority, rec.lane_key,
+            rec.lane_text, rec.timeout, rec.function, rec.fn_blob, rec.args_blob, rec.runner,
+            rec.suppress_errors, rec.stop_on_lane_error, rec.retries, rec.max_memory, rec.env_id,
+            rec.submitted)
+
+
+def _mutable(rec: JobRecord) -> tuple:
+    return (int(rec.phase), rec.status.value, rec.started, rec.ended, rec.processed, rec.exitcode,
+            rec.cancelled, rec.output_blob, rec.exception, rec.callback_blob, rec.cpu_user, rec.cpu_system,
+            rec.max_rss, rec.max_rss_method, rec.max_rss_children, rec.pid, rec.host, rec.attempts)
+
+
+class StoreError(Exception):
+    """The state directory or database cannot be used; one line for the user."""
+
+
+class Store:
+    """``DIR/state.db`` of one server: opened (and locked) by ``__init__``,
+    loaded into a state by ``restore``, written by the journal thread
+    (``start`` .. ``close``)."""
+
+    def __init__(self, directory: str, sync: str = "normal"):
+        if sync not in ("normal", "full"):
+            raise StoreError(f"--sync must be normal or full, not {sync!r}")
+        self.dir = os.path.abspath(directory)
+        self.path = os.path.join(self.dir, DB_NAME)
+        self.sync = sync
+        self._lock_fd = -1
+        self.db: Optional[sqlite3.Connection] = None
+        self._prepare_dir()
+        try:
+            self._open()
+        except BaseException:
+            self._unlock()
+            raise
+        # the journal (filled under the state's lock, emptied by the journal thread)
+        self._pending: List[tuple] = []
+        self._appended = 0           # entries ever appended (a reply's mark)
+        self._committed = 0          # entries ever committed
+        self._cv = threading.Condition(threading.Lock())
+        self._held: List[tuple] = []    # (mark, Deferred) answers waiting for their commit
+        self._wake = threading.Event()
+        self._closing = False
+        self.failed: Optional[str] = None   # why writing stopped (the server stops)
+        self.on_failure: Callable[[str], None] = lambda why: None
+        self._thread: Optional[threading.Thread] = None
+        self._state = None
+        self.batches = 0             # commits made (tests, benchmarks)
+
+    # ------------------------------------------------------------- opening
+    def _prepare_dir(self) -> None:
+        """DIR: created 0700; else a directory of ours (not a symlink) that
+        nobody else may write. Then its lock: one server per DIR."""
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            st = os.lstat(self.dir)
+        except OSError as exc:
+            raise StoreError(f"--state-dir {self.dir}: cannot create it: {exc.strerror}") from None
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"--state-dir {self.dir} is not a directory (or is a symlink)")
+        if st.st_uid != os.geteuid():
+            from .peers import describe_user
+            raise StoreError(f"--state-dir {self.dir} is owned by {describe_user(st.st_uid)}, not by "
+                             f"{describe_user(os.geteuid())} who runs the server; chown it or use another")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StoreError(f"--state-dir {self.dir} is writable by others (mode {oct(st.st_mode & 0o777)}); "
+                             f"chmod 700 it")
+        lock = os.path.join(self.dir, LOCK_NAME)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"--state-dir {self.dir}: cannot write in it: {exc.strerror}") from None
+        try:
+            # a POSIX record lock: held by this process alone (a forked worker
+            # does not inherit it), released by the kernel when it dies
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            try:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            except OSError:
+                pid = "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreError(f"--state-dir {self.dir} is in use by another ezpq-server (pid {pid}); "
+                                 f"stop it first or choose another directory") from None
+            raise StoreError(f"--state-dir {self.dir}: cannot lock {lock}: {exc.strerror}") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is a courtesy for the message above; the lock is what counts
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _open(self) -> None:
+        """Open (or create) the database; refuse one that is damaged, not
+        ours, or of a version we cannot migrate from."""
+        new = not os.path.exists(self.path)
+        old_umask = os.umask(0o077)    # the -wal and -shm files too: 0600
+        try:
+            if new:
+                try:
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+                except OSError as exc:
+                    raise StoreError(f"cannot create {self.path}: {exc.strerror}") from None
+            elif os.path.islink(self.path) or not os.path.isfile(self.path):
+                raise StoreError(f"{self.path} is not a regular file; not using it")
+            try:
+                db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open {self.path}: {exc}") from None
+            try:
+                self._check(db, new)
+            except sqlite3.Error as exc:
+                db.close()
+                raise StoreError(f"{self.path} is damaged or not an ezpq state database ({exc}); "
+                                 f"refusing to start over it: move it away to start empty") from None
+            except BaseException:
+                db.close()
+                raise
+        finally:
+            os.umask(old_umask)
+        self.db = db
+
+    def _check(self, db: sqlite3.Connection, new: bool) -> None:
+        db.execute("PRAGMA journal_mode=WAL").fetchone()
+        db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        app = db.execute("PRAGMA application_id").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if version == 0 and app == 0 and not tables:   # a new (or empty) file: ours now
+            db.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+            return
+        if app != APPLICATION_ID:
+            raise StoreError(f"{self.path} is an SQLite database but not an ezpq state database; "
+                             f"refusing to start over it")
+        if version > SCHEMA_VERSION or (version < SCHEMA_VERSION and any(
+                v not in MIGRATIONS for v in range(version, SCHEMA_VERSION))) or version < 1:
+            raise StoreError(f"{self.path} has schema version {version}, this ezpq_mgr reads version "
+                             f"{SCHEMA_VERSION} (and migrates from {sorted(MIGRATIONS) or 'none older'}); "
+                             f"refusing to start over it")
+        if version < SCHEMA_VERSION:
+            db.execute("BEGIN IMMEDIATE")
+            for v in range(version, SCHEMA_VERSION):
+                MIGRATIONS[v](db)
+                logger.info("migrated %s from schema version %s to %s", self.path, v, v + 1)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        missing = {"meta", "queues", "envs", "jobs"} - tables
+        if missing:
+            raise StoreError(f"{self.path} lacks the tables {sorted(missing)}; refusing to start over it")
+
+    # ------------------------------------------------------------- restore
+    def restore(self, state, service) -> dict:
+        """Load the database into ``state`` (before the server serves, so
+        no lock contention; no hooks installed yet). Returns figures."""
+        t0 = time.perf_counter()
+        db = self.db
+        # the columns in JobRecord's own order, so a row is its positional
+        # arguments (100,000 jobs: ~4x faster than keywords); a field we do
+        # not store keeps its default
+        fields = [f.name for f in dataclasses.fields(JobRecord)]
+        names = tuple(f for f in fields if f in STATIC + MUTABLE)
+        positional = list(names) == fields
+        try:
+            seq_row = db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()
+            queues = db.execute(f"SELECT {', '.join(QUEUE_COLUMNS)} FROM queues").fetchall()
+            envs = db.execute("SELECT env_id, uid, cwd, sys_path FROM envs").fetchall()
+            rows = db.execute(f"SELECT {', '.join(names)} FROM jobs ORDER BY seq").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path} is damaged ({exc}); refusing to start over it: "
+                             f"move it away to start empty") from None
+        statuses = {s.value: s for s in JobStatus}
+        phases = list(Phase)
+        NEW, WAITING, RUNNING, RETURNED = Phase.NEW, Phase.WAITING, Phase.RUNNING, Phase.RETURNED
+        max_seq = int(seq_row[0]) if seq_row else 0
+        now = state.clock()
+        changed: List[JobRecord] = []
+        n = {"waiting": 0, "lost": 0, "retried": 0, "done": 0}
+        with state.cond:
+            for row in queues:
+                q = state.queue(row[0])
+                q.next_id = int(row[1])
+                for name, value in zip(QUEUE_COLUMNS[2:], row[2:]):
+                    setattr(q, name, bool(value) if name in ("paused", "auto_stop", "auto_remove") else int(value or 0))
+            jobs = []
+            refs: Dict[int, int] = {}
+            for row in rows:
+                rec = JobRecord(*row) if positional else JobRecord(**dict(zip(names, row)))
+                phase = phases[rec.phase]
+                rec.phase = NEW
+                rec.status = statuses[rec.status]
+                rec.suppress_errors = rec.suppress_errors == 1
+                rec.stop_on_lane_error = rec.stop_on_lane_error == 1
+                rec.cancelled = rec.cancelled == 1
+                jobs.append((rec, phase))
+                if rec.env_id and (phase is WAITING or phase is RUNNING or phase is RETURNED):
+                    refs[rec.env_id] = refs.get(rec.env_id, 0) + 1
+            if jobs:
+                max_seq = max(max_seq, jobs[-1][0].seq)
+            service.restore_envs({r[0]: (r[1], r[2], tuple(json.loads(r[3]))) for r in envs}, refs)
+            dropped_envs = [r[0] for r in envs if r[0] not in refs]
+            state.seq = max(state.seq, max_seq)
+            q = None
+            for rec, phase in jobs:
+                if q is None or q.qid != rec.qid:
+                    q = state.queue(rec.qid)
+                if q.next_id <= rec.id:
+                    q.next_id = rec.id + 1
+                state.records[rec.seq] = rec
+                q.ids[rec.id] = rec.seq
+                processed = rec.processed
+                if phase is WAITING:
+                    state._move(q, rec, WAITING)
+                    state._enqueue(q, rec)
+                    n["waiting"] += 1
+                elif phase in (Phase.RUNNING, Phase.RETURNED):
+                    state._move(q, rec, Phase.WAITING)
+                    if rec.attempts <= rec.retries:   # run again: attempts counts the lost one
+                        rec.status = JobStatus.WAITING
+                        rec.started = rec.pid = rec.host = None
+                        state._enqueue(q, rec)
+                        n["retried"] += 1
+                    else:
+                        rec.status = JobStatus.LOST
+                        rec.exitcode, rec.ended = None, now
+                        rec.exception = "the server restarted while this job ran"
+                        state._done(q, rec, held_ok=False)
+                        n["lost"] += 1
+                else:   # HELD (its client's callback will not run now) or DONE
+                    state._move(q, rec, Phase.WAITING)
+                    state._complete(q, rec)
+                    if processed is not None:
+                        rec.processed = processed
+                    n["done"] += 1
+                if rec.phase is not phase:
+                    changed.append(rec)
+        state.version += 1
+        # what the restore changed is the journal's first batch
+        self._pending.extend(("U", rec.seq, _mutable(rec)) for rec in changed if rec.phase is not Phase.GONE)
+        self._pending.extend(("D", rec.seq) for rec in changed if rec.phase is Phase.GONE)
+        self._pending.extend(("ED", e) for e in dropped_envs)
+        self._appended = len(self._pending)
+        n["seconds"] = time.perf_counter() - t0
+        n["jobs"] = len(rows)
+        logger.info("restored %s jobs from %s in %.2f s: %s waiting, %s running again, %s lost "
+                    "(running when the server stopped), %s done", len(rows), self.path, n["seconds"],
+                    n["waiting"], n["retried"], n["lost"], n["done"])
+        return n
+
+    # ---------------------------------------------------------- the hooks
+    def attach(self, state, service) -> None:
+        """Install the hooks and start the journal thread."""
+        self._state = state
+        state.on_move = self.on_move
+        state.on_queue = self.on_queue
+        service.on_env = self.on_env
+        self._thread = threading.Thread(target=self._run, name="ezpq-journal", daemon=True)
+        self._thread.start()
+        if self._pending:
+            self._wake.set()
+
+    def on_move(self, rec: JobRecord, frm: Phase, to: Phase) -> None:
+        """(state lock held) Journal one phase change."""
+        if frm is Phase.NEW:
+            self._pending.append(("I", rec.seq, _static(rec), _mutable(rec)))
+        elif to is Phase.GONE:
+            self._pending.append(("D", rec.seq))
+        else:
+            self._pending.append(("U", rec.seq, _mutable(rec)))
+        self._appended += 1
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def on_queue(self, q, dropped: bool = False) -> None:
+        """(state lock held) A queue's id counter or settings changed, or it was dropped."""
+        if dropped:
+            self._pending.append(("QD", q.qid))
+        else:
+            self._pending.append(("Q", (q.qid, q.next_id, q.cap, q.max_size, int(q.paused),
+                                        int(q.auto_stop), int(q.auto_remove))))
+        self._appended += 1
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def on_env(self, env_id: int, key: Optional[tuple]) -> None:
+        """(state lock held) An environment (uid, cwd, sys_path) was made (or freed: None)."""
+        if key is None:
+            self._pending.append(("ED", env_id))
+        else:
+            uid, cwd, path = key
+            self._pending.append(("E", (env_id, uid, cwd, json.dumps(list(path)))))
+        self._appended += 1
+        if not self._wake.is_set():
+            self._wake.set()
+
+    # -------------------------------------------------------- the replies
+    def barrier(self) -> None:
+        """Block until everything journaled so far is committed (a
+        connection's thread, before its reply). ``StoreError`` if the
+        journal cannot write any more."""
+        mark = self._appended
+        if self._committed >= mark:
+            return
+        with self._cv:
+            while self._committed < mark and self.failed is None:
+                self._cv.wait()
+        if self._committed < mark:
+            raise StoreError(f"the server cannot save its state: {self.failed}")
+
+    def hold(self, d) -> bool:
+        """(Outbox) Keep a parked call's answer until what it reports is
+        committed: True when taken (the journal thread sends it then)."""
+        mark = self._appended
+        if self._committed >= mark:
+            return False
+        with self._cv:
+            if self._committed >= mark:
+                return False
+            self._held.append((mark, d))
+        return True
+
+    # ------------------------------------------------------ journal thread
+    def _run(self) -> None:
+        state, db = self._state, self.db
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with state.cond:
+                batch, self._pending = self._pending, []
+                mark = self._appended
+            if batch:
+                try:
+                    self._write(db, batch)
+                except Exception as exc:   # disk full, I/O error, the file removed
+                    why = f"{self.path}: {exc}"
+                    self.failed = why
+                    logger.critical("cannot write the state database %s; stopping the server "
+                                    "(what was committed is kept)", why)
+                    with self._cv:
+                        self._cv.notify_all()
+                    self.on_failure(why)
+                    return
+                self.batches += 1
+            with self._cv:
+                self._committed = mark
+                self._cv.notify_all()
+                ready = [d for m, d in self._held if m <= mark]
+                if ready:
+                    self._held = [(m, d) for m, d in self._held if m > mark]
+            for d in ready:
+                d.send(d.result)
+            if self._closing:
+                if not self._pending:
+                    return
+                self._wake.set()
+
+    def _write(self, db: sqlite3.Connection, batch: List[tuple]) -> None:
+        """One transaction for a batch, coalesced: a job's last row wins,
+        a job inserted and deleted within the batch is never written."""
+        inserts: Dict[int, tuple] = {}
+        updates: Dict[int, tuple] = {}
+        deletes = []
+        queues: Dict[str, Optional[tuple]] = {}
+        envs: Dict[int, Optional[tuple]] = {}
+        top = 0
+        for e in batch:
+            kind = e[0]
+            if kind == "U":
+                seq = e[1]
+                ins = inserts.get(seq)
+                if ins is not None:
+                    inserts[seq] = (ins[0], e[2])
+                else:
+                    updates[seq] = e[2]
+            elif kind == "I":
+                inserts[e[1]] = (e[2], e[3])
+                if e[1] > top:
+                    top = e[1]
+            elif kind == "D":
+                seq = e[1]
+                if inserts.pop(seq, None) is None:
+                    updates.pop(seq, None)
+                    deletes.append((seq,))
+            elif kind == "Q":
+                queues[e[1][0]] = e[1]
+            elif kind == "QD":
+                queues[e[1]] = None
+            elif kind == "E":
+                envs[e[1][0]] = e[1]
+            elif kind == "ED":
+                envs[e[1]] = None
+        db.execute("BEGIN")
+        try:
+            if inserts:
+                db.executemany(_INSERT, [s + m for s, m in inserts.values()])
+            if updates:
+                db.executemany(_UPDATE, [m + (seq,) for seq, m in updates.items()])
+            if deletes:
+                db.executemany("DELETE FROM jobs WHERE seq=?", deletes)
+            if queues:
+                db.executemany("INSERT OR REPLACE INTO queues VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               [q for q in queues.values() if q is not None])
+                db.executemany("DELETE FROM queues WHERE qid=?", [(k,) for k, q in queues.items() if q is None])
+            if envs:
+                db.executemany("INSERT OR REPLACE INTO envs VALUES (?, ?, ?, ?)",
+                               [v for v in envs.values() if v is not None])
+                db.executemany("DELETE FROM envs WHERE env_id=?", [(k,) for k, v in envs.items() if v is None])
+            if top:
+                db.execute("INSERT INTO meta VALUES ('seq', ?) ON CONFLICT(key) DO UPDATE SET "
+                           "value=max(value, excluded.value)", (top,))
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+
+    def close(self) -> None:
+        """Write what is left, stop the journal thread, close the database and unlock DIR."""
+        if self._thread is not None:
+            self._closing = True
+            self._wake.set()
+            self._thread.join(30)
+            if self._thread.is_alive():
+                logger.error("the journal did not finish writing within 30 s")
+        if self.db is not None and self.failed is None:
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        self._unlock()
+        with self._cv:   # a reply still waiting now would wait for ever: it is refused
+            if self.failed is None:
+                self.failed = "the server stopped before it could save this"
+            self._cv.notify_all()

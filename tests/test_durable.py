@@ -1,0 +1,429 @@
+"""A server with ``--state-dir``: restarts (SIGTERM, SIGKILL, five SIGKILLs
+at random moments), and the state dir refused when it cannot be used
+(locked, damaged, another version, unwritable, disk full)."""
+
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+import ezpq_mgr as ezpq
+from ezpq_mgr.connection import Remote
+from ezpq_mgr.store import DB_NAME, SCHEMA_VERSION
+from jobs import return_me, sleep_for
+from server_fixture import terminate
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (needs root)")
+
+
+class Durable:
+    """An ezpq-server on a Unix socket with a state dir, started and
+    restarted on the same files; the test's own temp dir, removed by ``close``."""
+
+    def __init__(self, workers=1, state_dir=None, extra=(), stateless=False):
+        self.dir = tempfile.mkdtemp(prefix="ezpq-durable-")
+        self.keyfile = os.path.join(self.dir, "key")
+        self.address = os.path.join(self.dir, "s.sock")
+        self.state_dir = state_dir or os.path.join(self.dir, "state")
+        self.cmd = [sys.executable, "-c", "from ezpq_mgr.cli import server_main; server_main()",
+                    "--socket", self.address, "--workers", str(workers), "--authkey-file", self.keyfile,
+                    "--log-level", "WARNING", *([] if stateless else ["--state-dir", self.state_dir]), *extra]
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(self.cmd)
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc.poll() is None, "ezpq-server exited during start-up"
+            assert time.monotonic() < deadline, "ezpq-server did not start"
+            try:
+                self.key = open(self.keyfile, "rb").read().strip()
+                Remote(self.address, self.key).call("info")
+                return self
+            except Exception:
+                time.sleep(0.02)
+
+    def run(self, *extra):
+        """Start it in the foreground and expect a refusal: (exit code, stderr)."""
+        p = subprocess.run(self.cmd + list(extra), capture_output=True, text=True, timeout=60)
+        return p.returncode, p.stderr
+
+    def kill(self, sig):
+        if sig == signal.SIGTERM:
+            assert terminate(self.proc) == 0
+        else:
+            self.proc.send_signal(sig)
+            self.proc.wait(15)
+
+    def queue(self, qid, **kw):
+        return ezpq.Queue(address=self.address, authkey=self.key, qid=qid, **kw)
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            terminate(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def durable():
+    servers = []
+
+    def make(**kw):
+        servers.append(Durable(**kw))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def _wait_until(cond, limit=30.0, what="condition"):
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig,sync", [(signal.SIGTERM, "normal"), (signal.SIGKILL, "normal"),
+                                      (signal.SIGKILL, "full")], ids=["SIGTERM", "SIGKILL", "SIGKILL-sync-full"])
+def test_restart_keeps_waiting_jobs_and_uncollected_results(durable, sig, sync):
+    """20 jobs: 3 collected, 3 completed-uncollected, 1 running, 13 waiting;
+    a restart on the same dir gives a new client exactly the other 17:
+    results unchanged (not run again), the running one lost, the waiting ones run."""
+    s = durable(workers=1, extra=["--sync", sync]).start()
+    Q = s.queue("r")
+    ids = [Q.put(return_me, i) for i in range(6)]
+    ids.append(Q.put(sleep_for, 60))
+    ids += [Q.put(return_me, i) for i in range(7, 20)]
+    assert ids == list(range(1, 21))
+    _wait_until(lambda: Q.size(completed=True) == 6 and Q.size(working=True) == 1, what="6 done, 1 running")
+    got = Q.collect(3)
+    assert sorted(j["id"] for j in got) == [1, 2, 3]
+    before = {j["id"]: j for j in Q.jobs()}
+
+    # a client blocked in get(wait=True) hears of the server's death within 1 s
+    blocked = ezpq.Queue(address=s.address, authkey=s.key, qid="blocked")
+    blocked.put(sleep_for, 60)
+    heard = []
+
+    def block():
+        try:
+            blocked.get(wait=True)
+        except ezpq.ConnectionError:
+            heard.append(time.monotonic())
+
+    t = threading.Thread(target=block)
+    t.start()
+    time.sleep(0.2)   # let it park on the server (nothing to wait for: it must still be blocked)
+    assert t.is_alive()
+    killed = time.monotonic()
+    s.kill(sig)
+    t.join(5)
+    assert heard and heard[0] - killed < 1.0, "a blocked get did not raise ConnectionError within 1 s"
+
+    s.start()
+    blocked2 = s.queue("blocked")
+    assert blocked2.cancel(1)
+    Q2 = s.queue("r")
+    assert Q2.wait(timeout=60) == 0
+    after = {j["id"]: j for j in Q2.collect()}
+    assert sorted(after) == list(range(4, 21)), "no id lost, none duplicated, collected ones gone"
+    for i in (4, 5, 6):   # completed before: unchanged, not run again
+        assert after[i]["status"] == "completed" and after[i]["output"] == i - 1
+        assert after[i]["started"] == before[i]["started"] and after[i]["ended"] == before[i]["ended"]
+    assert after[7]["status"] == "lost"
+    assert ("stopped" if sig == signal.SIGTERM else "restarted") in after[7]["exception"]
+    assert all(after[i]["status"] == "completed" and after[i]["output"] == i - 1 for i in range(8, 21))
+    assert Q2.put(return_me, 0) == 21, "ids continue after the restart"
+    Q2.wait(timeout=30)
+    Q2.collect()
+    blocked2.dispose()
+    Q2.dispose()
+
+
+def test_retries_run_again_after_a_restart(durable):
+    """A job running at a SIGKILL runs again when it has retries left (attempts counts)."""
+    s = durable(workers=1).start()
+    Q = s.queue("retry")
+    marker = os.path.join(s.dir, "ran")
+    Q.put(_touch_then_sleep, [marker, 60], retries=1)
+    _wait_until(lambda: os.path.exists(marker), what="the job to start")
+    os.unlink(marker)
+    s.kill(signal.SIGKILL)
+    s.start()
+    Q2 = s.queue("retry")
+    _wait_until(lambda: os.path.exists(marker), what="the job to run again")
+    job = Q2.jobs()[0]
+    assert job["status"] == "working" and job["attempts"] == 2
+    Q2.cancel(job["id"])
+    Q2.wait(timeout=30)
+    assert Q2.collect()[0]["status"] == "cancelled"
+    Q2.dispose()
+
+
+def _touch_then_sleep(path, seconds):
+    open(path, "w").close()
+    time.sleep(seconds)
+
+
+def test_chaos_five_sigkills(durable):
+    """3 clients put 200 jobs (half with retries=1) while the server is
+    SIGKILLed 5 times at random moments and restarted: every acknowledged
+    job is collected exactly once, no id twice, and only jobs without
+    retries left come back lost (at most one per kill per worker)."""
+    workers, kills = 2, 5
+    s = durable(workers=workers).start()
+    up = threading.Event()
+    up.set()
+    n = {0: 67, 1: 67, 2: 66}
+    results = {}
+
+    def client(i):
+        qid, todo = f"chaos{i}", list(range(n[i]))
+        acked, collected, unacked = {}, [], 0
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            up.wait(60)
+            try:
+                Q = s.queue(qid)
+                while todo:
+                    k = todo.pop(0)   # one try per job: an unacknowledged put may or may not be in
+                    try:
+                        acked[Q.put(sleep_for, random.uniform(0, 0.03), name=f"{i}-{k}", retries=k % 2)] = k
+                    except ezpq.ConnectionError:
+                        unacked += 1
+                        raise
+                while True:
+                    job = Q.get(wait=True, timeout=30)
+                    if job is None:
+                        if Q.size() == 0:
+                            results[i] = (acked, collected, unacked)
+                            Q.detach()
+                            return
+                        continue
+                    collected.append(job)
+            except (ezpq.ConnectionError, ezpq.ServerError):
+                time.sleep(0.05)   # the server is down: wait for it to be up again
+        results[i] = None
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    rng = random.Random()
+    for _ in range(kills):
+        time.sleep(rng.uniform(0.2, 1.0))
+        up.clear()
+        s.kill(signal.SIGKILL)
+        s.start()
+        up.set()
+    for t in threads:
+        t.join(300)
+    assert all(results.get(i) is not None for i in range(3)), "a client did not finish"
+    lost = 0
+    for i, (acked, collected, unacked) in results.items():
+        ids = [j["id"] for j in collected]
+        assert len(ids) == len(set(ids)), f"client {i}: an id collected twice"
+        assert set(acked) <= set(ids), f"client {i}: acknowledged jobs missing {set(acked) - set(ids)}"
+        names = [j["name"] for j in collected]
+        assert len(names) == len(set(names)), f"client {i}: a job ran as two"
+        assert len(ids) - len(acked) <= unacked
+        for j in collected:
+            assert j["status"] in ("completed", "lost"), j
+            if j["status"] == "lost":
+                lost += 1
+                assert j["retries"] == 0 or j["attempts"] > j["retries"], j
+    assert lost <= kills * workers
+
+
+# ------------------------------------------------------------ refusals
+def test_a_second_server_on_the_same_dir_refuses(durable):
+    first = durable().start()
+    second = Durable(state_dir=first.state_dir)
+    try:
+        code, err = second.run()
+    finally:
+        second.close()
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "in use by another ezpq-server" in err and str(first.proc.pid) in err
+
+
+def test_state_dir_and_database_permissions(durable):
+    s = durable().start()
+    assert stat.S_IMODE(os.stat(s.state_dir).st_mode) == 0o700
+    for name in os.listdir(s.state_dir):
+        st = os.stat(os.path.join(s.state_dir, name))
+        assert stat.S_IMODE(st.st_mode) == 0o600, name
+        assert st.st_uid == os.geteuid()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not sqlite", "other sqlite", "newer version"])
+def test_a_damaged_database_refuses_to_start(durable, damage):
+    s = durable()
+    s.start()
+    Q = s.queue("keep")
+    Q.put(return_me, 1)
+    Q.wait(timeout=30)
+    Q.detach()
+    s.kill(signal.SIGTERM)
+    db = os.path.join(s.state_dir, DB_NAME)
+    if damage == "truncated":
+        with open(db, "r+b") as f:
+            f.truncate(os.path.getsize(db) // 2 or 100)
+            f.seek(0)
+            f.write(b"\0" * 64)
+    elif damage == "not sqlite":
+        with open(db, "wb") as f:
+            f.write(b"hello, this is not a database\n" * 100)
+    else:
+        conn = sqlite3.connect(db)
+        conn.execute("PRAGMA application_id=0" if damage == "other sqlite" else
+                     f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+        conn.commit()
+        conn.close()
+    size = os.path.getsize(db)
+    code, err = s.run()
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert db in err
+    assert os.path.getsize(db) == size, "a refused database is left as it was"
+
+
+def test_an_unusable_state_dir_refuses(durable):
+    s = durable()
+    with open(os.path.join(s.dir, "file"), "w"):
+        pass
+    code, err = s.run("--state-dir", os.path.join(s.dir, "file", "sub"))
+    assert code == 2 and "--state-dir" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.fixture
+def tmpfs():
+    """A small tmpfs mounted for the test alone; unmounted and removed after."""
+    mounts = []
+
+    def mount(size, readonly=False):
+        where = tempfile.mkdtemp(prefix="ezpq-tmpfs-")
+        opts = f"size={size},mode=0700" + (",ro" if readonly else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", where], check=True)
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", where], check=False)
+        os.rmdir(where)
+
+
+@needs_root
+def test_an_unwritable_state_dir_refuses(durable, tmpfs):
+    ro = tmpfs("1m", readonly=True)
+    s = durable(state_dir=ro)
+    code, err = s.run()
+    assert code == 2, err
+    assert ro in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@needs_root
+def test_disk_full_stops_the_server_and_keeps_what_was_committed(durable, tmpfs):
+    """The state dir fills up: the put that cannot be committed is never
+    acknowledged, the server stops with one line saying why (exit 1), and
+    every job acknowledged before is there after a restart."""
+    where = tmpfs("3m")
+    s = durable(state_dir=os.path.join(where, "state")).start()
+    Q = s.queue("full", auto_start=False)   # nothing runs: every job stays waiting
+    acked = []
+    blob = os.urandom(200_000)
+    with pytest.raises((ezpq.ConnectionError, ezpq.ServerError)):
+        for _ in range(100):
+            acked.append(Q.put(return_me, blob))
+    assert 3 <= len(acked) < 100
+    assert s.proc.wait(30) == 1
+    # room again: move the database to a bigger place and restart there
+    bigger = os.path.join(s.dir, "state2")
+    shutil.copytree(os.path.join(where, "state"), bigger)
+    s2 = durable(state_dir=bigger)
+    s2.dir, s2.keyfile, s2.address = s.dir, s.keyfile, s.address
+    s2.cmd = [a if a != os.path.join(where, "state") else bigger for a in s.cmd]
+    s2.start()
+    Q2 = s2.queue("full")
+    jobs = {j["id"]: j for j in Q2.jobs()}
+    assert set(acked) <= set(jobs), "an acknowledged job was lost"
+    assert all(j["status"] == "waiting" for j in jobs.values())
+    Q2.clear_waiting()
+    Q2.dispose()
+
+
+def test_ezpq_wait_and_status_retry_across_a_restart(durable):
+    """``ezpq wait --retry`` keeps waiting for a job through a restart of the
+    server (job numbers are kept); ``ezpq status --retry`` connects once it is up."""
+    s = durable(workers=1).start()
+    base = [sys.executable, "-m", "ezpq_mgr", "--socket", s.address, "--authkey-file", s.keyfile]
+    marker = os.path.join(s.dir, "started")
+    Q = s.queue("cli")
+    Q.put(_touch_then_sleep, [marker, 60])           # keeps the worker busy
+    job = Q.put(return_me, 5)
+    _wait_until(lambda: os.path.exists(marker), what="the first job to start")
+    numbers = Remote(s.address, s.key).call("list_jobs", False)
+    waited = [n["seq"] for n in numbers if n["id"] == job][0]
+    waiter = subprocess.Popen(base + ["--json", "wait", str(waited), "--retry", "30"],
+                              stdout=subprocess.PIPE, text=True)
+    s.kill(signal.SIGKILL)
+    assert subprocess.run(base + ["status"], capture_output=True).returncode == 3
+    status = subprocess.Popen(base + ["status", "--retry", "30"], stdout=subprocess.PIPE, text=True)
+    s.start()
+    assert status.wait(30) == 0
+    out, _ = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0, out
+    assert '"output": 5' in out
+    Q2 = s.queue("cli")
+    assert sorted(j["status"] for j in Q2.collect()) == ["completed", "lost"]
+    Q2.dispose()
+
+
+def test_embedded_queue_with_a_state_dir(durable):
+    """``Queue(state_dir=...)``: the private server keeps its queue there;
+    a later Queue on the same dir and qid finds the jobs again."""
+    s = durable()
+    where = os.path.join(s.dir, "embedded")
+    Q = ezpq.Queue(1, state_dir=where, qid="mine", auto_start=False)
+    ids = [Q.put(return_me, i) for i in range(3)]
+    Q.detach()
+    with pytest.raises(ValueError):
+        ezpq.Queue(state_dir=where, address=s.address)
+    Q2 = ezpq.Queue(1, state_dir=where, qid="mine")
+    Q2.start()
+    assert Q2.wait(timeout=30) == 0
+    assert sorted((j["id"], j["output"]) for j in Q2.collect()) == list(zip(ids, range(3)))
+    Q2.dispose()
+
+
+def test_without_a_state_dir_the_log_file_keeps_the_history(durable):
+    """No --state-dir but --log-file: after a restart ``ezpq report`` covers
+    the whole file and job numbers continue after the largest in it."""
+    s = durable(stateless=True)
+    log = os.path.join(s.dir, "acct.csv")
+    s.cmd += ["--log-file", log]
+    for run in range(2):
+        s.start()
+        Q = s.queue("hist")
+        for i in range(3):
+            Q.put(return_me, i)
+        assert Q.wait(timeout=30) == 0
+        Q.dispose()
+        s.kill(signal.SIGTERM)
+    s.start()
+    rows = Remote(s.address, s.key).call("accounting", True)
+    assert sorted(int(r["job"]) for r in rows) == list(range(1, 7))
+    base = [sys.executable, "-m", "ezpq_mgr", "--socket", s.address, "--authkey-file", s.keyfile]
+    out = subprocess.run(base + ["--json", "report", "--by", "qid"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and '"jobs": 6' in out.stdout, out.stdout

@@ -1,0 +1,154 @@
+"""store.py alone, in this process: the journal fed by QueueState, group
+commits, the restore's rules, the schema version and its migration path."""
+
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+
+import pytest
+
+from ezpq_mgr import store as store_mod
+from ezpq_mgr.job import JobRecord, JobStatus, Phase
+from ezpq_mgr.messages import Outcome
+from ezpq_mgr.state import QueueState
+from ezpq_mgr.store import Store, StoreError
+
+
+class FakeService:
+    """What the store asks of the Service: environments."""
+
+    def __init__(self):
+        self.envs, self.refs, self.on_env = {}, {}, None
+
+    def restore_envs(self, envs, refs):
+        self.envs, self.refs = envs, refs
+
+
+@pytest.fixture
+def where():
+    d = tempfile.mkdtemp(prefix="ezpq-store-")
+    yield os.path.join(d, "state")
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _rec(qid="q", priority=100, lane=None, retries=0, name=None, client="c" * 32):
+    return JobRecord(seq=0, qid=qid, id=0, client=client, user="u", name=name, priority=priority,
+                     lane_key=lane, timeout=0, function="f", fn_blob=b"F", args_blob=b"A",
+                     retries=retries, uid=0)
+
+
+def _open(where, clock=None):
+    state = QueueState(clock=clock) if clock else QueueState()
+    st = Store(where)
+    st.restore(state, FakeService())
+    st.attach(state, FakeService())
+    return st, state
+
+
+def test_concurrent_puts_share_commits(where):
+    """Puts that arrive while a commit is written go in the next one, together:
+    far fewer commits than puts, and every acknowledged job is in the file."""
+    st, state = _open(where)
+    n_threads, n_puts = 8, 200
+
+    def putter(i):
+        for _ in range(n_puts):
+            state.add(f"q{i}", [_rec(f"q{i}")])
+            st.barrier()   # what the serving thread does before it replies
+
+    threads = [threading.Thread(target=putter, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert st.batches < n_threads * n_puts / 2
+    st.close()
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == n_threads * n_puts
+    assert db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0] == n_threads * n_puts
+    db.close()
+
+
+def test_a_job_put_and_collected_within_one_commit_never_reaches_the_file(where):
+    st, state = _open(where)
+    state.hold_queue("q")   # a client uses it: kept, with its id counter
+    with state.cond:   # the journal thread cannot take the batch until we let go
+        state.add("q", [_rec()])
+        rec = state.pick()
+        state.finish(rec.seq, Outcome(JobStatus.COMPLETED, 0, output_blob=b"out"))
+        assert len(state.pop_completed("q", 0)) == 1
+    st.barrier()
+    st.close()
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+    assert db.execute("SELECT next_id FROM queues WHERE qid='q'").fetchone()[0] == 2
+    db.close()
+
+
+def test_restore_keeps_order_results_and_ends_running_jobs(where):
+    """Waiting jobs come back in (priority, submission) and lane order;
+    a running job is lost or waits again (retries left; attempts kept);
+    a held job is done; a collected one is gone; ids continue."""
+    now = [1000.0]
+    st, state = _open(where, clock=lambda: now[0])
+    state.open_notices("client")
+    state.set_holding("client", True)
+    state.add("q", [_rec(name="done"), _rec(name="held", client="client"), _rec(name="run", retries=0),
+                    _rec(name="retry", retries=1), _rec(name="gone")])
+    done, held, run, retry, gone = (state.pick() for _ in range(5))
+    state.finish(done.seq, Outcome(JobStatus.COMPLETED, 0, output_blob=b"42"))
+    state.finish(gone.seq, Outcome(JobStatus.COMPLETED, 0))
+    state.pop_ids("q", [gone.id])
+    state.finish(held.seq, Outcome(JobStatus.FAILED, 1, exception="boom"))
+    assert held.phase is Phase.HELD
+    state.add("q", [_rec(priority=5, name="w-late-but-first"), _rec(name="w2"),
+                    _rec(lane=b"L", name="lane1"), _rec(lane=b"L", name="lane2")])
+    state.reserve_ids("q", 10)          # ids handed to a client: never again
+    st.barrier()
+    st.close()   # all committed: what a SIGKILL now would leave
+
+    now[0] = 2000.0
+    st2, state2 = _open(where, clock=lambda: now[0])
+    q = state2.queues["q"]
+    by_name = {r.name: r for r in state2.records.values()}
+    assert "gone" not in by_name
+    assert by_name["done"].status is JobStatus.COMPLETED and by_name["done"].output_blob == b"42"
+    assert by_name["done"].phase is Phase.DONE and by_name["done"].processed == 1000.0
+    assert by_name["held"].phase is Phase.DONE and by_name["held"].exception == "boom"
+    assert by_name["run"].status is JobStatus.LOST and "restarted" in by_name["run"].exception
+    assert by_name["retry"].phase is Phase.WAITING and by_name["retry"].attempts == 1
+    order = []
+    while True:
+        rec = state2.pick()
+        if rec is None:
+            break
+        order.append(rec.name)
+        if rec.lane_key is not None:
+            state2.finish(rec.seq, Outcome(JobStatus.COMPLETED, 0))
+    assert order == ["w-late-but-first", "retry", "w2", "lane1", "lane2"]
+    assert state2.seq == 9 and q.next_id == 20
+    assert state2.add("q", [_rec()]) == [20]
+    st2.close()
+
+
+def test_schema_version_migrates_older_and_refuses_newer(where, monkeypatch):
+    st = Store(where)
+    st.close()
+    calls = []
+
+    def v1_to_v2(db):
+        db.execute("ALTER TABLE jobs ADD COLUMN note TEXT")
+        calls.append(1)
+
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(store_mod.MIGRATIONS, 1, v1_to_v2)
+    Store(where).close()
+    assert calls == [1]
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 1)
+    with pytest.raises(StoreError, match="schema version 2"):
+        Store(where)
