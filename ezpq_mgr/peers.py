@@ -1,10 +1,16 @@
-"""Who is calling: the OS user of each client connection.
+"""Who is calling: the OS user of each client connection, and its ``Caller``.
 
 A shared server serves every connection on its own thread. Over a Unix
 socket the kernel tells us the peer's uid (``SO_PEERCRED``); the server
 believes that, never what a client says. Over TCP there is no such fact:
 any holder of the authkey acts as the server's owner (use the Unix socket
 for several users). The private server of an embedded queue has one user.
+
+A ``Caller`` is made once per connection by the connection server and passed
+explicitly as the first argument of every ``Service`` method: its identity,
+its reply channel (the connection), the call it parked, what the service
+asked to run when it disconnects, and what it holds (the service's
+registry). Nothing about the caller is kept in thread-locals.
 """
 
 from __future__ import annotations
@@ -14,12 +20,20 @@ import functools
 import logging
 import os
 import pwd
-import threading
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
-__all__ = ["describe_user", "Identity", "current", "serve_as", "owner", "user_name"]
+from .errors import EzpqError
+from .messages import ERROR, RETURN, Reply
+
+if TYPE_CHECKING:
+    from .outgoing import PeerConnection
+
+__all__ = ["describe_user", "Identity", "Caller", "DEFERRED", "owner", "send_reply", "user_name"]
 
 logger = logging.getLogger(__name__)
-_local = threading.local()
+
+#: What a service method returns when its answer will be sent later.
+DEFERRED = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +66,66 @@ def owner() -> Identity:
     return Identity(uid, os.getgid(), user_name(uid), True)
 
 
-def current() -> Identity:
-    """The identity of the client whose request this thread is serving."""
-    return getattr(_local, "identity", None) or owner()
+class Caller:
+    """One client connection as the service sees it (made once per connection).
+
+    ``identity``: who; ``conn``: where replies go (None: an in-server caller,
+    whose waits block instead of parking); ``parked``: the Deferred its last
+    call parked; ``hooks``: run with the caller when the connection closes;
+    ``held``: what the service's registry keeps for this connection."""
+
+    __slots__ = ("identity", "conn", "parked", "hooks", "held", "poller")
+
+    def __init__(self, identity: Identity, conn: "Optional[PeerConnection]" = None):
+        self.identity = identity
+        self.conn = conn
+        self.parked: Any = None
+        self.hooks: List[Callable[["Caller"], None]] = []
+        self.held: Any = None
+        self.poller: Any = None   # the serving thread's poll() of conn, made at its first park
+
+    def reply_channel(self, transform: Callable[[Any], Any]) -> Optional[Callable[[Any], None]]:
+        """A sender of ``transform(answer)`` to this caller, or None when it
+        has no connection (the call must block). The send never blocks: what
+        the client does not take now is left to the connection's flusher
+        (see outgoing.py)."""
+        conn = self.conn
+        if conn is None:
+            return None
+
+        def send(answer: Any) -> None:
+            try:
+                msg = Reply(RETURN, transform(answer))
+            except Exception as exc:
+                msg = Reply(ERROR, exc)
+            send_reply(conn, msg)
+
+        return send
+
+    def park(self, d: Any) -> object:
+        """Called by a service method: this call (parked as ``d``) is answered later."""
+        self.parked = d
+        return DEFERRED
+
+    def at_disconnect(self, fn: Callable[["Caller"], None]) -> None:
+        """Called by a service method: run ``fn(caller)`` on the serving
+        thread when this caller's connection closes."""
+        self.hooks.append(fn)
+
+    def disconnected(self) -> None:
+        """(the serving thread, its connection closed) Run the hooks, once."""
+        hooks, self.hooks = self.hooks, []
+        for fn in hooks:
+            try:
+                fn(self)
+            except Exception:
+                logger.exception("a disconnect hook failed")
 
 
-def serve_as(identity: Identity) -> None:
-    """This thread now serves requests of ``identity`` (its connection's peer)."""
-    _local.identity = identity
+def send_reply(conn: "PeerConnection", msg: Reply) -> None:
+    """Send ``msg`` on ``conn``; an answer our serializer refuses becomes an error reply."""
+    try:
+        conn.send(msg)
+    except Exception as exc:
+        logger.error("cannot send a reply: %s", exc)
+        conn.send(Reply(ERROR, EzpqError(f"the server could not send its answer: {exc}")))

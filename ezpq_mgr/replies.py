@@ -26,23 +26,17 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Optional
 
-from .errors import EzpqError, ServerError
+from .errors import ServerError
 from .messages import ERROR, RETURN, Reply, Request
 from .outgoing import MessageTooLarge, PeerConnection
-from .peers import serve_as
+from .peers import DEFERRED, Caller, send_reply
 
 #: poll() takes an int of milliseconds: a longer deadline is waited in steps
 _MAX_POLL = 86400.0
 
-__all__ = ["DEFERRED", "Deferred", "Outbox", "ConnectionServer", "at_disconnect", "park",
-           "reply_channel"]
+__all__ = ["DEFERRED", "Deferred", "Outbox", "ConnectionServer"]
 
 logger = logging.getLogger(__name__)
-
-#: What a service method returns when its answer will be sent later.
-DEFERRED = object()
-
-_local = threading.local()
 
 
 class Deferred:
@@ -87,33 +81,6 @@ class Outbox:
             d.send(d.result)
 
 
-def reply_channel(transform: Callable[[Any], Any]) -> Optional[Callable[[Any], None]]:
-    """A sender of ``transform(answer)`` to the client this thread serves, or
-    None when this thread serves no client connection (the call must block).
-    The send never blocks: what the client does not take now is left to the
-    connection's flusher (see outgoing.py)."""
-    conn = getattr(_local, "conn", None)
-    if conn is None:
-        return None
-
-    def send(answer: Any) -> None:
-        try:
-            msg = Reply(RETURN, transform(answer))
-        except Exception as exc:
-            msg = Reply(ERROR, exc)
-        _send_reply(conn, msg)
-
-    return send
-
-
-def _send_reply(conn: PeerConnection, msg: Reply) -> None:
-    try:
-        conn.send(msg)
-    except Exception as exc:  # an answer our serializer refuses
-        logger.error("cannot send a reply: %s", exc)
-        conn.send(Reply(ERROR, EzpqError(f"the server could not send its answer: {exc}")))
-
-
 class ConnectionServer:
     """Serves the requests of authenticated connections, one thread each.
 
@@ -135,22 +102,15 @@ class ConnectionServer:
 
     def serve(self, conn: PeerConnection) -> None:
         """The serving thread of one connection, until the client leaves."""
-        _local.conn = conn
-        _local.at_disconnect = []
-        serve_as(conn.identity)
+        caller = Caller(conn.identity, conn)
         try:
-            self._loop(conn)
+            self._loop(conn, caller)
         finally:
-            _local.conn = None
+            caller.conn = None
             conn.close()
-            hooks, _local.at_disconnect = _local.at_disconnect, []
-            for fn in hooks:  # the client disconnected: what the service asked to run then
-                try:
-                    fn()
-                except Exception:
-                    logger.exception("a disconnect hook failed")
+            caller.disconnected()  # the client left: what the service asked to run then
 
-    def _loop(self, conn: PeerConnection) -> None:
+    def _loop(self, conn: PeerConnection, caller: Caller) -> None:
         service, exposed = self.service, self.exposed
         while not self.stop_event.is_set():
             conn.wait_drained()  # one reply in flight per connection, at most
@@ -172,28 +132,28 @@ class ConnectionServer:
                 msg = Reply(ERROR, AttributeError(f"method {method[:100]!r} is not exposed"))
             else:
                 try:
-                    msg = Reply(RETURN, getattr(service, method)(*args))
+                    msg = Reply(RETURN, getattr(service, method)(caller, *args))
                 except Exception as e:
                     msg = Reply(ERROR, e)
             if msg.value is DEFERRED:
-                self._park(conn, _local.parked)
+                self._park(conn, caller)
                 continue
             if self.barrier is not None:
                 try:
                     self.barrier()
                 except Exception as e:   # the state cannot be saved: say so, never acknowledge
                     msg = Reply(ERROR, ServerError(str(e)))
-            _send_reply(conn, msg)
+            send_reply(conn, msg)
 
-    def _park(self, conn: PeerConnection, d: Deferred) -> None:
+    def _park(self, conn: PeerConnection, caller: Caller) -> None:
         """Hold the deadline of our deferred call (sleeping in poll until
         then: whoever answers it sends the answer itself, see StateLock).
         Data from the client means it has its answer (or is gone): withdraw
         the call if still parked."""
-        poller = getattr(_local, "poller", None)
-        if poller is None or _local.poller_fd != conn.fd:  # conn.poll() would build a selector per call
-            poller = _local.poller = select.poll()
-            _local.poller_fd = conn.fd
+        d, caller.parked = caller.parked, None
+        poller = caller.poller
+        if poller is None:  # conn.poll() would build a selector per call
+            poller = caller.poller = select.poll()
             poller.register(conn.fd, select.POLLIN)
         while True:
             left = d.deadline - time.monotonic()
@@ -205,17 +165,3 @@ class ConnectionServer:
                 self.state.settle(d, answer=False)
                 return
 
-
-def park(d: Deferred) -> object:
-    """Called by a service method: this thread's call is answered later."""
-    _local.parked = d
-    return DEFERRED
-
-
-def at_disconnect(fn: Callable[[], None]) -> None:
-    """Called by a service method: run ``fn()`` on this thread when its
-    client's connection closes."""
-    hooks = getattr(_local, "at_disconnect", None)
-    if hooks is None:
-        hooks = _local.at_disconnect = []
-    hooks.append(fn)

@@ -8,7 +8,8 @@ lists, numbers, bytes), never live containers. Every blocking call is parked
 holds, or at its own timeout (0 or None: none); a client that disconnects
 withdraws it. Clients make one call per wait, no loops.
 
-On a shared server every request runs as its caller (``peers.current()``):
+On a shared server every request runs as its caller (``peers.Caller``, the
+first argument of every method, made once per connection):
 a queue name is private to its user (stored as ``"uid:qid"``), a job's
 ``user``/``uid`` are the caller's, never what the client claims, and a user
 sees, collects and cancels only their own jobs; root and the server's owner
@@ -51,7 +52,8 @@ from .messages import Env, Processed, job_records
 from .accounting import AccountingLog, report
 from .errors import JobNotFound, ServerLimit
 from .job import JobRecord
-from .replies import Deferred, at_disconnect, park, reply_channel
+from .peers import Caller
+from .replies import Deferred
 from .state import QueueState
 from .supervisor import Supervisor
 from .transport import describe_size
@@ -83,17 +85,14 @@ def _path_cost(path: Tuple[str, ...]) -> int:
     return sum(len(p) for p in path) + _SLOT * (2 * len(path) + 4)
 
 
-def _parked(got: Any, visible: Callable[[Any], Any] = lambda answer: answer) -> Any:
+def _parked(caller: Caller, got: Any, visible: Callable[[Any], Any] = lambda answer: answer) -> Any:
     """A state wait's result as this call's reply: ``visible(answer)`` now,
     or, parked, later (the serving thread goes back to its connection)."""
-    return park(got) if isinstance(got, Deferred) else visible(got)
+    return caller.park(got) if isinstance(got, Deferred) else visible(got)
 
 
 def _int(what: str, value: Any, low: int = 0) -> int:
     return schema.check_int(what, value, low, schema.INT64_MAX)
-
-
-_conn = threading.local()   # per connection: what it holds (_Held)
 
 
 class _Client:
@@ -191,11 +190,11 @@ class Service:
                 logger.exception("expiring finished jobs failed")
 
     # -------------------------------------------------------------- helpers
-    def _key(self, qid: str) -> str:
+    def _key(self, caller: Caller, qid: str) -> str:
         """The caller's private name for ``qid`` on a shared server."""
         if type(qid) is not str or len(qid) > schema.MAX_QID or not qid.isprintable():
             schema.check_qid(qid)
-        return f"{peers.current().uid}:{qid}" if self.shared else qid
+        return f"{caller.identity.uid}:{qid}" if self.shared else qid
 
     def _visible_qid(self, key: str) -> str:
         return key.partition(":")[2] if self.shared else key
@@ -205,7 +204,7 @@ class Service:
             snap["qid"] = self._visible_qid(snap["qid"])
         return snap
 
-    def _client(self, token: str, known: bool = True) -> str:
+    def _client(self, caller: Caller, token: str, known: bool = True) -> str:
         """Refuse a client token that belongs to another user (or, ``known``:
         that no ``hello`` registered)."""
         c = self._clients.get(token) if type(token) is str else None
@@ -214,7 +213,7 @@ class Service:
             if known:
                 raise ValueError("client: unknown client token (call hello first)")
             return token
-        me = peers.current()
+        me = caller.identity
         if c.uid != me.uid and not me.privileged:
             raise PermissionError("that client belongs to another user")
         return token
@@ -224,12 +223,12 @@ class Service:
         return key.partition(":")[0]
 
     # ------------------------------------------------------------- registry
-    def _held(self) -> _Held:
+    def _held(self, caller: Caller) -> _Held:
         """What this connection holds (let go by ``_disconnected``)."""
-        held = getattr(_conn, "held", None)
+        held = caller.held
         if held is None:
-            held = _conn.held = _Held()
-            at_disconnect(self._disconnected)
+            held = caller.held = _Held()
+            caller.at_disconnect(self._disconnected)
         return held
 
     def _count(self, uid: int, which: int, delta: int) -> None:
@@ -327,14 +326,14 @@ class Service:
         self._env_release(c.env_id)
         self._count(c.uid, 0, -1)
 
-    def _hold(self, c: _Client) -> None:
+    def _hold(self, caller: Caller, c: _Client) -> None:
         """(lock held) This connection speaks for ``c``: while any such
         connection is open the client is alive; when the last one closes
         without a ``goodbye``, its private queue is disposed of and its
         token freed. Clients this connection spoke for that are gone are
         let go now and then, so that a connection looping hello/goodbye on
         fresh tokens holds nothing."""
-        held = self._held()
+        held = self._held(caller)
         old = held.clients.get(c.token)
         if old is c:
             return
@@ -367,15 +366,15 @@ class Service:
             self.state.drop_notices(c.token)
         return None
 
-    def _use(self, key: str) -> None:
+    def _use(self, caller: Caller, key: str) -> None:
         """This connection uses queue ``key`` (creating it): it is kept at
         least until the connection closes. ``ServerLimit`` for a new queue
         past the caller's cap."""
-        held = self._held()
+        held = self._held(caller)
         q = held.queues.get(key)
         if q is not None and self.state.queues.get(key) is q:
             return
-        me = peers.current()
+        me = caller.identity
         with self.state.cond:
             if key not in self.state.queues and self.shared and not me.privileged:
                 n = self.state.queues_of.get(self._owner_of(key), 0)
@@ -387,13 +386,12 @@ class Service:
                 self.state.release_queue(q)   # dropped and made again since: hold the new one
             held.queues[key] = self.state.hold_queue(key)
 
-    def _disconnected(self) -> None:
+    def _disconnected(self, caller: Caller) -> None:
         """(the closing connection's thread) Let go of what it held: the
         private queue of every client whose last connection this was and
         that said no goodbye is disposed of; tokens, notice channels,
         environments and idle queues nobody refers to any more are freed."""
-        held = getattr(_conn, "held", None)
-        _conn.held = None
+        held, caller.held = caller.held, None
         if held is None:
             return
         gone = []
@@ -409,8 +407,8 @@ class Service:
         if gone:
             self.supervisor.wake()
 
-    def _may_touch(self, rec: JobRecord) -> bool:
-        me = peers.current()
+    def _may_touch(self, caller: Caller, rec: JobRecord) -> bool:
+        me = caller.identity
         return me.privileged or rec.uid == me.uid
 
     def _on_final(self, rec: JobRecord) -> None:
@@ -421,17 +419,17 @@ class Service:
             self._env_release(rec.env_id)
 
     # --------------------------------------------------------------- clients
-    def hello(self, client: str, cwd: str, sys_path: List[str], holding: bool,
+    def hello(self, caller: Caller, client: str, cwd: str, sys_path: List[str], holding: bool,
               private_qid: Optional[str] = None) -> dict:
         """Register a client: its environment for jobs and its notice channel.
 
         ``private_qid``: the client's own queue (no ``qid`` given): if it
         disconnects without ``goodbye``, that queue's jobs are cancelled."""
-        me = peers.current()
+        me = caller.identity
         schema.check_token(client)
         path = schema.check_env(cwd, sys_path)
         schema.check_bool("holding", holding)
-        private = None if private_qid is None else self._key(private_qid)
+        private = None if private_qid is None else self._key(caller, private_qid)
         with self.state.cond:
             c = self._clients.get(client)
             if c is not None and c.uid != me.uid:
@@ -448,19 +446,19 @@ class Service:
             c.env_id, c.leaving = env_id, False
             if private is not None:
                 c.private = private
-            self._hold(c)
+            self._hold(caller, c)
             self.state.open_notices(client)
             if holding:
                 self.state.set_holding(client, True)
         return {"env_id": env_id, "workers": self.supervisor.slots, "pid": os.getpid(),
                 "shared": self.shared, "user": me.user, "uid": me.uid}
 
-    def goodbye(self, client: str, qid: str, forget: bool = True) -> None:
+    def goodbye(self, caller: Caller, client: str, qid: str, forget: bool = True) -> None:
         """A client leaves: release what it held, drop its uncollected
         results; its token is freed once its notice reader has taken what
         is left (at once if nothing is)."""
-        self._client(client)
-        key = self._key(qid)
+        self._client(caller, client)
+        key = self._key(caller, qid)
         schema.check_bool("forget", forget)
         with self.state.cond:
             c = self._clients.get(client)
@@ -470,21 +468,21 @@ class Service:
                 c.leaving = True
             if not self.state.close_notices(client) and c is not None:
                 self._free(c)
-            held = self._held()
+            held = self._held(caller)
             if c is not None and held.clients.get(client) is c:   # this connection speaks for it no more
                 del held.clients[client]
                 self._let_go(c)
         if forget:
             self.state.forget_client(key, client, drop_queue=private == key)
 
-    def take_notices(self, client: str, timeout: Optional[float]) -> Optional[List[dict]]:
-        self._client(client)
+    def take_notices(self, caller: Caller, client: str, timeout: Optional[float]) -> Optional[List[dict]]:
+        self._client(caller, client)
         timeout = schema.wait_timeout(timeout)
         c = self._clients.get(client)
-        if c is not None and self._held().clients.get(client) is not c:
+        if c is not None and self._held(caller).clients.get(client) is not c:
             with self.state.cond:
                 if self._clients.get(client) is c:
-                    self._hold(c)
+                    self._hold(caller, c)
 
         def visible(notes):
             if notes is None:   # closed and drained: a client that said goodbye is gone now
@@ -495,39 +493,39 @@ class Service:
                 return None
             return [self._snap(n) for n in notes]
 
-        return _parked(self.state.take_notices(client, timeout, reply_channel(visible)), visible)
+        return _parked(caller, self.state.take_notices(client, timeout, caller.reply_channel(visible)), visible)
 
-    def mark_processed(self, results: List[Processed]) -> None:
+    def mark_processed(self, caller: Caller, results: List[Processed]) -> None:
         """The client post-processed these held jobs of its own (others are ignored)."""
         if type(results) is not list and type(results) is not tuple:
             raise TypeError(f"results must be a list of (seq, callback blob), not {type(results).__name__}")
         checked = [Processed.parse(r) for r in results]
         with self.state.cond:
             mine = [(seq, blob) for seq, blob in checked
-                    if seq in self.state.records and self._may_touch(self.state.records[seq])]
+                    if seq in self.state.records and self._may_touch(caller, self.state.records[seq])]
         self.state.mark_processed(mine)
 
     # ------------------------------------------------------------------ jobs
-    def configure(self, qid: str, settings: Dict[str, Any]) -> dict:
-        key = self._key(qid)
+    def configure(self, caller: Caller, qid: str, settings: Dict[str, Any]) -> dict:
+        key = self._key(caller, qid)
         schema.check_settings(settings)
-        self._use(key)
+        self._use(caller, key)
         self.state.configure(key, **settings)
         self.supervisor.wake()
         return self.state.counts(key)
 
-    def reserve_ids(self, qid: str, n: int) -> int:
-        key = self._key(qid)
+    def reserve_ids(self, caller: Caller, qid: str, n: int) -> int:
+        key = self._key(caller, qid)
         n = schema.check_int("n", n, 1, schema.MAX_RESERVE)
-        self._use(key)
+        self._use(caller, key)
         return self.state.reserve_ids(key, n)
 
-    def put(self, qid: str, records: List[dict]) -> List[int]:
+    def put(self, caller: Caller, qid: str, records: List[dict]) -> List[int]:
         """Enqueue a batch of job records, all or nothing, as the caller;
         their per-queue ids."""
-        return [rec.id for rec in self._add(qid, records)]
+        return [rec.id for rec in self._add(caller, qid, records)]
 
-    def _add(self, qid: str, records: List[dict]) -> List[JobRecord]:
+    def _add(self, caller: Caller, qid: str, records: List[dict]) -> List[JobRecord]:
         """``put``'s work; the records as stored (their ``seq`` is set).
 
         Every record is checked, and the server's record of it built from
@@ -535,17 +533,17 @@ class Service:
         enqueued; the per-batch facts (the client token is the caller's, the
         environment is the caller's) once per distinct value. Each job holds
         its environment until it ends for good."""
-        me = peers.current()
-        key = self._key(qid)
+        me = caller.identity
+        key = self._key(caller, qid)
         recs = job_records(records, key, me.user, me.uid)
         clients, envs = set(), {}
         for rec in recs:
             client, env_id = rec.client, rec.env_id
             if client not in clients:
-                self._client(client)
+                self._client(caller, client)
                 clients.add(client)
             envs[env_id] = envs.get(env_id, 0) + 1
-        self._use(key)
+        self._use(caller, key)
         with self.state.cond:
             for env_id in envs:
                 env = self._envs.get(env_id) if env_id else None
@@ -558,23 +556,23 @@ class Service:
         self.supervisor.dispatch_now()
         return recs
 
-    def put_then(self, qid: str, records: List[dict], method: str, args: list):
+    def put_then(self, caller: Caller, qid: str, records: List[dict], method: str, args: list):
         """``put`` a client's buffered jobs, then make its next call: one
         round trip where there were two (a ``put`` then ``get(wait=True)``)."""
         if method not in self.EXPOSED or method == "put_then":
             raise AttributeError(f"method {method!r} is not exposed")
         if type(args) is not list:
             raise TypeError(f"args must be a list, not {type(args).__name__}")
-        self.put(qid, records)
-        return getattr(self, method)(*args)
+        self.put(caller, qid, records)
+        return getattr(self, method)(caller, *args)
 
-    def cancel(self, qid: str, job_id: int) -> bool:
-        done = self.state.cancel(self._key(qid), _int("job_id", job_id))
+    def cancel(self, caller: Caller, qid: str, job_id: int) -> bool:
+        done = self.state.cancel(self._key(caller, qid), _int("job_id", job_id))
         self.supervisor.wake()
         return done
 
-    def cancel_all(self, qid: str, client: Optional[str], running: bool) -> int:
-        key = self._key(qid)
+    def cancel_all(self, caller: Caller, qid: str, client: Optional[str], running: bool) -> int:
+        key = self._key(caller, qid)
         if client is not None:
             schema.check_token(client)
         n = self.state.cancel_all(key, client, schema.check_bool("running", running))
@@ -582,102 +580,102 @@ class Service:
         return n
 
     # --------------------------------------------------------------- results
-    def counts(self, qid: str) -> dict:
-        return self.state.counts(self._key(qid))
+    def counts(self, caller: Caller, qid: str) -> dict:
+        return self.state.counts(self._key(caller, qid))
 
-    def get(self, qid: str, wait: bool, timeout: Optional[float]) -> Optional[dict]:
+    def get(self, caller: Caller, qid: str, wait: bool, timeout: Optional[float]) -> Optional[dict]:
         """The best completed job (None: none, or none before ``timeout``)."""
         def visible(answer):
             return self._snap(answer[0])
 
-        key, timeout = self._key(qid), schema.wait_timeout(timeout)
-        got = self.state.get(key, schema.check_bool("wait", wait), timeout, reply_channel(visible))
-        return _parked(got, visible)
+        key, timeout = self._key(caller, qid), schema.wait_timeout(timeout)
+        got = self.state.get(key, schema.check_bool("wait", wait), timeout, caller.reply_channel(visible))
+        return _parked(caller, got, visible)
 
-    def collect(self, qid: str, n: int) -> List[dict]:
-        key = self._key(qid)
+    def collect(self, caller: Caller, qid: str, n: int) -> List[dict]:
+        key = self._key(caller, qid)
         n = schema.check_int("n", n, schema.INT64_MIN, schema.INT64_MAX)
         return [self._snap(s) for s in self.state.pop_completed(key, n)]
 
-    def pop_ids(self, qid: str, ids: List[int]) -> List[Optional[dict]]:
-        key = self._key(qid)
+    def pop_ids(self, caller: Caller, qid: str, ids: List[int]) -> List[Optional[dict]]:
+        key = self._key(caller, qid)
         return [self._snap(s) for s in self.state.pop_ids(key, schema.check_ids("ids", ids))]
 
-    def wait_pending(self, qid: str, below: int, timeout: Optional[float]) -> int:
+    def wait_pending(self, caller: Caller, qid: str, below: int, timeout: Optional[float]) -> int:
         """How many of the qid's jobs wait or work, once fewer than ``below``."""
-        key, timeout = self._key(qid), schema.wait_timeout(timeout)
+        key, timeout = self._key(caller, qid), schema.wait_timeout(timeout)
         below = schema.check_int("below", below, schema.INT64_MIN, schema.INT64_MAX)
-        return _parked(self.state.wait_pending(key, below, timeout, reply_channel(int)))
+        return _parked(caller, self.state.wait_pending(key, below, timeout, caller.reply_channel(int)))
 
-    def wait_client(self, client: str, below: int, timeout: Optional[float]) -> int:
+    def wait_client(self, caller: Caller, client: str, below: int, timeout: Optional[float]) -> int:
         """How many of the client's jobs are not done, once fewer than ``below``."""
-        client, timeout = self._client(client), schema.wait_timeout(timeout)
+        client, timeout = self._client(caller, client), schema.wait_timeout(timeout)
         below = schema.check_int("below", below, schema.INT64_MIN, schema.INT64_MAX)
-        return _parked(self.state.wait_client(client, below, timeout, reply_channel(int)))
+        return _parked(caller, self.state.wait_client(client, below, timeout, caller.reply_channel(int)))
 
-    def wait_free(self, qid: str, timeout: Optional[float]) -> bool:
+    def wait_free(self, caller: Caller, qid: str, timeout: Optional[float]) -> bool:
         """True once the qid could start a job now (ezpq's ``wait_worker``)."""
-        key, timeout = self._key(qid), schema.wait_timeout(timeout)
+        key, timeout = self._key(caller, qid), schema.wait_timeout(timeout)
         state, supervisor = self.state, self.supervisor
 
         def slots() -> int:   # the qid's cap, else the server's workers (the client's n_workers())
             q = state.queues.get(key)
             return (q.cap if q is not None and q.cap else 0) or supervisor.slots
 
-        return _parked(self.state.wait_free(key, slots, timeout, reply_channel(bool)))
+        return _parked(caller, self.state.wait_free(key, slots, timeout, caller.reply_channel(bool)))
 
-    def jobs(self, qid: str) -> List[dict]:
-        return [self._snap(s) for s in self.state.jobs(self._key(qid))]
+    def jobs(self, caller: Caller, qid: str) -> List[dict]:
+        return [self._snap(s) for s in self.state.jobs(self._key(caller, qid))]
 
     # ------------------------------------------------- the ezpq command's calls
-    def whoami(self) -> dict:
-        me = peers.current()
+    def whoami(self, caller: Caller) -> dict:
+        me = caller.identity
         return {"uid": me.uid, "user": me.user, "privileged": me.privileged}
 
-    def submit(self, qid: str, record: dict) -> dict:
+    def submit(self, caller: Caller, qid: str, record: dict) -> dict:
         """``ezpq submit``: enqueue one job; its server-wide number (``job``,
         what the other ezpq commands take) and its per-queue ``id``."""
-        rec = self._add(qid, [record])[0]
+        rec = self._add(caller, qid, [record])[0]
         return {"job": rec.seq, "id": rec.id}
 
-    def list_jobs(self, all_users: bool = False) -> List[dict]:
+    def list_jobs(self, caller: Caller, all_users: bool = False) -> List[dict]:
         """Every job still on the server that the caller may see (all: privileged)."""
-        me = peers.current()
+        me = caller.identity
         schema.check_bool("all_users", all_users)
         with self.state.cond:
             recs = [r for r in self.state.records.values()
                     if r.uid == me.uid or (all_users and me.privileged)]
             return [self._snap(r.snapshot()) for r in sorted(recs, key=lambda r: r.seq)]
 
-    def _record(self, seq: int) -> JobRecord:
+    def _record(self, caller: Caller, seq: int) -> JobRecord:
         rec = self.state.records.get(_int("seq", seq, 1))
-        if rec is None or not self._may_touch(rec):
+        if rec is None or not self._may_touch(caller, rec):
             raise JobNotFound(f"no job {seq}")
         return rec
 
-    def show_job(self, seq: int) -> dict:
+    def show_job(self, caller: Caller, seq: int) -> dict:
         with self.state.cond:
-            return self._snap(self._record(seq).snapshot())
+            return self._snap(self._record(caller, seq).snapshot())
 
-    def cancel_job(self, seq: int) -> bool:
+    def cancel_job(self, caller: Caller, seq: int) -> bool:
         with self.state.cond:
-            rec = self._record(seq)
+            rec = self._record(caller, seq)
             qid, job_id = rec.qid, rec.id
         done = self.state.cancel(qid, job_id)
         self.supervisor.wake()
         return done
 
-    def wait_jobs(self, seqs: List[int], timeout: Optional[float]) -> List[dict]:
+    def wait_jobs(self, caller: Caller, seqs: List[int], timeout: Optional[float]) -> List[dict]:
         """These jobs (or all the caller's) once all finished, or as they
         stand when ``timeout`` passes."""
-        me = peers.current()
+        me = caller.identity
         schema.check_ids("seqs", seqs, 1)
         timeout = schema.wait_timeout(timeout)
         if len(seqs) > MAX_WAIT_JOBS:
             raise ValueError(f"wait_jobs: at most {MAX_WAIT_JOBS} jobs per call, got {len(seqs)}")
         with self.state.cond:
             if seqs:
-                recs = [self._record(s) for s in dict.fromkeys(seqs)]
+                recs = [self._record(caller, s) for s in dict.fromkeys(seqs)]
             else:
                 recs = [r for r in self.state.records.values() if r.uid == me.uid]
             unfinished = [r for r in recs if not r.finished]
@@ -690,29 +688,29 @@ class Service:
             def answer() -> List[dict]:
                 return [self._snap(r.snapshot()) for r in recs]
 
-            return _parked(self.state.wait_for(done, answer, timeout, reply_channel(list)))
+            return _parked(caller, self.state.wait_for(done, answer, timeout, caller.reply_channel(list)))
 
-    def report(self, by: str, all_users: bool = True) -> List[dict]:
-        return report(self.accounting(all_users), by)
+    def report(self, caller: Caller, by: str, all_users: bool = True) -> List[dict]:
+        return report(self.accounting(caller, all_users), by)
 
-    def accounting(self, all_users: bool = True) -> List[dict]:
+    def accounting(self, caller: Caller, all_users: bool = True) -> List[dict]:
         """Accounting rows the caller may see (all of them: privileged callers)."""
-        me = peers.current()
+        me = caller.identity
         return self.log.visible(None if (all_users and me.privileged) else me.uid)
 
     # --------------------------------------------------------------- workers
-    def set_workers(self, n: int) -> int:
-        if not peers.current().privileged:
+    def set_workers(self, caller: Caller, n: int) -> int:
+        if not caller.identity.privileged:
             raise PermissionError("only root or the server's owner may change the workers")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"workers must be an int >= 1, got {n!r}")
         self.supervisor.set_slots(n)
         return n
 
-    def n_workers(self) -> int:
+    def n_workers(self, caller: Caller) -> int:
         return self.supervisor.slots
 
-    def info(self) -> dict:
+    def info(self, caller: Caller) -> dict:
         with self.state.cond:
             return {"workers": self.supervisor.slots, "running": self.state.n_running,
                     "pid": os.getpid(), "queues": len(self.state.queues),
