@@ -3,7 +3,7 @@
 ``import ezpq_mgr as ezpq`` runs ezpq 0.2.2's examples unchanged.
 """
 
-from .client import Queue
+from .client.queue import Queue
 from .errors import (AuthenticationError, ConnectionError, EzpqError, JobNotFound,
                      QueueFull, ServerError, ServerLimit, UnpicklableError)
 from .job import Job, JobStatus

@@ -23,8 +23,8 @@ import stat
 import sys
 from typing import List, Optional
 
-from .connection import DEFAULT_PORT, authkey_path, describe_address, parse_address
-from .peers import describe_user
+from .client.connection import DEFAULT_PORT, authkey_path, describe_address, parse_address
+from .server.callers import describe_user
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def server_main(argv: Optional[List[str]] = None) -> None:
         p.error("--keep-finished must be a finite number of seconds >= 0")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s ezpq-server[%(process)d] %(levelname)s %(message)s")
-    from .server import ServerDied
+    from .server.main import ServerDied
     try:
         _serve(args)
     except StartupError as exc:
@@ -196,9 +196,9 @@ def server_main(argv: Optional[List[str]] = None) -> None:
 def _serve(args: argparse.Namespace) -> None:
     """Check the key and the address, then serve until stopped. Anything
     that stops it before it is up is a ``StartupError`` (one line)."""
-    from .accounting import LogFileError
-    from .server import ServerDied, serve
-    from .store import StoreError
+    from .server.accounting import LogFileError
+    from .server.main import ServerDied, serve
+    from .server.store import StoreError
 
     key = ensure_authkey(args.authkey_file or authkey_path())
     if args.socket:
@@ -268,7 +268,7 @@ class _Link:
     (``submit`` opens a Queue of its own), the call channel, and who we are."""
 
     def __init__(self, args: argparse.Namespace):
-        from .connection import Remote, default_authkey
+        from .client.connection import Remote, default_authkey
         if args.socket:
             self.address = args.socket
         else:
@@ -315,7 +315,7 @@ def _status_rows(snaps: List[dict]) -> str:
 
 
 def _public(snap: dict, me: int) -> dict:
-    from .jobdict import to_job_dict
+    from .client.jobdict import to_job_dict
     d = to_job_dict(snap, trusted=snap.get("uid") == me)
     d["job"] = snap["seq"]
     return d
@@ -336,7 +336,7 @@ def _cmd_status(link, args):
 
 
 def _cmd_submit(link, args):
-    from .client import Queue
+    from .client.queue import Queue
     from .job import Job
     from .shell import run_command
     q = Queue(address=link.address, authkey=link.key, qid=args.qid)

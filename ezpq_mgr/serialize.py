@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import pickle
-import sys
 import threading
 import types
 from typing import Any, Optional, Tuple
@@ -17,6 +16,7 @@ from typing import Any, Optional, Tuple
 import cloudpickle
 
 from .errors import UnpicklableError
+from .stdlib_private import mp_main_module
 
 __all__ = ["dump_function", "dump_call_args", "dump_value", "load", "load_or_none", "dump_output"]
 
@@ -37,7 +37,7 @@ def _main_by_value() -> None:
     can import it. Registering it by value (once, when it appears) fixes
     that; a fork child, a thread, ``python -c`` and IPython cells already see
     ``__main__``."""
-    mp_main = sys.modules.get("__mp_main__")
+    mp_main = mp_main_module()
     if mp_main is not None and mp_main is not _registered[0]:
         try:
             cloudpickle.register_pickle_by_value(mp_main)

@@ -1,4 +1,6 @@
-"""Shell-command jobs (``ezpq submit -- CMD ARGS``)."""
+"""Shell-command jobs (``ezpq submit -- CMD ARGS``): shared, since the job's
+function (``run_command``) and its result (``ShellResult``) travel pickled by
+reference between the ``ezpq`` command, a worker and a durable journal."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """The control channel of a shared server: JSON, never pickle.
 
 A shared ``ezpq-server`` talks to clients of several OS users, so it must
-never unpickle what a client sends (a pickle can run any code). Its manager
-uses this serializer instead (framing and handshake: transport.py): tagged JSON for the manager's messages and our
-replies: bytes (base64), tuples, and exceptions of a fixed allowlist (ours
-and a few builtins, so ``QueueFull`` still arrives as ``QueueFull``). Job
+never unpickle what a client sends (a pickle can run any code). Both ends
+use this serializer instead (framing and handshake: transport.py): tagged
+JSON for the requests and replies: bytes (base64), tuples, and exceptions
+of a fixed allowlist (ours and a few builtins, so ``QueueFull`` still
+arrives as ``QueueFull``). Job
 payloads stay opaque bytes until a worker running as their submitter loads
 them. The embedded queue's private server (same owner) keeps plain pickle.
 """

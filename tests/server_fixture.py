@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 
-from ezpq_mgr.connection import Remote
+from ezpq_mgr.client.connection import Remote
 
 
 def free_port() -> int:

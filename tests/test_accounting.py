@@ -159,8 +159,8 @@ def test_procmeter_reads_a_process_and_its_children_from_outside():
     reading, each reading the next one's baseline."""
     import subprocess
     import sys
-    from ezpq_mgr.meter import ProcMeter
-    from ezpq_mgr.procutil import kill_tree
+    from ezpq_mgr.worker.meter import ProcMeter
+    from ezpq_mgr.worker.procutil import kill_tree
     code = ("import os, sys, time\n"
             "def burn(s):\n"
             "    t = time.process_time()\n"

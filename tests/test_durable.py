@@ -17,8 +17,8 @@ import time
 import pytest
 
 import ezpq_mgr as ezpq
-from ezpq_mgr.connection import Remote
-from ezpq_mgr.store import DB_NAME, SCHEMA_VERSION
+from ezpq_mgr.client.connection import Remote
+from ezpq_mgr.server.store import DB_NAME, SCHEMA_VERSION
 from jobs import return_me, sleep_for
 from server_fixture import terminate
 

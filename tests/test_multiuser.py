@@ -11,7 +11,7 @@ import time
 import pytest
 
 import ezpq_mgr as ezpq
-from ezpq_mgr.connection import Remote
+from ezpq_mgr.client.connection import Remote
 from ezpq_mgr.errors import JobNotFound
 from server_fixture import Server
 

@@ -5,7 +5,6 @@ import os
 import pickle
 import sys
 import threading
-import time
 
 import pytest
 

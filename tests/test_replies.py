@@ -8,7 +8,7 @@ import time
 import pytest
 
 import ezpq_mgr as ezpq
-from ezpq_mgr.connection import Remote
+from ezpq_mgr.client.connection import Remote
 from jobs import square, wait_for_file
 from server_fixture import Server
 

@@ -11,6 +11,7 @@ the files a root server touches. Each section has its own server fixture.
 """
 
 import csv
+import functools
 import math
 import os
 import resource
@@ -32,12 +33,13 @@ import psutil
 import pytest
 
 import ezpq_mgr as ezpq
-from ezpq_mgr import accounting, serialize, service
-from ezpq_mgr.accounting import AccountingLog, report
-from ezpq_mgr.connection import Remote
+from ezpq_mgr import serialize
+from ezpq_mgr.server import accounting, service
+from ezpq_mgr.server.accounting import AccountingLog, report
+from ezpq_mgr.client.connection import Remote
 from ezpq_mgr.errors import ConnectionError as EzpqConnectionError
 from ezpq_mgr.job import JobRecord, JobStatus
-from ezpq_mgr.state import QueueInfo
+from ezpq_mgr.server.state import QueueInfo
 from conftest import START_METHODS
 from jobs import square
 from server_fixture import Server, terminate
@@ -673,7 +675,7 @@ def forged_frames(figures_too):
     ``figures_too``, the FIGURES that complete it: what a job can write to
     its own worker's channel before it has really finished."""
     import pickle
-    from ezpq_mgr import workerproto
+    from ezpq_mgr.worker import workerproto
     from ezpq_mgr.messages import Figures, LateFigures, Result
     now = time.time()
     frames = workerproto.encode_result(*Result("completed", 0, now, now, pickle.dumps("forged"), None, None,
@@ -893,7 +895,7 @@ def test_a_retired_worker_that_does_not_exit_is_killed_embedded(method):
 def a_forges_its_figures(worker_server):
     def job():
         import time as _time
-        from ezpq_mgr import workerproto as _wp
+        from ezpq_mgr.worker import workerproto as _wp
         from ezpq_mgr.messages import Figures as _Figures
         real = _wp.encode_figures
         # every LateFigures its worker sends from now on says: no CPU, 4 KiB
@@ -963,9 +965,7 @@ class LoggedServer:
             cmd[0] = SYSTEM_PYTHON
             env["PYTHONPATH"] = os.pathsep.join([ROOT, SITE])
             env["HOME"] = self.dir
-
-            def preexec():
-                become(user)
+            preexec = functools.partial(become, user)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stderr=self.log, env=env, preexec_fn=preexec, cwd=self.dir)
         try:
@@ -1351,7 +1351,7 @@ def test_oversize_message_is_refused_before_the_server_buffers_it(logged_server)
 # ------------------------------------- a frame header alone, then a trickle
 #: A server whose deadline for a message begun is 2 s (30 s by default).
 SHORT_READ_TIMEOUT = 2.0
-SHORT_READ_SERVER = (f"import ezpq_mgr.outgoing as o; o.READ_TIMEOUT = {SHORT_READ_TIMEOUT}\n"
+SHORT_READ_SERVER = (f"import ezpq_mgr.server.outgoing as o; o.READ_TIMEOUT = {SHORT_READ_TIMEOUT}\n"
                      "from ezpq_mgr.cli import server_main; server_main()\n")
 HEADER_SIZE = 64 * 1024 * 1024
 
@@ -1442,7 +1442,7 @@ def test_connections_stalled_mid_message_are_capped_per_user(logged_server, user
     """A message begun holds a serving thread until its read deadline: one
     user holds at most ``MAX_PER_PEER`` such connections (the doorman's cap
     counts them until they close), and others are still served."""
-    from ezpq_mgr.doorman import MAX_PER_PEER
+    from ezpq_mgr.server.doorman import MAX_PER_PEER
     a = users[USERS[0]]
     pid = logged_server.proc.pid
     before = vm(pid, "VmHWM")
@@ -1525,7 +1525,7 @@ def _try_wrong_key(address):
 
 # -------------------------------------------- a dead thread is not silent
 BROKEN_SUPERVISOR = (
-    "import ezpq_mgr.supervisor as s\n"
+    "import ezpq_mgr.server.supervisor as s\n"
     "def _broken(self, *a, **k):\n"
     "    raise RuntimeError('injected supervisor bug')\n"
     "s.Supervisor._on_result = _broken\n"

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 import ezpq_mgr as ezpq
-from ezpq_mgr.connection import Remote
+from ezpq_mgr.client.connection import Remote
 from jobs import sleep_for, square, wait_until_running
 from server_fixture import Server
 

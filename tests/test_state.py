@@ -8,7 +8,7 @@ import pytest
 from ezpq_mgr.errors import JobNotFound, QueueFull
 from ezpq_mgr.job import JobRecord, JobStatus
 from ezpq_mgr.messages import KillRequest, Outcome
-from ezpq_mgr.state import QueueState
+from ezpq_mgr.server.state import QueueState
 
 
 @pytest.fixture

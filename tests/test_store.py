@@ -9,11 +9,11 @@ import threading
 
 import pytest
 
-from ezpq_mgr import store as store_mod
+from ezpq_mgr.server import store as store_mod
 from ezpq_mgr.job import JobRecord, JobStatus, Phase
 from ezpq_mgr.messages import Outcome
-from ezpq_mgr.state import QueueState
-from ezpq_mgr.store import Store, StoreError
+from ezpq_mgr.server.state import QueueState
+from ezpq_mgr.server.store import Store, StoreError
 
 
 class FakeService:

@@ -9,11 +9,11 @@ import types
 
 import pytest
 
-from ezpq_mgr import workerproto
+from ezpq_mgr.worker import workerproto
 from ezpq_mgr.job import JobRecord, JobStatus
 from ezpq_mgr.messages import NO_FIGURES, Figures, LateFigures, Ready, Result
-from ezpq_mgr.state import QueueState
-from ezpq_mgr.supervisor import IDLE_CHECK_INTERVAL, Supervisor, WorkerHandle
+from ezpq_mgr.server.state import QueueState
+from ezpq_mgr.server.supervisor import IDLE_CHECK_INTERVAL, Supervisor, WorkerHandle
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import timeit
 
 import pytest
 
-from ezpq_mgr import workerproto as wp
+from ezpq_mgr.worker import workerproto as wp
 from ezpq_mgr.messages import Env, Figures, LateFigures, Ready, Result, RunJob
 
 
@@ -105,7 +105,7 @@ def test_a_result_with_times_that_are_no_dates_is_a_violation():
     """A job that forges its result's times (±1.7e308) must not reach the
     accounting log or the job dict, where they overflow datetime."""
     import pytest as _pytest
-    from ezpq_mgr import workerproto as wp
+    from ezpq_mgr.worker import workerproto as wp
     for started, ended in ((-1.7e308, 1.7e308), (0.0, 1e12), (float("nan"), 1.0)):
         frame = wp.encode_result("completed", 0, started, ended, None, None, wp.NO_FIGURES)
         with _pytest.raises(wp.ProtocolError):

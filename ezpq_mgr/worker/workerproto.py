@@ -23,7 +23,7 @@ message (never its length). Worker to server:
   bit 8 says the worker leaves after this job.
 
 A worker "leaves" (of another user's: threads the job started are still
-there, see worker.py) by saying so in the message that ends the job, and
+there, see run.py) by saying so in the message that ends the job, and
 then exits without reading anything: the server may already have written
 the next job to it, and knows from the flag that this job never started.
 
@@ -53,7 +53,7 @@ import math
 import struct
 from typing import List, Optional, Tuple
 
-from .messages import NO_FIGURES, Env, Figures, LateFigures, Ready, Result, RunJob, Stop
+from ..messages import NO_FIGURES, Env, Figures, LateFigures, Ready, Result, RunJob, Stop
 
 __all__ = ["VERSION", "READY", "JOB", "RESULT", "FIGURES", "STOP", "ProtocolError",
            "FrameReader", "encode_ready", "encode_stop", "encode_job", "decode_job",

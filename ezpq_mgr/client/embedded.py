@@ -30,7 +30,7 @@ import time
 import weakref
 from typing import Optional
 
-from .errors import ServerError
+from ..errors import ServerError
 
 __all__ = ["PrivateServer"]
 
@@ -71,7 +71,7 @@ class PrivateServer:
         self.dir = _private_dir()
         self.address = os.path.join(self.dir, SOCKET_NAME)
         self.authkey = os.urandom(32)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # above ezpq_mgr/client/
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         ready_r, ready_w = os.pipe()

@@ -22,8 +22,8 @@ import os
 import pwd
 from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
-from .errors import EzpqError
-from .messages import ERROR, RETURN, Reply
+from ..errors import EzpqError
+from ..messages import ERROR, RETURN, Reply
 
 if TYPE_CHECKING:
     from .outgoing import PeerConnection

@@ -60,7 +60,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional
 
-from .job import JobRecord, JobStatus, Phase
+from ..job import JobRecord, JobStatus, Phase
 
 __all__ = ["Store", "StoreError", "SCHEMA_VERSION", "DB_NAME"]
 
@@ -160,7 +160,7 @@ class Store:
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
             raise StoreError(f"--state-dir {self.dir} is not a directory (or is a symlink)")
         if st.st_uid != os.geteuid():
-            from .peers import describe_user
+            from .callers import describe_user
             raise StoreError(f"--state-dir {self.dir} is owned by {describe_user(st.st_uid)}, not by "
                              f"{describe_user(os.geteuid())} who runs the server; chown it or use another")
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):

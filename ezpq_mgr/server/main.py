@@ -1,14 +1,16 @@
-"""The server process: a ``BaseManager`` serving one ``Service``.
+"""The server process: builds the parts, serves until told to stop.
 
-``serve()`` builds the state, the worker pool and the manager's listener,
-then blocks until it is told to stop: SIGTERM/SIGINT, or, for the private
-server of an embedded queue, end-of-file on its stdin (the client closed
-it, or died: even a SIGKILLed client closes its end of the pipe, so the
-private server never outlives it). Stopping kills every worker's process
-tree and removes the socket file.
+``serve()`` builds the state, the worker pool, the ``Service``, the
+listener with its doorman and the connection server, wires the durable
+journal in (``--state-dir``), and then blocks until it is told to stop:
+SIGTERM/SIGINT, or, for the private server of an embedded queue,
+end-of-file on its stdin (the client closed it, or died: even a SIGKILLed
+client closes its end of the pipe, so the private server never outlives
+it). Stopping kills every worker's process tree and removes the socket file.
 
-Run as ``python -m ezpq_mgr.server --embedded`` by ``embedded.py``; the
-``ezpq-server`` command (``cli.py``) calls ``serve()`` too.
+``embedded_main`` is that private server's main, run as ``python -m
+ezpq_mgr.server --embedded`` (``__main__.py``) by ``client/embedded.py``;
+the ``ezpq-server`` command (``cli.py``) calls ``serve()``.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import sys
 import threading
 from typing import List, Optional, Union
 
-from . import peers, transport, wire
+from .. import transport, wire
+from . import callers
 from .accounting import AccountingLog
 from .doorman import Doorman
 from .outgoing import Flusher, PeerConnection
-from .replies import ConnectionServer
+from .connections import ConnectionServer
 from .service import Service
 from .state import QueueState
 from .supervisor import Supervisor
@@ -150,7 +153,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         t.start()
     where = listener.getsockname()
     logger.info("ezpq server pid %s listening on %s with %s workers", os.getpid(), where, workers)
-    me = peers.owner()
+    me = callers.owner()
     if shared and me.uid != 0:
         if allow_other_users:
             logger.warning("--allow-other-users: this server runs as %s, so every user's jobs run as "
@@ -233,7 +236,7 @@ def _identity(path: str) -> Optional[tuple]:
     return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
 
 
-def _main_embedded() -> None:
+def embedded_main() -> None:
     """Private server of one client: config on stdin's first line, stdin EOF = stop.
 
     ``kill -USR1`` on it prints every thread's stack to its stderr (a wedged
@@ -293,7 +296,3 @@ def _remove_private_dir(directory: Optional[str], address: str) -> None:
         return
     shutil.rmtree(directory, ignore_errors=True)
 
-
-if __name__ == "__main__":
-    if "--embedded" in sys.argv:
-        _main_embedded()

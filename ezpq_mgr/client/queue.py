@@ -3,8 +3,8 @@
 With no address (and no ``$EZPQ_ADDRESS``) a Queue starts a private server
 (``embedded.py``) and stops it in ``dispose()``; with one, it connects to a
 shared ``ezpq-server``. Either way the client only pickles jobs, talks to
-the ``Service`` through a manager proxy, and unpickles results. A daemon
-thread per Queue takes the server's notices about its finished jobs: it
+the server's ``Service`` through ``connection.Remote``, and unpickles
+results. A daemon thread per Queue takes the server's notices about its finished jobs: it
 prints tracebacks (unless ``suppress_errors``), runs ``callback`` and writes
 ``log_file`` rows, then tells the server the jobs are processed.
 """
@@ -20,14 +20,14 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, List, Optional
 
-from . import schema, serialize
+from .. import schema, serialize
 from .connection import Remote, default_authkey, parse_address
 from .embedded import PrivateServer
-from .errors import ConnectionError, EzpqError, JobNotFound
-from .job import ERROR_STATES, Job, normalize_args, plain_name
+from ..errors import ConnectionError, EzpqError, JobNotFound
+from ..job import ERROR_STATES, Job, normalize_args, plain_name
 from .jobdict import log_csv, to_job_dict
-from .messages import Processed
-from .workerproto import CANNOT_LOAD
+from ..messages import Processed
+from ..worker.workerproto import CANNOT_LOAD
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import threading
 from typing import Any, Callable, Deque, Optional, Set
 
 from .doorman import RateLimitedLog
-from .peers import Identity
-from .transport import HEADER, describe_size
+from .callers import Identity
+from ..transport import HEADER, describe_size
 
 __all__ = ["PeerConnection", "Flusher", "MessageTooLarge", "ReadTimeout", "READ_TIMEOUT"]
 

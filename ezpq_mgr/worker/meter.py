@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Tuple
 
 import psutil
 
-from .messages import Figures
+from ..messages import Figures
 from .procutil import descendants, own_peak, tree_pids, vmhwm
 
 __all__ = ["JobMeter", "ProcMeter"]

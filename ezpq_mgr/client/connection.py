@@ -13,9 +13,9 @@ import socket
 import threading
 from typing import Callable, Optional, Tuple, Union
 
-from . import transport
-from .errors import AuthenticationError, ConnectionError
-from .messages import RETURN, Reply, Request
+from .. import transport
+from ..errors import AuthenticationError, ConnectionError
+from ..messages import RETURN, Reply, Request
 
 __all__ = ["Remote", "parse_address", "describe_address", "default_authkey", "authkey_path", "DEFAULT_PORT"]
 
@@ -102,7 +102,7 @@ class Remote:
         self.where = describe_address(address)
         self._authkey = bytes(authkey)
         if shared:
-            from . import wire
+            from .. import wire
             self._dumps, self._loads = wire.dumps, wire.loads
         else:
             self._dumps, self._loads = _pickle_dumps, pickle.loads

@@ -27,8 +27,8 @@ import threading
 import time
 from typing import Any, Callable, Dict
 
-from . import transport
-from .peers import Identity, owner, user_name
+from .. import transport
+from .callers import Identity, owner, user_name
 
 __all__ = ["Doorman", "RateLimitedLog", "MAX_PER_PEER"]
 

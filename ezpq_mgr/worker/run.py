@@ -48,10 +48,12 @@ import time
 import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import serialize, workerproto
-from .job import JobStatus
-from .messages import Env, Figures
-from .shell import ShellResult
+from .. import serialize
+from . import workerproto
+from ..job import JobStatus
+from ..messages import Env, Figures
+from ..stdlib_private import forget_mp_helpers
+from ..shell import ShellResult
 from .meter import JobMeter
 from .procutil import become_subreaper, child_pids, kill_tree
 
@@ -178,23 +180,6 @@ def _close_inherited(keep: List[int]) -> None:
                 pass
 
 
-def _forget_mp_helpers() -> None:
-    """multiprocessing's resource tracker and forkserver clients keep the
-    descriptors we just closed: forget them, so a job that uses
-    multiprocessing starts its own helpers instead of writing to a number
-    its own files may now hold."""
-    rt = sys.modules.get("multiprocessing.resource_tracker")
-    tracker = getattr(rt, "_resource_tracker", None)
-    for name in ("_fd", "_pid"):
-        if hasattr(tracker, name):
-            setattr(tracker, name, None)
-    fs = sys.modules.get("multiprocessing.forkserver")
-    server = getattr(fs, "_forkserver", None)
-    for name in ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid"):
-        if hasattr(server, name):
-            setattr(server, name, None)
-
-
 def become_user(uid: int) -> None:
     """Drop root for ``uid`` (groups, gid, uid) and take the user's own
     environment (nothing of the server's), before any job is read."""
@@ -242,8 +227,8 @@ def _preload() -> None:
 def exec_argv(channel_fd: int, lifeline_fd: int, uid: int, accounting: bool) -> List[str]:
     """The command line of an exec'd worker (``-I``: no PYTHON* variable or
     user site of the server's environment applies)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = f"import sys; sys.path.insert(0, {root!r}); from ezpq_mgr.worker import exec_main; exec_main()"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # above ezpq_mgr/worker/
+    code = f"import sys; sys.path.insert(0, {root!r}); from ezpq_mgr.worker.run import exec_main; exec_main()"
     return [sys.executable, "-I", "-c", code, str(channel_fd), str(lifeline_fd), str(uid),
             "1" if accounting else "0"]
 
@@ -263,7 +248,7 @@ def worker_main(conn, lifeline, accounting: bool = True) -> None:
     """Entry point of a multiprocessing worker (the server's own user)."""
     channel_fd, lifeline_fd = conn.fileno(), lifeline.fileno()
     _close_inherited([channel_fd, lifeline_fd])
-    _forget_mp_helpers()
+    forget_mp_helpers()
     _watch_lifeline(lifeline_fd)
     become_subreaper()
     if _serve(channel_fd, accounting):

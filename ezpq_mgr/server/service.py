@@ -1,14 +1,14 @@
 """The object a server exposes to its clients, one method per request.
 
-``multiprocessing.managers`` serves every client connection on its own
-thread, so these methods run concurrently; all shared data lives in
+The connection server (connections.py) serves every client connection on
+its own thread, so these methods run concurrently; all shared data lives in
 ``QueueState`` behind its single lock. Replies are plain snapshots (dicts,
 lists, numbers, bytes), never live containers. Every blocking call is parked
 (``QueueState._answer_or_defer``) and answered the moment its condition
 holds, or at its own timeout (0 or None: none); a client that disconnects
 withdraws it. Clients make one call per wait, no loops.
 
-On a shared server every request runs as its caller (``peers.Caller``, the
+On a shared server every request runs as its caller (``callers.Caller``, the
 first argument of every method, made once per connection):
 a queue name is private to its user (stored as ``"uid:qid"``), a job's
 ``user``/``uid`` are the caller's, never what the client claims, and a user
@@ -47,16 +47,16 @@ import os
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import peers, schema
-from .messages import Env, Processed, job_records
+from .. import schema
+from .callers import Caller, Identity
+from ..messages import Env, Processed, job_records
 from .accounting import AccountingLog, report
-from .errors import JobNotFound, ServerLimit
-from .job import JobRecord
-from .peers import Caller
-from .replies import Deferred
+from ..errors import JobNotFound, ServerLimit
+from ..job import JobRecord
+from .waits import Deferred
 from .state import QueueState
 from .supervisor import Supervisor
-from .transport import describe_size
+from ..transport import describe_size
 
 logger = logging.getLogger(__name__)
 
@@ -238,14 +238,14 @@ class Service:
         if holds == [0, 0]:
             del self._holds[uid]
 
-    def _cap(self, me: peers.Identity, limit: int, why: str) -> None:
+    def _cap(self, me: Identity, limit: int, why: str) -> None:
         """(lock held) ``ServerLimit`` if ``me`` already has ``limit`` clients."""
         n = self._holds.get(me.uid, (0, 0))[0]
         if n >= limit and not me.privileged:
             raise ServerLimit(f"at most {limit} clients per user at once on this server: "
                               f"{me.user} has {n} ({why})")
 
-    def _env_acquire(self, me: peers.Identity, cwd: str, path: Tuple[str, ...]) -> int:
+    def _env_acquire(self, me: Identity, cwd: str, path: Tuple[str, ...]) -> int:
         """(lock held) The id of ``me``'s environment (cwd, path), one more
         reference; ``ServerLimit`` for a new one past the caller's bytes."""
         env_id = self._env_ids.get((me.uid, cwd, path))

@@ -1,24 +1,14 @@
-"""Deferred replies: a blocked call is answered by the thread that unblocks it.
+"""Serving one client connection: its requests, its Caller, its parked call.
 
-A client's ``get(wait=True)`` used to park its server thread on a condition
-until the supervisor thread recorded a result, then wake it to reply: two
-threads and a GIL hand-off on every job's critical path. Instead the call
-registers a ``Deferred`` with the state and its thread goes back to the
-connection. Whoever makes the answer possible (the supervisor reading a
-worker's result, a cancel on another connection) computes the answer under
-the state's lock and sends it on the waiting client's connection right after
-releasing that lock. The serving thread keeps the deadline: if nothing
-answered in time it sends the timeout answer itself.
-
-A client sends nothing on a connection until its last call was answered,
-and the serving thread reads no request while a reply is still queued, so
-at most one reply per connection is outstanding. Sends never block (see
-outgoing.py): a stopped client cannot stall the supervisor that answers it.
+A thread per authenticated connection reads a ``Request``, calls the
+``Service`` method it names with the connection's ``Caller`` (callers.py)
+first, and sends the ``Reply``; a call the service parked (waits.py) is
+answered by whoever makes its answer possible, while this thread holds its
+deadline, or withdraws it when the client sends again or leaves.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import select
@@ -26,59 +16,17 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Optional
 
-from .errors import ServerError
-from .messages import ERROR, RETURN, Reply, Request
+from ..errors import ServerError
+from ..messages import ERROR, RETURN, Reply, Request
+from .callers import DEFERRED, Caller, send_reply
 from .outgoing import MessageTooLarge, PeerConnection
-from .peers import DEFERRED, Caller, send_reply
 
-#: poll() takes an int of milliseconds: a longer deadline is waited in steps
-_MAX_POLL = 86400.0
-
-__all__ = ["DEFERRED", "Deferred", "Outbox", "ConnectionServer"]
+__all__ = ["ConnectionServer"]
 
 logger = logging.getLogger(__name__)
 
-
-class Deferred:
-    """One parked call: how to tell it can be answered, how to answer, where to send."""
-
-    __slots__ = ("ready", "answer", "send", "deadline", "result", "settled")
-
-    def __init__(self, ready: Callable[[], bool], answer: Callable[[], Any],
-                 send: Callable[[Any], None], timeout: Optional[float]):
-        self.ready = ready
-        self.answer = answer
-        self.send = send
-        self.deadline = math.inf if timeout is None else time.monotonic() + max(0.0, timeout)
-        self.result: Any = None
-        self.settled = False   # answered (maybe not yet sent) or withdrawn
-
-
-class Outbox:
-    """Answers computed under the state's lock, sent after it is released."""
-
-    def __init__(self) -> None:
-        self.items: "collections.deque[Deferred]" = collections.deque()
-        #: a durable server's journal keeps an answer until what it reports is
-        #: committed (``Store.hold``: True when it took it); None: send at once
-        self.hold: Optional[Callable[[Deferred], bool]] = None
-
-    def put(self, d: Deferred) -> None:
-        self.items.append(d)
-
-    def __bool__(self) -> bool:
-        return bool(self.items)
-
-    def deliver(self) -> None:
-        """Send every pending answer (any thread; each is sent exactly once)."""
-        while self.items:
-            try:
-                d = self.items.popleft()
-            except IndexError:
-                return
-            if self.hold is not None and self.hold(d):
-                continue
-            d.send(d.result)
+#: poll() takes an int of milliseconds: a longer deadline is waited in steps
+_MAX_POLL = 86400.0
 
 
 class ConnectionServer:

@@ -1,18 +1,19 @@
-"""QueueState: every queue's jobs, as plain data, behind one Condition.
+"""QueueState: every job's record and phase, behind one lock.
 
 No processes and no I/O live here, so the whole scheduling logic is tested
 with a fake clock (``tests/test_state.py``). The server's connection threads
 and the supervisor thread share one ``QueueState``; each public method takes
 the lock once ("lock the state once per unit of work") and every change that
-someone may wait for ends in ``_changed()``.
+someone may wait for ends in ``_changed()`` (waits.py: it answers the parked
+calls whose condition now holds).
 
-One way to wait: every blocking call (``get``, ``wait_pending``,
-``wait_client``, ``wait_free``, ``take_notices``, ``wait_jobs``) is a
-``Deferred`` (replies.py) parked here with its condition; ``_changed()``
-answers those whose condition now holds, under the lock, into the outbox,
-and the lock itself (``StateLock``) sends the outbox when its outermost
-holder lets go, whichever thread that is. No thread blocks on a condition,
-nothing polls: an idle server makes no wake-ups.
+It owns the records, the queues (``QueueInfo``, queues.py), the one
+transition function and what moves jobs: ``add``, ``finish``, ``release``,
+``requeue``, cancels, a client's notices (jobs it post-processes) and its
+departure. Three parts of it are written apart, as mixins whose methods run
+on the state under its lock, with no indirection per job: ``Scheduling``
+(scheduling.py: the heaps, lanes, ``pick``), ``Results`` (results.py:
+``get``, collect, expiry) and ``Waits`` (waits.py: parked calls).
 
 A job's life is its ``Phase`` (job.py). Every change of phase goes through
 ``_move``, which checks it against ``TRANSITIONS`` and keeps every count
@@ -26,32 +27,26 @@ other code touches a count. The verbs that move jobs::
             DONE <─ mark_processed ─ HELD <─┘ (its client post-processes)
              │                          (or straight to DONE)
              └─ get/collect/pop_ids/expire/forget ─> GONE (record deleted)
-
-Heap entries are ``(priority, seq)`` tuples (seq is the global submission
-counter), so ties are FIFO and records are never compared. Stale entries
-(cancelled jobs, lanes re-exposed) are dropped lazily when they reach the top.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import heapq
-import _thread
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from .errors import JobNotFound, QueueFull
-from .job import ERROR_STATES, TRANSITIONS, JobRecord, JobStatus, Phase
-from .messages import KillRequest, Outcome
-from .replies import Deferred, Outbox
-from .schema import INT64_MAX, SETTINGS
+from ..errors import JobNotFound, QueueFull
+from ..job import ERROR_STATES, TRANSITIONS, JobRecord, JobStatus, Phase
+from ..messages import KillRequest, Outcome
+from ..schema import INT64_MAX, SETTINGS
+from .queues import DONE, GONE, HELD, NEW, RETURNED, RUNNING, WAITING, QueueInfo
+from .results import Results
+from .scheduling import Scheduling
+from .waits import Deferred, Outbox, StateLock, Waits
 
 __all__ = ["QueueState", "QueueInfo", "Outcome"]
 
-# The phases as module constants: a class attribute of an Enum costs ~40 ns
-# a lookup, and the hot path moves every job through five phases.
-NEW, WAITING, RUNNING, RETURNED, HELD, DONE, GONE = Phase
 #: _ALLOWED[frm][to]: TRANSITIONS as a table (no tuple built per move)
 _ALLOWED = [[(frm, to) in TRANSITIONS for to in Phase] for frm in Phase]
 
@@ -61,86 +56,7 @@ FAILED_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED, JobStatus.T
 _OUTCOME_FIELDS = Outcome._fields[1:]   # all but status
 
 
-@dataclasses.dataclass
-class Lane:
-    """Jobs of one (qid, lane): they run one at a time, best first."""
-
-    heap: List[Tuple[int, int]] = dataclasses.field(default_factory=list)
-    running: Optional[int] = None     # seq of the running job
-    exposed: Optional[int] = None     # seq currently offered to the qid heap
-    last_exit: Optional[int] = None   # exit code of the lane's last finished job
-    last_id: Optional[int] = None     # and its id
-
-
-@dataclasses.dataclass
-class QueueInfo:
-    """One qid: its settings and its jobs."""
-
-    qid: str
-    waiting: List[Tuple[int, int]] = dataclasses.field(default_factory=list)
-    completed: List[Tuple[int, int, int]] = dataclasses.field(default_factory=list)
-    ids: Dict[int, int] = dataclasses.field(default_factory=dict)   # id -> seq
-    lanes: Dict[bytes, Lane] = dataclasses.field(default_factory=dict)
-    next_id: int = 1
-    #: jobs in each phase (indexed by Phase; kept by QueueState._move alone)
-    count: List[int] = dataclasses.field(default_factory=lambda: [0] * len(Phase))
-    n_submitted: int = 0               # ever accepted (NEW -> WAITING)
-    n_completed: int = 0               # ever done (-> DONE)
-    cap: int = 0                       # max concurrent jobs of this qid; 0 = none
-    max_size: int = 0
-    paused: bool = False
-    auto_stop: bool = False
-    auto_remove: bool = False
-    holders: int = 0                   # open connections that use it (QueueState.hold_queue)
-
-    @property
-    def n_waiting(self) -> int:
-        return self.count[WAITING]
-
-    @property
-    def n_running(self) -> int:
-        return self.count[RUNNING]
-
-    @property
-    def n_working(self) -> int:
-        """Running, returned or held: ezpq's "working" (not yet collectable)."""
-        c = self.count
-        return c[RUNNING] + c[RETURNED] + c[HELD]
-
-    @property
-    def n_done(self) -> int:
-        """Done and not yet collected."""
-        return self.count[DONE]
-
-    @property
-    def pending(self) -> int:
-        return self.count[WAITING] + self.n_working
-
-
-class StateLock(_thread.RLock):
-    """The state's (re-entrant) lock. Leaving its outermost hold sends the
-    answers queued in the outbox meanwhile, so an answer made possible by any
-    change is sent at once, by the thread that made the change, outside the
-    lock (a large result is never written while the lock is held).
-
-    A subclass of the C ``RLock``: entering is the C ``acquire`` itself, and
-    only the exit runs Python (the lock is taken several times per job)."""
-
-    def __new__(cls, outbox: Outbox) -> "StateLock":
-        self = super().__new__(cls)
-        self._outbox = outbox
-        return self
-
-    def __init__(self, outbox: Outbox) -> None:
-        pass
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-        if self._outbox.items and not self._is_owned():
-            self._outbox.deliver()
-
-
-class QueueState:
+class QueueState(Scheduling, Results, Waits):
     """All queues of one server. Thread-safe: every public method holds
     ``cond`` (the ``StateLock``); methods documented "caller holds the lock"
     are for the supervisor and the service, inside their own ``with state.cond``."""
@@ -336,107 +252,6 @@ class QueueState:
         if self.on_move is not None:
             self.on_move(rec, frm, to)
 
-    def _enqueue(self, q: QueueInfo, rec: JobRecord) -> None:
-        entry = (rec.priority, rec.seq)
-        if rec.lane_key is None:
-            heapq.heappush(q.waiting, entry)
-            return
-        lane = q.lanes.get(rec.lane_key)
-        if lane is None:
-            lane = q.lanes[rec.lane_key] = Lane()
-        heapq.heappush(lane.heap, entry)
-        self._settle(q, lane)
-
-    def _settle(self, q: QueueInfo, lane: Lane) -> None:
-        """If the lane is idle: skip the jobs that asked to stop after its last
-        job failed, then offer its best waiting job to the qid heap."""
-        if lane.running is not None:
-            return
-        self._clean_lane(lane)
-        failed = lane.last_exit not in (0, None)
-        while failed and lane.heap and self.records[lane.heap[0][1]].stop_on_lane_error:
-            nxt = self.records[heapq.heappop(lane.heap)[1]]
-            nxt.status = JobStatus.SKIPPED
-            nxt.cancelled = True
-            nxt.exitcode = lane.last_exit
-            nxt.exception = (f"stop_on_lane_error=True and preceding job ({lane.last_id}) "
-                             f"exit code is {lane.last_exit}")
-            self._done(q, nxt, held_ok=False)
-            self._clean_lane(lane)
-        if not lane.heap:
-            return
-        best = lane.heap[0]
-        if lane.exposed != best[1]:
-            lane.exposed = best[1]
-            heapq.heappush(q.waiting, best)
-
-    def _drop_lane_if_idle(self, q: QueueInfo, key: bytes, lane: Lane) -> None:
-        """Forget a lane with nothing waiting or running whose last job did
-        not fail: a new Lane behaves the same (one per lane key ever used
-        stayed, each holding its key of up to 64 KiB). A lane whose last
-        job failed is kept: it skips later ``stop_on_lane_error`` jobs."""
-        if (lane.running is None and not lane.heap and lane.last_exit in (0, None)
-                and q.lanes.get(key) is lane):
-            del q.lanes[key]
-            if not q.ids:
-                self._drop_if_idle(q)
-
-    def _clean_lane(self, lane: Lane) -> None:
-        while lane.heap:
-            rec = self.records.get(lane.heap[0][1])
-            if rec is not None and rec.phase is WAITING:
-                return
-            heapq.heappop(lane.heap)
-
-    # ------------------------------------------------------------- dispatch
-    def _head(self, q: QueueInfo) -> Optional[JobRecord]:
-        """The qid's best runnable waiting job, dropping stale heap entries."""
-        while q.waiting:
-            seq = q.waiting[0][1]
-            rec = self.records.get(seq)
-            if rec is not None and rec.phase is WAITING:
-                if rec.lane_key is None:
-                    return rec
-                lane = q.lanes.get(rec.lane_key)
-                if lane is not None and lane.running is None and lane.exposed == seq:
-                    return rec
-            heapq.heappop(q.waiting)
-        return None
-
-    def pick(self, runnable: Callable[[JobRecord], bool] = lambda rec: True) -> Optional[JobRecord]:
-        """Take the next job to run and mark it working. Caller holds the lock.
-
-        Order: lowest priority first; among equals the user with the fewest
-        running jobs (fair share), then submission order. If the best job
-        cannot run yet (``runnable`` says no: its user's worker is booting),
-        nothing starts: the slot is kept for it rather than given to a
-        lower-ranked job.
-        """
-        best_key, best = None, None
-        for q in self.queues.values():
-            if q.paused or not q.waiting or (q.cap and q.n_running >= q.cap):
-                continue
-            rec = self._head(q)
-            if rec is None:
-                continue
-            key = (rec.priority, self.user_running.get(rec.user, 0), rec.seq)
-            if best_key is None or key < best_key:
-                best_key, best = key, rec
-        if best is None or not runnable(best):
-            return None
-        q = self.queues[best.qid]
-        heapq.heappop(q.waiting)
-        if best.lane_key is not None:
-            lane = q.lanes[best.lane_key]
-            lane.heap.remove((best.priority, best.seq))
-            heapq.heapify(lane.heap)
-            lane.running, lane.exposed = best.seq, None
-        best.status = JobStatus.WORKING
-        best.started = self.clock()
-        best.attempts += 1
-        self._move(q, best, RUNNING)
-        self.version += 1
-        return best
 
     # --------------------------------------------------------------- finish
     def finish(self, seq: int, outcome: Outcome) -> None:
@@ -684,42 +499,7 @@ class QueueState:
         out, self.kill_requests = self.kill_requests, []
         return out
 
-    # ---------------------------------------------------------------- output
-    def pop_completed(self, qid: str, n: int = 1) -> List[dict]:
-        """Remove and return up to ``n`` (all if n <= 0) completed jobs, best first."""
-        with self.cond:
-            return self._pop_completed(qid, n)
-
-    def _pop_completed(self, qid: str, n: int) -> List[dict]:
-        q = self.queues.get(qid)
-        if q is None:
-            return []
-        out = []
-        while q.completed and (n <= 0 or len(out) < n):
-            _, _, seq = heapq.heappop(q.completed)
-            rec = self.records.get(seq)
-            if rec is not None and rec.qid == qid and rec.phase is DONE:
-                out.append(rec.snapshot())
-                self._forget(q, rec)
-        if out:
-            self._changed()
-        return out
-
-    def pop_ids(self, qid: str, ids: List[int]) -> List[Optional[dict]]:
-        """Remove and return these completed jobs, in the order asked (None if not done)."""
-        with self.cond:
-            q = self.queues.get(qid) or QueueInfo(qid)
-            out = []
-            for job_id in ids:
-                rec = self.records.get(q.ids.get(job_id, -1))
-                if rec is None or rec.phase is not DONE:
-                    out.append(None)
-                    continue
-                out.append(rec.snapshot())
-                self._forget(q, rec)
-            self._changed()
-            return out
-
+    # --------------------------------------------------------- clients leaving
     def forget_client(self, qid: str, client: str, drop_queue: bool = False) -> int:
         """Drop a departing client's completed jobs that nobody collected
         (and, ``drop_queue``, its private queue once empty)."""
@@ -772,86 +552,6 @@ class QueueState:
         if qid is not None:
             self._drop_if_empty(qid)
 
-    def expire_finished(self, before: float, batch: int = 10_000) -> int:
-        """Drop completed jobs nobody collected that were processed before
-        ``before`` (their accounting rows were written when they ended).
-        Holds the lock for at most ``batch`` jobs at a time."""
-        dropped = 0
-        while True:
-            with self.cond:
-                order, records, touched = self.done_order, self.records, {}
-                n = 0
-                while order and n < batch:
-                    rec = records.get(order[0])
-                    if rec is not None and rec.phase is DONE and rec.processed >= before:
-                        break
-                    order.popleft()
-                    if rec is None or rec.phase is not DONE:
-                        continue
-                    q = self.queues[rec.qid]
-                    self._forget(q, rec)
-                    touched[q.qid] = q
-                    n += 1
-                for q in touched.values():  # their completed heaps hold the dropped jobs' entries
-                    if len(q.completed) > 2 * q.n_done + 64:
-                        q.completed = [e for e in q.completed if e[2] in records]
-                        heapq.heapify(q.completed)
-                dropped += n
-                if n:
-                    self._changed()
-                if n < batch:
-                    return dropped
-
-    def wait_client(self, client: str, below: int, timeout: Optional[float], reply=None):
-        """How many of a client's jobs are not done, once fewer than ``below``
-        (1: all done) or when ``timeout`` passes."""
-        with self.cond:
-            pending = self.client_pending
-            return self._answer_or_defer(lambda: pending.get(client, 0) < below,
-                                         lambda: pending.get(client, 0), timeout, reply)
-
-    def get(self, qid: str, wait: bool, timeout: Optional[float], reply=None):
-        """Pop the best completed job; optionally wait up to ``timeout`` for one.
-
-        Returns (job or None, jobs left in the queue) so the client knows
-        whether waiting longer can ever succeed; or, given a ``reply``
-        channel and nothing to answer yet, a ``Deferred`` that sends it later."""
-        with self.cond:
-            q = self.queues.get(qid) or QueueInfo(qid)   # an unknown qid is not stored
-
-            def answer() -> Tuple[Optional[dict], int]:
-                got = self._pop_completed(qid, 1)
-                return (got[0] if got else None), self._size(q)
-
-            if not wait:
-                return answer()
-            return self._answer_or_defer(lambda: q.n_done or q.pending == 0, answer, timeout, reply)
-
-    def wait_pending(self, qid: str, below: int, timeout: Optional[float], reply=None):
-        """How many of the qid's jobs wait or work, once fewer than ``below``
-        (1: none) or when ``timeout`` passes."""
-        with self.cond:
-            def pending() -> int:
-                q = self.queues.get(qid)
-                return 0 if q is None else q.pending
-            return self._answer_or_defer(lambda: pending() < below, pending, timeout, reply)
-
-    def wait_free(self, qid: str, slots: Callable[[], int], timeout: Optional[float], reply=None):
-        """True once the qid could start a job at once (nothing of it waits
-        and fewer of it run than ``slots()``, its concurrency), else False
-        when ``timeout`` passes: ezpq's ``wait_worker``."""
-        with self.cond:
-            def free() -> bool:
-                q = self.queues.get(qid)
-                return q is None or (q.n_waiting == 0 and q.n_running < slots())
-            return self._answer_or_defer(free, free, timeout, reply)
-
-    def wait_for(self, ready: Callable[[], bool], answer: Callable, timeout: Optional[float], reply=None):
-        """Park a caller's own condition (the service's ``wait_jobs``): the
-        same mechanism as every wait here. ``ready`` runs under the lock at
-        every change: keep it short."""
-        with self.cond:
-            return self._answer_or_defer(ready, answer, timeout, reply)
 
     # ---------------------------------------------------------------- counts
     @staticmethod
@@ -884,36 +584,4 @@ class QueueState:
                 raise JobNotFound(f"no job {job_id} in queue {qid!r}")
             return self.records[seq].snapshot()
 
-    def _answer_or_defer(self, ready: Callable[[], bool], answer: Callable,
-                         timeout: Optional[float], reply):
-        """(lock held) ``answer()`` now if ``ready()`` or if there is no
-        ``reply`` channel to answer later (a caller in this process, a test);
-        else a ``Deferred``: parked until ``ready()`` (answered by whichever
-        thread makes it so) or its deadline (``timeout`` s; None: none)."""
-        if reply is None or ready():
-            return answer()
-        d = Deferred(ready, answer, reply, timeout)
-        self.deferred.append(d)
-        return d
 
-    def settle(self, d: Deferred, answer: bool) -> None:
-        """End a parked call: answer it as it stands (its deadline passed), or
-        withdraw it (its client moved on or left). No-op if already answered."""
-        with self.cond:
-            if d.settled:
-                return
-            d.settled = True
-            self.deferred.remove(d)
-            if answer:
-                d.result = d.answer()
-                self.outbox.put(d)
-
-    def _changed(self) -> None:
-        self.version += 1
-        if self.deferred:
-            for d in [d for d in self.deferred if d.ready()]:
-                if not d.settled and d.ready():  # an earlier answer may have taken its job
-                    d.settled = True
-                    self.deferred.remove(d)
-                    d.result = d.answer()
-                    self.outbox.put(d)

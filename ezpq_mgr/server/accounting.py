@@ -37,8 +37,8 @@ import time
 from datetime import datetime
 from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional
 
-from .job import FIELDS, TIMES
-from .peers import describe_user
+from ..job import FIELDS, TIMES
+from .callers import describe_user
 
 __all__ = ["AccountingLog", "LogFileError", "ROW_FIELDS", "report", "REPORT_KEYS", "MEMORY_ROWS",
            "PENDING_ROWS"]

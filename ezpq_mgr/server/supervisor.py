@@ -27,7 +27,7 @@ talks to us):
   writes them outside the lock, the rest on EVENT_WRITE. A stopped worker
   stalls only its own job.
 - A worker for another uid than ours is an exec'd interpreter (see
-  worker.py), never a fork of this process.
+  worker/run.py), never a fork of this process.
 - A job is stopped (timeout, memory limit, cancel, violation) by stopping
   then killing its worker's whole tree in a helper thread; ``exitcode`` is
   the signal that really ended the worker (-9). When a worker dies with a
@@ -67,18 +67,18 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from typing import Any, Deque, Dict, List, NamedTuple, Optional, Tuple
 
-from . import workerproto
-from .job import JobRecord, JobStatus, death
-from .messages import NO_FIGURES, Env, Figures, LateFigures, Outcome, Ready, Result
-from .meter import TICKS, ProcMeter
-from .procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_rss
+from ..worker import workerproto
+from ..job import JobRecord, JobStatus, death
+from ..stdlib_private import mp_helper_pids
+from ..messages import NO_FIGURES, Env, Figures, LateFigures, Outcome, Ready, Result
+from ..worker.meter import TICKS, ProcMeter
+from ..worker.procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_rss
 from .state import QueueState
-from .worker import HOST, exec_argv, run_call, thread_cpu, worker_main
+from ..worker.run import HOST, exec_argv, run_call, thread_cpu, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -907,12 +907,7 @@ class Supervisor:
         if not self.subreaper:
             return []
         keep = {w.proc.pid for w in self.workers if w.proc is not None}
-        for module, name in (("multiprocessing.forkserver", "_forkserver"),
-                             ("multiprocessing.resource_tracker", "_resource_tracker")):
-            helper = getattr(sys.modules.get(module), name, None)   # started by multiprocessing
-            pid = getattr(helper, "_forkserver_pid", None) or getattr(helper, "_pid", None)
-            if pid:
-                keep.add(pid)
+        keep |= mp_helper_pids()   # started by multiprocessing
         me = os.getuid()
         orphans = []
         for pid in set(child_pids(os.getpid())) - keep - self._orphans_in_hand:

@@ -8,8 +8,8 @@ import os
 from datetime import datetime
 from typing import Optional
 
-from . import serialize
-from .job import FIELDS, TIMES
+from .. import serialize
+from ..job import FIELDS, TIMES
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,11 @@
+"""The server side: the server process and everything that runs in it.
+
+``main.py`` (the process), ``doorman.py``, ``outgoing.py``,
+``connections.py`` and ``callers.py`` (connections and who calls),
+``service.py`` (the requests), ``state.py`` with ``queues.py``,
+``scheduling.py``, ``results.py`` and ``waits.py`` (the jobs),
+``supervisor.py`` (the worker pool), ``accounting.py`` (the log) and
+``store.py`` (the durable journal). ``python -m ezpq_mgr.server
+--embedded`` runs the private server of an embedded queue (``__main__.py``).
+Imports nothing itself: a worker that imports ``ezpq_mgr`` pays for none of it.
+"""
