@@ -152,3 +152,19 @@ def test_server_on_a_port_in_use_is_one_line(tmp_path):
                                str(tmp_path / "key"), "--log-level", "WARNING"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and one_line(done.stderr), done.stderr
     assert "in use" in done.stderr and str(port) in done.stderr
+
+
+def test_a_shell_jobs_environment_is_never_printed(server):
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    env = dict(os.environ, EZPQ_TEST_SECRET=secret)
+    code, out, err = run_cli(server, "--json", "submit", "--qid", "envq", "--", "sh", "-c",
+                             'test -n "$EZPQ_TEST_SECRET"', env=env)
+    job = json.loads(out)["job"]
+    code, out, _ = run_cli(server, "wait", str(job), env=env)
+    assert code == 0                    # the job saw its environment
+    outputs = [run_cli(server, "show", str(job))[1], run_cli(server, "--json", "status")[1],
+               run_cli(server, "status")[1], run_cli(server, "--json", "wait", str(job))[1]]
+    assert all(secret not in text for text in outputs)
+    shown = json.loads(outputs[0])
+    assert shown["args"][0] == ["sh", "-c", 'test -n "$EZPQ_TEST_SECRET"']
+    assert "not shown" in shown["args"][1]
