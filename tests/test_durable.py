@@ -429,7 +429,7 @@ def test_without_a_state_dir_the_log_file_keeps_the_history(durable):
     assert out.returncode == 0 and '"jobs": 6' in out.stdout, out.stdout
 
 
-# ------------------------------------------------------------ puts committed
+# ------------------------------------------------------------ puts committed, ids never reused
 def test_a_put_returns_only_once_committed(durable):
     """Against a durable server a Queue does not buffer: each put (and each
     job of a map) is committed before it returns, so a SIGKILL right after
@@ -471,3 +471,29 @@ def test_a_put_returns_only_once_committed(durable):
     assert sorted(j["output"] for j in M2.collect()) == list(range(n))
     M2.dispose()
 
+
+def test_ids_are_never_reused(durable):
+    """A named queue dropped (no client, no job left) and named again
+    continues its ids, in one server life and across restarts (SIGTERM,
+    SIGKILL); the server-wide job numbers never repeat either."""
+    s = durable(workers=1).start()
+    seqs = []
+
+    def put_collect(values):
+        Q = s.queue("again")
+        ids = [Q.put(return_me, v) for v in values]
+        seqs.extend(j["seq"] for j in Remote(s.address, s.key).call("list_jobs", False))
+        assert Q.wait(timeout=30) == 0
+        Q.collect()
+        Q.dispose()   # the queue is dropped: nothing refers to it any more
+        return ids
+
+    assert put_collect(range(3)) == [1, 2, 3]
+    assert put_collect([3]) == [4], "a dropped queue's ids started again"
+    s.kill(signal.SIGTERM)
+    s.start()
+    assert put_collect([4]) == [5], "ids started again after a restart"
+    s.kill(signal.SIGKILL)
+    s.start()
+    assert put_collect([5, 6]) == [6, 7], "ids started again after a SIGKILL"
+    assert seqs == sorted(set(seqs)), f"a job number came back: {seqs}"
