@@ -26,6 +26,7 @@ import sys
 from typing import List, Optional
 
 from .connection import DEFAULT_PORT, authkey_path, describe_address, parse_address
+from .accounting import peak_rss
 from .job import JobStatus
 from .peers import describe_user
 
@@ -322,9 +323,9 @@ def _status_rows(snaps: List[dict]) -> str:
     for s in snaps:
         cpu = None if s.get("cpu_user") is None else s["cpu_user"] + (s.get("cpu_system") or 0)
         rows.append([s["seq"], s["qid"], s["id"], s["user"], s["name"], s["status"], s["priority"],
-                     s.get("lane_text"), _fmt_s(s["runtime"]), _fmt_s(cpu), _fmt_bytes(s.get("max_rss"))])
+                     s.get("lane_text"), _fmt_s(s["runtime"]), _fmt_s(cpu), _fmt_bytes(peak_rss(s))])
     return _table(rows, ["job", "qid", "id", "user", "name", "status", "prio", "lane", "runtime", "cpu",
-                         "max_rss"], [5, 8, 4, 8, 8, 9, 4, 4, 7, 6, 7])
+                         "peak"], [5, 8, 4, 8, 8, 9, 4, 4, 7, 6, 7])
 
 
 def _public(snap: dict, me: int) -> dict:
@@ -415,10 +416,12 @@ def _cmd_report(link, args):
     if args.json:
         _print_json(rows)
         return EXIT_OK
-    table = [[r[args.by], r["jobs"], r["failed"], _fmt_s(r["cpu_seconds"]), _fmt_bytes(r["max_rss_peak"]),
-              _fmt_bytes(r["max_rss_mean"]), _fmt_s(r["runtime"])] for r in rows]
-    print(_table(table, [args.by, "jobs", "failed", "cpu_s", "peak_rss", "mean_rss", "runtime_s"],
-                 [20, 7, 7, 10, 9, 9, 10]))
+    table = [[r[args.by], r["jobs"], r["completed"], r["failed"], r["timeout"], r["killed"], r["lost"],
+              r["cancelled"] + r["skipped"], _fmt_s(r["cpu_seconds"]), _fmt_bytes(r["max_rss_peak"]),
+              _fmt_s(r["runtime"])] for r in rows]
+    # 80 columns: short headers (``--json`` has the full names)
+    print(_table(table, [args.by, "jobs", "done", "fail", "tmout", "kill", "lost", "canc", "cpu_s", "peak",
+                         "run_s"], [17, 5, 5, 4, 5, 4, 4, 4, 7, 7, 7]))
     return EXIT_OK
 
 

@@ -578,7 +578,12 @@ class Queue:
         if self._disposed:
             return
         try:
-            self._remote.call("cancel_all", self._qid, self._token, True)
+            cancelled = self._remote.call("cancel_all", self._qid, self._token, True)
+            if cancelled and self._server is None:
+                # on a shared server this is rarely what a script that just
+                # submitted meant: say it once, and how to leave them running
+                sys.stderr.write(f"ezpq: dispose() of queue {self._qid!r} cancelled {cancelled} of your "
+                                 f"jobs (waiting or running); Queue.detach() leaves them running\n")
             self._remote.call("wait_client", self._token, 1, 30.0)
             self._remote.call("goodbye", self._token, self._qid, True)
         except ConnectionError as exc:  # the server is gone: nothing left to release there

@@ -19,8 +19,10 @@ from server_fixture import Server
 SERVER = [sys.executable, "-c", "from ezpq_mgr.cli import server_main; server_main()"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def server():
+    """A server per test: the workers a server starts during a test (after
+    a kill) are that test's processes, and must be gone at its end."""
     s = Server("unix")
     yield s
     assert s.stop() in (0, None)
@@ -168,3 +170,20 @@ def test_a_shell_jobs_environment_is_never_printed(server):
     shown = json.loads(outputs[0])
     assert shown["args"][0] == ["sh", "-c", 'test -n "$EZPQ_TEST_SECRET"']
     assert "not shown" in shown["args"][1]
+
+
+def test_status_and_report_show_a_shell_commands_peak_and_each_status(server):
+    code, out, err = run_cli(server, "--json", "submit", "--qid", "big", "--", sys.executable, "-c",
+                             "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])")
+    job = json.loads(out)["job"]
+    assert run_cli(server, "wait", str(job))[0] == 0
+    lines = run_cli(server, "status", "--qid", "big")[1].splitlines()
+    header, row = lines[0].split(), lines[1].split()
+    assert header[-1] == "peak" and row[0] == str(job)
+    assert row[-1].endswith("M") and float(row[-1][:-1]) >= 300, row
+    rows = json.loads(run_cli(server, "--json", "report", "--by", "qid")[1])
+    big = [r for r in rows if r["qid"] == "big"][0]
+    assert big["max_rss_peak"] >= 300 * 2**20 and big["completed"] == 1
+    assert set(big) >= {"completed", "failed", "timeout", "killed", "lost", "cancelled", "skipped"}
+    table = run_cli(server, "report", "--by", "qid")[1]
+    assert all(len(line) <= 80 for line in table.splitlines())
