@@ -8,7 +8,9 @@ or something not a socket at ``--socket``, an address in use), with a
 one-line reason on stderr, never a traceback.
 
 ``ezpq`` exit codes: 0 ok, 1 a job failed or was not found, 2 usage error
-(argparse's own), 3 cannot connect or not allowed. Job numbers on the
+(argparse's own, a refused value, a missing optional package), 3 cannot
+connect or not allowed, 130 interrupted (Ctrl-C). Every error is one line
+on stderr, never a traceback. Job numbers on the
 command line are server-wide (the ``job`` column), unlike a job dict's
 per-queue ``id``.
 """
@@ -24,6 +26,8 @@ import sys
 from typing import List, Optional
 
 from .client.connection import DEFAULT_PORT, authkey_path, describe_address, parse_address
+from .job import JobStatus
+from .server.accounting import peak_rss
 from .server.callers import describe_user
 
 logger = logging.getLogger(__name__)
@@ -150,17 +154,22 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
     p = argparse.ArgumentParser(prog="ezpq-server", description="Run a shared ezpq_mgr server.",
                                 epilog="exit codes: 0 stopped, 1 failed while serving, 2 refused to start")
+    p.add_argument("--version", action="version", version=_version("ezpq-server"))
     where = p.add_mutually_exclusive_group()
     where.add_argument("--address", default=f"127.0.0.1:{DEFAULT_PORT}",
                        help=f"HOST:PORT to listen on (default 127.0.0.1:{DEFAULT_PORT})")
     where.add_argument("--socket", help="Unix socket path to listen on instead of TCP")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="concurrent jobs")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="jobs run at once (default: the number of CPUs)")
     p.add_argument("--authkey-file", default=None, help=f"key file (default {authkey_path()})")
     p.add_argument("--log-file", default=None,
                    help="accounting CSV: one row per finished job (a regular file of the server's user, "
                         "in a directory only it and root can write, or a sticky one)")
-    p.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], default=None)
-    p.add_argument("--log-level", default="INFO", type=_log_level)
+    p.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], default=None,
+                   help="how the server's own user's workers start (another user's worker is always a "
+                        "fresh interpreter; default: Python's default)")
+    p.add_argument("--log-level", default="INFO", type=_log_level,
+                   help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL; the log goes to stderr")
     p.add_argument("--max-message", type=_size, default="256M",
                    help="largest request a client may send, e.g. 64M, 1G (default 256M)")
     p.add_argument("--allow-other-users", action="store_true",
@@ -238,6 +247,11 @@ def _serve(args: argparse.Namespace) -> None:
         raise StartupError(f"cannot start: {type(exc).__name__}: {exc} (--log-level DEBUG shows where)") from None
 
 
+def _version(prog: str) -> str:
+    from . import __version__
+    return f"{prog} (ezpq_mgr) {__version__}, Python {sys.version.split()[0]}"
+
+
 def _size(text: str) -> int:
     """``--max-message``: bytes, or with a K/M/G suffix (powers of 1024)."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -260,7 +274,7 @@ def _socket_mode(address) -> None:
 
 
 # --------------------------------------------------------------------- ezpq
-EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
+EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_CONNECT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class _Link:
@@ -309,9 +323,9 @@ def _status_rows(snaps: List[dict]) -> str:
     for s in snaps:
         cpu = None if s.get("cpu_user") is None else s["cpu_user"] + (s.get("cpu_system") or 0)
         rows.append([s["seq"], s["qid"], s["id"], s["user"], s["name"], s["status"], s["priority"],
-                     s.get("lane_text"), _fmt_s(s["runtime"]), _fmt_s(cpu), _fmt_bytes(s.get("max_rss"))])
+                     s.get("lane_text"), _fmt_s(s["runtime"]), _fmt_s(cpu), _fmt_bytes(peak_rss(s))])
     return _table(rows, ["job", "qid", "id", "user", "name", "status", "prio", "lane", "runtime", "cpu",
-                         "max_rss"], [5, 8, 4, 8, 8, 9, 4, 4, 7, 6, 7])
+                         "peak"], [5, 8, 4, 8, 8, 9, 4, 4, 7, 6, 7])
 
 
 def _public(snap: dict, me: int) -> dict:
@@ -326,8 +340,18 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=1, default=str))
 
 
+#: the statuses ``ezpq status --state`` filters on
+STATES = tuple(s.value for s in JobStatus)
+
+
 def _cmd_status(link, args):
     snaps = link.remote.call("list_jobs", True)
+    if args.state:
+        snaps = [s for s in snaps if s["status"] in args.state]
+    if args.qid:
+        snaps = [s for s in snaps if s["qid"] in args.qid]
+    if args.user:
+        snaps = [s for s in snaps if s["user"] in args.user]
     if args.json:
         _print_json([_public(s, link.me) for s in snaps])
     else:
@@ -342,7 +366,8 @@ def _cmd_submit(link, args):
     q = Queue(address=link.address, authkey=link.key, qid=args.qid)
     try:
         job = Job(run_command, args=[list(args.command), dict(os.environ)], name=args.name or args.command[0],
-                  priority=args.priority, lane=args.lane, timeout=args.timeout, suppress_errors=True)
+                  priority=args.priority, lane=args.lane, timeout=args.timeout,
+                  max_memory=args.max_memory or None, retries=args.retries, suppress_errors=True)
         numbers = q._call("submit", args.qid, q._record(job))   # the job's number comes with the reply
     finally:
         q.detach()
@@ -391,16 +416,19 @@ def _cmd_report(link, args):
     if args.json:
         _print_json(rows)
         return EXIT_OK
-    table = [[r[args.by], r["jobs"], r["failed"], _fmt_s(r["cpu_seconds"]), _fmt_bytes(r["max_rss_peak"]),
-              _fmt_bytes(r["max_rss_mean"]), _fmt_s(r["runtime"])] for r in rows]
-    print(_table(table, [args.by, "jobs", "failed", "cpu_s", "peak_rss", "mean_rss", "runtime_s"],
-                 [20, 7, 7, 10, 9, 9, 10]))
+    table = [[r[args.by], r["jobs"], r["completed"], r["failed"], r["timeout"], r["killed"], r["lost"],
+              r["cancelled"] + r["skipped"], _fmt_s(r["cpu_seconds"]), _fmt_bytes(r["max_rss_peak"]),
+              _fmt_s(r["runtime"])] for r in rows]
+    # 80 columns: short headers (``--json`` has the full names)
+    print(_table(table, [args.by, "jobs", "done", "fail", "tmout", "kill", "lost", "canc", "cpu_s", "peak",
+                         "run_s"], [17, 5, 5, 4, 5, 4, 4, 4, 7, 7, 7]))
     return EXIT_OK
 
 
 def _cmd_plot(link, args):
-    import pandas as pd
-    from .plot import Plot
+    from .plot import Plot, _import
+    pd = _import("pandas")   # ImportError naming the extra to install
+    _import("plotnine")
     rows = link.remote.call("accounting", True)
     if not rows:
         print("ezpq plot: no finished job to plot", file=sys.stderr)
@@ -423,7 +451,8 @@ def _cmd_workers(link, args):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ezpq", description="Use a shared ezpq-server.",
                                 epilog="exit codes: 0 ok, 1 a job failed or was not found, 2 usage, "
-                                       "3 cannot connect or not allowed")
+                                       "3 cannot connect or not allowed, 130 interrupted")
+    p.add_argument("--version", action="version", version=_version("ezpq"))
     p.add_argument("--address", help=f"HOST:PORT (default $EZPQ_ADDRESS or 127.0.0.1:{DEFAULT_PORT})")
     p.add_argument("--socket", help="Unix socket path of the server")
     p.add_argument("--authkey-file", help=f"key file (default $EZPQ_AUTHKEY or {authkey_path()})")
@@ -439,34 +468,69 @@ def _parser() -> argparse.ArgumentParser:
         return c
 
     st = command("status", _cmd_status, "your jobs (root and the server's owner: all)")
+    st.add_argument("--state", action="append", choices=STATES, metavar="STATE",
+                    help="only jobs in this status (repeatable): " + ", ".join(STATES))
+    st.add_argument("--qid", action="append", metavar="QID", help="only jobs of this queue (repeatable)")
+    st.add_argument("--user", action="append", metavar="USER",
+                    help="only jobs of this user name (repeatable; you see others' only as root or owner)")
     st.add_argument("--retry", type=_seconds, default=0, metavar="SECONDS",
                     help="keep trying to connect for SECONDS (a server that restarts)")
     s = command("submit", _cmd_submit, "run a shell command as a job: ezpq submit [options] -- CMD ARGS")
-    s.add_argument("--priority", type=int, default=100)
-    s.add_argument("--lane", default=None)
-    s.add_argument("--timeout", type=float, default=0)
-    s.add_argument("--name", default=None)
-    s.add_argument("--qid", default="cli")
-    s.add_argument("command", nargs=argparse.REMAINDER)
+    s.add_argument("--priority", type=int, default=100,
+                   help="lower runs first, as in ezpq (default 100)")
+    s.add_argument("--lane", default=None,
+                   help="jobs of one lane run one at a time, in order (default: no lane)")
+    s.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
+                   help="kill the job (and its children) after SECONDS of running; 0: never (default)")
+    s.add_argument("--max-memory", type=_job_size, default=0, metavar="SIZE",
+                   help="kill the job when its memory (with its children's) passes SIZE, "
+                        "e.g. 512M or 2G; 0: no limit (default)")
+    s.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="run the job again up to N times when it fails, times out, is killed or is lost, "
+                        "0-1000 (default 0)")
+    s.add_argument("--name", default=None, help="the job's name (default: the command)")
+    s.add_argument("--qid", default="cli", help="the queue to put it in (default 'cli')")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments, after --")
     c = command("cancel", _cmd_cancel, "cancel jobs")
-    c.add_argument("jobs", type=int, nargs="+")
+    c.add_argument("jobs", type=int, nargs="+", metavar="JOB", help="job numbers (the job column)")
     w = command("wait", _cmd_wait, "wait for jobs (default: all of yours); 1 if any did not complete")
-    w.add_argument("jobs", type=int, nargs="*")
-    w.add_argument("--timeout", type=float, default=0)
+    w.add_argument("jobs", type=int, nargs="*", metavar="JOB", help="job numbers (default: all of yours)")
+    w.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
+                   help="give up after SECONDS (exit 1); 0: wait as long as it takes (default)")
     w.add_argument("--retry", type=_seconds, default=0, metavar="SECONDS",
                    help="when the server is unreachable or goes away, keep reconnecting for SECONDS "
                         "and wait again (a server with --state-dir that restarts keeps the jobs)")
     sh = command("show", _cmd_show, "one job as JSON")
-    sh.add_argument("job", type=int)
+    sh.add_argument("job", type=int, metavar="JOB", help="a job number (the job column)")
     r = command("report", _cmd_report, "jobs, failures, CPU, memory, runtime per user/function/qid")
-    r.add_argument("--by", choices=["user", "function", "qid"], default="user")
-    pl = command("plot", _cmd_plot, "Gantt chart of finished jobs")
-    pl.add_argument("-o", "--output", required=True)
-    pl.add_argument("--color-by", default="user")
-    pl.add_argument("--facet-by", default="qid")
+    r.add_argument("--by", choices=["user", "function", "qid"], default="user",
+                   help="one row per user (default), function or qid")
+    pl = command("plot", _cmd_plot, "Gantt chart of finished jobs (needs the plot extra)")
+    pl.add_argument("-o", "--output", required=True, metavar="FILE",
+                    help="image to write; its suffix picks the format (.png, .pdf, .svg)")
+    pl.add_argument("--color-by", default="user", help="column that colours the bars (default user)")
+    pl.add_argument("--facet-by", default="qid", help="column with one panel per value (default qid)")
     wk = command("workers", _cmd_workers, "set the server's worker count (root/owner)")
-    wk.add_argument("n", type=int)
+    wk.add_argument("n", type=int, metavar="N", help="jobs run at once, >= 1")
     return p
+
+
+def _job_size(text: str) -> int:
+    """``--max-memory``: bytes, or with a K/M/G/T suffix (powers of 1024); 0 for none."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper()
+    for tail in ("IB", "B"):
+        if t.endswith(tail) and len(t) > len(tail):
+            t = t[:-len(tail)]
+            break
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        n = float(t[:-1] if unit else t) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+    if not 0 <= n < 1 << 62:
+        raise argparse.ArgumentTypeError(f"not a size >= 0: {text!r}")
+    return int(n)
 
 
 def _seconds(text: str) -> float:
@@ -523,4 +587,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (TypeError, ValueError) as exc:  # refused input (ours or the server's check)
         print(f"ezpq: {exc}", file=sys.stderr)
         code = EXIT_USAGE
+    except ImportError as exc:   # an optional package (the plot extra) is missing
+        print(f"ezpq: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        print("ezpq: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     sys.exit(code)

@@ -92,7 +92,8 @@ class Answer(NamedTuple):
 
 class Welcome(NamedTuple):
     """Server: HMAC(key, "server:" + the client's nonce) (it holds the key
-    too), and its limits (``max_message``)."""
+    too), and its limits (``max_message``) and ``durable`` (it has a
+    ``--state-dir``: a reply to a ``put`` means the jobs are committed)."""
     digest: bytes
     limits: dict
 

@@ -6,10 +6,17 @@ to ended, a gray bar from ended to processed; one row per job.
 ``resources()`` shows each job's CPU seconds and peak memory;
 ``utilization()`` the running jobs and CPU cores in use over the run.
 ``jobs`` may be a list of job dicts, a DataFrame, or an accounting CSV path.
+
+A chart shows only what the data holds: a facet strip or a legend appears
+only when it tells jobs apart (two values or more), a colour scale lists only
+the values present, jobs that never ran draw no bar and make no facet, and
+where several queues mix, a job is named by its queue and id (ids restart
+in every queue).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, List, Optional, Sequence, Union
 
 from .job import TIMES
@@ -57,6 +64,53 @@ def _label(value: Any) -> str:
     return "" if value is None or value != value else str(value)
 
 
+def _labels(column):
+    """A column as text keys, categorical over only the values present (in
+    their order of first appearance, or the category order for a categorical
+    such as ``status``), so a legend never lists what no job has."""
+    pd = _import("pandas")
+    text = column.astype(object).map(_label)
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        order = [_label(c) for c in column.dtype.categories]
+        present = set(text)
+        order = [c for c in order if c in present] + sorted(present - set(order))
+    else:
+        order = list(dict.fromkeys(text))
+    return pd.Categorical(text, categories=order)
+
+
+def _integer_breaks(limits) -> List[int]:
+    """Axis breaks on whole numbers only (job ids), about eight of them,
+    spaced 1, 2 or 5 times a power of ten."""
+    lo, hi = (float(x) for x in limits)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    span = max(hi - lo, 1.0)
+    step = 1
+    for power in range(0, 19):
+        for m in (1, 2, 5):
+            step = m * 10 ** power
+            if span / step <= 8:
+                break
+        else:
+            continue
+        break
+    first = math.ceil(lo / step) * step
+    return list(range(int(first), int(math.floor(hi)) + 1, step))
+
+
+def _job_keys(df):
+    """What names a job on an axis: its id within one queue; ``qid:id`` as
+    an ordered category (by submission) where several queues mix."""
+    pd = _import("pandas")
+    if "qid" not in df or df["qid"].nunique(dropna=False) <= 1:
+        return df["id"], False
+    order = df.sort_values(["submitted", "qid", "id"], kind="stable")
+    names = order["qid"].astype(object).map(_label) + ":" + order["id"].astype(str)
+    keys = df["qid"].astype(object).map(_label) + ":" + df["id"].astype(str)
+    return pd.Categorical(keys, categories=list(dict.fromkeys(names))), True
+
+
 class Plot:
     """Gantt chart of job timings, as in ezpq."""
 
@@ -74,21 +128,31 @@ class Plot:
         self._check(color_by, None, "fixed", theme)
         gg = _import("plotnine")
         pd = _import("pandas")
-        df = self.jobs_df
-        cpu = df[["id", color_by]].assign(metric="CPU seconds", value=df["cpu_user"] + df["cpu_system"])
-        mem = df[["id", color_by]].assign(metric="peak RSS (MiB)", value=df["max_rss"] / 2**20)
+        df = self.jobs_df.copy()
+        df["job_key"], mixed = _job_keys(df)
+        # a shell job's own peak is its command's (a child of the worker)
+        peak = df["max_rss"]
+        if "max_rss_children" in df:
+            peak = pd.concat([df["max_rss"], df["max_rss_children"]], axis=1).max(axis=1, skipna=True)
+        cpu = df[["job_key", color_by]].assign(metric="CPU seconds", value=df["cpu_user"] + df["cpu_system"])
+        mem = df[["job_key", color_by]].assign(metric="peak RSS (MiB), the larger of job and children",
+                                              value=peak / 2**20)
         long = pd.concat([cpu, mem], ignore_index=True).dropna(subset=["value"])
-        long[color_by] = long[color_by].map(_label)
         if long.empty:
             raise ValueError("no job has CPU or memory figures (thread jobs have no max_rss)")
-        labs = {"x": "job id", "y": "", "fill": color_by}
+        long[color_by] = _labels(long[color_by])
+        many = long[color_by].nunique() > 1
+        labs = {"x": "queue:job id" if mixed else "job id", "y": "", "fill": color_by}
         if title is not None:
             labs["title"] = title
-        return (gg.ggplot(long, gg.aes(x="id", y="value", fill=color_by))
-                + gg.geom_col()
+        plot = (gg.ggplot(long, gg.aes(x="job_key", y="value", fill=color_by))
+                + gg.geom_col(show_legend=many)
                 + gg.facet_wrap("metric", ncol=1, scales="free_y")
                 + gg.labs(**labs)
                 + getattr(gg, "theme_" + theme)())
+        if not mixed:
+            plot += gg.scale_x_continuous(breaks=_integer_breaks)
+        return plot
 
     def utilization(self, points: int = 400, title: Optional[str] = None, theme: str = "bw"):
         """Running jobs and CPU cores in use over the run (a job's CPU seconds
@@ -137,22 +201,31 @@ class Plot:
         """The plotnine ggplot; ``.save(path)`` it or display it."""
         self._check(color_by, facet_by, facet_scale, theme)
         gg = _import("plotnine")
-        df = self.jobs_df.copy()
+        # a job that never started draws no bar: it makes no row, colour or facet
+        df = self.jobs_df.dropna(subset=["started_offset"]).copy()
+        if df.empty:
+            raise ValueError("no job has run: nothing to draw")
         for col in {color_by, facet_by} - {None}:
-            df[col] = df[col].map(_label)
+            df[col] = _labels(df[col])
+        if facet_by is not None and df[facet_by].nunique() <= 1:
+            facet_by = None   # one strip naming one value tells nothing
+        df["job_key"], mixed = _job_keys(df) if facet_by != "qid" else (df["id"], False)
+        many_colors = df[color_by].nunique() > 1
         waiting = df.dropna(subset=["submitted_offset", "started_offset"])
         running = df.dropna(subset=["started_offset", "ended_offset"])
         after = df.dropna(subset=["ended_offset", "processed_offset"])
-        labs = {"x": "duration (s)", "y": "job id", "color": color_by}
+        labs = {"x": "seconds since the first job was submitted",
+                "y": "queue:job id" if mixed else "job id", "color": color_by}
         if title is not None:
             labs["title"] = title
         plot = (
-            gg.ggplot(df, gg.aes(y="id"))
-            + gg.geom_segment(gg.aes(x="submitted_offset", xend="started_offset", yend="id"),
+            gg.ggplot(df, gg.aes(y="job_key"))
+            + gg.geom_segment(gg.aes(x="submitted_offset", xend="started_offset", yend="job_key"),
                               data=waiting, color="gray", size=bar_width, alpha=0.3)
-            + gg.geom_segment(gg.aes(x="started_offset", xend="ended_offset", yend="id", color=color_by),
-                              data=running, size=bar_width, show_legend=bool(show_legend))
-            + gg.geom_segment(gg.aes(x="ended_offset", xend="processed_offset", yend="id"),
+            + gg.geom_segment(gg.aes(x="started_offset", xend="ended_offset", yend="job_key",
+                                     color=color_by),
+                              data=running, size=bar_width, show_legend=bool(show_legend) and many_colors)
+            + gg.geom_segment(gg.aes(x="ended_offset", xend="processed_offset", yend="job_key"),
                               data=after, color="gray", size=bar_width, alpha=0.3)
             + gg.labs(**labs)
             + getattr(gg, "theme_" + theme)()
@@ -161,6 +234,8 @@ class Plot:
         )
         if facet_by is not None:
             plot += gg.facet_grid(rows=facet_by, labeller="label_both", scales=facet_scale)
+        if not mixed:
+            plot += gg.scale_y_continuous(breaks=_integer_breaks)
         n_colors = df[color_by].nunique()
         if color_pal is None:
             plot += gg.scale_color_hue(h=0.65)

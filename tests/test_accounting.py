@@ -191,3 +191,14 @@ def test_procmeter_reads_a_process_and_its_children_from_outside():
         p.wait()
         p.stdin.close()
         p.stdout.close()
+
+
+def test_report_counts_each_finished_status_and_a_shell_jobs_peak():
+    from ezpq_mgr.server.accounting import report
+    rows = [{"user": "u", "status": s, "cpu_user": 1, "cpu_system": 0, "max_rss": 10, "runtime": 1}
+            for s in ("completed", "completed", "failed", "timeout", "killed", "lost", "cancelled", "skipped")]
+    rows.append({"user": "u", "status": "completed", "max_rss": "100", "max_rss_children": "3000"})
+    (r,) = report(rows, "user")
+    assert r["jobs"] == 9 and r["completed"] == 3 and r["failed"] == 1
+    assert r["timeout"] == r["killed"] == r["lost"] == r["cancelled"] == r["skipped"] == 1
+    assert r["max_rss_peak"] == 3000 and r["cpu_seconds"] == 8

@@ -427,3 +427,73 @@ def test_without_a_state_dir_the_log_file_keeps_the_history(durable):
     base = [sys.executable, "-m", "ezpq_mgr", "--socket", s.address, "--authkey-file", s.keyfile]
     out = subprocess.run(base + ["--json", "report", "--by", "qid"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and '"jobs": 6' in out.stdout, out.stdout
+
+
+# ------------------------------------------------------------ puts committed, ids never reused
+def test_a_put_returns_only_once_committed(durable):
+    """Against a durable server a Queue does not buffer: each put (and each
+    job of a map) is committed before it returns, so a SIGKILL right after
+    loses none; before, a private Queue's puts sat in its buffer."""
+    n = 50
+    s = durable(workers=1).start()
+    Q = ezpq.Queue(address=s.address, authkey=s.key, auto_start=False)   # private: buffered when in memory
+    ids = [Q.put(return_me, i) for i in range(n)]
+    s.kill(signal.SIGKILL)   # at once: no sleep, no other call
+    s.start()
+    Q2 = s.queue(Q.qid)
+    assert sorted(j["id"] for j in Q2.jobs()) == ids == list(range(1, n + 1))
+    Q2.start()
+    assert Q2.wait(timeout=60) == 0
+    assert sorted(j["output"] for j in Q2.collect()) == list(range(n))
+    Q2.dispose()
+
+    # a map: its jobs are committed before it waits for them
+    M = ezpq.Queue(address=s.address, authkey=s.key, auto_start=False)
+    errors = []
+
+    def run_map():
+        try:
+            M.map(return_me, range(n))
+        except ezpq.ConnectionError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run_map)
+    t.start()
+    watch = s.queue(M.qid)   # the same user's other client sees the jobs once they are committed
+    _wait_until(lambda: watch.size(waiting=True) == n, what="the map's jobs")
+    s.kill(signal.SIGKILL)
+    t.join(10)
+    assert errors, "the map did not hear of the server's death"
+    s.start()
+    M2 = s.queue(M.qid)
+    M2.start()
+    assert M2.wait(timeout=60) == 0
+    assert sorted(j["output"] for j in M2.collect()) == list(range(n))
+    M2.dispose()
+
+
+def test_ids_are_never_reused(durable):
+    """A named queue dropped (no client, no job left) and named again
+    continues its ids, in one server life and across restarts (SIGTERM,
+    SIGKILL); the server-wide job numbers never repeat either."""
+    s = durable(workers=1).start()
+    seqs = []
+
+    def put_collect(values):
+        Q = s.queue("again")
+        ids = [Q.put(return_me, v) for v in values]
+        seqs.extend(j["seq"] for j in Remote(s.address, s.key).call("list_jobs", False))
+        assert Q.wait(timeout=30) == 0
+        Q.collect()
+        Q.dispose()   # the queue is dropped: nothing refers to it any more
+        return ids
+
+    assert put_collect(range(3)) == [1, 2, 3]
+    assert put_collect([3]) == [4], "a dropped queue's ids started again"
+    s.kill(signal.SIGTERM)
+    s.start()
+    assert put_collect([4]) == [5], "ids started again after a restart"
+    s.kill(signal.SIGKILL)
+    s.start()
+    assert put_collect([5, 6]) == [6, 7], "ids started again after a SIGKILL"
+    assert seqs == sorted(set(seqs)), f"a job number came back: {seqs}"

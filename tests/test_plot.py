@@ -55,7 +55,7 @@ def test_resources_and_utilization(jobs, tmp_path):
     p = ezpq.Plot(jobs)
     res = p.resources()
     assert len(res.data) == 2 * len(jobs)  # a CPU bar and a memory bar per job
-    big = res.data[(res.data["metric"] == "peak RSS (MiB)")]["value"].max()
+    big = res.data[res.data["metric"].str.startswith("peak RSS")]["value"].max()
     assert 30 <= big < 60
     util = p.utilization(points=50)
     assert util.data[util.data["metric"] == "running jobs"]["value"].max() <= 2
@@ -86,3 +86,67 @@ def test_bad_arguments(jobs):
         p.build(color_by="priority", color_pal=["red"])
     with pytest.raises(ValueError):
         ezpq.Plot([])
+
+
+def _job(qid, id, start, status="completed", ran=True, lane=None, rss=10 * 2**20, children=None):
+    """A finished job's dict as a server reports it (times in seconds after t0)."""
+    t0 = pd.Timestamp("2026-01-01 00:00:00")
+    at = lambda s: None if s is None else (t0 + pd.Timedelta(seconds=s)).isoformat()  # noqa: E731
+    return {"qid": qid, "id": id, "status": status, "lane": lane, "priority": 100,
+            "submitted": at(0), "started": at(start) if ran else None,
+            "ended": at(start + 1) if ran else None, "processed": at(start + 1.5) if ran else at(0.5),
+            "cpu_user": 0.5 if ran else None, "cpu_system": 0.1 if ran else None,
+            "max_rss": rss if ran else None, "max_rss_children": children, "name": None,
+            "exitcode": 0, "user": "u", "host": "h", "function": "f", "output": None, "cancelled": False}
+
+
+def _facets(plot):
+    return type(plot.facet).__name__
+
+
+def test_one_queue_draws_no_facet_strip_and_no_one_entry_legend():
+    plot = ezpq.Plot([_job("q1", i, i) for i in range(1, 5)]).build()
+    assert _facets(plot) == "facet_null"
+    assert plot.layers[1].show_legend is False
+
+
+def test_colour_scale_lists_only_the_statuses_present():
+    jobs = [_job("q", 1, 0), _job("q", 2, 1, status="failed"), _job("q", 3, 2)]
+    plot = ezpq.Plot(jobs).build(color_by="status")
+    assert list(plot.data["status"].cat.categories) == ["completed", "failed"]
+    assert plot.layers[1].show_legend is True
+
+
+def test_job_id_axis_has_whole_number_ticks(tmp_path):
+    plot = ezpq.Plot([_job("q", i, i) for i in range(1, 11)]).build()
+    figure = plot.draw()
+    ticks = figure.axes[0].get_yticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+    assert "since the first job was submitted" in plot.labels.x
+
+
+def test_queues_whose_jobs_never_ran_make_no_facet():
+    jobs = [_job("a", 1, 0), _job("a", 2, 1), _job("b", 1, 0, status="cancelled", ran=False)]
+    plot = ezpq.Plot(jobs).build(facet_by="qid")
+    assert _facets(plot) == "facet_null"          # only queue a ran: nothing to tell apart
+    assert set(plot.data["qid"]) == {"a"}
+    jobs.append(_job("c", 1, 2))
+    built = ezpq.Plot(jobs).build(facet_by="qid").draw()
+    assert len(built.axes) == 2                    # a and c; b never ran
+
+
+def test_mixed_queues_are_keyed_by_queue_and_id():
+    jobs = [_job("a", 1, 0, rss=10 * 2**20), _job("b", 1, 1, rss=40 * 2**20)]
+    res = ezpq.Plot(jobs).resources(color_by="qid")
+    mem = res.data[res.data["metric"].str.startswith("peak RSS")]
+    assert sorted(mem["job_key"].astype(str)) == ["a:1", "b:1"]   # two bars, not one stacked
+    assert sorted(mem["value"]) == [10, 40]
+    gantt = ezpq.Plot(jobs).build(facet_by=None)
+    assert list(gantt.data["job_key"].astype(str)) == ["a:1", "b:1"]
+
+
+def test_resources_show_a_shell_commands_peak():
+    job = _job("q", 1, 0, rss=20 * 2**20, children=300 * 2**20)
+    res = ezpq.Plot([job]).resources()
+    mem = res.data[res.data["metric"].str.startswith("peak RSS")]
+    assert list(mem["value"]) == [300]

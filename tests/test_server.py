@@ -77,6 +77,27 @@ def test_dispose_leaves_the_other_clients_jobs_alone(server):
         b.dispose()
 
 
+def test_dispose_on_a_shared_server_says_what_it_cancelled(server, capsys):
+    with ezpq.Queue(address=server.address, authkey=server.key, qid="exp2") as Q:
+        Q.put(sleep_for, 30)
+        Q.put(sleep_for, 30)
+        Q.put(sleep_for, 30)
+    err = capsys.readouterr().err
+    assert err.count("cancelled 3 of your jobs") == 1 and "detach()" in err and "'exp2'" in err
+    with ezpq.Queue(address=server.address, authkey=server.key, qid="exp2") as Q:
+        Q.put(sleep_for, 0)
+        Q.wait()
+    assert "cancelled" not in capsys.readouterr().err   # nothing left to cancel: nothing said
+    Q = ezpq.Queue(address=server.address, authkey=server.key, qid="exp2")
+    Q.put(sleep_for, 30)
+    Q.detach()
+    assert "cancelled" not in capsys.readouterr().err
+    with ezpq.Queue(address=server.address, authkey=server.key, qid="exp2") as Q:
+        pass   # another client's job is not ours to cancel
+    assert "cancelled" not in capsys.readouterr().err
+    Remote(server.address, server.key).call("cancel_all", "exp2", None, True)
+
+
 def test_n_workers_caps_a_connected_queue(server):
     with ezpq.Queue(1, address=server.address, authkey=server.key) as Q:
         assert Q.n_workers() == 1
@@ -180,7 +201,8 @@ def test_cli_end_to_end(server, tmp_path):
     assert code == 0 and "run_command" in out
     code, out, _ = run_cli(server, "--json", "report")
     rows = json.loads(out)
-    assert rows[0]["jobs"] == 3 and rows[0]["failed"] == 2
+    assert rows[0]["jobs"] == 3 and rows[0]["failed"] == 1 and rows[0]["cancelled"] == 1
+    assert rows[0]["completed"] == 1 and rows[0]["timeout"] == rows[0]["killed"] == rows[0]["lost"] == 0
     png = tmp_path / "p.png"
     code, out, _ = run_cli(server, "plot", "-o", str(png))
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -218,7 +240,8 @@ def test_report_totals_equal_the_accounting_csv(server):
     with open(server.log_file, newline="") as f:
         csv_rows = list(csv.DictReader(f))
     assert rows[0]["jobs"] == len(csv_rows) == 11
-    assert rows[0]["failed"] == sum(r["status"] != "completed" for r in csv_rows) == 1
+    assert rows[0]["failed"] == sum(r["status"] == "failed" for r in csv_rows) == 1
+    assert rows[0]["completed"] == sum(r["status"] == "completed" for r in csv_rows) == 10
     cpu = sum(float(r["cpu_user"]) + float(r["cpu_system"]) for r in csv_rows)
     assert rows[0]["cpu_seconds"] == pytest.approx(cpu)
     assert rows[0]["max_rss_peak"] == max(float(r["max_rss"]) for r in csv_rows)

@@ -99,7 +99,8 @@ def test_idle_lanes_are_forgotten_but_a_failed_one_is_kept(state):
 
 def test_a_queue_nobody_uses_is_dropped_once_empty(state):
     """A held queue (an open connection uses it) stays, ids going on; once
-    let go and empty it is forgotten; paused or capped ones are kept."""
+    let go and empty it is forgotten but for its id counter; paused or
+    capped ones are kept."""
     q = state.hold_queue("q")
     state.add("q", [rec(), rec()])
     run_all(state)
@@ -111,7 +112,9 @@ def test_a_queue_nobody_uses_is_dropped_once_empty(state):
     run_all(state)
     state.pop_completed("q", 0)
     assert "q" not in state.queues and state.queues_of == {}
-    assert state.add("q", [rec()]) == [1]  # nothing of the old qid was left
+    assert state.last_ids == {"q": 4}   # nothing of the old qid is left but its id counter
+    assert state.add("q", [rec()]) == [4]  # no id is ever reused
+    assert state.last_ids == {}
     for name, setting in (("p", {"paused": True}), ("c", {"cap": 1})):
         held = state.hold_queue(name)
         state.configure(name, **setting)

@@ -137,18 +137,78 @@ def test_schema_version_migrates_older_and_refuses_newer(where, monkeypatch):
     st = Store(where)
     st.close()
     calls = []
+    v = store_mod.SCHEMA_VERSION
 
-    def v1_to_v2(db):
+    def next_version(db):
         db.execute("ALTER TABLE jobs ADD COLUMN note TEXT")
-        calls.append(1)
+        calls.append(v)
 
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(store_mod.MIGRATIONS, 1, v1_to_v2)
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", v + 1)
+    monkeypatch.setitem(store_mod.MIGRATIONS, v, next_version)
     Store(where).close()
-    assert calls == [1]
+    assert calls == [v]
     db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == v + 1
     db.close()
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 1)
-    with pytest.raises(StoreError, match="schema version 2"):
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", v)
+    with pytest.raises(StoreError, match=f"schema version {v + 1}"):
         Store(where)
+
+
+def test_a_version_1_database_migrates_and_keeps_its_jobs(where):
+    """Version 1 had no ``ids`` table (dropped queues' id counters): opened,
+    it gains one, and its jobs and counters are restored."""
+    st, state = _open(where)
+    state.add("q", [_rec(), _rec()])
+    st.close()
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    db.execute("DROP TABLE ids")
+    db.execute("PRAGMA user_version=1")
+    db.close()
+    st2, state2 = _open(where)
+    assert state2.queues["q"].next_id == 3 and len(state2.records) == 2
+    assert state2.add("q", [_rec()]) == [3]
+    st2.close()
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+    assert db.execute("SELECT count(*) FROM ids").fetchone()[0] == 0
+    db.close()
+
+
+def test_a_dropped_queue_keeps_its_id_counter(where):
+    """A named queue dropped (idle, empty) and named again continues its
+    ids, in memory and after a restore; a private queue disposed of by its
+    client (``_drop_if_empty``) costs nothing."""
+    st, state = _open(where)
+    q = state.hold_queue("named")
+    assert state.add("named", [_rec(), _rec()]) == [1, 2]
+    assert len(state.pop_completed("named", 0)) == 0
+    state.cancel_all("named")
+    assert len(state.pop_completed("named", 0)) == 2
+    state.release_queue(q)
+    assert "named" not in state.queues and state.last_ids == {"named": 3}
+    p = state.hold_queue("private")
+    state.reserve_ids("private", 10)
+    with state.cond:
+        state._drop_if_empty("private")
+    state.release_queue(p)
+    assert "private" not in state.queues and "private" not in state.last_ids
+    st.barrier()
+    st.close()
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    assert db.execute("SELECT qid, next_id FROM ids").fetchall() == [("named", 3)]
+    assert db.execute("SELECT count(*) FROM queues").fetchone()[0] == 0
+    db.close()
+    st2, state2 = _open(where)
+    assert state2.last_ids == {"named": 3} and not state2.queues
+    q = state2.hold_queue("named")
+    assert state2.add("named", [_rec()]) == [3]
+    assert state2.last_ids == {}
+    state2.cancel_all("named")
+    state2.pop_completed("named", 0)
+    state2.release_queue(q)
+    assert state2.last_ids == {"named": 4}
+    st2.close()
+    st3, state3 = _open(where)
+    assert state3.add("named", [_rec()]) == [4]
+    st3.close()

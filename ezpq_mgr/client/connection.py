@@ -108,6 +108,7 @@ class Remote:
             self._dumps, self._loads = _pickle_dumps, pickle.loads
         self._local = threading.local()
         self.max_message: Optional[int] = None
+        self.durable = False   # the server has a --state-dir (learnt at the handshake)
         self._connection()
 
     def _connection(self) -> socket.socket:
@@ -126,6 +127,7 @@ class Remote:
         except (OSError, EOFError) as exc:  # TimeoutError included
             raise ConnectionError(f"cannot connect to an ezpq server at {self.where}: {exc!r}") from None
         self.max_message = info.get("max_message")
+        self.durable = info.get("durable") is True
         local.sock, local.generation = sock, _generation
         return sock
 

@@ -27,6 +27,17 @@ def _unopened(blob: Optional[bytes], what: str) -> Optional[str]:
     return None if blob is None else f"<{what}: {len(blob)} bytes, not unpickled>"
 
 
+def _hide_environment(function: Optional[str], args):
+    """A shell job (``ezpq submit``) carries its submitter's whole
+    environment as its second argument: secrets, and megabytes of it. It is
+    kept for the run, never shown: the job dict's ``args`` is the command
+    alone, with a note of how many variables were passed."""
+    if (function == "run_command" and isinstance(args, (list, tuple)) and len(args) == 2
+            and isinstance(args[1], dict)):
+        return [args[0], f"<environment: {len(args[1])} variables, not shown>"]
+    return args
+
+
 def to_job_dict(snap: dict, trusted: bool = True) -> dict:
     """ezpq's job dict (in ezpq's key order, then ours) from a server snapshot.
 
@@ -36,7 +47,7 @@ def to_job_dict(snap: dict, trusted: bool = True) -> dict:
     args, kwargs = (_load(snap["args_blob"], "arguments") or (None, None)) if trusted else (
         _unopened(snap["args_blob"], "arguments"), None)
     d = {key: snap.get(key) for key in FIELDS}
-    d["args"], d["kwargs"] = args, kwargs
+    d["args"], d["kwargs"] = _hide_environment(snap.get("function"), args), kwargs
     d["lane"] = _load(snap["lane_key"], "lane") if trusted else snap.get("lane_text")
     d["output"] = load(snap["output_blob"], "output")
     d["callback"] = load(snap["callback_blob"], "callback result")

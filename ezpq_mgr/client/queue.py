@@ -140,7 +140,9 @@ class Queue:
         self._notices.start()
         # put() buffers records; a flusher thread sends them within FLUSH_DELAY
         # (any other call sends them first), so 10,000 puts are not 10,000 round trips.
-        self._buffered = qid is None and max_size == 0
+        # Not on a durable server (--state-dir): there a put returns once its job
+        # is committed (the server replies after the commit), so none is lost.
+        self._buffered = qid is None and max_size == 0 and not self._remote.durable
         self._buffer: List[dict] = []
         self._buffer_cond = threading.Condition(threading.RLock())
         self._send_lock = threading.Lock()
@@ -392,12 +394,14 @@ class Queue:
     def submit(self, job: Job) -> int:
         """Submit an ``ezpq_mgr.Job``; returns its id.
 
-        On a private queue (no ``qid`` given, no ``max_size``) the job is
-        buffered and sent within FLUSH_DELAY or by this queue's next call,
-        so puts in a loop travel in batches; nobody else can see the queue,
-        so nobody can tell. A shared ``qid`` or a ``max_size`` sends it at
-        once (other clients see it when put returns; ``QueueFull`` is
-        raised here)."""
+        On a private queue (no ``qid`` given, no ``max_size``) of an
+        in-memory server the job is buffered and sent within FLUSH_DELAY or
+        by this queue's next call, so puts in a loop travel in batches;
+        nobody else can see the queue, so nobody can tell. A shared ``qid``,
+        a ``max_size`` or a durable server (``--state-dir``,
+        ``Queue(state_dir=)``) sends it at once (other clients see it when
+        put returns; ``QueueFull`` is raised here; on a durable server the
+        job is committed when put returns)."""
         record = self._record(job)
         if self._disposed:
             raise EzpqError(f"queue {self._qid!r} is disposed")
@@ -574,7 +578,12 @@ class Queue:
         if self._disposed:
             return
         try:
-            self._remote.call("cancel_all", self._qid, self._token, True)
+            cancelled = self._remote.call("cancel_all", self._qid, self._token, True)
+            if cancelled and self._server is None:
+                # on a shared server this is rarely what a script that just
+                # submitted meant: say it once, and how to leave them running
+                sys.stderr.write(f"ezpq: dispose() of queue {self._qid!r} cancelled {cancelled} of your "
+                                 f"jobs (waiting or running); Queue.detach() leaves them running\n")
             self._remote.call("wait_client", self._token, 1, 30.0)
             self._remote.call("goodbye", self._token, self._qid, True)
         except ConnectionError as exc:  # the server is gone: nothing left to release there

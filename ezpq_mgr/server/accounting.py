@@ -40,7 +40,8 @@ from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional
 from ..job import FIELDS, TIMES
 from .callers import describe_user
 
-__all__ = ["AccountingLog", "LogFileError", "ROW_FIELDS", "report", "REPORT_KEYS", "MEMORY_ROWS",
+__all__ = ["AccountingLog", "LogFileError", "ROW_FIELDS", "report", "REPORT_KEYS", "REPORT_STATUSES",
+           "peak_rss", "MEMORY_ROWS",
            "PENDING_ROWS"]
 
 logger = logging.getLogger(__name__)
@@ -455,28 +456,48 @@ class AccountingLog:
             self._stalled, self._dropped = None, 0
 
 
+#: the finished statuses ``report`` counts one by one (``failed`` is only
+#: the jobs that raised or exited non-zero, not every status but completed)
+REPORT_STATUSES = ("completed", "failed", "timeout", "killed", "lost", "cancelled", "skipped")
+
+
+def peak_rss(row: dict) -> Optional[float]:
+    """A job's peak memory as ``status``/``report`` show it: the larger of the
+    job's own ``max_rss`` and its children's (a shell job's command is a
+    child of the worker: its 300 MB are ``max_rss_children``). None: neither known."""
+    own, kids = row.get("max_rss"), row.get("max_rss_children")
+    values = [float(v) for v in (own, kids) if v not in (None, "")]
+    return max(values) if values else None
+
+
 def report(rows: Iterable[dict], by: str) -> List[dict]:
-    """Per ``by`` value: jobs, failed, cpu seconds, peak and mean max_rss, runtime.
+    """Per ``by`` value: jobs, a count per finished status, cpu seconds,
+    peak and mean memory (``peak_rss``: with children), runtime.
 
     Sums as it goes: ``rows`` may stream from the log file."""
     if by not in REPORT_KEYS:
         raise ValueError(f"report by must be one of {REPORT_KEYS}, not {by!r}")
-    groups: Dict[str, list] = {}
+    groups: Dict[str, dict] = {}
     for r in rows:
         key = str(r.get(by))
         g = groups.get(key)
         if g is None:
-            g = groups[key] = [0, 0, 0.0, None, 0.0, 0, 0.0]  # jobs failed cpu peak rss_sum rss_n runtime
-        g[0] += 1
-        g[1] += r.get("status") != "completed"
-        g[2] += float(r.get("cpu_user") or 0) + float(r.get("cpu_system") or 0)
-        rss = r.get("max_rss")
-        if rss not in (None, ""):
-            rss = float(rss)
-            g[3] = rss if g[3] is None else max(g[3], rss)
-            g[4] += rss
-            g[5] += 1
-        g[6] += float(r.get("runtime") or 0)
-    return [{by: key, "jobs": g[0], "failed": g[1], "cpu_seconds": g[2], "max_rss_peak": g[3],
-             "max_rss_mean": g[4] / g[5] if g[5] else None, "runtime": g[6]}
-            for key, g in sorted(groups.items())]
+            g = groups[key] = {by: key, "jobs": 0, **{s: 0 for s in REPORT_STATUSES}, "cpu_seconds": 0.0,
+                               "max_rss_peak": None, "_rss_sum": 0.0, "_rss_n": 0, "runtime": 0.0}
+        g["jobs"] += 1
+        status = r.get("status")
+        if status in g and status in REPORT_STATUSES:
+            g[status] += 1
+        g["cpu_seconds"] += float(r.get("cpu_user") or 0) + float(r.get("cpu_system") or 0)
+        rss = peak_rss(r)
+        if rss is not None:
+            g["max_rss_peak"] = rss if g["max_rss_peak"] is None else max(g["max_rss_peak"], rss)
+            g["_rss_sum"] += rss
+            g["_rss_n"] += 1
+        g["runtime"] += float(r.get("runtime") or 0)
+    out = []
+    for key, g in sorted(groups.items()):
+        total, n = g.pop("_rss_sum"), g.pop("_rss_n")
+        g["max_rss_mean"] = total / n if n else None
+        out.append(g)
+    return out

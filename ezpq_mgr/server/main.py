@@ -133,7 +133,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         threading.Thread(target=connections.serve, args=(conn,), name=f"ezpq-client-{identity.user}",
                          daemon=True).start()
 
-    doorman = Doorman(listener, authkey, admit, {"max_message": max_message},
+    doorman = Doorman(listener, authkey, admit, {"max_message": max_message, "durable": store is not None},
                       allow_other_users=allow_other_users)
     if store is not None:   # before any job moves: every move is journaled
         def journal_failed(why: str) -> None:

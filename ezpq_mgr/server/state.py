@@ -87,6 +87,15 @@ class QueueState(Scheduling, Results, Waits):
         self.expiring = False                # keep done_order for expire_finished
         self.done_order: "collections.deque[int]" = collections.deque()  # completed seqs, oldest first
         self.owner_of: Callable[[str], object] = lambda qid: None   # whose a queue is, for queues_of
+        #: a dropped queue's id counter (qid -> its next id), taken back when
+        #: the qid is named again, so that no id is ever reused. The cost of a
+        #: dropped queue that gave out ids: one entry, ~120 bytes + its qid
+        #: (<= schema.MAX_QID), and a row of the durable server's ``ids``
+        #: table. Not capped per user (forgetting would mean reusing), but only
+        #: qids named by their clients are kept: a private queue (random qid,
+        #: no ``qid`` given) its own client disposed of is forgotten
+        #: (``_drop_if_empty``), else every ``with Queue():`` would cost one.
+        self.last_ids: Dict[str, int] = {}
         self.queues_of: Dict[object, int] = {}   # owner -> how many queues it has
 
     # ----------------------------------------------------------------- queues
@@ -95,15 +104,20 @@ class QueueState(Scheduling, Results, Waits):
         q = self.queues.get(qid)
         if q is None:
             q = self.queues[qid] = QueueInfo(qid)
+            if self.last_ids:
+                q.next_id = self.last_ids.pop(qid, 1)
             owner = self.owner_of(qid)
             self.queues_of[owner] = self.queues_of.get(owner, 0) + 1
         return q
 
-    def _drop_queue(self, q: QueueInfo) -> None:
-        """Forget a queue (lock held): its settings, counters and id counter."""
+    def _drop_queue(self, q: QueueInfo, keep_ids: bool = True) -> None:
+        """Forget a queue (lock held): its settings and counters; its id
+        counter is kept in ``last_ids`` (unless not ``keep_ids``)."""
         if self.queues.get(q.qid) is not q:
             return
         del self.queues[q.qid]
+        if keep_ids and q.next_id > 1:
+            self.last_ids[q.qid] = q.next_id
         if self.on_queue is not None:
             self.on_queue(q, dropped=True)
         owner = self.owner_of(q.qid)
@@ -129,7 +143,7 @@ class QueueState(Scheduling, Results, Waits):
     def _drop_if_idle(self, q: QueueInfo) -> None:
         """Drop a queue that nothing refers to any more and that remembers
         nothing a new one would not (lock held): no connection uses it, no
-        job of it is on the server (so its ids may start again at 1), no
+        job of it is on the server (its id counter is kept), no
         lane remembers a failure, and it is neither paused nor capped (the
         settings a client does not send again when it configures a queue).
         Without this, every qid ever named stayed for the server's life."""
@@ -519,9 +533,11 @@ class QueueState(Scheduling, Results, Waits):
             return len(gone)
 
     def _drop_if_empty(self, qid: str) -> None:
+        """Drop a private queue its client disposed of (its random qid is
+        not remembered: see ``last_ids``)."""
         q = self.queues.get(qid)
         if q is not None and not q.ids and q.pending == 0:
-            self._drop_queue(q)
+            self._drop_queue(q, keep_ids=False)
 
     def abandon(self, qid: str, client: str) -> int:
         """A client vanished without goodbye: dispose of its private queue

@@ -26,6 +26,8 @@ marks the file as ours)::
 
     meta(key PRIMARY KEY, value)        'seq': the server-wide job number
     queues(qid PRIMARY KEY, next_id, cap, max_size, paused, auto_stop, auto_remove)
+    ids(qid PRIMARY KEY, next_id)       a dropped queue's id counter (version 2):
+                                        QueueState.last_ids, so no id is reused
     envs(env_id PRIMARY KEY, uid, cwd, sys_path)   a job's working directory
                                                    and sys.path (JSON list)
     jobs(seq PRIMARY KEY, <STATIC>, <MUTABLE>)     one row per job on the server
@@ -43,7 +45,8 @@ over it.
 Restore (``restore``): waiting jobs wait again in their order; jobs that
 were running (or had returned, their figures unsent) run again when they
 have ``retries`` left, else end ``lost``; held and done jobs are done,
-unchanged; ids, job numbers and queue settings continue where they were.
+unchanged; ids (of dropped queues too), job numbers and queue settings
+continue where they were.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ __all__ = ["Store", "StoreError", "SCHEMA_VERSION", "DB_NAME"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: PRAGMA application_id: "EZPQ"; a file without it is not ours
 APPLICATION_ID = 0x455A5051
 DB_NAME = "state.db"
@@ -88,11 +91,18 @@ CREATE TABLE meta(key TEXT PRIMARY KEY, value);
 CREATE TABLE queues(qid TEXT PRIMARY KEY, next_id INTEGER NOT NULL, cap INTEGER, max_size INTEGER,
                     paused INTEGER, auto_stop INTEGER, auto_remove INTEGER);
 CREATE TABLE envs(env_id INTEGER PRIMARY KEY, uid INTEGER, cwd TEXT, sys_path TEXT);
+CREATE TABLE ids(qid TEXT PRIMARY KEY, next_id INTEGER NOT NULL);
 CREATE TABLE jobs(seq INTEGER PRIMARY KEY, {", ".join(c for c in STATIC + MUTABLE if c != "seq")});
 """
 
+
+def _v1_to_v2(db: sqlite3.Connection) -> None:
+    """Version 2 keeps the id counters of dropped queues (version 1 forgot them)."""
+    db.execute("CREATE TABLE ids(qid TEXT PRIMARY KEY, next_id INTEGER NOT NULL)")
+
+
 #: version -> function(conn) that brings a database of that version to the next
-MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {}
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
 
 _INSERT = f"INSERT OR REPLACE INTO jobs({', '.join(STATIC + MUTABLE)}) VALUES ({', '.join('?' * len(STATIC + MUTABLE))})"
 _UPDATE = f"UPDATE jobs SET {', '.join(c + '=?' for c in MUTABLE)} WHERE seq=?"
@@ -257,7 +267,8 @@ class Store:
                 logger.info("migrated %s from schema version %s to %s", self.path, v, v + 1)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
-        missing = {"meta", "queues", "envs", "jobs"} - tables
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        missing = {"meta", "queues", "envs", "jobs", "ids"} - tables
         if missing:
             raise StoreError(f"{self.path} lacks the tables {sorted(missing)}; refusing to start over it")
 
@@ -276,6 +287,7 @@ class Store:
         try:
             seq_row = db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()
             queues = db.execute(f"SELECT {', '.join(QUEUE_COLUMNS)} FROM queues").fetchall()
+            last_ids = db.execute("SELECT qid, next_id FROM ids").fetchall()
             envs = db.execute("SELECT env_id, uid, cwd, sys_path FROM envs").fetchall()
             rows = db.execute(f"SELECT {', '.join(names)} FROM jobs ORDER BY seq").fetchall()
         except sqlite3.Error as exc:
@@ -289,9 +301,10 @@ class Store:
         changed: List[JobRecord] = []
         n = {"waiting": 0, "lost": 0, "retried": 0, "done": 0}
         with state.cond:
+            state.last_ids.update((qid, int(next_id)) for qid, next_id in last_ids)
             for row in queues:
                 q = state.queue(row[0])
-                q.next_id = int(row[1])
+                q.next_id = max(q.next_id, int(row[1]))
                 for name, value in zip(QUEUE_COLUMNS[2:], row[2:]):
                     setattr(q, name, bool(value) if name in ("paused", "auto_stop", "auto_remove") else int(value or 0))
             jobs = []
@@ -384,9 +397,10 @@ class Store:
             self._wake.set()
 
     def on_queue(self, q, dropped: bool = False) -> None:
-        """(state lock held) A queue's id counter or settings changed, or it was dropped."""
+        """(state lock held) A queue's id counter or settings changed, or it
+        was dropped (its id counter kept in ``ids`` if the state keeps it)."""
         if dropped:
-            self._pending.append(("QD", q.qid))
+            self._pending.append(("QD", q.qid, self._state.last_ids.get(q.qid)))
         else:
             self._pending.append(("Q", (q.qid, q.next_id, q.cap, q.max_size, int(q.paused),
                                         int(q.auto_stop), int(q.auto_remove))))
@@ -473,6 +487,7 @@ class Store:
         updates: Dict[int, tuple] = {}
         deletes = []
         queues: Dict[str, Optional[tuple]] = {}
+        dropped: Dict[str, Optional[int]] = {}   # qid -> its id counter (None: forget it)
         envs: Dict[int, Optional[tuple]] = {}
         top = 0
         for e in batch:
@@ -494,9 +509,10 @@ class Store:
                     updates.pop(seq, None)
                     deletes.append((seq,))
             elif kind == "Q":
-                queues[e[1][0]] = e[1]
+                queues[e[1][0]] = e[1]   # an ids row of its past life may stay: restore takes the max
             elif kind == "QD":
                 queues[e[1]] = None
+                dropped[e[1]] = e[2]
             elif kind == "E":
                 envs[e[1][0]] = e[1]
             elif kind == "ED":
@@ -513,6 +529,9 @@ class Store:
                 db.executemany("INSERT OR REPLACE INTO queues VALUES (?, ?, ?, ?, ?, ?, ?)",
                                [q for q in queues.values() if q is not None])
                 db.executemany("DELETE FROM queues WHERE qid=?", [(k,) for k, q in queues.items() if q is None])
+                db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?)",
+                               [(k, n) for k, n in dropped.items() if n is not None])
+                db.executemany("DELETE FROM ids WHERE qid=?", [(k,) for k, n in dropped.items() if n is None])
             if envs:
                 db.executemany("INSERT OR REPLACE INTO envs VALUES (?, ?, ?, ?)",
                                [v for v in envs.values() if v is not None])
