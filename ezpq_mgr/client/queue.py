@@ -95,6 +95,10 @@ class Queue:
             raise ValueError(f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
                              f"not {start_method!r}")
         self._qid = qid or uuid.uuid4().hex[:8]
+        #: a named (shared) qid: get(wait=True, timeout=T) and wait(timeout=T)
+        #: wait up to T for jobs others put too (a private queue: "nothing
+        #: left, return now", as ezpq)
+        self._collector = qid is not None
         self._token = uuid.uuid4().hex
         self._callback = callback
         self._log_file = log_file
@@ -259,6 +263,7 @@ class Queue:
             "retries": job.retries,
             "max_memory": job.max_memory,
             "env_id": self._env_id,
+            **({"after": list(job.after)} if job.after is not None else {}),
         })
 
     def _put_jobs(self, jobs: List[Job]) -> List[int]:
@@ -386,10 +391,12 @@ class Queue:
     def put(self, function: Callable, args: Any = None, kwargs: Optional[dict] = None,
             name: Any = None, priority: int = 100, lane: Any = None, timeout: float = 0,
             suppress_errors: bool = False, stop_on_lane_error: bool = False,
-            retries: int = 0, max_memory: Optional[int] = None) -> int:
-        """Create a job and submit it; returns its id."""
+            retries: int = 0, max_memory: Optional[int] = None,
+            after: Optional[Iterable[int]] = None) -> int:
+        """Create a job and submit it; returns its id. ``after``: ids of
+        this queue's jobs it waits for (see ``submit``)."""
         return self.submit(Job(function, args, kwargs, name, priority, lane, timeout,
-                               suppress_errors, stop_on_lane_error, retries, max_memory))
+                               suppress_errors, stop_on_lane_error, retries, max_memory, after))
 
     def submit(self, job: Job) -> int:
         """Submit an ``ezpq_mgr.Job``; returns its id.
@@ -405,7 +412,12 @@ class Queue:
         record = self._record(job)
         if self._disposed:
             raise EzpqError(f"queue {self._qid!r} is disposed")
-        if not self._buffered:
+        if not self._buffered or job.after is not None:
+            # a job with ``after`` (ids of this queue's jobs already put: it
+            # runs once they all completed, and is ``skipped`` if one ends
+            # otherwise) is never buffered: an id not on the server (never
+            # given out, the job itself, a job already collected) raises
+            # ``ValueError`` here, and nothing is enqueued
             return self._call("put", self._qid, [record])[0]
         return self._buffer_put(record)
 
@@ -451,10 +463,17 @@ class Queue:
     def wait(self, poll: float = 0, timeout: float = 0, show_progress: bool = False) -> int:
         """Block until this queue has no waiting or working job (or ``timeout``).
 
-        Returns how many are still waiting or working (0 = all done)."""
+        Returns how many are still waiting or working (0 = all done). On a
+        shared ``qid`` (one was given) with a ``timeout``, an empty queue is
+        not done yet: it waits up to ``timeout`` for jobs to arrive (put by
+        any client of this user) and finish, or returns at once when
+        finished jobs wait to be collected. A private queue returns at once
+        when nothing waits or works, as ezpq's."""
         server_timeout = self._server_timeout(timeout)
         if show_progress:
             return self.waitpb(poll, timeout)
+        if self._collector and server_timeout is not None:
+            return self._call("wait_pending", self._qid, 1, server_timeout, True)
         return self._call("wait_pending", self._qid, 1, server_timeout)
 
     def waitpb(self, poll: float = 0, timeout: float = 0) -> int:
@@ -485,11 +504,18 @@ class Queue:
         """Pop the best completed job (lowest priority, then earliest), or None.
 
         Blocks when ``wait``, ``poll`` or ``timeout`` is given, until a job
-        completes, the queue is empty, or ``timeout`` passes."""
+        completes, the queue is empty, or ``timeout`` passes. On a shared
+        ``qid`` with a ``timeout``, an empty queue is no answer: it waits up
+        to ``timeout`` for a job to complete, one put later included (a
+        collector started before its putters)."""
         if not (wait or poll or timeout):
             job = self._call("get", self._qid, False, 0)
             return None if job is None else to_job_dict(job)
-        job = self._call("get", self._qid, True, self._server_timeout(timeout))
+        server_timeout = self._server_timeout(timeout)
+        if self._collector and server_timeout is not None:
+            job = self._call("get", self._qid, True, server_timeout, True)
+        else:
+            job = self._call("get", self._qid, True, server_timeout)
         return None if job is None else to_job_dict(job)
 
     def collect(self, n: int = 0) -> List[dict]:
