@@ -223,14 +223,18 @@ class Queue:
                 with self._buffer_cond:
                     self._flush_error = exc
 
+    def _take_id(self) -> int:
+        """The next of the ids reserved for this client's puts (buffer lock held)."""
+        if self._next_id == self._id_end:
+            self._next_id = self._remote.call("reserve_ids", self._qid, ID_BLOCK)
+            self._id_end = self._next_id + ID_BLOCK
+        job_id = self._next_id
+        self._next_id += 1
+        return job_id
+
     def _buffer_put(self, record: dict) -> int:
         with self._buffer_cond:
-            if self._next_id == self._id_end:
-                self._next_id = self._remote.call("reserve_ids", self._qid, ID_BLOCK)
-                self._id_end = self._next_id + ID_BLOCK
-            job_id = self._next_id
-            self._next_id += 1
-            record["id"] = job_id
+            job_id = record["id"] = self._take_id()
             self._buffer.append(record)
             full = len(self._buffer) >= FLUSH_SIZE
             if self._flusher_idle and len(self._buffer) == 1:
@@ -412,12 +416,18 @@ class Queue:
         record = self._record(job)
         if self._disposed:
             raise EzpqError(f"queue {self._qid!r} is disposed")
-        if not self._buffered or job.after is not None:
+        if self._buffered and job.after is not None:
             # a job with ``after`` (ids of this queue's jobs already put: it
             # runs once they all completed, and is ``skipped`` if one ends
-            # otherwise) is never buffered: an id not on the server (never
-            # given out, the job itself, a job already collected) raises
-            # ``ValueError`` here, and nothing is enqueued
+            # otherwise) is never buffered: the puts before it go first,
+            # then it, with the next id, so that an id not on the server
+            # (never given out, the job itself, a job already collected)
+            # raises ``ValueError`` here, and nothing is enqueued
+            self._flush()
+            with self._buffer_cond:
+                record["id"] = self._take_id()
+            return self._remote.call("put", self._qid, [record])[0]
+        if not self._buffered:
             return self._call("put", self._qid, [record])[0]
         return self._buffer_put(record)
 

@@ -549,10 +549,18 @@ class Service:
                 env = self._envs.get(env_id) if env_id else None
                 if env_id and (env is None or env.uid != me.uid):
                     raise ValueError(f"env_id: unknown environment {env_id}")
-            self.state.add(key, recs)
+            # the jobs hold their environments before they are added: one
+            # may end within add (skipped: a job it waits for ended otherwise)
             for env_id, n in envs.items():
                 if env_id:
                     self._envs[env_id].refs += n
+            try:
+                self.state.add(key, recs)
+            except BaseException:   # refused: nothing was added
+                for env_id, n in envs.items():
+                    if env_id:
+                        self._envs[env_id].refs -= n
+                raise
         self.supervisor.dispatch_now()
         return recs
 
