@@ -58,7 +58,7 @@ from .schema import INT64_MAX, INT64_MIN, MAX_BLOB, MAX_LANE_KEY, MAX_RETRIES, M
 
 __all__ = [
     "Challenge", "Answer", "Welcome", "Refusal", "Request", "Reply", "RETURN", "ERROR",
-    "JOB_FIELDS", "REQUIRED", "SERVER_FIELDS", "job_record", "job_records", "Processed", "After",
+    "JOB_FIELDS", "REQUIRED", "FOLDED", "SERVER_FIELDS", "job_record", "job_records", "Processed", "After",
     "Env", "Figures", "NO_FIGURES", "Ready", "RunJob", "Result", "LateFigures", "Stop",
     "Outcome", "KillRequest",
 ]
@@ -148,6 +148,9 @@ JOB_FIELDS = {
     "env_id": 0, "after": None, "after_jobs": None,
 }
 REQUIRED = frozenset({"client", "priority", "timeout", "function", "fn_blob", "args_blob"})
+#: Fields a client sends that the record keeps in another one
+#: (``after_jobs`` goes into ``after``, with ``after``'s ids: ``After``).
+FOLDED = frozenset({"after_jobs"})
 _CLIENT_FIELDS = frozenset(JOB_FIELDS)
 
 #: Fields only the server sets: refused in a job a client sends.

@@ -251,7 +251,7 @@ class Queue:
             raise ValueError("thread jobs cannot be killed: a timeout needs job_runner=Process")
         if self._runner == "thread" and job.max_memory:
             raise ValueError("thread jobs cannot be killed: max_memory needs job_runner=Process")
-        return self._remote.check_record({
+        record = {
             "client": self._token,
             "name": plain_name(job.name),
             "priority": job.priority,
@@ -267,8 +267,10 @@ class Queue:
             "retries": job.retries,
             "max_memory": job.max_memory,
             "env_id": self._env_id,
-            **({"after": list(job.after)} if job.after is not None else {}),
-        })
+        }
+        if job.after is not None:
+            record["after"] = list(job.after)
+        return self._remote.check_record(record)
 
     def _put_jobs(self, jobs: List[Job]) -> List[int]:
         """Pickle every job first (all or nothing), then send them in one call."""
