@@ -78,8 +78,8 @@ class Control:
 
     def set_priority(self, caller: Caller, qid: str, job_id: int, priority: int) -> bool:
         """``Queue.set_priority``: give a waiting job of the caller's queue
-        another priority; False when it is no longer waiting (running or
-        finished), ``JobNotFound`` for an id the queue does not know."""
+        another priority; False when it is no longer waiting (running,
+        finished, collected), ``JobNotFound`` for an id the queue never gave out."""
         key = self._key(caller, qid)
         job_id = schema.check_int("job_id", job_id, 1, schema.INT64_MAX)
         priority = schema.check_priority(priority)
@@ -87,6 +87,8 @@ class Control:
             q = self.state.queues.get(key)
             seq = q.ids.get(job_id) if q is not None else None
             if seq is None:
+                if q is not None and job_id < q.next_id:
+                    return False   # it was, and is collected or dropped (as cancel)
                 raise JobNotFound(f"no job {job_id} in queue {qid!r}")
             done = self.state.set_priority(seq, priority)
         self.supervisor.wake()
