@@ -105,3 +105,39 @@ def test_forget_finished_takes_only_that_users_done_jobs(state):
     assert state.forget_finished(1) == 1             # queue r
     assert "r" not in state.queues or not state.queues["r"].ids
     assert [j["id"] for j in state.pop_completed("q", 0)] == [3]
+
+
+def test_the_journal_keeps_a_priority_change(tmp_path):
+    """A durable server journals a priority change however it meets the
+    commit: for a job inserted in the same batch, for one already on disk,
+    and not for one deleted in the same batch (its row must go)."""
+    import os
+    import sqlite3
+    from ezpq_mgr.server.store import DB_NAME, Store
+
+    class NoEnvs:
+        on_env = None
+
+        def restore_envs(self, envs, refs):
+            pass
+
+    where = str(tmp_path / "state")
+    state = QueueState()
+    st = Store(where)
+    st.restore(state, NoEnvs())
+    st.attach(state, NoEnvs())
+    state.hold_queue("q")
+    state.add("q", [rec(5), rec(5)])
+    st.barrier()                                    # both on disk
+    with state.cond:                                # one batch: the journal waits for the lock
+        state.add("q", [rec(5)])
+        assert state.set_priority(3, 1)             # inserted in this batch
+        assert state.set_priority(1, 2)             # already on disk
+        assert state.set_priority(2, 3)
+        state.cancel("q", 2)
+        assert len(state.pop_ids("q", [2])) == 1    # deleted in this batch
+    st.barrier()
+    st.close()
+    db = sqlite3.connect(os.path.join(where, DB_NAME))
+    assert db.execute("SELECT seq, priority FROM jobs ORDER BY seq").fetchall() == [(1, 2), (3, 1)]
+    db.close()
