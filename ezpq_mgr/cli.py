@@ -455,7 +455,7 @@ def _cmd_pause(link, args, paused=True):
     elif qids:
         print("\n".join(f"{q}: {'paused' if paused else 'resumed'}" for q in qids))
     else:
-        print(f"no queue of yours to {'pause' if paused else 'resume'}")
+        print(f"no queue of yours to {'pause' if paused else 'resume'} (none, or all are already)")
     return EXIT_OK
 
 

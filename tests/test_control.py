@@ -129,7 +129,8 @@ def test_cli_pause_priority_resume_requeue_clean(server):
     assert code == 1 and err.strip() == f"ezpq: no job {jobs[0]}"
     assert json.loads(run_cli(server, "--json", "pause", "c2")[1]) == {"paused": ["c2"]}
     assert json.loads(run_cli(server, "--json", "resume")[1]) == {"resumed": ["c2"]}
-    assert run_cli(server, "resume")[1].strip() == "no queue of yours to resume"
+    assert run_cli(server, "resume")[1].strip() == "no queue of yours to resume (none, or all are already)"
+    assert run_cli(server, "resume", "c2")[1].strip() == "c2: resumed"   # named: said even if it was
     code, out, err = run_cli(server, "priority", "1", "soon")
     assert code == 2 and "Traceback" not in err
 

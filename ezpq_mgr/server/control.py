@@ -48,8 +48,8 @@ class Control:
 
     def pause_queues(self, caller: Caller, qids: Optional[List[str]], paused: bool) -> List[str]:
         """Pause (no new job of theirs starts; running ones go on) or resume
-        these queues of the caller's, or (``qids`` None) all of them; the
-        qids changed, sorted. A named qid that does not exist yet is made
+        these queues of the caller's, sorted, or (``qids`` None) all of
+        them: those it changed. A named qid that does not exist yet is made
         (paused, it is kept: jobs put later wait)."""
         schema.check_bool("paused", paused)
         if qids is not None:
@@ -68,9 +68,10 @@ class Control:
         for key in keys:
             with self.state.cond:
                 q = self.state.queues.get(key)
-                if q is None or q.paused == paused:
+                if q is None or (q.paused == paused and qids is None):
                     continue
-                self.state.configure(key, paused=paused)
+                if q.paused != paused:
+                    self.state.configure(key, paused=paused)
             changed.append(self._visible_qid(key))
         if changed:
             self.supervisor.wake()
