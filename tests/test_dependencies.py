@@ -233,3 +233,15 @@ def test_after_is_checked_at_the_call_and_on_the_wire():
                              ("after", [2 ** 63], ValueError), ("after_jobs", {"a": 1}, TypeError)]:
         with pytest.raises(kind, match=field):
             job_record({**base, field: bad}, "q", "u", 1)
+
+
+def test_a_new_priority_keeps_a_blocked_job_blocked(state):
+    """``ezpq priority`` of a job that waits for another: it stays blocked
+    (in no heap, in a lane or not), and is released at its new priority."""
+    state.add("q", [rec(), rec(priority=50)])
+    state.add("q", [rec(priority=60, ids=[1]), rec(priority=60, lane="L", ids=[1])])
+    assert state.set_priority(3, 1) and state.set_priority(4, 2)
+    two, first = pick(state), pick(state)
+    assert [two.id, first.id] == [2, 1] and pick(state) is None      # 3 and 4 still wait for 1
+    end(state, first)
+    assert [pick(state).id, pick(state).id] == [3, 4]

@@ -172,6 +172,14 @@ def test_ezpq_submit_after(server):
     assert f"after: job {bad} " in jobs[third]["exception"]
     code, _, err = run_cli(server, "submit", "--after", "99999", "--", "true")
     assert code == 2 and err.count("\n") == 1 and "no job 99999 of yours" in err
+    # a requeued job waits for nothing: the skipped one runs now
+    code, out, err = run_cli(server, "requeue", str(third))
+    assert code == 0, err
+    again = int(out.split("requeued as")[1])
+    code, out, err = run_cli(server, "--json", "wait", str(again))
+    assert code == 0, out + err
+    job = json.loads(out)[0]
+    assert job["status"] == "completed" and job["after"] is None
 
 
 # ---------------------------------------------------------- a durable server
