@@ -9,12 +9,12 @@ only the client and the worker load.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import enum
 import operator
 import signal
 import sys
-import collections.abc
 from typing import Any, Callable, Iterable, Optional
 
 from . import schema

@@ -21,7 +21,7 @@ from jobs import fail, sleep_for
 from server_fixture import Server
 from test_durable import Durable
 
-from multiuser import USERS, needs_root, run_as, users  # noqa: F401 (fixture)
+from multiuser import USERS, needs_root, run_as, start_as, users  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -241,3 +241,33 @@ def test_a_collector_started_before_the_putter_gets_the_results(server, how):
         t0 = time.monotonic()
         assert private.get(wait=True, timeout=20) is None and private.wait(timeout=20) == 0
         assert time.monotonic() - t0 < 5
+
+
+def b_collects(server):
+    with queue(server, "feed") as C:
+        t0 = time.monotonic()
+        job = C.get(wait=True, timeout=4)
+        return job, time.monotonic() - t0
+
+
+def a_feeds(server):
+    with queue(server, "feed") as P:
+        P.put(sleep_for, 0.1)
+        return P.get(wait=True, timeout=20)["output"]
+
+
+@needs_root
+def test_a_collector_never_sees_another_users_queue_of_the_same_name(server, users):
+    """B's collector waits on its "feed" while A puts to A's "feed": B is
+    not woken with A's job, and times out empty; A gets its own."""
+    a, b = users[USERS[0]], users[USERS[1]]
+    p, out = start_as(b, b_collects, server)
+    try:
+        _parked(server, 1)
+        assert run_as(a, a_feeds, server) == 0.1
+        kind, value = out.get(timeout=30)
+    finally:
+        p.join(10)
+    assert kind == "ok", value
+    job, took = value
+    assert job is None and took >= 3.5

@@ -133,10 +133,10 @@ class Waits:
             first = self.queues.get(qid)
             before = 0 if first is None else first.n_submitted
 
-            def settled() -> bool:
+            def settled() -> bool:   # (a queue made anew meanwhile counts from 0)
                 q = self.queues.get(qid)
                 return q is not None and q.pending < below and (
-                    q.n_done > 0 or q is not first or q.n_submitted > before)
+                    q.n_done > 0 or q.n_submitted > (before if q is first else 0))
             return self._answer_or_defer(settled, pending, timeout, reply)
 
     def wait_free(self, qid: str, slots: Callable[[], int], timeout: Optional[float], reply=None):
