@@ -112,7 +112,8 @@ class JobMeter:
 
     def __init__(self, resets: bool = True, mark=None) -> None:
         self._resets = resets
-        self._mark = mark
+        # a memoryview of the shared doubles: a store costs ~40 ns, a ctypes item ~150 ns
+        self._mark = None if mark is None else memoryview(mark).cast("B").cast("d")
         self._proc = psutil.Process()
         self._pid = os.getpid()
         try:
