@@ -1006,10 +1006,15 @@ class Supervisor:
         one running.
 
         The job stays working until the tree is gone; then its outcome is
-        recorded with the signal that ended the worker (and, for another
-        user's worker, the CPU and memory it used, read just before), and
-        any survivor is named in ``exception``. The worker is never reused."""
+        recorded with the signal that ended the worker and the CPU and
+        memory it had used, read just before (another user's worker from
+        outside; ours through its meter's mark, unless the job's figures
+        were due: the worker may have set the mark for its next job
+        already, so those are unknown), and any survivor is named in
+        ``exception``. The worker is never reused."""
+        mark = w.mark
         if w.pending is not None:
+            mark = None
             seq = w.pending.seq
             if w.seq is not None:
                 self.state.requeue(w.seq)
@@ -1024,7 +1029,7 @@ class Supervisor:
         rec = self.state.records.get(seq) if seq is not None else None
         with_rss = rec is not None and rec.runner != "thread"
         threading.Thread(target=self._kill_and_record,
-                         args=(seq, w.proc, status, why, time.time(), gauge, with_rss, w.mark),
+                         args=(seq, w.proc, status, why, time.time(), gauge, with_rss, mark),
                          name="ezpq-kill", daemon=True).start()
 
     def _kill_and_record(self, seq: Optional[int], proc: WorkerProcess, status: JobStatus, why: str,
