@@ -167,7 +167,8 @@ class JobMeter:
         if reuse and self._last is not None:
             self._self0, self._ours0 = self._last, self._ours_last
         else:
-            self._self0, self._ours0 = _getrusage(_SELF), self._ours()
+            self._self0 = _getrusage(_SELF)
+            self._ours0 = self._child_cpu if self._rss_cpu is _ZERO else self._ours()
         if self._children0 is None or self._saw_children:
             # else the last job's end figure still holds: no child was reaped since
             self._children0 = _getrusage(_CHILDREN)
@@ -196,16 +197,21 @@ class JobMeter:
         s1, c1 = _getrusage(_SELF), _getrusage(_CHILDREN)
         s0, c0 = self._self0, self._children0
         self._last = s1
-        # our samplers' CPU since the baseline is not the job's
-        o1 = self._ours_last = self._ours()
+        # our samplers' CPU since the baseline is not the job's (the usual
+        # no-op job: no sampler said anything since, the same tuple)
+        o1 = self._ours_last = self._child_cpu if self._rss_cpu is _ZERO else self._ours()
         o0 = self._ours0
-        ou, os_ = o1[0] - o0[0], o1[1] - o0[1]
+        ou = os_ = 0.0
+        if o1 is not o0:
+            ou, os_ = o1[0] - o0[0], o1[1] - o0[1]
         if self.exact:
             rss, method = self._peak(s1.ru_maxrss), "vmhwm"
         else:
             self._sampling.clear()
             rss, method = max(self._sampled, self._proc.memory_info().rss), "sampled"
         if c1 == c0 and not self._saw_children:  # the usual job: it started no process
+            if o1 is o0:
+                return Figures(s1.ru_utime - s0.ru_utime, s1.ru_stime - s0.ru_stime, rss, method, None), False
             return Figures(max(0.0, s1.ru_utime - s0.ru_utime - ou), max(0.0, s1.ru_stime - s0.ru_stime - os_),
                            rss, method, None), False
         peak = self._child_peak
