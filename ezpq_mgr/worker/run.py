@@ -244,14 +244,16 @@ def exec_main() -> None:
         _exit()
 
 
-def worker_main(conn, lifeline, accounting: bool = True) -> None:
-    """Entry point of a multiprocessing worker (the server's own user)."""
+def worker_main(conn, lifeline, accounting: bool = True, mark=None) -> None:
+    """Entry point of a multiprocessing worker (the server's own user).
+    ``mark``: the shared array where its meter leaves each job's baseline
+    (meter.MARK_SIZE doubles), for the figures of a job the server kills."""
     channel_fd, lifeline_fd = conn.fileno(), lifeline.fileno()
     _close_inherited([channel_fd, lifeline_fd])
     forget_mp_helpers()
     _watch_lifeline(lifeline_fd)
     become_subreaper()
-    if _serve(channel_fd, accounting):
+    if _serve(channel_fd, accounting, mark=mark):
         _exit()
 
 
@@ -347,7 +349,7 @@ def _reap() -> None:
             return
 
 
-def _serve(fd: int, accounting: bool, strict: bool = False) -> bool:
+def _serve(fd: int, accounting: bool, strict: bool = False, mark=None) -> bool:
     """Read jobs, run them, send results, until STOP or EOF; True when told
     to stop or leaving (then the caller exits at once), False at EOF.
 
@@ -358,7 +360,7 @@ def _serve(fd: int, accounting: bool, strict: bool = False) -> bool:
     return (the worker leaves). A worker of the server's own user runs code
     as trusted as the server itself and keeps its hot path as it was."""
     chan = _Channel(fd)
-    meter = JobMeter(resets=not strict) if accounting else None
+    meter = JobMeter(resets=not strict, mark=mark) if accounting else None
     fn_cache: Dict[bytes, Any] = {}
     try:
         children_fd: Optional[int] = os.open(f"/proc/self/task/{os.getpid()}/children", os.O_RDONLY)
