@@ -523,6 +523,25 @@ class Queue:
             raise JobNotFound(f"no job {job_id} in queue {self._qid!r}")
         return self._call("cancel", self._qid, job_id)
 
+    def log(self, job_id: int) -> str:
+        """The job's stdout and stderr so far, as text (UTF-8; undecodable
+        bytes replaced): written as it runs, kept after a timeout, kill or
+        cancel, until the job is collected (``get``/``collect``; then
+        ``JobNotFound``, as for an id never given out). "" when it printed
+        nothing. At most the server's ``--max-log`` bytes are kept."""
+        if isinstance(job_id, bool) or not isinstance(job_id, int):
+            raise TypeError(f"job_id must be an int, not {type(job_id).__name__}")
+        if job_id < 1:
+            raise ValueError(f"job_id must be >= 1, got {job_id}")
+        parts, offset = [], 0
+        while True:
+            got = self._call("job_log", job_id, offset, self._qid)
+            data = got["data"].encode("latin-1")
+            parts.append(data)
+            offset += len(data)
+            if not data or offset >= got["size"]:
+                return b"".join(parts).decode("utf-8", "replace")
+
     def jobs(self) -> List[dict]:
         """Snapshot of every job of this queue still on the server, in id order."""
         return [to_job_dict(s) for s in self._call("jobs", self._qid)]

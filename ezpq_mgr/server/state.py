@@ -78,6 +78,8 @@ class QueueState(Scheduling, Results, Waits):
         self.kill_requests: List[KillRequest] = []
         self.client_pending: Dict[str, int] = {}  # client -> its jobs not yet DONE
         self.on_move: Optional[Callable[[JobRecord, Phase, Phase], None]] = None  # (lock held)
+        #: (lock held) the server forgot a job (GONE): its log goes (joblogs.py)
+        self.on_gone: Optional[Callable[[int], None]] = None
         #: (lock held) a queue's id counter or settings changed (dropped=True: it is forgotten);
         #: the durable server's journal (store.py), None otherwise
         self.on_queue: Optional[Callable[..., None]] = None
@@ -263,6 +265,8 @@ class QueueState(Scheduling, Results, Waits):
             self.records.pop(rec.seq, None)
             if q.ids.get(rec.id) == rec.seq:
                 del q.ids[rec.id]
+            if self.on_gone is not None:
+                self.on_gone(rec.seq)
         if self.on_move is not None:
             self.on_move(rec, frm, to)
 
