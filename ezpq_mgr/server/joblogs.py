@@ -140,25 +140,21 @@ class LogBook:
         with self._lock:
             if log.gone:
                 return False
-            room = self.max_log - log.size
-            if room <= 0 and log.created:
+            if log.dropped:   # past the cap, the marker written: counted only
                 log.dropped += len(data)
                 return False
             try:
                 fd = self._open(log)
-            except OSError as e:
-                log.dropped += len(data)
-                logger.error("job %s: cannot write its log %s: %s", log.seq, log.path, e.strerror or e)
+            except OSError as e:   # said once: this job's output is not kept from here on
+                log.gone = True
+                logger.error("job %s: cannot open its log %s: %s", log.seq, log.path, e.strerror or e)
                 return False
             try:
-                room = self.max_log - log.size   # a restored log may be full already
-                if room <= 0:
-                    log.dropped += len(data)
-                    return False
-                chunk = data if len(data) <= room else data[:room]
-                if len(chunk) < len(data):
-                    chunk += truncated_marker(self.max_log)
-                    log.dropped += len(data) - room
+                room = max(0, self.max_log - log.size)   # a restored log may be full already
+                chunk = data
+                if len(data) > room:   # the cap: its head, then one line says so
+                    chunk = data[:room] + truncated_marker(self.max_log)
+                    log.dropped = len(data) - room
                 n = 0
                 view = memoryview(chunk)
                 while n < len(view):
