@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -303,3 +304,33 @@ def test_a_timed_out_api_jobs_log_is_kept():
 def chatty_then_sleep():
     print("before the timeout")
     time.sleep(60)
+
+
+def test_a_durable_server_keeps_logs_across_a_sigkill_and_removes_forgotten_ones():
+    from test_durable import Durable
+    server = Durable()
+    try:
+        server.start()
+        with server.queue("kept") as Q:
+            i = Q.put(print, "kept across a restart")
+            Q.wait()
+            Q.detach()
+        logs = os.path.join(server.state_dir, "logs")
+        stale = os.path.join(logs, "999.log")   # a job forgotten while the server was down
+        with open(stale, "w") as f:
+            f.write("stale\n")
+        server.kill(signal.SIGKILL)
+        server.start()
+        with server.queue("kept") as Q:
+            assert Q.log(i) == "kept across a restart\n"
+            j = Q.put(print, "after")   # a new job's log beside it
+            Q.wait()
+            assert Q.log(j) == "after\n"
+            Q.collect()
+        assert not os.path.exists(stale)
+        deadline = time.monotonic() + 10   # collected: their logs go with them (the supervisor removes them)
+        while os.listdir(logs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.listdir(logs) == []
+    finally:
+        server.close()

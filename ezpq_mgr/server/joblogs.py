@@ -33,7 +33,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .callers import describe_user
 
@@ -58,16 +58,20 @@ def truncated_marker(cap: int) -> bytes:
 class JobLog:
     """One job's log: where it goes, how much was written, whose it is."""
 
-    __slots__ = ("seq", "uid", "path", "size", "dropped", "created", "gone")
+    __slots__ = ("seq", "uid", "directory", "size", "dropped", "created", "gone")
 
-    def __init__(self, seq: int, uid: Optional[int], path: str):
+    def __init__(self, seq: int, uid: Optional[int], directory: str):
         self.seq = seq
         self.uid = uid           # the owner its file is handed to (None: the server's user)
-        self.path = path
+        self.directory = directory
         self.size = 0            # bytes in the file (the marker included)
         self.dropped = 0         # bytes past the cap, not written
         self.created = False
         self.gone = False        # the job was forgotten: nothing more is written
+
+    @property
+    def path(self) -> str:   # made when needed: a job that prints nothing never pays for it
+        return os.path.join(self.directory, f"{self.seq}.log")
 
 
 def _unlink(path: str) -> None:
@@ -131,8 +135,7 @@ class LogBook:
         in the same one). No file yet: that waits for the first byte."""
         log = self.logs.get(seq)
         if log is None:
-            log = self.logs[seq] = JobLog(seq, uid if self.chown and uid else None,
-                                          os.path.join(self.directory, f"{seq}.log"))
+            log = self.logs[seq] = JobLog(seq, uid if self.chown and uid else None, self.directory)
         return log
 
     def append(self, log: JobLog, data: bytes) -> bool:
@@ -260,6 +263,36 @@ class LogBook:
         while self.doomed:
             path = self.doomed.pop()
             with self._lock:
+                _unlink(path)
+
+    def restore(self, known: Dict[int, Any]) -> None:
+        """At start (a durable server's ``--state-dir``, or a ``--log-dir``
+        used before): the logs of jobs the server still knows are read and
+        appended to again; every other ``N.log`` (a job forgotten while the
+        server was down or killed) is removed. Only names of that shape, never
+        through a link (``lstat``)."""
+        for name in os.listdir(self.directory):
+            stem, dot, ext = name.partition(".")
+            if ext != "log" or not stem.isdigit():
+                continue
+            path = os.path.join(self.directory, name)
+            seq = int(stem)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            rec = known.get(seq)
+            owner = getattr(rec, "uid", None) if self.chown else None
+            owner = owner or None   # root's own jobs: the server's file
+            if (rec is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+                    and st.st_uid == (os.geteuid() if owner is None else owner)):
+                log = self.logs.get(seq)
+                if log is None:
+                    log = self.logs[seq] = JobLog(seq, owner, self.directory)
+                    log.created, log.size = True, st.st_size
+                    if log.size > self.max_log:
+                        log.dropped = 1   # already cut
+            elif not stat.S_ISDIR(st.st_mode):
                 _unlink(path)
 
     def close(self) -> None:

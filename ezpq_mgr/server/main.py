@@ -129,6 +129,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         state.seq = accounting.max_job()   # job numbers continue after the log's largest
         if store is not None:
             store.restore(state, service)
+        logs.restore(state.records)   # earlier runs' logs: kept for known jobs, else removed
         listener = transport.listen(address)
     except BaseException:
         accounting.close()
