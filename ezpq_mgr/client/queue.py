@@ -529,10 +529,7 @@ class Queue:
         cancel, until the job is collected (``get``/``collect``; then
         ``JobNotFound``, as for an id never given out). "" when it printed
         nothing. At most the server's ``--max-log`` bytes are kept."""
-        if isinstance(job_id, bool) or not isinstance(job_id, int):
-            raise TypeError(f"job_id must be an int, not {type(job_id).__name__}")
-        if job_id < 1:
-            raise ValueError(f"job_id must be >= 1, got {job_id}")
+        job_id = schema.check_int("job_id", job_id, 1, schema.INT64_MAX)   # the server checks it again
         parts, offset = [], 0
         while True:
             got = self._call("job_log", job_id, offset, self._qid)
