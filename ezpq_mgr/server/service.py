@@ -696,8 +696,8 @@ class Service:
             seq, ended, status = rec.seq, rec.finished, rec.status.value
         data = self.logs.read(seq, offset) if self.logs is not None else b""
         size = self.logs.size(seq) if self.logs is not None else 0
-        return {"job": seq, "data": data.decode("latin-1"), "offset": offset, "size": max(size, offset + len(data)),
-                "ended": ended, "status": status}
+        return {"job": seq, "data": data.decode("latin-1"), "offset": offset,
+                "size": max(size, offset + len(data)), "ended": ended, "status": status}
 
     def wait_log(self, caller: Caller, job: int, offset: int, timeout: Optional[float],
                  qid: Optional[str] = None) -> dict:
