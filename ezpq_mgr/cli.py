@@ -1,6 +1,6 @@
 """Command line: ``ezpq-server`` runs a shared server in the foreground;
 ``ezpq`` uses one like a small batch system (status, submit, cancel, wait,
-show, report, plot, workers).
+show, report, plot, workers; pause, resume, priority, requeue, clean, top).
 
 ``ezpq-server`` exit codes: 0 stopped by SIGTERM/SIGINT, 1 failed while
 serving, 2 refused to start (usage, an unsafe key or log file, a live server
@@ -490,6 +490,67 @@ def _cmd_workers(link, args):
     return EXIT_OK
 
 
+def _cmd_pause(link, args, paused=True):
+    qids = link.remote.call("pause_queues", args.qids or None, paused)
+    if args.json:
+        _print_json({"paused" if paused else "resumed": qids})
+    elif qids:
+        print("\n".join(f"{q}: {'paused' if paused else 'resumed'}" for q in qids))
+    else:
+        print(f"no queue of yours to {'pause' if paused else 'resume'} (none, or all are already)")
+    return EXIT_OK
+
+
+def _cmd_resume(link, args):
+    return _cmd_pause(link, args, paused=False)
+
+
+def _cmd_priority(link, args):
+    r = link.remote.call("job_priority", args.job, args.priority)
+    if args.json:
+        _print_json(r)
+    elif r["changed"]:
+        print(f"{r['job']}: priority {r['priority']}")
+    else:
+        print(f"ezpq: job {r['job']} is {r['status']}: only a waiting job's priority can change",
+              file=sys.stderr)
+    return EXIT_OK if r["changed"] else EXIT_JOB
+
+
+def _cmd_requeue(link, args):
+    from .errors import JobNotFound
+    code, out = EXIT_OK, []
+    for seq in args.jobs:
+        try:
+            out.append(link.remote.call("requeue_job", seq))
+        except (JobNotFound, ValueError) as exc:
+            out.append({"from": seq, "error": str(exc)})
+            code = EXIT_JOB
+    if args.json:
+        _print_json(out)
+    else:
+        for r in out:
+            if "error" in r:
+                print(f"ezpq: {r['error']}", file=sys.stderr)
+            else:
+                print(f"{r['from']}: requeued as {r['job']}")
+    return code
+
+
+def _cmd_clean(link, args):
+    n = sum(link.remote.call("clean", q) for q in (args.qid or [None]))
+    if args.json:
+        _print_json({"forgotten": n})
+    else:
+        print(f"{n} finished job{'s' if n != 1 else ''} forgotten")
+    return EXIT_OK
+
+
+def _cmd_top(link, args):
+    from .client.top import run_top
+    return run_top(lambda: link.remote.call("top"), describe_address(link.address), args.interval)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ezpq", description="Use a shared ezpq-server.",
                                 epilog="exit codes: 0 ok, 1 a job failed or was not found, 2 usage, "
@@ -557,6 +618,26 @@ def _parser() -> argparse.ArgumentParser:
                     help="image to write; its suffix picks the format (.png, .pdf, .svg)")
     pl.add_argument("--color-by", default="user", help="column that colours the bars (default user)")
     pl.add_argument("--facet-by", default="qid", help="column with one panel per value (default qid)")
+    pa = command("pause", _cmd_pause, "no more jobs of these queues of yours start (running ones go on)")
+    pa.add_argument("qids", nargs="*", metavar="QID", help="queues to pause (default: all of yours)")
+    rs = command("resume", _cmd_resume, "jobs of these paused queues of yours start again")
+    rs.add_argument("qids", nargs="*", metavar="QID", help="queues to resume (default: all of yours)")
+    pr = command("priority", _cmd_priority, "give a waiting job another priority (1 if it no longer waits)")
+    pr.add_argument("job", type=int, metavar="JOB", help="a job number (the job column)")
+    pr.add_argument("priority", type=int, metavar="N",
+                    help="the new priority: lower runs first (submit's default is 100); in a lane the "
+                         "job moves within its lane, which still runs one job at a time")
+    rq = command("requeue", _cmd_requeue, "run finished jobs of yours again, each as a new job")
+    rq.add_argument("jobs", type=int, nargs="+", metavar="JOB",
+                    help="job numbers of finished jobs still on the server; each prints its new number")
+    cl = command("clean", _cmd_clean, "forget your finished jobs, results nobody collected included "
+                                      "(their accounting rows stay)")
+    cl.add_argument("--qid", action="append", metavar="QID",
+                    help="only jobs of this queue (repeatable; default: all your queues)")
+    tp = command("top", _cmd_top, "live view: running jobs (CPU %%, memory now), waiting jobs, workers; "
+                                  "q quits")
+    tp.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
+                    help="seconds between refreshes, 0.2-3600 (default 1)")
     wk = command("workers", _cmd_workers, "set the server's worker count (root/owner)")
     wk.add_argument("n", type=int, metavar="N", help="jobs run at once, >= 1")
     return p
@@ -578,6 +659,14 @@ def _job_size(text: str) -> int:
     if not 0 <= n < 1 << 62:
         raise argparse.ArgumentTypeError(f"not a size >= 0: {text!r}")
     return int(n)
+
+
+def _interval(text: str) -> float:
+    """``top --interval``: seconds between refreshes."""
+    value = _seconds(text)
+    if not 0.2 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"not a number of seconds from 0.2 to 3600: {text!r}")
+    return value
 
 
 def _seconds(text: str) -> float:

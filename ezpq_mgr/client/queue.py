@@ -383,6 +383,28 @@ class Queue:
         """Hold this queue's waiting jobs (running ones go on), as ezpq's _stop()."""
         self._call("configure", self._qid, {"paused": True})
 
+    def pause(self) -> None:
+        """No more of this queue's jobs start until ``resume()`` (running
+        ones go on; puts are still taken). The same as ezpq's ``_stop()``
+        and ``ezpq pause QID``; a paused queue stays paused after its
+        clients leave."""
+        self._stop()
+
+    def resume(self) -> None:
+        """Let this queue's waiting jobs start again (``start()``, ``ezpq resume QID``)."""
+        self.start()
+
+    def set_priority(self, job_id: int, priority: int) -> bool:
+        """Give a waiting job another priority (lower runs first); it is
+        re-sorted at once (in a lane: within its lane, which still runs one
+        job at a time). False if it is no longer waiting (running or
+        finished); ``JobNotFound`` for an id this queue never gave out."""
+        job_id = schema.check_int("job_id", job_id, 1, schema.INT64_MAX)
+        priority = schema.check_priority(priority)
+        if self._buffered and job_id >= self._next_id:
+            raise JobNotFound(f"no job {job_id} in queue {self._qid!r}")
+        return self._call("set_priority", self._qid, job_id, priority)
+
     def put(self, function: Callable, args: Any = None, kwargs: Optional[dict] = None,
             name: Any = None, priority: int = 100, lane: Any = None, timeout: float = 0,
             suppress_errors: bool = False, stop_on_lane_error: bool = False,

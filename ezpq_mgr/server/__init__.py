@@ -2,7 +2,8 @@
 
 ``main.py`` (the process), ``doorman.py``, ``outgoing.py``,
 ``connections.py`` and ``callers.py`` (connections and who calls),
-``service.py`` (the requests), ``state.py`` with ``queues.py``,
+``service.py`` (the requests; ``control.py`` its queue-control and
+``top`` calls, ``live.py`` the running jobs' CPU % and RSS now), ``state.py`` with ``queues.py``,
 ``scheduling.py``, ``results.py`` and ``waits.py`` (the jobs),
 ``supervisor.py`` (the worker pool), ``accounting.py`` (the log) and
 ``store.py`` (the durable journal). ``python -m ezpq_mgr.server

@@ -116,7 +116,6 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
             store.close()
         raise
     state = QueueState()
-    state.on_gone = logs.forget
     # a worker's messages (a job's output) obey the server's limit; a private
     # server has none, so only the worker format's own 4 GiB frame bound holds
     worker_limit = min(max_message, _WORKER_FRAME_LIMIT) if shared and max_message else _WORKER_FRAME_LIMIT

@@ -10,7 +10,8 @@ failed the ``stop_on_lane_error`` jobs behind it are skipped.
 
 Heap entries are ``(priority, seq)`` tuples (seq is the global submission
 counter), so ties are FIFO and records are never compared. Stale entries
-(cancelled jobs, lanes re-exposed) are dropped lazily when they reach the top.
+(cancelled jobs, lanes re-exposed, a priority changed: ``set_priority``)
+are dropped lazily when they reach the top.
 """
 
 from __future__ import annotations
@@ -99,9 +100,9 @@ class Scheduling:
     def _head(self, q: QueueInfo) -> Optional[JobRecord]:
         """The qid's best runnable waiting job, dropping stale heap entries."""
         while q.waiting:
-            seq = q.waiting[0][1]
+            priority, seq = q.waiting[0]
             rec = self.records.get(seq)
-            if rec is not None and rec.phase is WAITING:
+            if rec is not None and rec.phase is WAITING and rec.priority == priority:
                 if rec.lane_key is None:
                     return rec
                 lane = q.lanes.get(rec.lane_key)

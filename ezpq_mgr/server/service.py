@@ -30,7 +30,8 @@ one user holds only so much at once (root and the server's owner are not
 capped): its token and notice channel at ``goodbye`` or when its last
 connection closes (``MAX_CLIENTS_PER_USER`` live at once); an environment
 (working directory and sys.path, see ``schema.check_env``) once no client
-and no unfinished job refers to it (``MAX_ENV_BYTES_PER_USER``); a queue once
+and no job still on the server (unfinished, or finished and not yet
+collected) refers to it (``MAX_ENV_BYTES_PER_USER``); a queue once
 no connection uses it and it holds nothing a new one would not
 (``QueueState._drop_if_idle``; ``MAX_QUEUES_PER_USER``). Before, none of
 it was ever freed: 100 hellos with a big sys.path held 390 MB of a root
@@ -49,6 +50,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .. import schema
 from .callers import Caller, Identity
+from .control import Control
 from .joblogs import LogBook
 from ..messages import Env, Processed, job_records
 from .accounting import AccountingLog, report
@@ -139,8 +141,9 @@ class _Held:
         self.prune_at = 8
 
 
-class Service:
-    """Thread-safe facade over the queue state and the worker pool."""
+class Service(Control):
+    """Thread-safe facade over the queue state and the worker pool (its
+    queue-control and ``top`` calls in control.py)."""
 
     EXPOSED = (
         "hello", "configure", "put", "reserve_ids", "counts", "get", "collect", "pop_ids",
@@ -148,7 +151,9 @@ class Service:
         "jobs", "take_notices", "mark_processed",
         "goodbye", "set_workers", "n_workers", "info",
         "submit", "list_jobs", "show_job", "cancel_job", "wait_jobs", "report", "accounting", "whoami",
-        "put_then", "job_log", "wait_log",
+        "put_then",
+        "pause_queues", "set_priority", "job_priority", "requeue_job", "clean", "top",
+        "job_log", "wait_log",
     )
 
     def __init__(self, state: QueueState, supervisor: Supervisor, shared: bool = False,
@@ -160,9 +165,10 @@ class Service:
         self.shared = shared
         self.log = accounting or AccountingLog()
         state.on_final = self._on_final
+        state.on_gone = self._on_gone
         if shared:
             state.owner_of = self._owner_of
-        # the registry: under the state's lock (a job's end releases its environment)
+        # the registry: under the state's lock (a job's record deleted releases its environment)
         self._envs: Dict[int, _Env] = {}
         self._env_ids: Dict[Tuple[int, str, Tuple[str, ...]], int] = {}   # (uid, cwd, sys_path)
         self._paths: Dict[Tuple[int, Tuple[str, ...]], _Path] = {}       # (uid, sys_path)
@@ -263,7 +269,7 @@ class Service:
             raise ServerLimit(f"at most {describe_size(MAX_ENV_BYTES_PER_USER)} of environments per user "
                               f"at once on this server: {me.user} holds {describe_size(held)}, this one "
                               f"takes {describe_size(new)} (working directories and sys.paths of live "
-                              f"clients and unfinished jobs)")
+                              f"clients and jobs still on the server)")
         if shared is None:
             shared = self._paths[(me.uid, path)] = _Path(path)
             self._count(me.uid, 1, shared.cost)
@@ -280,7 +286,7 @@ class Service:
     def restore_envs(self, envs: Dict[int, Tuple[int, str, Tuple[str, ...]]], refs: Dict[int, int]) -> None:
         """(lock held; before serving) The environments of jobs restored from
         a state dir: ``envs`` env_id -> (uid, cwd, sys_path), each with
-        ``refs`` unfinished jobs (those without any are not kept). New ids
+        ``refs`` jobs on the server (those without any are not kept). New ids
         continue after the largest (a worker remembers the last it got)."""
         for env_id, (uid, cwd, path) in envs.items():
             n = refs.get(env_id, 0)
@@ -415,11 +421,20 @@ class Service:
         return me.privileged or rec.uid == me.uid
 
     def _on_final(self, rec: JobRecord) -> None:
-        """(state lock held) A job ended for good: its row; its environment
-        is needed no more (a retry is not an end)."""
+        """(state lock held) A job ended for good: its row."""
         self.log.record(rec, self._visible_qid(rec.qid))
+
+    def _on_gone(self, rec: JobRecord) -> None:
+        """(state lock held) A job's record is deleted (collected, cleaned,
+        expired): its environment is needed no more. Kept until then, not
+        only until the job ends, so that ``requeue_job`` runs it again where
+        it ran; the cost is the same one release per job, later. Its log
+        goes too (joblogs.py: a dict pop; the file, if any, is removed
+        outside the lock)."""
         if rec.env_id:
             self._env_release(rec.env_id)
+        if self.logs is not None:
+            self.logs.forget(rec.seq)
 
     # --------------------------------------------------------------- clients
     def hello(self, caller: Caller, client: str, cwd: str, sys_path: List[str], holding: bool,

@@ -78,11 +78,16 @@ class QueueState(Scheduling, Results, Waits):
         self.kill_requests: List[KillRequest] = []
         self.client_pending: Dict[str, int] = {}  # client -> its jobs not yet DONE
         self.on_move: Optional[Callable[[JobRecord, Phase, Phase], None]] = None  # (lock held)
-        #: (lock held) the server forgot a job (GONE): its log goes (joblogs.py)
-        self.on_gone: Optional[Callable[[int], None]] = None
         #: (lock held) a queue's id counter or settings changed (dropped=True: it is forgotten);
         #: the durable server's journal (store.py), None otherwise
         self.on_queue: Optional[Callable[..., None]] = None
+        #: (lock held) a waiting job's priority changed (``set_priority``):
+        #: the durable server's journal, None otherwise
+        self.on_priority: Optional[Callable[[JobRecord], None]] = None
+        #: (lock held) a job's record is deleted (GONE): the service lets go
+        #: of its environment then, not at its end, so that a finished job
+        #: can be requeued in it (``Service.requeue_job``)
+        self.on_gone: Optional[Callable[[JobRecord], None]] = None
         self.version = 0                            # bumped on every change
         self.deferred: List[Deferred] = []   # parked calls, answered by _changed
         self.abandoned: Dict[str, str] = {}  # client gone without goodbye -> its private qid
@@ -266,7 +271,7 @@ class QueueState(Scheduling, Results, Waits):
             if q.ids.get(rec.id) == rec.seq:
                 del q.ids[rec.id]
             if self.on_gone is not None:
-                self.on_gone(rec.seq)
+                self.on_gone(rec)
         if self.on_move is not None:
             self.on_move(rec, frm, to)
 
@@ -461,6 +466,60 @@ class QueueState(Scheduling, Results, Waits):
         for rec in list(self.records.values()):
             if rec.client == client and rec.phase is HELD:
                 self._complete(self.queues[rec.qid], rec)
+
+    # --------------------------------------------------------- queue control
+    def set_priority(self, seq: int, priority: int) -> bool:
+        """Give a waiting job another priority; it is re-sorted at once.
+        False for a job that is not waiting (running, finished or unknown).
+
+        In its queue it now ranks by the new priority (ties: submission
+        order). In a lane, the lane's jobs still run one at a time, best
+        first: the job moves within its lane, and the lane competes in its
+        queue with its best waiting job's priority. The old heap entry is
+        left behind, stale (``_head`` checks an entry's priority)."""
+        with self.cond:
+            rec = self.records.get(seq)
+            if rec is None or rec.phase is not WAITING:
+                return False
+            if rec.priority == priority:
+                return True
+            q = self.queues[rec.qid]
+            old = (rec.priority, seq)
+            rec.priority = priority
+            if rec.lane_key is None:
+                heapq.heappush(q.waiting, (priority, seq))
+            else:
+                lane = q.lanes[rec.lane_key]
+                lane.heap.remove(old)
+                heapq.heapify(lane.heap)
+                heapq.heappush(lane.heap, (priority, seq))
+                if lane.exposed == seq:
+                    lane.exposed = None   # offered again at its new priority (or another is)
+                self._settle(q, lane)
+            if self.on_priority is not None:
+                self.on_priority(rec)
+            self._changed()
+            return True
+
+    def forget_finished(self, uid: object, qid: Optional[str] = None) -> int:
+        """Drop the done jobs of user ``uid`` (of queue ``qid`` only, if
+        given), results nobody collected included; how many. Jobs whose
+        client still post-processes them (held) stay."""
+        with self.cond:
+            if qid is not None:
+                q = self.queues.get(qid)
+                seqs = list(q.ids.values()) if q is not None else []
+            else:
+                seqs = list(self.records)
+            n = 0
+            for seq in seqs:
+                rec = self.records.get(seq)
+                if rec is not None and rec.phase is DONE and rec.uid == uid:
+                    self._forget(self.queues[rec.qid], rec)
+                    n += 1
+            if n:
+                self._changed()
+            return n
 
     # ---------------------------------------------------------------- cancel
     def cancel(self, qid: str, job_id: int) -> bool:

@@ -7,8 +7,8 @@ held) and one journal thread writes what piled up meanwhile in ONE
 transaction (group commit), then lets go of the replies that waited for it::
 
     QueueState._move ──on_move──┐                      ┌─> commit ─> replies released
-    QueueState (ids, settings) ─┼─> _pending (list) ─> │ journal thread: coalesce per
-    Service (environments) ─────┘   under the lock     │ job, executemany, COMMIT
+    QueueState (ids, settings, ─┼─> _pending (list) ─> │ journal thread: coalesce per
+    priorities), Service (envs) ┘   under the lock     │ job, executemany, COMMIT
 
 What must be on disk before what is said (the rule): **no reply leaves the
 server before everything journaled until it was computed is committed**
@@ -75,7 +75,8 @@ APPLICATION_ID = 0x455A5051
 DB_NAME = "state.db"
 LOCK_NAME = "lock"
 
-#: Columns set when a job is accepted, never changed after.
+#: Columns set when a job is accepted, never changed after (but a waiting
+#: job's priority: ``on_priority``).
 STATIC = ("seq", "qid", "id", "client", "user", "uid", "name", "priority", "lane_key", "lane_text",
           "timeout", "function", "fn_blob", "args_blob", "runner", "suppress_errors",
           "stop_on_lane_error", "retries", "max_memory", "env_id", "submitted")
@@ -104,6 +105,7 @@ def _v1_to_v2(db: sqlite3.Connection) -> None:
 #: version -> function(conn) that brings a database of that version to the next
 MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
 
+_PRIORITY = STATIC.index("priority")   # a waiting job's priority may change (on_priority)
 _INSERT = f"INSERT OR REPLACE INTO jobs({', '.join(STATIC + MUTABLE)}) VALUES ({', '.join('?' * len(STATIC + MUTABLE))})"
 _UPDATE = f"UPDATE jobs SET {', '.join(c + '=?' for c in MUTABLE)} WHERE seq=?"
 
@@ -295,7 +297,7 @@ class Store:
                              f"move it away to start empty") from None
         statuses = {s.value: s for s in JobStatus}
         phases = list(Phase)
-        NEW, WAITING, RUNNING, RETURNED = Phase.NEW, Phase.WAITING, Phase.RUNNING, Phase.RETURNED
+        NEW, WAITING = Phase.NEW, Phase.WAITING
         max_seq = int(seq_row[0]) if seq_row else 0
         now = state.clock()
         changed: List[JobRecord] = []
@@ -318,7 +320,7 @@ class Store:
                 rec.stop_on_lane_error = rec.stop_on_lane_error == 1
                 rec.cancelled = rec.cancelled == 1
                 jobs.append((rec, phase))
-                if rec.env_id and (phase is WAITING or phase is RUNNING or phase is RETURNED):
+                if rec.env_id:   # a job holds its environment while on the server (requeue)
                     refs[rec.env_id] = refs.get(rec.env_id, 0) + 1
             if jobs:
                 max_seq = max(max_seq, jobs[-1][0].seq)
@@ -378,6 +380,7 @@ class Store:
         self._state = state
         state.on_move = self.on_move
         state.on_queue = self.on_queue
+        state.on_priority = self.on_priority
         service.on_env = self.on_env
         self._thread = threading.Thread(target=self._run, name="ezpq-journal", daemon=True)
         self._thread.start()
@@ -404,6 +407,13 @@ class Store:
         else:
             self._pending.append(("Q", (q.qid, q.next_id, q.cap, q.max_size, int(q.paused),
                                         int(q.auto_stop), int(q.auto_remove))))
+        self._appended += 1
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def on_priority(self, rec: JobRecord) -> None:
+        """(state lock held) A waiting job's priority changed (``ezpq priority``)."""
+        self._pending.append(("P", rec.seq, rec.priority))
         self._appended += 1
         if not self._wake.is_set():
             self._wake.set()
@@ -489,6 +499,7 @@ class Store:
         queues: Dict[str, Optional[tuple]] = {}
         dropped: Dict[str, Optional[int]] = {}   # qid -> its id counter (None: forget it)
         envs: Dict[int, Optional[tuple]] = {}
+        priorities: Dict[int, int] = {}   # seq -> new priority of a job already on disk
         top = 0
         for e in batch:
             kind = e[0]
@@ -503,8 +514,16 @@ class Store:
                 inserts[e[1]] = (e[2], e[3])
                 if e[1] > top:
                     top = e[1]
+            elif kind == "P":
+                seq = e[1]
+                ins = inserts.get(seq)
+                if ins is not None:   # inserted in this batch: its row says it
+                    inserts[seq] = (ins[0][:_PRIORITY] + (e[2],) + ins[0][_PRIORITY + 1:], ins[1])
+                else:
+                    priorities[seq] = e[2]
             elif kind == "D":
                 seq = e[1]
+                priorities.pop(seq, None)
                 if inserts.pop(seq, None) is None:
                     updates.pop(seq, None)
                     deletes.append((seq,))
@@ -523,6 +542,8 @@ class Store:
                 db.executemany(_INSERT, [s + m for s, m in inserts.values()])
             if updates:
                 db.executemany(_UPDATE, [m + (seq,) for seq, m in updates.items()])
+            if priorities:
+                db.executemany("UPDATE jobs SET priority=? WHERE seq=?", [(p, seq) for seq, p in priorities.items()])
             if deletes:
                 db.executemany("DELETE FROM jobs WHERE seq=?", deletes)
             if queues:
