@@ -122,14 +122,15 @@ def death(exitcode: Optional[int]) -> "tuple[JobStatus, str]":
     return JobStatus.KILLED, f"{name}: killed from outside"
 
 
-#: Keys of a job dict, in order: ezpq 0.2.2's first, then ezpq_mgr's.
+#: Keys of a job dict, in order: ezpq 0.2.2's first, then ezpq_mgr's (``job``: the
+#: server-wide job number the CLI shows; ``id`` is the per-queue one).
 FIELDS = (
     "qid", "id", "name", "priority", "lane", "timeout", "function", "args",
     "kwargs", "submitted", "started", "ended", "processed", "exitcode",
     "cancelled", "runtime", "output", "exception", "callback",
     "status", "cpu_user", "cpu_system", "max_rss", "max_rss_method",
     "max_rss_children", "pid", "host", "user", "retries", "attempts",
-    "max_memory",
+    "max_memory", "job",
 )
 
 

@@ -137,3 +137,26 @@ def wait_until_running(Q, job_id, timeout=20):
         assert status in ("waiting", "not there yet") and time.monotonic() < deadline, \
             f"job {job_id} is {status}"
         time.sleep(0.01)
+
+
+def touch_then_burn(mib, seconds, path=None):
+    """Touch ``mib`` MiB, then spin for ``seconds`` of CPU; with ``path``,
+    write it once a first half second of CPU is used (a job to stop from
+    outside: its figures by then are known to be at least that)."""
+    block = bytearray(mib * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    if path:
+        burn_cpu(0.5)
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(path + ".tmp", path)
+    return burn_cpu(seconds)
+
+
+def child_touches_then_burns(mib, seconds):
+    """A child process that touches ``mib`` MiB and spins ``seconds``."""
+    code = (f"b=bytearray({mib}*1024*1024)\nfor i in range(0,len(b),4096): b[i]=1\n"
+            "import os\nt0=os.times()\n"
+            f"while (os.times().user-t0.user)+(os.times().system-t0.system) < {seconds}: pass\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

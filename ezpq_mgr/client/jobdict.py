@@ -41,12 +41,16 @@ def _hide_environment(function: Optional[str], args):
 def to_job_dict(snap: dict, trusted: bool = True) -> dict:
     """ezpq's job dict (in ezpq's key order, then ours) from a server snapshot.
 
+    ``job`` is the server-wide job number, the one ``ezpq status/show/
+    cancel/wait`` take; ``id`` stays the per-queue number of ezpq's API.
+
     ``trusted=False`` (another user's job, seen by root) never unpickles its
     payloads: a pickle runs code, so they are shown as their size only."""
     load = _load if trusted else _unopened
     args, kwargs = (_load(snap["args_blob"], "arguments") or (None, None)) if trusted else (
         _unopened(snap["args_blob"], "arguments"), None)
     d = {key: snap.get(key) for key in FIELDS}
+    d["job"] = snap.get("seq")   # the server-wide job number (the CLI's); ``id`` is the queue's
     d["args"], d["kwargs"] = _hide_environment(snap.get("function"), args), kwargs
     d["lane"] = _load(snap["lane_key"], "lane") if trusted else snap.get("lane_text")
     d["output"] = load(snap["output_blob"], "output")

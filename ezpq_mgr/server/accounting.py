@@ -46,7 +46,7 @@ __all__ = ["AccountingLog", "LogFileError", "ROW_FIELDS", "report", "REPORT_KEYS
 
 logger = logging.getLogger(__name__)
 
-ROW_FIELDS = tuple(f for f in FIELDS if f not in ("output", "args", "kwargs")) + ("uid", "job")
+ROW_FIELDS = tuple(f for f in FIELDS if f not in ("output", "args", "kwargs", "job")) + ("uid", "job")
 REPORT_KEYS = ("user", "function", "qid")
 
 #: Without a log file, ``report`` sees at most this many recent rows.

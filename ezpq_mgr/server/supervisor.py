@@ -75,7 +75,7 @@ from ..worker import workerproto
 from ..job import JobRecord, JobStatus, death
 from ..stdlib_private import mp_helper_pids
 from ..messages import NO_FIGURES, Env, Figures, LateFigures, Outcome, Ready, Result
-from ..worker.meter import TICKS, ProcMeter
+from ..worker.meter import MARK_SIZE, TICKS, ProcMeter, mark_figures
 from ..worker.procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_rss
 from .joblogs import Echo, JobLog, LogBook
 from .state import QueueState
@@ -199,6 +199,7 @@ class WorkerHandle:
     figures_due: float = 0.0           # monotonic time its figures must have come by
     retire_by: Optional[float] = None  # retired (or leaving): killed if still there then
     gauge: Optional[ProcMeter] = None  # another user's worker, read from outside
+    mark: Any = None                   # ours: its meter's shared baseline (meter.mark_figures)
     idle_check: Optional[float] = None  # (idle, another user's) next look at its CPU
     idle_cpu: Optional[int] = None     # its CPU ticks at the first look
     reader: Optional[workerproto.FrameReader] = None
@@ -686,11 +687,13 @@ class Supervisor:
         PATH); ours is started by multiprocessing with the configured
         start method and closes what it inherited itself."""
         outs, out_w = self._output_pipes() if self.logs is not None else ([], [])
+        mark = None
         try:
             if uid is None:
                 parent_conn, child_conn = self.ctx.Pipe()
+                mark = self.ctx.RawArray("d", MARK_SIZE) if self.accounting else None
                 proc = self.ctx.Process(target=worker_main, name="ezpq-worker",
-                                        args=(child_conn, self._lifeline_r, self.accounting, out_w))
+                                        args=(child_conn, self._lifeline_r, self.accounting, mark, out_w))
                 proc.start()
                 child_conn.close()
                 conn, fd = parent_conn, parent_conn.fileno()
@@ -721,7 +724,7 @@ class Supervisor:
                 c.close()
         os.set_blocking(fd, False)
         w = WorkerHandle(handle, conn, uid=uid, reader=workerproto.FrameReader(self.max_message), fd=fd,
-                         last_rx=time.monotonic(), outs=list(outs))
+                         last_rx=time.monotonic(), mark=mark, outs=list(outs))
         self._selector.register(fd, selectors.EVENT_READ, ("conn", w))
         for i, c in enumerate(outs):
             self._selector.register(c.fileno(), selectors.EVENT_READ, ("out", (w, i)))
@@ -1105,10 +1108,15 @@ class Supervisor:
         one running.
 
         The job stays working until the tree is gone; then its outcome is
-        recorded with the signal that ended the worker (and, for another
-        user's worker, the CPU and memory it used, read just before), and
-        any survivor is named in ``exception``. The worker is never reused."""
+        recorded with the signal that ended the worker and the CPU and
+        memory it had used, read just before (another user's worker from
+        outside; ours through its meter's mark, unless the job's figures
+        were due: the worker may have set the mark for its next job
+        already, so those are unknown), and any survivor is named in
+        ``exception``. The worker is never reused."""
+        mark = w.mark
         if w.pending is not None:
+            mark = None
             seq = w.pending.seq
             if w.seq is not None:
                 self.state.requeue(w.seq)
@@ -1123,13 +1131,24 @@ class Supervisor:
         rec = self.state.records.get(seq) if seq is not None else None
         with_rss = rec is not None and rec.runner != "thread"
         threading.Thread(target=self._kill_and_record,
-                         args=(seq, w.proc, status, why, time.time(), gauge, with_rss, w),
+                         args=(seq, w.proc, status, why, time.time(), gauge, with_rss, mark, w),
                          name="ezpq-kill", daemon=True).start()
 
     def _kill_and_record(self, seq: Optional[int], proc: WorkerProcess, status: JobStatus, why: str,
                          ended: float, gauge: Optional[ProcMeter] = None, with_rss: bool = True,
-                         w: Optional[WorkerHandle] = None) -> None:
-        figures = None
+                         mark: Any = None, w: Optional[WorkerHandle] = None) -> None:
+        """Kill ``proc``'s tree; record job ``seq`` as it ended, with the
+        figures it had used by then, read just before the kill: from
+        outside (``gauge``, another user's worker) or through its meter's
+        ``mark`` (ours). ``w``: its output pipes are drained into the
+        job's log once the tree is gone, before the end is recorded."""
+        figures = children = None
+        if mark is not None and seq is not None and self.accounting:
+            try:
+                cpu_u, cpu_s, peak, _, children = mark_figures(proc.pid, mark)
+                figures = (cpu_u, cpu_s, peak)
+            except (OSError, ValueError, IndexError):
+                pass
         if gauge is not None:
             try:
                 if seq is not None and self.accounting:
@@ -1154,5 +1173,5 @@ class Supervisor:
                     rss = peak
             self.state.finish(seq, Outcome(status, exitcode, exception=why, cpu_user=cpu_u, cpu_system=cpu_s,
                                            max_rss=rss, max_rss_method=None if rss is None else "vmhwm",
-                                           pid=proc.pid, host=HOST, ended=ended))
+                                           max_rss_children=children, pid=proc.pid, host=HOST, ended=ended))
         self.wake()

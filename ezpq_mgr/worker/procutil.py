@@ -17,7 +17,7 @@ import psutil
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["kill_tree", "descendants", "tree", "tree_rss", "own_peak", "vmhwm", "become_subreaper",
+__all__ = ["kill_tree", "descendants", "tree", "tree_rss", "own_peak", "descendant_pids", "peak_of", "vmhwm", "become_subreaper",
            "child_pids", "tree_pids", "is_alive"]
 
 
@@ -38,6 +38,22 @@ def descendants(pid: int) -> List[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         return []
+
+
+def descendant_pids(pid: int) -> List[int]:
+    """``pid``'s descendants, found through ``children`` files (psutil's
+    ``children()`` reads every process's stat on the machine: ~2 ms on a
+    quiet box, which a 50 ms sampler turned into 4 % of a core)."""
+    return tree_pids(pid)[1:]
+
+
+def peak_of(pid: int) -> int:
+    """A process's own peak RSS so far (VmHWM, bytes), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            return vmhwm(f.read()) or 0
+    except OSError:
+        return 0
 
 
 def tree(pid: int) -> List[psutil.Process]:

@@ -246,8 +246,10 @@ def exec_main() -> None:
         _exit()
 
 
-def worker_main(conn, lifeline, accounting: bool = True, outputs: Optional[list] = None) -> None:
+def worker_main(conn, lifeline, accounting: bool = True, mark=None, outputs: Optional[list] = None) -> None:
     """Entry point of a multiprocessing worker (the server's own user).
+    ``mark``: the shared array where its meter leaves each job's baseline
+    (meter.MARK_SIZE doubles), for the figures of a job the server kills.
     ``outputs``: the write ends of its jobs' output pipes (see ``_serve``)."""
     channel_fd, lifeline_fd = conn.fileno(), lifeline.fileno()
     out_fds = [c.fileno() for c in outputs or ()]
@@ -255,7 +257,7 @@ def worker_main(conn, lifeline, accounting: bool = True, outputs: Optional[list]
     forget_mp_helpers()
     _watch_lifeline(lifeline_fd)
     become_subreaper()
-    if _serve(channel_fd, accounting, outputs=out_fds):
+    if _serve(channel_fd, accounting, mark=mark, outputs=out_fds):
         _exit()
 
 
@@ -361,7 +363,8 @@ def _line_buffered() -> None:
             pass
 
 
-def _serve(fd: int, accounting: bool, strict: bool = False, outputs: Optional[List[int]] = None) -> bool:
+def _serve(fd: int, accounting: bool, strict: bool = False, mark=None,
+           outputs: Optional[List[int]] = None) -> bool:
     """Read jobs, run them, send results, until STOP or EOF; True when told
     to stop or leaving (then the caller exits at once), False at EOF.
 
@@ -376,7 +379,7 @@ def _serve(fd: int, accounting: bool, strict: bool = False, outputs: Optional[Li
     return (the worker leaves). A worker of the server's own user runs code
     as trusted as the server itself and keeps its hot path as it was."""
     chan = _Channel(fd)
-    meter = JobMeter(resets=not strict) if accounting else None
+    meter = JobMeter(resets=not strict, mark=mark) if accounting else None
     fn_cache: Dict[bytes, Any] = {}
     try:
         children_fd: Optional[int] = os.open(f"/proc/self/task/{os.getpid()}/children", os.O_RDONLY)
