@@ -181,6 +181,13 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="keep the queue in an SQLite database in DIR (created 0700): waiting jobs and "
                         "uncollected results survive a restart, a crash or a SIGKILL")
+    p.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="each job's stdout and stderr go to DIR/JOB.log (created 0711 for a root "
+                        "server, each file 0600 owned by the job's user; 0700 otherwise); default "
+                        "STATE_DIR/logs with --state-dir, else a private directory removed at exit")
+    p.add_argument("--max-log", type=_job_size, default="16M", metavar="SIZE",
+                   help="cap of one job's log in bytes, e.g. 1M, 64M (default 16M; 0: keep none); past it a line "
+                        "says so and the rest is dropped")
     p.add_argument("--sync", choices=["normal", "full"], default="normal",
                    help="with --state-dir: normal (default) survives a kill of the server, full also "
                         "a power loss (SQLite synchronous=FULL: an fsync per group commit)")
@@ -206,6 +213,7 @@ def _serve(args: argparse.Namespace) -> None:
     """Check the key and the address, then serve until stopped. Anything
     that stops it before it is up is a ``StartupError`` (one line)."""
     from .server.accounting import LogFileError
+    from .server.joblogs import LogDirError
     from .server.main import ServerDied, serve
     from .server.store import StoreError
 
@@ -227,9 +235,12 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         serve(address, key, args.workers, args.start_method, shared=True, log_file=args.log_file,
               on_ready=on_ready, max_message=args.max_message, allow_other_users=args.allow_other_users,
-              keep_finished=args.keep_finished or None, state_dir=args.state_dir, sync=args.sync)
+              keep_finished=args.keep_finished or None, state_dir=args.state_dir, sync=args.sync,
+              log_dir=args.log_dir, max_log=args.max_log)
     except LogFileError as exc:
         raise StartupError(f"--log-file: {exc}") from None
+    except LogDirError as exc:
+        raise StartupError(f"--log-dir: {exc}") from None
     except StoreError as exc:
         raise StartupError(str(exc)) from None
     except (OSError, OverflowError, ValueError) as exc:
@@ -414,6 +425,37 @@ def _cmd_show(link, args):
     return EXIT_OK
 
 
+def _print_log(link, job: int, offset: int) -> tuple:
+    """Print job ``job``'s log from byte ``offset`` as far as it goes now
+    (raw bytes: what the job wrote); (new offset, the last answer)."""
+    out = sys.stdout.buffer
+    while True:
+        got = link.remote.call("job_log", job, offset)
+        data = got["data"].encode("latin-1")
+        if data:
+            out.write(data)
+            out.flush()
+            offset += len(data)
+        if not data or offset >= got["size"]:
+            return offset, got
+
+
+def _cmd_log(link, args):
+    _print_log(link, args.job, 0)
+    return EXIT_OK
+
+
+def _cmd_follow(link, args):
+    """Print the log as it grows until the job ends: each wait is one call
+    parked on the server, answered when output comes or the job ends."""
+    offset = 0
+    while True:
+        offset, got = _print_log(link, args.job, offset)
+        if got["ended"]:   # read before the data: nothing more will come
+            return EXIT_OK if got["status"] == "completed" else EXIT_JOB
+        link.remote.call("wait_log", args.job, offset, None)
+
+
 def _cmd_report(link, args):
     rows = link.remote.call("report", args.by, True)
     if args.json:
@@ -569,6 +611,11 @@ def _parser() -> argparse.ArgumentParser:
                         "and wait again (a server with --state-dir that restarts keeps the jobs)")
     sh = command("show", _cmd_show, "one job as JSON")
     sh.add_argument("job", type=int, metavar="JOB", help="a job number (the job column)")
+    lg = command("log", _cmd_log, "print a job's stdout and stderr (1 if no such job of yours)")
+    lg.add_argument("job", type=int, metavar="JOB", help="a job number (the job column)")
+    fo = command("follow", _cmd_follow, "print a job's output as it runs, until it ends "
+                                        "(exit 0 if it completed, 1 otherwise)")
+    fo.add_argument("job", type=int, metavar="JOB", help="a job number (the job column)")
     r = command("report", _cmd_report, "jobs, failures, CPU, memory, runtime per user/function/qid")
     r.add_argument("--by", choices=["user", "function", "qid"], default="user",
                    help="one row per user (default), function or qid")

@@ -583,6 +583,22 @@ class Queue:
             raise JobNotFound(f"no job {job_id} in queue {self._qid!r}")
         return self._call("cancel", self._qid, job_id)
 
+    def log(self, job_id: int) -> str:
+        """The job's stdout and stderr so far, as text (UTF-8; undecodable
+        bytes replaced): written as it runs, kept after a timeout, kill or
+        cancel, until the job is collected (``get``/``collect``; then
+        ``JobNotFound``, as for an id never given out). "" when it printed
+        nothing. At most the server's ``--max-log`` bytes are kept."""
+        job_id = schema.check_int("job_id", job_id, 1, schema.INT64_MAX)   # the server checks it again
+        parts, offset = [], 0
+        while True:
+            got = self._call("job_log", job_id, offset, self._qid)
+            data = got["data"].encode("latin-1")
+            parts.append(data)
+            offset += len(data)
+            if not data or offset >= got["size"]:
+                return b"".join(parts).decode("utf-8", "replace")
+
     def jobs(self) -> List[dict]:
         """Snapshot of every job of this queue still on the server, in id order."""
         return [to_job_dict(s) for s in self._call("jobs", self._qid)]

@@ -31,6 +31,7 @@ from .. import transport, wire
 from . import callers
 from .accounting import AccountingLog
 from .doorman import Doorman
+from .joblogs import DEFAULT_MAX_LOG, LogBook
 from .outgoing import Flusher, PeerConnection
 from .connections import ConnectionServer
 from .service import Service
@@ -56,7 +57,8 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
           on_ready=None, stop_event: Optional[threading.Event] = None,
           max_message: Optional[int] = transport.DEFAULT_MAX_MESSAGE,
           allow_other_users: bool = False, keep_finished: Optional[float] = None,
-          state_dir: Optional[str] = None, sync: str = "normal") -> None:
+          state_dir: Optional[str] = None, sync: str = "normal",
+          log_dir: Optional[str] = None, max_log: int = DEFAULT_MAX_LOG) -> None:
     """Run a server until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
     ``shared``: several users may connect: JSON on the wire (never pickle),
@@ -74,6 +76,11 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     restored at start; ``sync`` "full" also survives a power loss. A
     directory in use, damaged or unwritable raises ``StoreError`` before
     anything is served.
+
+    ``log_dir``: where each job's output goes (joblogs.py; default
+    ``<state_dir>/logs`` with a state dir, else a private directory removed
+    at the end); ``max_log``: the cap of one job's log, in bytes. An unsafe
+    directory raises ``LogDirError`` before anything is served.
 
     Any thread dying of an unexpected exception is logged and stops the
     server with ``ServerDied`` (exit status 1); so does a state database
@@ -99,21 +106,33 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         except BaseException:
             accounting.close()
             raise
+    if log_dir is None and state_dir is not None:
+        log_dir = os.path.join(state_dir, "logs")
+    try:
+        logs = LogBook(log_dir, max_log, chown=shared and os.geteuid() == 0)
+    except BaseException:
+        accounting.close()
+        if store is not None:
+            store.close()
+        raise
     state = QueueState()
     # a worker's messages (a job's output) obey the server's limit; a private
     # server has none, so only the worker format's own 4 GiB frame bound holds
     worker_limit = min(max_message, _WORKER_FRAME_LIMIT) if shared and max_message else _WORKER_FRAME_LIMIT
     supervisor = Supervisor(state, workers, start_method, shared=shared, subreaper=True,
-                            max_message=worker_limit)
+                            max_message=worker_limit, logs=logs, echo=not shared)
+    logs.on_doomed = supervisor.wake
     service = Service(state, supervisor, shared=shared, accounting=accounting,
-                      keep_finished=keep_finished)
+                      keep_finished=keep_finished, logs=logs)
     try:
         state.seq = accounting.max_job()   # job numbers continue after the log's largest
         if store is not None:
             store.restore(state, service)
+        logs.restore(state.records)   # earlier runs' logs: kept for known jobs, else removed
         listener = transport.listen(address)
     except BaseException:
         accounting.close()
+        logs.close()
         if store is not None:
             store.close()
         raise
@@ -174,6 +193,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
             t.join(5)
         service.close()
         supervisor.stop()
+        logs.close()
         if store is not None:
             store.close()
         accounting.close()
@@ -276,7 +296,8 @@ def embedded_main() -> None:
     try:
         serve(config["address"], bytes.fromhex(config["authkey"]), config["workers"],
               config.get("start_method"), config.get("prestart", True), shared=False,
-              on_ready=ready, stop_event=stop, state_dir=config.get("state_dir"))
+              on_ready=ready, stop_event=stop, state_dir=config.get("state_dir"),
+              log_dir=config.get("private_dir") and os.path.join(config["private_dir"], "logs"))
     except StoreError as exc:   # Queue(state_dir=...) that cannot be used: the client says why
         os.write(ready_fd, (json.dumps({"refused": str(exc)}) + "\n").encode())
     except ServerDied as exc:

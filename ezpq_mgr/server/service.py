@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .. import schema
 from .callers import Caller, Identity
 from .control import Control
+from .joblogs import LogBook
 from ..messages import Env, Processed, job_records
 from .accounting import AccountingLog, report
 from ..errors import JobNotFound, ServerLimit
@@ -152,11 +153,14 @@ class Service(Control):
         "submit", "list_jobs", "show_job", "cancel_job", "wait_jobs", "report", "accounting", "whoami",
         "put_then",
         "pause_queues", "set_priority", "job_priority", "requeue_job", "clean", "top",
+        "job_log", "wait_log",
     )
 
     def __init__(self, state: QueueState, supervisor: Supervisor, shared: bool = False,
-                 accounting: Optional[AccountingLog] = None, keep_finished: Optional[float] = None):
+                 accounting: Optional[AccountingLog] = None, keep_finished: Optional[float] = None,
+                 logs: Optional[LogBook] = None):
         self.state = state
+        self.logs = logs   # the jobs' output (joblogs.py); None: none is captured
         self.supervisor = supervisor
         self.shared = shared
         self.log = accounting or AccountingLog()
@@ -424,9 +428,13 @@ class Service(Control):
         """(state lock held) A job's record is deleted (collected, cleaned,
         expired): its environment is needed no more. Kept until then, not
         only until the job ends, so that ``requeue_job`` runs it again where
-        it ran; the cost is the same one release per job, later."""
+        it ran; the cost is the same one release per job, later. Its log
+        goes too (joblogs.py: a dict pop; the file, if any, is removed
+        outside the lock)."""
         if rec.env_id:
             self._env_release(rec.env_id)
+        if self.logs is not None:
+            self.logs.forget(rec.seq)
 
     # --------------------------------------------------------------- clients
     def hello(self, caller: Caller, client: str, cwd: str, sys_path: List[str], holding: bool,
@@ -690,6 +698,61 @@ class Service(Control):
         done = self.state.cancel(qid, job_id)
         self.supervisor.wake()
         return done
+
+    # ------------------------------------------------------------------ logs
+    def _log_record(self, caller: Caller, job: int, qid: Optional[str]) -> JobRecord:
+        """(lock held) The job whose log is asked for: ``job`` is its
+        server-wide number, or with ``qid`` its id in the caller's queue
+        ``qid`` (``Queue.log``). Another user's job is "not found", as in ``show``."""
+        if qid is None:
+            return self._record(caller, job)
+        job = _int("job", job, 1)
+        q = self.state.queues.get(self._key(caller, qid))
+        rec = self.state.records.get(q.ids.get(job, 0)) if q is not None else None
+        if rec is None or not self._may_touch(caller, rec):
+            raise JobNotFound(f"no job {job} in queue {qid!r}")
+        return rec
+
+    def job_log(self, caller: Caller, job: int, offset: int = 0, qid: Optional[str] = None) -> dict:
+        """A job's output from byte ``offset``, at most ``joblogs.READ_LIMIT``
+        bytes a call: ``{"job", "data" (the bytes as latin-1 text: JSON
+        carries them unchanged), "offset", "size", "ended", "status"}``.
+        ``ended`` is read first: once it is True, ``data`` up to ``size`` is
+        all the job wrote (the supervisor drains a job's pipes before it
+        records its end). Only the job's owner (root and the server's owner:
+        anyone's); the file is read outside the state's lock."""
+        offset = _int("offset", offset)
+        with self.state.cond:
+            rec = self._log_record(caller, job, qid)
+            seq, ended, status = rec.seq, rec.finished, rec.status.value
+        data = self.logs.read(seq, offset) if self.logs is not None else b""
+        size = self.logs.size(seq) if self.logs is not None else 0
+        return {"job": seq, "data": data.decode("latin-1"), "offset": offset,
+                "size": max(size, offset + len(data)), "ended": ended, "status": status}
+
+    def wait_log(self, caller: Caller, job: int, offset: int, timeout: Optional[float],
+                 qid: Optional[str] = None) -> dict:
+        """``{"size", "ended"}`` once the job's log is longer than ``offset``
+        bytes or the job has ended (or when ``timeout`` passes): ``ezpq
+        follow``'s one way to wait, a parked call answered by the supervisor
+        the moment it appends output (no polling)."""
+        offset = _int("offset", offset)
+        timeout = schema.wait_timeout(timeout)
+        logs = self.logs
+        with self.state.cond:
+            rec = self._log_record(caller, job, qid)
+            seq, records = rec.seq, self.state.records
+
+            def ended() -> bool:
+                return rec.finished or seq not in records
+
+            def ready() -> bool:   # under the lock at every change: kept short
+                return ended() or (logs is not None and logs.size(seq) > offset)
+
+            def answer() -> dict:
+                return {"size": logs.size(seq) if logs is not None else 0, "ended": ended()}
+
+            return _parked(caller, self.state.wait_for(ready, answer, timeout, caller.reply_channel(dict)))
 
     def wait_jobs(self, caller: Caller, seqs: List[int], timeout: Optional[float]) -> List[dict]:
         """These jobs (or all the caller's) once all finished, or as they

@@ -77,6 +77,7 @@ from ..stdlib_private import mp_helper_pids
 from ..messages import NO_FIGURES, Env, Figures, LateFigures, Outcome, Ready, Result
 from ..worker.meter import MARK_SIZE, TICKS, ProcMeter, mark_figures
 from ..worker.procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_rss
+from .joblogs import Echo, JobLog, LogBook
 from .state import QueueState
 from ..worker.run import HOST, exec_argv, run_call, thread_cpu, worker_main
 
@@ -209,6 +210,12 @@ class WorkerHandle:
     events: int = selectors.EVENT_READ  # what the selector watches on fd
     eof: bool = False
     broken: bool = False               # a write to it failed
+    #: the read ends of its output pipes (joblogs.py): [stdout, stderr] for
+    #: odd jobs, then for even ones (a job's late bytes never reach the next job's log)
+    outs: List[Any] = dataclasses.field(default_factory=list)
+    sinks: List[Optional[JobLog]] = dataclasses.field(default_factory=lambda: [None, None])
+    sent: int = 0                      # jobs sent to it (the parity picks the pipes)
+    outs_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @property
     def idle(self) -> bool:
@@ -221,11 +228,15 @@ class Supervisor:
     ``max_message``: the largest message a worker may send (a result's
     output included). ``subreaper``: make this process a child subreaper so
     that a worker's orphans come back to us and are killed (the server
-    process sets it; never inside a test runner)."""
+    process sets it; never inside a test runner). ``logs``: capture each
+    job's stdout and stderr there (None: a worker's output goes where ours
+    does); ``echo``: also copy it to our own stdout/stderr (a private
+    server: its client's terminal, as before logs existed)."""
 
     def __init__(self, state: QueueState, slots: int, start_method: Optional[str] = None,
                  shared: bool = False,
-                 max_message: int = workerproto.DEFAULT_MAX_MESSAGE, subreaper: bool = False):
+                 max_message: int = workerproto.DEFAULT_MAX_MESSAGE, subreaper: bool = False,
+                 logs: Optional[LogBook] = None, echo: bool = False):
         if not isinstance(max_message, int) or isinstance(max_message, bool) or not 0 < max_message < 1 << 32:
             raise ValueError(f"max_message must be a positive int below 4 GiB, not {max_message!r}")
         self.state = state
@@ -235,6 +246,8 @@ class Supervisor:
         self.max_message = max_message
         self.subreaper = subreaper and become_subreaper()
         self.accounting = os.environ.get("EZPQ_ACCOUNTING", "1") != "0"
+        self.logs = logs
+        self.echo = Echo() if echo and logs is not None else None
         self.demand: set = set()            # run-as uids with a runnable job and no idle worker
         self.ctx = multiprocessing.get_context(start_method)
         self.envs: Dict[int, Env] = {}   # env_id -> (cwd, sys.path): kept by the Service
@@ -312,6 +325,7 @@ class Supervisor:
         for w in workers:
             w.proc.exitcode(1)
             w.proc.close()
+            self._drain_outputs(w)
             self._close_channel(w)
             self._drop_gauge(w)
         self._reap_orphans(wait=True)
@@ -321,6 +335,8 @@ class Supervisor:
                 conn.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self.echo is not None:
+            self.echo.close()
 
     # ----------------------------------------------------------------- loop
     def run(self) -> None:
@@ -332,9 +348,12 @@ class Supervisor:
                 break
             inbox = []
             deaths = []
+            grown = False
             for key, mask in events:
                 kind, w = key.data
-                if kind == "wake":
+                if kind == "out":   # a job's output: to its log, outside the lock
+                    grown = self._read_output(*w) or grown
+                elif kind == "wake":
                     # drain first, then clear: a wake() skipped in between
                     # changed the state before the dispatch below, so none is lost
                     os.read(self._wake_r, 4096)
@@ -346,10 +365,13 @@ class Supervisor:
                         inbox.append((w,) + self._read(w))   # outside the lock; a dead one's is dropped
                 elif kind == "sentinel":
                     deaths.append(w)
+                    grown = self._drain_outputs(w) or grown   # its last words, before its job ends
             # one hold of the state's lock per round: results in, limits,
             # dispatch, the next timer; letting it go sends the answers our
             # results made possible (StateLock), then the jobs go out
             with self.state.cond:
+                if grown:   # a follower waits for these bytes (waits.py)
+                    self.state._changed()
                 for w, messages, error in inbox:
                     if not w.dead:
                         self._apply(w, messages, error)
@@ -368,6 +390,8 @@ class Supervisor:
                     self._watch_writes()
             if queued:
                 self._flush(queued)
+            if self.logs is not None and self.logs.doomed:   # forgotten jobs' logs
+                self.logs.sweep()
 
     def _has_limits(self) -> bool:
         """Is some job under a deadline or a memory cap (its figures due or not)?"""
@@ -437,6 +461,63 @@ class Supervisor:
                 break
         return messages, None
 
+    def _read_output(self, w: WorkerHandle, i: int, ours: bool = True) -> bool:
+        """Bytes on ``w``'s output pipe ``i``, without blocking, to the log of
+        the job that pipe belongs to (and our own stdout/stderr when we echo).
+        True when a log grew. Outside the state's lock, on the supervisor
+        thread, or (``ours`` False) a kill's helper thread, which leaves the
+        selector and the descriptors to the supervisor."""
+        grown = False
+        with w.outs_lock:
+            if i >= len(w.outs) or w.outs[i] is None:
+                return False
+            fd = w.outs[i].fileno()
+            for _ in range(_READS_PER_EVENT):
+                try:
+                    data = os.read(fd, _READ_CHUNK)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                if not data:   # every writer is gone: stop watching it
+                    if not ours:
+                        break
+                    self._unwatch(fd)
+                    w.outs[i].close()
+                    w.outs[i] = None
+                    break
+                log = w.sinks[i >> 1]
+                if log is not None:
+                    grown = self.logs.append(log, data) or grown
+                if self.echo is not None:
+                    self.echo.put(i & 1, data)
+                if len(data) < _READ_CHUNK:
+                    break
+        return grown
+
+    def _drain_outputs(self, w: WorkerHandle, ours: bool = True) -> bool:
+        """Whatever ``w``'s pipes hold now (it died or was killed)."""
+        grown = False
+        for i in range(len(w.outs)):
+            grown = self._read_output(w, i, ours) or grown
+        return grown
+
+    def _output_pipes(self) -> Tuple[list, list]:
+        """A new worker's output pipes: (read ends, write ends), as
+        multiprocessing connections (they cross to a spawned worker)."""
+        reads, writes = [], []
+        try:
+            for _ in range(4):
+                r, wr = self.ctx.Pipe(duplex=False)
+                os.set_blocking(r.fileno(), False)
+                reads.append(r)
+                writes.append(wr)
+        except BaseException:
+            for c in reads + writes:
+                c.close()
+            raise
+        return reads, writes
+
     def _flush(self, workers: List[WorkerHandle]) -> None:
         """Write queued bytes without blocking; what is left waits for
         EVENT_WRITE (the supervisor thread watches it, see _watch_writes)."""
@@ -500,6 +581,12 @@ class Supervisor:
         with w.out_lock:   # a client thread may be flushing to it
             fd, w.fd = w.fd, -1
             w.out.clear()
+        with w.outs_lock:
+            for i, c in enumerate(w.outs):
+                if c is not None:
+                    self._unwatch(c.fileno())
+                    c.close()
+                    w.outs[i] = None
         if fd >= 0:
             self._unwatch(fd)
         try:
@@ -587,6 +674,9 @@ class Supervisor:
         worker.max_memory = rec.max_memory
         worker.idle_check = None
         rec.pid, rec.host = worker.proc.pid, HOST
+        if worker.outs:   # the worker takes the other pair of pipes for each job
+            worker.sinks[worker.sent & 1] = self.logs.sink(rec.seq, rec.uid)
+            worker.sent += 1
         self._queue(worker, workerproto.encode_job(rec.fn_blob, rec.args_blob, env, rec.runner == "thread"))
 
     def _start_worker(self, uid: Optional[int] = None) -> WorkerHandle:
@@ -596,36 +686,48 @@ class Supervisor:
         channel and the lifeline passed, an environment of nothing but
         PATH); ours is started by multiprocessing with the configured
         start method and closes what it inherited itself."""
+        outs, out_w = self._output_pipes() if self.logs is not None else ([], [])
         mark = None
-        if uid is None:
-            parent_conn, child_conn = self.ctx.Pipe()
-            mark = self.ctx.RawArray("d", MARK_SIZE) if self.accounting else None
-            proc = self.ctx.Process(target=worker_main, name="ezpq-worker",
-                                    args=(child_conn, self._lifeline_r, self.accounting, mark))
-            proc.start()
-            child_conn.close()
-            conn, fd = parent_conn, parent_conn.fileno()
-            handle = WorkerProcess(proc)
-        else:
-            ours, theirs = socket.socketpair()
-            try:
-                lifeline = self._lifeline_r.fileno()
-                popen = subprocess.Popen(
-                    exec_argv(theirs.fileno(), lifeline, uid, self.accounting),
-                    pass_fds=(theirs.fileno(), lifeline), close_fds=True,
-                    stdin=subprocess.DEVNULL, env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
-                    cwd="/")
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
-            conn, fd = ours, ours.fileno()
-            handle = WorkerProcess(popen)
+        try:
+            if uid is None:
+                parent_conn, child_conn = self.ctx.Pipe()
+                mark = self.ctx.RawArray("d", MARK_SIZE) if self.accounting else None
+                proc = self.ctx.Process(target=worker_main, name="ezpq-worker",
+                                        args=(child_conn, self._lifeline_r, self.accounting, mark, out_w))
+                proc.start()
+                child_conn.close()
+                conn, fd = parent_conn, parent_conn.fileno()
+                handle = WorkerProcess(proc)
+            else:
+                ours, theirs = socket.socketpair()
+                try:
+                    lifeline = self._lifeline_r.fileno()
+                    out_fds = [c.fileno() for c in out_w]
+                    popen = subprocess.Popen(
+                        exec_argv(theirs.fileno(), lifeline, uid, self.accounting, out_fds),
+                        pass_fds=(theirs.fileno(), lifeline, *out_fds), close_fds=True,
+                        stdin=subprocess.DEVNULL, env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+                        cwd="/")
+                except BaseException:
+                    ours.close()
+                    raise
+                finally:
+                    theirs.close()
+                conn, fd = ours, ours.fileno()
+                handle = WorkerProcess(popen)
+        except BaseException:
+            for c in outs:
+                c.close()
+            raise
+        finally:
+            for c in out_w:   # only the worker writes to them
+                c.close()
         os.set_blocking(fd, False)
         w = WorkerHandle(handle, conn, uid=uid, reader=workerproto.FrameReader(self.max_message), fd=fd,
-                         last_rx=time.monotonic(), mark=mark)
+                         last_rx=time.monotonic(), mark=mark, outs=list(outs))
         self._selector.register(fd, selectors.EVENT_READ, ("conn", w))
+        for i, c in enumerate(outs):
+            self._selector.register(c.fileno(), selectors.EVENT_READ, ("out", (w, i)))
         self._selector.register(handle.sentinel, selectors.EVENT_READ, ("sentinel", w))
         self.workers.append(w)
         logger.debug("started worker %s for uid %s", handle.pid, uid)
@@ -1029,16 +1131,17 @@ class Supervisor:
         rec = self.state.records.get(seq) if seq is not None else None
         with_rss = rec is not None and rec.runner != "thread"
         threading.Thread(target=self._kill_and_record,
-                         args=(seq, w.proc, status, why, time.time(), gauge, with_rss, mark),
+                         args=(seq, w.proc, status, why, time.time(), gauge, with_rss, mark, w),
                          name="ezpq-kill", daemon=True).start()
 
     def _kill_and_record(self, seq: Optional[int], proc: WorkerProcess, status: JobStatus, why: str,
                          ended: float, gauge: Optional[ProcMeter] = None, with_rss: bool = True,
-                         mark: Any = None) -> None:
+                         mark: Any = None, w: Optional[WorkerHandle] = None) -> None:
         """Kill ``proc``'s tree; record job ``seq`` as it ended, with the
         figures it had used by then, read just before the kill: from
         outside (``gauge``, another user's worker) or through its meter's
-        ``mark`` (ours)."""
+        ``mark`` (ours). ``w``: its output pipes are drained into the
+        job's log once the tree is gone, before the end is recorded."""
         figures = children = None
         if mark is not None and seq is not None and self.accounting:
             try:
@@ -1060,6 +1163,8 @@ class Supervisor:
         if survivors:
             why += f"; processes {survivors} survived SIGKILL"
             logger.error("job %s: %s", seq, why)
+        if w is not None:   # its output up to the kill is in its log before it ends
+            self._drain_outputs(w, ours=False)
         if seq is not None:
             cpu_u = cpu_s = rss = None
             if figures is not None:

@@ -224,36 +224,40 @@ def _preload() -> None:
             pass
 
 
-def exec_argv(channel_fd: int, lifeline_fd: int, uid: int, accounting: bool) -> List[str]:
+def exec_argv(channel_fd: int, lifeline_fd: int, uid: int, accounting: bool,
+              outputs: Optional[List[int]] = None) -> List[str]:
     """The command line of an exec'd worker (``-I``: no PYTHON* variable or
     user site of the server's environment applies)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # above ezpq_mgr/worker/
     code = f"import sys; sys.path.insert(0, {root!r}); from ezpq_mgr.worker.run import exec_main; exec_main()"
     return [sys.executable, "-I", "-c", code, str(channel_fd), str(lifeline_fd), str(uid),
-            "1" if accounting else "0"]
+            "1" if accounting else "0", ",".join(str(fd) for fd in outputs or ()) or "-"]
 
 
 def exec_main() -> None:
-    """Entry point of an exec'd worker: ``channel lifeline uid accounting``."""
+    """Entry point of an exec'd worker: ``channel lifeline uid accounting outputs``."""
     channel_fd, lifeline_fd, uid, accounting = (int(x) for x in sys.argv[1:5])
+    outputs = [int(x) for x in sys.argv[5].split(",")] if sys.argv[5:6] not in ([], ["-"]) else []
     _preload()
     become_user(uid)
     _watch_lifeline(lifeline_fd)
     become_subreaper()
-    if _serve(channel_fd, accounting == 1, strict=True):
+    if _serve(channel_fd, accounting == 1, strict=True, outputs=outputs):
         _exit()
 
 
-def worker_main(conn, lifeline, accounting: bool = True, mark=None) -> None:
+def worker_main(conn, lifeline, accounting: bool = True, mark=None, outputs: Optional[list] = None) -> None:
     """Entry point of a multiprocessing worker (the server's own user).
     ``mark``: the shared array where its meter leaves each job's baseline
-    (meter.MARK_SIZE doubles), for the figures of a job the server kills."""
+    (meter.MARK_SIZE doubles), for the figures of a job the server kills.
+    ``outputs``: the write ends of its jobs' output pipes (see ``_serve``)."""
     channel_fd, lifeline_fd = conn.fileno(), lifeline.fileno()
-    _close_inherited([channel_fd, lifeline_fd])
+    out_fds = [c.fileno() for c in outputs or ()]
+    _close_inherited([channel_fd, lifeline_fd] + out_fds)
     forget_mp_helpers()
     _watch_lifeline(lifeline_fd)
     become_subreaper()
-    if _serve(channel_fd, accounting, mark=mark):
+    if _serve(channel_fd, accounting, mark=mark, outputs=out_fds):
         _exit()
 
 
@@ -349,13 +353,28 @@ def _reap() -> None:
             return
 
 
-def _serve(fd: int, accounting: bool, strict: bool = False, mark=None) -> bool:
+def _line_buffered() -> None:
+    """A job's ``print`` reaches its log line by line, as on a terminal
+    (stdout on a pipe would wait for 8 KiB)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError, OSError):   # replaced by something else
+            pass
+
+
+def _serve(fd: int, accounting: bool, strict: bool = False, mark=None,
+           outputs: Optional[List[int]] = None) -> bool:
     """Read jobs, run them, send results, until STOP or EOF; True when told
     to stop or leaving (then the caller exits at once), False at EOF.
 
     ``accounting`` False turns the per-job CPU and memory figures off (they
     are then None); the benchmarks use it to show what accounting costs.
-    ``strict`` (a worker of another user than the server's): after a job
+    ``outputs``: four pipes, [stdout, stderr] for odd jobs then for even
+    ones; each job gets its pair as descriptors 1 and 2 (its children and
+    commands inherit them) and the server appends what comes to that job's
+    log. Alternating means a byte a job writes late never lands in the next
+    job's log. ``strict`` (a worker of another user than the server's): after a job
     that left a Python thread running, say so in its last message and
     return (the worker leaves). A worker of the server's own user runs code
     as trusted as the server itself and keeps its hot path as it was."""
@@ -370,6 +389,9 @@ def _serve(fd: int, accounting: bool, strict: bool = False, mark=None) -> bool:
         meter.arm()
     own_threads = threading.active_count()   # ours: main, lifeline, the meter's
     leaving = False
+    if outputs:
+        _line_buffered()
+    jobs = 0
     chan.send(workerproto.encode_ready())
     no_figures = workerproto.NO_FIGURES
     while True:
@@ -381,6 +403,11 @@ def _serve(fd: int, accounting: bool, strict: bool = False, mark=None) -> bool:
             return True
         fn_blob, args_blob, env, as_thread = workerproto.decode_job(body)   # a RunJob
         del body
+        if outputs:
+            pair = (jobs & 1) * 2
+            os.dup2(outputs[pair], 1)
+            os.dup2(outputs[pair + 1], 2)
+            jobs += 1
         try:
             apply_env(env)
         except OSError as e:
