@@ -379,7 +379,10 @@ def _cmd_submit(link, args):
         job = Job(run_command, args=[list(args.command), dict(os.environ)], name=args.name or args.command[0],
                   priority=args.priority, lane=args.lane, timeout=args.timeout,
                   max_memory=args.max_memory or None, retries=args.retries, suppress_errors=True)
-        numbers = q._call("submit", args.qid, q._record(job))   # the job's number comes with the reply
+        record = q._record(job)
+        if args.after:   # job numbers, of any queue of yours (Python's after= names ids of its queue)
+            record["after_jobs"] = list(args.after)
+        numbers = q._call("submit", args.qid, record)   # the job's number comes with the reply
     finally:
         q.detach()
     if args.json:
@@ -591,6 +594,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--retries", type=int, default=0, metavar="N",
                    help="run the job again up to N times when it fails, times out, is killed or is lost, "
                         "0-1000 (default 0)")
+    s.add_argument("--after", type=_job_numbers, default=None, metavar="JOB,JOB",
+                   help="start only once these jobs (job numbers, comma-separated, any queue of yours) "
+                        "have completed; if one ends otherwise this job is skipped (default: none)")
     s.add_argument("--name", default=None, help="the job's name (default: the command)")
     s.add_argument("--qid", default="cli", help="the queue to put it in (default 'cli')")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments, after --")
@@ -641,6 +647,19 @@ def _parser() -> argparse.ArgumentParser:
     wk = command("workers", _cmd_workers, "set the server's worker count (root/owner)")
     wk.add_argument("n", type=int, metavar="N", help="jobs run at once, >= 1")
     return p
+
+
+def _job_numbers(text: str) -> tuple:
+    """``--after``: job numbers separated by commas (``7,8``), as ``schema.check_after`` takes them."""
+    from . import schema
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not job numbers: {text!r} (e.g. 7,8)") from None
+    try:
+        return schema.check_after("--after", numbers)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _job_size(text: str) -> int:

@@ -9,12 +9,13 @@ only the client and the worker load.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import enum
 import operator
 import signal
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from . import schema
 
@@ -131,6 +132,7 @@ FIELDS = (
     "status", "cpu_user", "cpu_system", "max_rss", "max_rss_method",
     "max_rss_children", "pid", "host", "user", "retries", "attempts",
     "max_memory", "job",
+    "after",
 )
 
 
@@ -161,7 +163,9 @@ class Job:
     """Defines what to run within an ``ezpq_mgr.Queue``, and how to run it.
 
     Same signature as ezpq 0.2.2's ``Job``, plus ``retries`` (run again up to
-    N times after a failure) and ``max_memory`` (bytes; kill the job past it).
+    N times after a failure), ``max_memory`` (bytes; kill the job past it)
+    and ``after`` (ids of jobs of the same queue: this one runs once they
+    all completed, and is ``skipped`` if one ends otherwise).
     Arguments are checked here (``schema``, the rules the server applies
     again) so bad input fails at the call that made it.
     """
@@ -179,6 +183,7 @@ class Job:
         stop_on_lane_error: bool = False,
         retries: int = 0,
         max_memory: Optional[int] = None,
+        after: Optional[Iterable[int]] = None,
     ):
         if not callable(function):
             raise TypeError(f"function must be callable, not {type(function).__name__}")
@@ -201,6 +206,11 @@ class Job:
         retries = schema.check_retries(retries)
         max_memory = schema.check_max_memory(max_memory)
         schema.check_name(plain_name(name))
+        if after is not None and type(after) is not list and type(after) is not tuple:
+            if isinstance(after, (str, bytes)) or not isinstance(after, collections.abc.Iterable):
+                raise TypeError(f"after must be a list of job ids, not {type(after).__name__}")
+            after = list(after)
+        after = schema.check_after("after", after)
         self.function = function
         self.args = normalize_args(args)
         self.kwargs = kwargs
@@ -212,6 +222,7 @@ class Job:
         self.stop_on_lane_error = bool(stop_on_lane_error)
         self.retries = retries
         self.max_memory = max_memory
+        self.after = after   # None or a tuple of ids, each once
 
     def __repr__(self) -> str:
         fn = getattr(self.function, "__name__", repr(self.function))
@@ -246,6 +257,9 @@ class JobRecord:
     env_id: int = 0               # which client environment (cwd, sys.path) to run in
     uid: Optional[int] = None     # the submitter's uid, as the server established it
     lane_text: Optional[str] = None   # str(lane), for tables and the accounting log
+    #: the job numbers (seqs) it waits for, None: none. Between the client's
+    #: record and ``QueueState.add``: the ``messages.After`` it named
+    after: Any = None
     status: JobStatus = JobStatus.WAITING
     submitted: Optional[float] = None
     started: Optional[float] = None

@@ -58,7 +58,7 @@ from .schema import INT64_MAX, INT64_MIN, MAX_BLOB, MAX_LANE_KEY, MAX_RETRIES, M
 
 __all__ = [
     "Challenge", "Answer", "Welcome", "Refusal", "Request", "Reply", "RETURN", "ERROR",
-    "JOB_FIELDS", "REQUIRED", "SERVER_FIELDS", "job_record", "job_records", "Processed",
+    "JOB_FIELDS", "REQUIRED", "FOLDED", "SERVER_FIELDS", "job_record", "job_records", "Processed", "After",
     "Env", "Figures", "NO_FIGURES", "Ready", "RunJob", "Result", "LateFigures", "Stop",
     "Outcome", "KillRequest",
 ]
@@ -137,15 +137,20 @@ class Reply(NamedTuple):
 # ------------------------------------------------------------ a job sent by a client
 #: A job as a client sends it: a dict with these keys (``REQUIRED`` ones
 #: always; the others default to the value given). ``id`` is 0 or an id the
-#: client reserved (``reserve_ids``); ``env_id`` one its ``hello`` returned.
+#: client reserved (``reserve_ids``); ``env_id`` one its ``hello`` returned;
+#: ``after`` ids of its own queue and ``after_jobs`` server-wide job numbers
+#: it waits for (``After``).
 JOB_FIELDS = {
     "client": None, "priority": None, "timeout": None, "function": None, "fn_blob": None,
     "args_blob": None,
     "id": 0, "name": None, "lane_key": None, "lane_text": None, "runner": "process",
     "suppress_errors": False, "stop_on_lane_error": False, "retries": 0, "max_memory": None,
-    "env_id": 0,
+    "env_id": 0, "after": None, "after_jobs": None,
 }
 REQUIRED = frozenset({"client", "priority", "timeout", "function", "fn_blob", "args_blob"})
+#: Fields a client sends that the record keeps in another one
+#: (``after_jobs`` goes into ``after``, with ``after``'s ids: ``After``).
+FOLDED = frozenset({"after_jobs"})
 _CLIENT_FIELDS = frozenset(JOB_FIELDS)
 
 #: Fields only the server sets: refused in a job a client sends.
@@ -155,6 +160,16 @@ SERVER_FIELDS = frozenset({
     "cpu_system", "max_rss", "max_rss_method", "max_rss_children", "pid", "host", "attempts",
     "phase",
 })
+
+
+class After(NamedTuple):
+    """The jobs a job waits for, as its client named them (checked, not yet
+    resolved): ``ids`` of its own queue (Python's ``put(after=...)``) and
+    server-wide job numbers (``ezpq submit --after``). A ``JobRecord``
+    carries it in ``after`` until ``QueueState.add`` resolves it into the
+    job numbers it keeps (or refuses the batch)."""
+    ids: tuple
+    jobs: tuple
 
 
 def _bad_keys(r: dict) -> None:
@@ -233,11 +248,18 @@ def job_record(r: Any, qid: str, user: str, uid: Optional[int]) -> JobRecord:
     client = r["client"]
     if type(client) is not str or len(client) > MAX_TOKEN or not client.isprintable():
         schema.check_token(client)
+    after = get("after")
+    after_jobs = get("after_jobs")
+    if after is not None or after_jobs is not None:
+        after = schema.check_after("after", after)
+        after_jobs = schema.check_after("after_jobs", after_jobs)
+        if after or after_jobs:
+            after = After(after or (), after_jobs or ())
     return JobRecord(seq=0, qid=qid, id=job_id, client=client, user=user, name=name, priority=priority,
                      lane_key=lane_key, timeout=timeout, function=function, fn_blob=fn_blob,
                      args_blob=args_blob, runner=runner, suppress_errors=suppress_errors,
                      stop_on_lane_error=stop_on_lane_error, retries=retries, max_memory=max_memory,
-                     env_id=env_id, uid=uid, lane_text=lane_text)
+                     env_id=env_id, uid=uid, lane_text=lane_text, after=after)
 
 
 def job_records(records: Any, qid: str, user: str, uid: Optional[int]) -> list:

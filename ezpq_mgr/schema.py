@@ -31,6 +31,7 @@ __all__ = [
     "INT64_MIN", "INT64_MAX", "SETTINGS", "RUNNERS", "check_settings", "check_text", "check_name", "check_int",
     "check_bool", "check_timeout", "check_priority", "check_retries", "check_max_memory",
     "check_qid", "check_token", "check_env", "check_ids", "check_blob", "wait_timeout", "client_timeout",
+    "MAX_AFTER", "check_after",
 ]
 
 DAY = 86400.0
@@ -46,6 +47,7 @@ MAX_BLOB = 256 * 1024 * 1024  # a pickled function/arguments/callback result
 MAX_LANE_KEY = 64 * 1024      # a pickled lane (it is compared as bytes)
 MAX_IDS = 10_000_000          # ids in one pop_ids / seqs in one call
 MAX_RESERVE = 1 << 20         # job ids reserved by one call
+MAX_AFTER = 1024              # jobs one job may wait for (after=): checked under the state's lock
 MAX_SETTING = (1 << 31) - 1   # cap and max_size
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _MAX_INT_NAME = 10 ** MAX_TEXT   # an int name prints in at most ~1 KiB
@@ -178,6 +180,23 @@ def check_ids(what: str, value: Any, low: int = 0) -> list:
         if type(x) is not int or not low <= x <= INT64_MAX:
             check_int(what, x, low, INT64_MAX)
     return list(value)
+
+
+def check_after(what: str, value: Any) -> Optional[Tuple[int, ...]]:
+    """The jobs a job waits for (``after``): None, or a list or tuple of at
+    most ``MAX_AFTER`` ints >= 1 (ids of its queue, or job numbers), each
+    once (repeats are dropped, the order kept); an empty list is None. The
+    bound keeps the check, done under the state's lock, and the record short."""
+    if value is None:
+        return None
+    if type(value) is not list and type(value) is not tuple:
+        raise TypeError(f"{what} must be a list of ints, not {_kind(value)}")
+    if len(value) > MAX_AFTER:
+        raise ValueError(f"{what}: a job may wait for at most {MAX_AFTER} jobs, got {len(value)}")
+    for x in value:
+        if type(x) is not int or not 1 <= x <= INT64_MAX:
+            check_int(what, x, 1, INT64_MAX)
+    return tuple(dict.fromkeys(operator.index(x) for x in value)) or None
 
 
 #: A blocking call's longest finite timeout (longer ones are clamped).

@@ -11,6 +11,7 @@ import pytest
 
 from ezpq_mgr.server import store as store_mod
 from ezpq_mgr.job import JobRecord, JobStatus, Phase
+from ezpq_mgr import messages
 from ezpq_mgr.messages import Outcome
 from ezpq_mgr.server.state import QueueState
 from ezpq_mgr.server.store import Store, StoreError
@@ -163,6 +164,7 @@ def test_a_version_1_database_migrates_and_keeps_its_jobs(where):
     st.close()
     db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
     db.execute("DROP TABLE ids")
+    db.execute("ALTER TABLE jobs DROP COLUMN after")   # version 3's
     db.execute("PRAGMA user_version=1")
     db.close()
     st2, state2 = _open(where)
@@ -173,6 +175,63 @@ def test_a_version_1_database_migrates_and_keeps_its_jobs(where):
     assert db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
     assert db.execute("SELECT count(*) FROM ids").fetchone()[0] == 0
     db.close()
+
+
+def test_a_version_2_database_migrates_and_its_jobs_wait_for_none(where):
+    """Version 2 had no ``after`` column: opened, it gains one (NULL: the
+    job waits for nothing), its jobs run as before."""
+    st, state = _open(where)
+    state.add("q", [_rec(), _rec()])
+    st.close()
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    db.execute("ALTER TABLE jobs DROP COLUMN after")
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    st2, state2 = _open(where)
+    assert [r.after for r in state2.records.values()] == [None, None]
+    with state2.cond:
+        assert state2.pick().id == 1 and state2.pick().id == 2
+    st2.close()
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION == 3
+    db.close()
+
+
+def test_a_restore_keeps_what_a_job_waits_for(where):
+    """A blocked job stays blocked (its parent ends after the restore: it
+    runs then); one whose parent ended lost in the restore is skipped; one
+    whose parent completed and was collected before the restart runs."""
+    st, state = _open(where)
+    state.add("q", [_rec(), _rec(), _rec()])           # 1 waits; 2 will run; 3 completes
+    for seq in (1, 2, 3):
+        state.records[seq].after = None
+    dep = [_rec(), _rec(), _rec()]
+    for r, parent in zip(dep, (1, 2, 3)):
+        r.after = messages.After((parent,), ())
+    with state.cond:
+        three = state.pick()
+    assert three.id == 1     # all equal: FIFO
+    state.finish(three.seq, Outcome(JobStatus.COMPLETED, 0))
+    with state.cond:
+        running = state.pick()                          # 2 runs at the restart
+    for r in dep:
+        state.add("q", [r])                             # 4 after 1 (done), 5 after 2, 6 after 3
+    assert [state.job("q", i)["status"] for i in (4, 5, 6)] == ["waiting"] * 3
+    state.pop_ids("q", [1])                             # 1 collected
+    st.close()
+    assert running.id == 2
+    st2, state2 = _open(where)
+    assert state2.job("q", 5)["status"] == "skipped" and "ended lost" in state2.job("q", 5)["exception"]
+    assert state2.records[6].after == (3,) and state2.unmet == {6: 1}
+    with state2.cond:
+        order = [state2.pick().id, state2.pick().id]
+        assert state2.pick() is None                    # 6 waits for 3
+    assert order == [3, 4]
+    state2.finish(state2.records[3].seq, Outcome(JobStatus.COMPLETED, 0))
+    with state2.cond:
+        assert state2.pick().id == 6
+    st2.close()
 
 
 def test_a_dropped_queue_keeps_its_id_counter(where):

@@ -55,6 +55,8 @@ def to_job_dict(snap: dict, trusted: bool = True) -> dict:
     d["lane"] = _load(snap["lane_key"], "lane") if trusted else snap.get("lane_text")
     d["output"] = load(snap["output_blob"], "output")
     d["callback"] = load(snap["callback_blob"], "callback result")
+    if d["after"] is not None:   # the job numbers it waited for: a list, over JSON or pickle
+        d["after"] = list(d["after"])
     for key in TIMES:
         if snap[key] is not None:
             d[key] = datetime.fromtimestamp(snap[key])

@@ -95,6 +95,10 @@ class Queue:
             raise ValueError(f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
                              f"not {start_method!r}")
         self._qid = qid or uuid.uuid4().hex[:8]
+        #: a named (shared) qid: get(wait=True, timeout=T) and wait(timeout=T)
+        #: wait up to T for jobs others put too (a private queue: "nothing
+        #: left, return now", as ezpq)
+        self._collector = qid is not None
         self._token = uuid.uuid4().hex
         self._callback = callback
         self._log_file = log_file
@@ -219,14 +223,18 @@ class Queue:
                 with self._buffer_cond:
                     self._flush_error = exc
 
+    def _take_id(self) -> int:
+        """The next of the ids reserved for this client's puts (buffer lock held)."""
+        if self._next_id == self._id_end:
+            self._next_id = self._remote.call("reserve_ids", self._qid, ID_BLOCK)
+            self._id_end = self._next_id + ID_BLOCK
+        job_id = self._next_id
+        self._next_id += 1
+        return job_id
+
     def _buffer_put(self, record: dict) -> int:
         with self._buffer_cond:
-            if self._next_id == self._id_end:
-                self._next_id = self._remote.call("reserve_ids", self._qid, ID_BLOCK)
-                self._id_end = self._next_id + ID_BLOCK
-            job_id = self._next_id
-            self._next_id += 1
-            record["id"] = job_id
+            job_id = record["id"] = self._take_id()
             self._buffer.append(record)
             full = len(self._buffer) >= FLUSH_SIZE
             if self._flusher_idle and len(self._buffer) == 1:
@@ -243,7 +251,7 @@ class Queue:
             raise ValueError("thread jobs cannot be killed: a timeout needs job_runner=Process")
         if self._runner == "thread" and job.max_memory:
             raise ValueError("thread jobs cannot be killed: max_memory needs job_runner=Process")
-        return self._remote.check_record({
+        record = {
             "client": self._token,
             "name": plain_name(job.name),
             "priority": job.priority,
@@ -259,7 +267,10 @@ class Queue:
             "retries": job.retries,
             "max_memory": job.max_memory,
             "env_id": self._env_id,
-        })
+        }
+        if job.after is not None:
+            record["after"] = list(job.after)
+        return self._remote.check_record(record)
 
     def _put_jobs(self, jobs: List[Job]) -> List[int]:
         """Pickle every job first (all or nothing), then send them in one call."""
@@ -408,10 +419,12 @@ class Queue:
     def put(self, function: Callable, args: Any = None, kwargs: Optional[dict] = None,
             name: Any = None, priority: int = 100, lane: Any = None, timeout: float = 0,
             suppress_errors: bool = False, stop_on_lane_error: bool = False,
-            retries: int = 0, max_memory: Optional[int] = None) -> int:
-        """Create a job and submit it; returns its id."""
+            retries: int = 0, max_memory: Optional[int] = None,
+            after: Optional[Iterable[int]] = None) -> int:
+        """Create a job and submit it; returns its id. ``after``: ids of
+        this queue's jobs it waits for (see ``submit``)."""
         return self.submit(Job(function, args, kwargs, name, priority, lane, timeout,
-                               suppress_errors, stop_on_lane_error, retries, max_memory))
+                               suppress_errors, stop_on_lane_error, retries, max_memory, after))
 
     def submit(self, job: Job) -> int:
         """Submit an ``ezpq_mgr.Job``; returns its id.
@@ -427,6 +440,17 @@ class Queue:
         record = self._record(job)
         if self._disposed:
             raise EzpqError(f"queue {self._qid!r} is disposed")
+        if self._buffered and job.after is not None:
+            # a job with ``after`` (ids of this queue's jobs already put: it
+            # runs once they all completed, and is ``skipped`` if one ends
+            # otherwise) is never buffered: the puts before it go first,
+            # then it, with the next id, so that an id not on the server
+            # (never given out, the job itself, a job already collected)
+            # raises ``ValueError`` here, and nothing is enqueued
+            self._flush()
+            with self._buffer_cond:
+                record["id"] = self._take_id()
+            return self._remote.call("put", self._qid, [record])[0]
         if not self._buffered:
             return self._call("put", self._qid, [record])[0]
         return self._buffer_put(record)
@@ -473,10 +497,17 @@ class Queue:
     def wait(self, poll: float = 0, timeout: float = 0, show_progress: bool = False) -> int:
         """Block until this queue has no waiting or working job (or ``timeout``).
 
-        Returns how many are still waiting or working (0 = all done)."""
+        Returns how many are still waiting or working (0 = all done). On a
+        shared ``qid`` (one was given) with a ``timeout``, an empty queue is
+        not done yet: it waits up to ``timeout`` for jobs to arrive (put by
+        any client of this user) and finish, or returns at once when
+        finished jobs wait to be collected. A private queue returns at once
+        when nothing waits or works, as ezpq's."""
         server_timeout = self._server_timeout(timeout)
         if show_progress:
             return self.waitpb(poll, timeout)
+        if self._collector and server_timeout is not None:
+            return self._call("wait_pending", self._qid, 1, server_timeout, True)
         return self._call("wait_pending", self._qid, 1, server_timeout)
 
     def waitpb(self, poll: float = 0, timeout: float = 0) -> int:
@@ -507,11 +538,18 @@ class Queue:
         """Pop the best completed job (lowest priority, then earliest), or None.
 
         Blocks when ``wait``, ``poll`` or ``timeout`` is given, until a job
-        completes, the queue is empty, or ``timeout`` passes."""
+        completes, the queue is empty, or ``timeout`` passes. On a shared
+        ``qid`` with a ``timeout``, an empty queue is no answer: it waits up
+        to ``timeout`` for a job to complete, one put later included (a
+        collector started before its putters)."""
         if not (wait or poll or timeout):
             job = self._call("get", self._qid, False, 0)
             return None if job is None else to_job_dict(job)
-        job = self._call("get", self._qid, True, self._server_timeout(timeout))
+        server_timeout = self._server_timeout(timeout)
+        if self._collector and server_timeout is not None:
+            job = self._call("get", self._qid, True, server_timeout, True)
+        else:
+            job = self._call("get", self._qid, True, server_timeout)
         return None if job is None else to_job_dict(job)
 
     def collect(self, n: int = 0) -> List[dict]:

@@ -127,6 +127,7 @@ class Control:
             key, env_id = old.qid, old.env_id
         fields["client"] = secrets.token_hex(16)
         fields["id"] = 0
+        fields["after"] = None   # what it waited for was settled when it ran: the new job waits for none
         if fields.get("name") == old.id:
             fields["name"] = None   # it was named by its id: the new one is named by its own
         rec = job_record(fields, key, me.user, me.uid)   # checked again, as any put

@@ -87,19 +87,33 @@ class Results:
                 if n < batch:
                     return dropped
 
-    def get(self, qid: str, wait: bool, timeout: Optional[float], reply=None):
+    def get(self, qid: str, wait: bool, timeout: Optional[float], reply=None, arrivals: bool = False):
         """Pop the best completed job; optionally wait up to ``timeout`` for one.
 
         Returns (job or None, jobs left in the queue) so the client knows
         whether waiting longer can ever succeed; or, given a ``reply``
-        channel and nothing to answer yet, a ``Deferred`` that sends it later."""
+        channel and nothing to answer yet, a ``Deferred`` that sends it later.
+        A queue with nothing waiting or working answers None at once
+        (ezpq's "nothing left, return now"), unless ``arrivals`` (a
+        collector on a shared qid, with a timeout): then only a completed
+        job is an answer, one put later included, or the timeout."""
         with self.cond:
-            q = self.queues.get(qid) or QueueInfo(qid)   # an unknown qid is not stored
+            queues = self.queues
 
             def answer() -> Tuple[Optional[dict], int]:
                 got = self._pop_completed(qid, 1)
-                return (got[0] if got else None), self._size(q)
+                q = queues.get(qid)
+                return (got[0] if got else None), (0 if q is None else self._size(q))
 
             if not wait:
                 return answer()
-            return self._answer_or_defer(lambda: q.n_done or q.pending == 0, answer, timeout, reply)
+            if arrivals:   # the queue is looked up at each change: it may not exist yet
+                def ready() -> bool:
+                    q = queues.get(qid)
+                    return q is not None and q.n_done > 0
+            else:
+                q = queues.get(qid) or QueueInfo(qid)   # an unknown qid is not stored
+
+                def ready() -> bool:
+                    return q.n_done or q.pending == 0
+            return self._answer_or_defer(ready, answer, timeout, reply)

@@ -567,10 +567,18 @@ class Service(Control):
                 env = self._envs.get(env_id) if env_id else None
                 if env_id and (env is None or env.uid != me.uid):
                     raise ValueError(f"env_id: unknown environment {env_id}")
-            self.state.add(key, recs)
+            # the jobs hold their environments before they are added: one
+            # may end within add (skipped: a job it waits for ended otherwise)
             for env_id, n in envs.items():
                 if env_id:
                     self._envs[env_id].refs += n
+            try:
+                self.state.add(key, recs)
+            except BaseException:   # refused: nothing was added
+                for env_id, n in envs.items():
+                    if env_id:
+                        self._envs[env_id].refs -= n
+                raise
         self.supervisor.dispatch_now()
         return recs
 
@@ -601,13 +609,16 @@ class Service(Control):
     def counts(self, caller: Caller, qid: str) -> dict:
         return self.state.counts(self._key(caller, qid))
 
-    def get(self, caller: Caller, qid: str, wait: bool, timeout: Optional[float]) -> Optional[dict]:
-        """The best completed job (None: none, or none before ``timeout``)."""
+    def get(self, caller: Caller, qid: str, wait: bool, timeout: Optional[float],
+            arrivals: bool = False) -> Optional[dict]:
+        """The best completed job (None: none, or none before ``timeout``).
+        ``arrivals``: wait for jobs put later too (``QueueState.get``)."""
         def visible(answer):
             return self._snap(answer[0])
 
         key, timeout = self._key(caller, qid), schema.wait_timeout(timeout)
-        got = self.state.get(key, schema.check_bool("wait", wait), timeout, caller.reply_channel(visible))
+        got = self.state.get(key, schema.check_bool("wait", wait), timeout, caller.reply_channel(visible),
+                             schema.check_bool("arrivals", arrivals))
         return _parked(caller, got, visible)
 
     def collect(self, caller: Caller, qid: str, n: int) -> List[dict]:
@@ -619,11 +630,16 @@ class Service(Control):
         key = self._key(caller, qid)
         return [self._snap(s) for s in self.state.pop_ids(key, schema.check_ids("ids", ids))]
 
-    def wait_pending(self, caller: Caller, qid: str, below: int, timeout: Optional[float]) -> int:
-        """How many of the qid's jobs wait or work, once fewer than ``below``."""
+    def wait_pending(self, caller: Caller, qid: str, below: int, timeout: Optional[float],
+                     arrivals: bool = False) -> int:
+        """How many of the qid's jobs wait or work, once fewer than ``below``.
+        ``arrivals``: an empty queue waits for jobs to arrive and finish
+        (``QueueState.wait_pending``)."""
         key, timeout = self._key(caller, qid), schema.wait_timeout(timeout)
         below = schema.check_int("below", below, schema.INT64_MIN, schema.INT64_MAX)
-        return _parked(caller, self.state.wait_pending(key, below, timeout, caller.reply_channel(int)))
+        arrivals = schema.check_bool("arrivals", arrivals)
+        return _parked(caller, self.state.wait_pending(key, below, timeout, caller.reply_channel(int),
+                                                       arrivals))
 
     def wait_client(self, caller: Caller, client: str, below: int, timeout: Optional[float]) -> int:
         """How many of the client's jobs are not done, once fewer than ``below``."""

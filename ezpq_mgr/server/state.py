@@ -10,10 +10,11 @@ calls whose condition now holds).
 It owns the records, the queues (``QueueInfo``, queues.py), the one
 transition function and what moves jobs: ``add``, ``finish``, ``release``,
 ``requeue``, cancels, a client's notices (jobs it post-processes) and its
-departure. Three parts of it are written apart, as mixins whose methods run
+departure. Four parts of it are written apart, as mixins whose methods run
 on the state under its lock, with no indirection per job: ``Scheduling``
-(scheduling.py: the heaps, lanes, ``pick``), ``Results`` (results.py:
-``get``, collect, expiry) and ``Waits`` (waits.py: parked calls).
+(scheduling.py: the heaps, lanes, ``pick``), ``Dependencies``
+(dependencies.py: jobs that wait for others, ``after``), ``Results``
+(results.py: ``get``, collect, expiry) and ``Waits`` (waits.py: parked calls).
 
 A job's life is its ``Phase`` (job.py). Every change of phase goes through
 ``_move``, which checks it against ``TRANSITIONS`` and keeps every count
@@ -41,6 +42,7 @@ from ..job import ERROR_STATES, TRANSITIONS, JobRecord, JobStatus, Phase
 from ..messages import KillRequest, Outcome
 from ..schema import INT64_MAX, SETTINGS
 from .queues import DONE, GONE, HELD, NEW, RETURNED, RUNNING, WAITING, QueueInfo
+from .dependencies import Dependencies
 from .results import Results
 from .scheduling import Scheduling
 from .waits import Deferred, Outbox, StateLock, Waits
@@ -56,7 +58,7 @@ FAILED_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED, JobStatus.T
 _OUTCOME_FIELDS = Outcome._fields[1:]   # all but status
 
 
-class QueueState(Scheduling, Results, Waits):
+class QueueState(Scheduling, Dependencies, Results, Waits):
     """All queues of one server. Thread-safe: every public method holds
     ``cond`` (the ``StateLock``); methods documented "caller holds the lock"
     are for the supervisor and the service, inside their own ``with state.cond``."""
@@ -104,6 +106,7 @@ class QueueState(Scheduling, Results, Waits):
         #: (``_drop_if_empty``), else every ``with Queue():`` would cost one.
         self.last_ids: Dict[str, int] = {}
         self.queues_of: Dict[object, int] = {}   # owner -> how many queues it has
+        self._init_dependencies()                # unmet, dependents (dependencies.py)
 
     # ----------------------------------------------------------------- queues
     def queue(self, qid: str) -> QueueInfo:
@@ -202,6 +205,11 @@ class QueueState(Scheduling, Results, Waits):
                 for job_id in reserved:
                     if not 0 < job_id < q.next_id or job_id in q.ids:
                         raise ValueError(f"id: job id {job_id} was not reserved or is taken")
+            waits = [rec for rec in records if rec.after is not None]
+            if waits:   # named jobs resolved to job numbers, or the batch refused
+                resolved = [self._resolve_after(q, rec) for rec in waits]
+                for rec, seqs in zip(waits, resolved):
+                    rec.after = seqs
             now = self.clock()
             ids = []
             for rec in records:
@@ -218,7 +226,10 @@ class QueueState(Scheduling, Results, Waits):
                 self.records[rec.seq] = rec
                 q.ids[rec.id] = rec.seq
                 self._move(q, rec, WAITING)
-                self._enqueue(q, rec)
+                if rec.after is None:
+                    self._enqueue(q, rec)
+                else:
+                    self._admit(q, rec)
                 ids.append(rec.id)
             if self.on_queue is not None:
                 self.on_queue(q)
@@ -274,6 +285,8 @@ class QueueState(Scheduling, Results, Waits):
                 self.on_gone(rec)
         if self.on_move is not None:
             self.on_move(rec, frm, to)
+        if self.dependents and (to is HELD or (to is DONE and frm is not HELD)):
+            self._after_ended(rec)   # its dependents released or skipped, in this transition
 
 
     # --------------------------------------------------------------- finish
@@ -486,7 +499,9 @@ class QueueState(Scheduling, Results, Waits):
             q = self.queues[rec.qid]
             old = (rec.priority, seq)
             rec.priority = priority
-            if rec.lane_key is None:
+            if seq in self.unmet:
+                pass   # blocked (dependencies.py): in no heap yet; released at its new priority
+            elif rec.lane_key is None:
                 heapq.heappush(q.waiting, (priority, seq))
             else:
                 lane = q.lanes[rec.lane_key]
@@ -562,7 +577,9 @@ class QueueState(Scheduling, Results, Waits):
             if q is None:
                 return 0
             n = 0
-            for seq in sorted(q.ids.values()):
+            # newest first: a job is cancelled before a job it waits for
+            # ends (which would skip it)
+            for seq in sorted(q.ids.values(), reverse=True):
                 rec = self.records[seq]
                 if client is not None and rec.client != client:
                     continue

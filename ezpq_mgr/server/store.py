@@ -30,7 +30,9 @@ marks the file as ours)::
                                         QueueState.last_ids, so no id is reused
     envs(env_id PRIMARY KEY, uid, cwd, sys_path)   a job's working directory
                                                    and sys.path (JSON list)
-    jobs(seq PRIMARY KEY, <STATIC>, <MUTABLE>)     one row per job on the server
+    jobs(seq PRIMARY KEY, <STATIC>, <MUTABLE>)     one row per job on the server;
+                                        its ``after`` (version 3): the job
+                                        numbers it waits for, a JSON list, or NULL
 
 A job's row is inserted when it is accepted (its payloads are opaque BLOBs,
 never unpickled here), updated at each later phase change (the
@@ -42,7 +44,10 @@ history. The next version adds a function to ``MIGRATIONS`` (old version
 version, or one that is not ours, refuses the start, never an empty start
 over it.
 
-Restore (``restore``): waiting jobs wait again in their order; jobs that
+Restore (``restore``): waiting jobs wait again in their order (a job
+waiting for others blocked again, or skipped if one of them ended
+otherwise, lost now included; one no longer on the server was collected,
+so it had completed); jobs that
 were running (or had returned, their figures unsent) run again when they
 have ``retries`` left, else end ``lost``; held and done jobs are done,
 unchanged; ids (of dropped queues too), job numbers and queue settings
@@ -69,7 +74,7 @@ __all__ = ["Store", "StoreError", "SCHEMA_VERSION", "DB_NAME"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: PRAGMA application_id: "EZPQ"; a file without it is not ours
 APPLICATION_ID = 0x455A5051
 DB_NAME = "state.db"
@@ -79,7 +84,7 @@ LOCK_NAME = "lock"
 #: job's priority: ``on_priority``).
 STATIC = ("seq", "qid", "id", "client", "user", "uid", "name", "priority", "lane_key", "lane_text",
           "timeout", "function", "fn_blob", "args_blob", "runner", "suppress_errors",
-          "stop_on_lane_error", "retries", "max_memory", "env_id", "submitted")
+          "stop_on_lane_error", "retries", "max_memory", "env_id", "submitted", "after")
 #: Columns a phase change may change (written as a whole at each).
 MUTABLE = ("phase", "status", "started", "ended", "processed", "exitcode", "cancelled", "output_blob",
            "exception", "callback_blob", "cpu_user", "cpu_system", "max_rss", "max_rss_method",
@@ -102,8 +107,13 @@ def _v1_to_v2(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE ids(qid TEXT PRIMARY KEY, next_id INTEGER NOT NULL)")
 
 
+def _v2_to_v3(db: sqlite3.Connection) -> None:
+    """Version 3 keeps the jobs a job waits for (``after``); older jobs wait for none."""
+    db.execute("ALTER TABLE jobs ADD COLUMN after")
+
+
 #: version -> function(conn) that brings a database of that version to the next
-MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 _PRIORITY = STATIC.index("priority")   # a waiting job's priority may change (on_priority)
 _INSERT = f"INSERT OR REPLACE INTO jobs({', '.join(STATIC + MUTABLE)}) VALUES ({', '.join('?' * len(STATIC + MUTABLE))})"
@@ -114,7 +124,7 @@ def _static(rec: JobRecord) -> tuple:
     return (rec.seq, rec.qid, rec.id, rec.client, rec.user, rec.uid, rec.name, rec.priority, rec.lane_key,
             rec.lane_text, rec.timeout, rec.function, rec.fn_blob, rec.args_blob, rec.runner,
             rec.suppress_errors, rec.stop_on_lane_error, rec.retries, rec.max_memory, rec.env_id,
-            rec.submitted)
+            rec.submitted, None if rec.after is None else json.dumps(rec.after))
 
 
 def _mutable(rec: JobRecord) -> tuple:
@@ -319,6 +329,8 @@ class Store:
                 rec.suppress_errors = rec.suppress_errors == 1
                 rec.stop_on_lane_error = rec.stop_on_lane_error == 1
                 rec.cancelled = rec.cancelled == 1
+                if rec.after is not None:
+                    rec.after = tuple(json.loads(rec.after))
                 jobs.append((rec, phase))
                 if rec.env_id:   # a job holds its environment while on the server (requeue)
                     refs[rec.env_id] = refs.get(rec.env_id, 0) + 1
@@ -336,9 +348,9 @@ class Store:
                 state.records[rec.seq] = rec
                 q.ids[rec.id] = rec.seq
                 processed = rec.processed
-                if phase is WAITING:
+                if phase is WAITING:   # the jobs it waits for have lower seqs: restored already
                     state._move(q, rec, WAITING)
-                    state._enqueue(q, rec)
+                    state._admit(q, rec)
                     n["waiting"] += 1
                 elif phase in (Phase.RUNNING, Phase.RETURNED):
                     state._move(q, rec, Phase.WAITING)

@@ -114,14 +114,30 @@ class Waits:
             return self._answer_or_defer(lambda: pending.get(client, 0) < below,
                                          lambda: pending.get(client, 0), timeout, reply)
 
-    def wait_pending(self, qid: str, below: int, timeout: Optional[float], reply=None):
+    def wait_pending(self, qid: str, below: int, timeout: Optional[float], reply=None,
+                     arrivals: bool = False):
         """How many of the qid's jobs wait or work, once fewer than ``below``
-        (1: none) or when ``timeout`` passes."""
+        (1: none) or when ``timeout`` passes.
+
+        ``arrivals`` (a collector on a shared qid, with a timeout): an empty
+        queue is not an answer yet; it waits for jobs to arrive, then for
+        them to finish: ready once fewer than ``below`` wait or work and
+        either a job was put since the call or finished jobs wait to be
+        collected."""
         with self.cond:
             def pending() -> int:
                 q = self.queues.get(qid)
                 return 0 if q is None else q.pending
-            return self._answer_or_defer(lambda: pending() < below, pending, timeout, reply)
+            if not arrivals:
+                return self._answer_or_defer(lambda: pending() < below, pending, timeout, reply)
+            first = self.queues.get(qid)
+            before = 0 if first is None else first.n_submitted
+
+            def settled() -> bool:   # (a queue made anew meanwhile counts from 0)
+                q = self.queues.get(qid)
+                return q is not None and q.pending < below and (
+                    q.n_done > 0 or q.n_submitted > (before if q is first else 0))
+            return self._answer_or_defer(settled, pending, timeout, reply)
 
     def wait_free(self, qid: str, slots: Callable[[], int], timeout: Optional[float], reply=None):
         """True once the qid could start a job at once (nothing of it waits
