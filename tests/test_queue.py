@@ -332,6 +332,29 @@ def test_server_dies_with_a_killed_client_and_leaves_no_directory(tmp_path, sign
         private_tmp.rmdir()
 
 
+def test_a_client_killed_before_its_server_got_the_config_leaves_no_directory(tmp_path):
+    """The narrowest window: the client made its private directory and
+    started the server, then died before it sent the server its config (its
+    stdin closes at once). The server was told the directory on its command
+    line, so it removes it all the same."""
+    import subprocess
+    import tempfile
+    private = tempfile.mkdtemp(prefix="ezpq-")
+    ready_r, ready_w = os.pipe()
+    try:
+        server = subprocess.Popen([sys.executable, "-m", "ezpq_mgr.server", "--embedded", "--ready-fd",
+                                   str(ready_w), "--private-dir", private],
+                                  stdin=subprocess.PIPE, pass_fds=[ready_w])
+        server.stdin.close()          # the client is gone: no config line ever comes
+        assert server.wait(30) == 0
+        assert not os.path.exists(private)
+    finally:
+        os.close(ready_r)
+        os.close(ready_w)
+        if os.path.isdir(private):
+            os.rmdir(private)
+
+
 def test_a_temp_dir_too_long_for_a_socket_falls_back_to_tmp(monkeypatch):
     """A Unix socket path holds at most 107 bytes: with a deep TMPDIR the
     private server's directory is made in /tmp instead, and removed after."""

@@ -77,7 +77,8 @@ class PrivateServer:
         ready_r, ready_w = os.pipe()
         try:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "ezpq_mgr.server", "--embedded", "--ready-fd", str(ready_w)],
+                [sys.executable, "-m", "ezpq_mgr.server", "--embedded", "--ready-fd", str(ready_w),
+                 "--private-dir", self.dir],
                 stdin=subprocess.PIPE, pass_fds=[ready_w], start_new_session=True, env=env,
             )
         except BaseException:

@@ -264,11 +264,15 @@ def embedded_main() -> None:
     import faulthandler
     faulthandler.register(signal.SIGUSR1)
     ready_fd = int(sys.argv[sys.argv.index("--ready-fd") + 1])
+    # known before the config arrives: a client killed right after making
+    # its directory (before it could send the config) leaves nothing either
+    private_dir = sys.argv[sys.argv.index("--private-dir") + 1] if "--private-dir" in sys.argv else None
     stdin_fd = os.dup(0)
     line = b""
     while not line.endswith(b"\n"):
         chunk = os.read(stdin_fd, 1)
         if not chunk:
+            _remove_private_dir(private_dir, os.path.join(private_dir or "", "server.sock"))
             return
         line += chunk
     config = json.loads(line)
