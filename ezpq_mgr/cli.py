@@ -263,15 +263,24 @@ def _version(prog: str) -> str:
     return f"{prog} (ezpq_mgr) {__version__}, Python {sys.version.split()[0]}"
 
 
+def _bytes_of(text: str, units: dict, example: str) -> float:
+    """A size on the command line: a number, or one with a suffix from
+    ``units`` (powers of 1024), optionally followed by B or iB."""
+    t = text.strip().upper()
+    for tail in ("IB", "B"):
+        if t.endswith(tail) and len(t) > len(tail):
+            t = t[:-len(tail)]
+            break
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        return float(t[:-1] if unit else t) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. {example})") from None
+
+
 def _size(text: str) -> int:
     """``--max-message``: bytes, or with a K/M/G suffix (powers of 1024)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().rstrip("IB") if text.strip().upper().endswith(("IB", "B")) else text.strip().upper()
-    unit = t[-1:] if t[-1:] in "KMG" else ""
-    try:
-        n = float(t[:-1] if unit else t) * units[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256M)") from None
+    n = _bytes_of(text, {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}, "256M")
     if not 1024 <= n < 1 << 62:
         raise argparse.ArgumentTypeError(f"--max-message must be at least 1K, got {text!r}")
     return int(n)
@@ -664,17 +673,7 @@ def _job_numbers(text: str) -> tuple:
 
 def _job_size(text: str) -> int:
     """``--max-memory``: bytes, or with a K/M/G/T suffix (powers of 1024); 0 for none."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper()
-    for tail in ("IB", "B"):
-        if t.endswith(tail) and len(t) > len(tail):
-            t = t[:-len(tail)]
-            break
-    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
-    try:
-        n = float(t[:-1] if unit else t) * units[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+    n = _bytes_of(text, {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}, "512M, 2G")
     if not 0 <= n < 1 << 62:
         raise argparse.ArgumentTypeError(f"not a size >= 0: {text!r}")
     return int(n)

@@ -19,18 +19,9 @@ import sys
 import time
 from typing import Callable, Iterator, Optional
 
+from ..cli import _fmt_bytes as _bytes   # the CLI's tables and this view show sizes alike
+
 __all__ = ["render", "run_top"]
-
-
-def _bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "K", "M", "G", "T"):
-        if n < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return "-"
 
 
 def _duration(s: Optional[float]) -> str:
