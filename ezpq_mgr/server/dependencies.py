@@ -117,12 +117,8 @@ class Dependencies:
     def _skip_after(self, q: QueueInfo, rec: JobRecord, dep: JobRecord) -> None:
         """(lock held) A waiting job is skipped: ``dep``, a job it waits for, ended otherwise."""
         self.unmet.pop(rec.seq, None)
-        rec.status = JobStatus.SKIPPED
-        rec.cancelled = True
-        rec.exitcode = dep.exitcode
-        rec.exception = (f"after: job {dep.seq} (id {dep.id} of its queue), which this job waits for, "
-                         f"ended {dep.status.value}")
-        self._done(q, rec, held_ok=False)
+        self._skip(q, rec, dep.exitcode, f"after: job {dep.seq} (id {dep.id} of its queue), which this "
+                                         f"job waits for, ended {dep.status.value}")
 
     def _after_ended(self, rec: JobRecord) -> None:
         """(lock held; ``_move``, as ``rec`` reaches its final state) Release

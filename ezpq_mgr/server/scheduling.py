@@ -65,12 +65,8 @@ class Scheduling:
         failed = lane.last_exit not in (0, None)
         while failed and lane.heap and self.records[lane.heap[0][1]].stop_on_lane_error:
             nxt = self.records[heapq.heappop(lane.heap)[1]]
-            nxt.status = JobStatus.SKIPPED
-            nxt.cancelled = True
-            nxt.exitcode = lane.last_exit
-            nxt.exception = (f"stop_on_lane_error=True and preceding job ({lane.last_id}) "
-                             f"exit code is {lane.last_exit}")
-            self._done(q, nxt, held_ok=False)
+            self._skip(q, nxt, lane.last_exit, f"stop_on_lane_error=True and preceding job "
+                                               f"({lane.last_id}) exit code is {lane.last_exit}")
             self._clean_lane(lane)
         if not lane.heap:
             return

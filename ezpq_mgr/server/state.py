@@ -363,6 +363,16 @@ class QueueState(Scheduling, Dependencies, Results, Waits):
         self._move(q, rec, WAITING)
         self._enqueue(q, rec)
 
+    def _skip(self, q: QueueInfo, rec: JobRecord, exitcode: Optional[int], why: str) -> None:
+        """(lock held) A waiting job that will never run, because of how
+        another ended (its lane's last job, a job it waits for): ``skipped``,
+        that job's exit code, the reason in ``exception``."""
+        rec.status = JobStatus.SKIPPED
+        rec.cancelled = True
+        rec.exitcode = exitcode
+        rec.exception = why
+        self._done(q, rec, held_ok=False)
+
     def _done(self, q: QueueInfo, rec: JobRecord, held_ok: bool = True) -> None:
         """A job reached a final state: hand it to its client or complete it."""
         if self.on_final is not None:
