@@ -10,7 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -20,6 +19,7 @@ from ezpq_mgr.client.connection import Remote
 from jobs import fail, sleep_for
 from server_fixture import Server
 from test_durable import Durable
+from test_security import connect, refused   # a raw client, and what a refusal says
 
 from multiuser import USERS, needs_root, run_as, start_as, users  # noqa: F401 (fixture)
 
@@ -48,21 +48,6 @@ def record(token, env, **over):
          "env_id": env}
     r.update(over)
     return r
-
-
-def connect(server):
-    remote = Remote(server.address, server.key)
-    token = uuid.uuid4().hex
-    env = remote.call("hello", token, server.dir, [], False)["env_id"]
-    return remote, token, env
-
-
-def refused(call, *args):
-    try:
-        result = call(*args)
-    except (TypeError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return f"accepted {result!r}"[:200]
 
 
 # ------------------------------------------------------------- the Python API
