@@ -150,6 +150,51 @@ def test_restart_keeps_waiting_jobs_and_uncollected_results(durable, sig, sync):
     Q2.dispose()
 
 
+def _get_then_kill_before_the_removal_commits(s, Q):
+    """Q.get() a completed job while the test holds the database's write
+    lock (the journal cannot commit the job's removal), then SIGKILL the
+    server and restart it. Returns what get() returned."""
+    _wait_until(lambda: sqlite3.connect(os.path.join(s.state_dir, DB_NAME)).execute(
+        "SELECT count(*) FROM jobs WHERE status='completed'").fetchone()[0] == 1, what="the result on disk")
+    blocker = sqlite3.connect(os.path.join(s.state_dir, DB_NAME), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        got = []
+        t = threading.Thread(target=lambda: got.append(Q.get(wait=True, timeout=10)))
+        t.start()
+        t.join(4)   # under the journal's 5 s busy timeout
+        assert got and got[0] is not None, "get() waited for its removal's commit"
+        s.kill(signal.SIGKILL)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    s.start()
+    return got[0]
+
+
+def test_a_result_handed_out_before_a_kill_reaches_each_process_once(durable):
+    """At least once, and once per process: a result handed over just
+    before a SIGKILL whose removal was not yet on disk is on the server
+    again after the restart; the process that had it does not get it a
+    second time, another process does (nothing is lost)."""
+    s = durable(workers=1).start()
+    Q = s.queue("once")
+    job_id = Q.put(return_me, 7)
+    assert Q.wait(timeout=30) == 0
+    assert _get_then_kill_before_the_removal_commits(s, Q)["output"] == 7
+    Q2 = s.queue("once")
+    assert [j["id"] for j in Q2.jobs()] == [job_id], "the job is not on the server again"
+    assert Q2.get() is None and Q2.collect() == [], "this process was handed the result twice"
+    assert Q2.size() == 0
+    job_id = Q2.put(return_me, 8)
+    assert Q2.wait(timeout=30) == 0
+    assert _get_then_kill_before_the_removal_commits(s, Q2)["output"] == 8
+    again = Remote(s.address, s.key).call("get", "once", False, 0)   # as another process would
+    assert again is not None and (again["id"], again["status"]) == (job_id, "completed"), \
+        "the result handed out before the kill is lost"
+    s.queue("once").dispose()
+
+
 def test_retries_run_again_after_a_restart(durable):
     """A job running at a SIGKILL runs again when it has retries left (attempts counts)."""
     s = durable(workers=1).start()

@@ -109,6 +109,7 @@ class Remote:
         self._local = threading.local()
         self.max_message: Optional[int] = None
         self.durable = False   # the server has a --state-dir (learnt at the handshake)
+        self.state_id: Optional[str] = None   # its database's identity (client/delivered.py)
         self._connection()
 
     def _connection(self) -> socket.socket:
@@ -128,6 +129,8 @@ class Remote:
             raise ConnectionError(f"cannot connect to an ezpq server at {self.where}: {exc!r}") from None
         self.max_message = info.get("max_message")
         self.durable = info.get("durable") is True
+        state_id = info.get("state_id")
+        self.state_id = state_id if isinstance(state_id, str) else None
         local.sock, local.generation = sock, _generation
         return sock
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, List, Optional
 
 from .. import schema, serialize
 from .connection import Remote, default_authkey, parse_address
+from .delivered import Delivered
 from .embedded import PrivateServer
 from ..errors import ConnectionError, EzpqError, JobNotFound
 from ..job import ERROR_STATES, Job, normalize_args, plain_name
@@ -456,7 +457,8 @@ class Queue:
         return self._buffer_put(record)
 
     def _collect_ids(self, ids: List[int]) -> List[dict]:
-        return [to_job_dict(s) for s in self._call("pop_ids", self._qid, ids) if s is not None]
+        return [to_job_dict(s) for s in self._call("pop_ids", self._qid, ids)
+                if s is not None and self._first(s)]
 
     def _map_jobs(self, jobs: List[Job], show_progress: bool) -> List[dict]:
         ids = self._put_jobs(jobs)
@@ -543,18 +545,30 @@ class Queue:
         to ``timeout`` for a job to complete, one put later included (a
         collector started before its putters)."""
         if not (wait or poll or timeout):
-            job = self._call("get", self._qid, False, 0)
-            return None if job is None else to_job_dict(job)
+            while True:
+                job = self._call("get", self._qid, False, 0)
+                if job is None or self._first(job):
+                    return None if job is None else to_job_dict(job)
         server_timeout = self._server_timeout(timeout)
-        if self._collector and server_timeout is not None:
-            job = self._call("get", self._qid, True, server_timeout, True)
-        else:
-            job = self._call("get", self._qid, True, server_timeout)
-        return None if job is None else to_job_dict(job)
+        deadline = None if server_timeout is None else time.monotonic() + server_timeout
+        while True:
+            if self._collector and server_timeout is not None:
+                job = self._call("get", self._qid, True, server_timeout, True)
+            else:
+                job = self._call("get", self._qid, True, server_timeout)
+            if job is None or self._first(job):
+                return None if job is None else to_job_dict(job)
+            if deadline is not None:   # handed again after a restart: this process had it
+                server_timeout = max(deadline - time.monotonic(), 0.001)
 
     def collect(self, n: int = 0) -> List[dict]:
         """Pop ``n`` completed jobs (all when n <= 0), best first."""
-        return [to_job_dict(s) for s in self._call("collect", self._qid, int(n))]
+        return [to_job_dict(s) for s in self._call("collect", self._qid, int(n)) if self._first(s)]
+
+    def _first(self, job: dict) -> bool:
+        """False for a result a durable server hands out again after a
+        restart that this process already had (client/delivered.py)."""
+        return Delivered.first(self._remote.state_id, self._qid, job["id"])
 
     def size(self, waiting: bool = False, working: bool = False, completed: bool = False) -> int:
         """Jobs waiting + working + completed (only the ones asked, if any)."""

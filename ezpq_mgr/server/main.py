@@ -152,7 +152,8 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         threading.Thread(target=connections.serve, args=(conn,), name=f"ezpq-client-{identity.user}",
                          daemon=True).start()
 
-    doorman = Doorman(listener, authkey, admit, {"max_message": max_message, "durable": store is not None},
+    doorman = Doorman(listener, authkey, admit, {"max_message": max_message, "durable": store is not None,
+                                                "state_id": None if store is None else store.state_id()},
                       allow_other_users=allow_other_users)
     if store is not None:   # before any job moves: every move is journaled
         def journal_failed(why: str) -> None:

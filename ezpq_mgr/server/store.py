@@ -15,8 +15,14 @@ server before everything journaled until it was computed is committed**
 (``barrier`` for a connection's direct replies, ``hold`` for the answers
 of parked calls that other threads send). So a ``put`` is acknowledged only
 once its jobs are committed, and a ``get``/``collect`` hands a result over
-only once its removal is committed (a killed server never gives a result
-twice). Moves nobody is told about (a job starting, finishing) are written
+once everything before it is committed. The one exception is a job's
+removal (collected, cleaned, expired): it goes to disk with the next group,
+after the reply, so a result is handed over **at least once**, never lost to
+a SIGKILL between the commit and the send. A result handed out in the last
+instant before a kill is on the server again after the restart; the client
+knows it by the database's ``state_id`` and the job's id (never reused) and
+drops it (``client/delivered.py``): every result reaches its process once.
+Moves nobody is told about (a job starting, finishing) are written
 by the next group commit, a fraction of a millisecond later; a job that
 started within that window before a SIGKILL may run again instead of
 coming back ``lost``.
@@ -24,7 +30,8 @@ coming back ``lost``.
 Schema (``SCHEMA_VERSION``; ``PRAGMA user_version``, and ``application_id``
 marks the file as ours)::
 
-    meta(key PRIMARY KEY, value)        'seq': the server-wide job number
+    meta(key PRIMARY KEY, value)        'seq': the server-wide job number,
+                                        'state_id': this database's identity
     queues(qid PRIMARY KEY, next_id, cap, max_size, paused, auto_stop, auto_remove)
     ids(qid PRIMARY KEY, next_id)       a dropped queue's id counter (version 2):
                                         QueueState.last_ids, so no id is reused
@@ -62,6 +69,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import stat
 import threading
@@ -284,6 +292,17 @@ class Store:
         if missing:
             raise StoreError(f"{self.path} lacks the tables {sorted(missing)}; refusing to start over it")
 
+    def state_id(self) -> str:
+        """This database's identity, made once (a random token in ``meta``):
+        clients key what they were handed by it, so a result handed out
+        again after a restart is recognised (``client/delivered.py``)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='state_id'").fetchone()
+        if row is not None:
+            return str(row[0])
+        token = secrets.token_hex(16)
+        self.db.execute("INSERT INTO meta(key, value) VALUES ('state_id', ?)", (token,))
+        return token
+
     # ------------------------------------------------------------- restore
     def restore(self, state, service) -> dict:
         """Load the database into ``state`` (before the server serves, so
@@ -404,7 +423,13 @@ class Store:
         if frm is Phase.NEW:
             self._pending.append(("I", rec.seq, _static(rec), _mutable(rec)))
         elif to is Phase.GONE:
+            # not counted in a reply's mark: a result is handed over before
+            # its removal is committed (at least once; clients drop a result
+            # handed again after a restart by its id: client/delivered.py)
             self._pending.append(("D", rec.seq))
+            if not self._wake.is_set():
+                self._wake.set()
+            return
         else:
             self._pending.append(("U", rec.seq, _mutable(rec)))
         self._appended += 1
