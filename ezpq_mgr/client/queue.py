@@ -235,7 +235,12 @@ class Queue:
 
     def _buffer_put(self, record: dict) -> int:
         with self._buffer_cond:
-            job_id = record["id"] = self._take_id()
+            job_id = self._next_id
+            if job_id == self._id_end:   # the reserved block is used up
+                job_id = self._take_id()
+            else:
+                self._next_id = job_id + 1
+            record["id"] = job_id
             self._buffer.append(record)
             full = len(self._buffer) >= FLUSH_SIZE
             if self._flusher_idle and len(self._buffer) == 1:

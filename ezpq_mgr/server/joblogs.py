@@ -131,11 +131,15 @@ class LogBook:
 
     # ------------------------------------------------------------ writing
     def sink(self, seq: int, uid: Optional[int]) -> JobLog:
-        """The log of job ``seq`` (made on its first run; a retry goes on
-        in the same one). No file yet: that waits for the first byte."""
+        """The log of job ``seq``, made when its first bytes come (a retry
+        goes on in the same one); the file waits for ``append``. Under the
+        lock: a kill's helper thread may drain the same job's pipes."""
         log = self.logs.get(seq)
         if log is None:
-            log = self.logs[seq] = JobLog(seq, uid if self.chown and uid else None, self.directory)
+            with self._lock:
+                log = self.logs.get(seq)
+                if log is None:
+                    log = self.logs[seq] = JobLog(seq, uid if self.chown and uid else None, self.directory)
         return log
 
     def append(self, log: JobLog, data: bytes) -> bool:
