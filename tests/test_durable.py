@@ -195,6 +195,34 @@ def test_a_result_handed_out_before_a_kill_reaches_each_process_once(durable):
     s.queue("once").dispose()
 
 
+def test_buffered_puts_are_committed_once_flush_returns(durable):
+    """Queue(buffer_puts=True) on a durable server: put returns at once
+    with its id, and once flush() returns every job is committed: a SIGKILL
+    right after loses none, and none is there twice."""
+    s = durable(workers=1).start()
+    Q = s.queue("buf", buffer_puts=True, auto_start=False)
+    ids = [Q.put(return_me, i) for i in range(300)]
+    assert ids == list(range(1, 301))
+    Q.flush()
+    s.kill(signal.SIGKILL)
+    s.start()
+    Q2 = s.queue("buf")
+    assert Q2.size(waiting=True) == 300
+    Q2.start()
+    assert Q2.wait(timeout=60) == 0
+    got = Q2.collect()
+    assert sorted(j["id"] for j in got) == ids and sorted(j["output"] for j in got) == list(range(300))
+    Q2.dispose()
+
+
+def test_buffer_puts_is_checked_at_the_call(durable):
+    s = durable().start()
+    with pytest.raises(TypeError, match="buffer_puts"):
+        s.queue("x", buffer_puts="yes")
+    with pytest.raises(ValueError, match="max_size"):
+        s.queue("x", buffer_puts=True, max_size=5)
+
+
 def test_retries_run_again_after_a_restart(durable):
     """A job running at a SIGKILL runs again when it has retries left (attempts counts)."""
     s = durable(workers=1).start()

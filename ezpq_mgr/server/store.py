@@ -419,7 +419,11 @@ class Store:
             self._wake.set()
 
     def on_move(self, rec: JobRecord, frm: Phase, to: Phase) -> None:
-        """(state lock held) Journal one phase change."""
+        """(state lock held) Journal one phase change. RETURNED is not
+        written: on disk the job stays RUNNING, which a restore treats the
+        same way (a row less per job)."""
+        if to is Phase.RETURNED:
+            return
         if frm is Phase.NEW:
             self._pending.append(("I", rec.seq, _static(rec), _mutable(rec)))
         elif to is Phase.GONE:
