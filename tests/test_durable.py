@@ -19,7 +19,7 @@ import pytest
 import ezpq_mgr as ezpq
 from ezpq_mgr.client.connection import Remote
 from ezpq_mgr.server.store import DB_NAME, SCHEMA_VERSION
-from jobs import return_me, sleep_for
+from jobs import fail, return_me, sleep_for
 from server_fixture import terminate
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (needs root)")
@@ -221,6 +221,26 @@ def test_buffer_puts_is_checked_at_the_call(durable):
         s.queue("x", buffer_puts="yes")
     with pytest.raises(ValueError, match="max_size"):
         s.queue("x", buffer_puts=True, max_size=5)
+
+
+def test_stop_on_lane_error_holds_across_a_sigkill(durable):
+    """A lane's job failed and was collected; the server is SIGKILLed and
+    restarted; the lane's next stop_on_lane_error job is skipped, not run."""
+    s = durable(workers=1).start()
+    Q = s.queue("lanes")
+    Q.put(fail, lane="L")
+    assert Q.wait(timeout=30) == 0
+    first = Q.collect()
+    assert [j["status"] for j in first] == ["failed"]
+    s.kill(signal.SIGKILL)
+    s.start()
+    Q2 = s.queue("lanes")
+    Q2.put(return_me, 1, lane="L", stop_on_lane_error=True)
+    assert Q2.wait(timeout=30) == 0
+    got = Q2.collect()
+    assert [j["status"] for j in got] == ["skipped"], got
+    assert f"preceding job ({first[0]['id']})" in got[0]["exception"]
+    Q2.dispose()
 
 
 def test_retries_run_again_after_a_restart(durable):

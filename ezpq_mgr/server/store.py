@@ -37,6 +37,8 @@ marks the file as ours)::
                                         QueueState.last_ids, so no id is reused
     envs(env_id PRIMARY KEY, uid, cwd, sys_path)   a job's working directory
                                                    and sys.path (JSON list)
+    lanes(qid, lane_key, last_id, last_exit)       a lane whose last job failed (version
+                                        4): its stop_on_lane_error jobs are skipped
     jobs(seq PRIMARY KEY, <STATIC>, <MUTABLE>)     one row per job on the server;
                                         its ``after`` (version 3): the job
                                         numbers it waits for, a JSON list, or NULL
@@ -82,7 +84,7 @@ __all__ = ["Store", "StoreError", "SCHEMA_VERSION", "DB_NAME"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: PRAGMA application_id: "EZPQ"; a file without it is not ours
 APPLICATION_ID = 0x455A5051
 DB_NAME = "state.db"
@@ -106,6 +108,8 @@ CREATE TABLE queues(qid TEXT PRIMARY KEY, next_id INTEGER NOT NULL, cap INTEGER,
                     paused INTEGER, auto_stop INTEGER, auto_remove INTEGER);
 CREATE TABLE envs(env_id INTEGER PRIMARY KEY, uid INTEGER, cwd TEXT, sys_path TEXT);
 CREATE TABLE ids(qid TEXT PRIMARY KEY, next_id INTEGER NOT NULL);
+CREATE TABLE lanes(qid TEXT NOT NULL, lane_key BLOB NOT NULL, last_id INTEGER, last_exit INTEGER,
+                   PRIMARY KEY(qid, lane_key));
 CREATE TABLE jobs(seq INTEGER PRIMARY KEY, {", ".join(c for c in STATIC + MUTABLE if c != "seq")});
 """
 
@@ -120,8 +124,15 @@ def _v2_to_v3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN after")
 
 
+def _v3_to_v4(db: sqlite3.Connection) -> None:
+    """Version 4 keeps each lane whose last job failed (``lanes``), so that
+    its later ``stop_on_lane_error`` jobs are still skipped after a restart."""
+    db.execute("CREATE TABLE lanes(qid TEXT NOT NULL, lane_key BLOB NOT NULL, last_id INTEGER, "
+               "last_exit INTEGER, PRIMARY KEY(qid, lane_key))")
+
+
 #: version -> function(conn) that brings a database of that version to the next
-MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 _PRIORITY = STATIC.index("priority")   # a waiting job's priority may change (on_priority)
 _INSERT = f"INSERT OR REPLACE INTO jobs({', '.join(STATIC + MUTABLE)}) VALUES ({', '.join('?' * len(STATIC + MUTABLE))})"
@@ -288,7 +299,7 @@ class Store:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        missing = {"meta", "queues", "envs", "jobs", "ids"} - tables
+        missing = {"meta", "queues", "envs", "jobs", "ids", "lanes"} - tables
         if missing:
             raise StoreError(f"{self.path} lacks the tables {sorted(missing)}; refusing to start over it")
 
@@ -320,6 +331,7 @@ class Store:
             queues = db.execute(f"SELECT {', '.join(QUEUE_COLUMNS)} FROM queues").fetchall()
             last_ids = db.execute("SELECT qid, next_id FROM ids").fetchall()
             envs = db.execute("SELECT env_id, uid, cwd, sys_path FROM envs").fetchall()
+            lane_rows = db.execute("SELECT qid, lane_key, last_id, last_exit FROM lanes").fetchall()
             rows = db.execute(f"SELECT {', '.join(names)} FROM jobs ORDER BY seq").fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path} is damaged ({exc}); refusing to start over it: "
@@ -359,6 +371,7 @@ class Store:
             dropped_envs = [r[0] for r in envs if r[0] not in refs]
             state.seq = max(state.seq, max_seq)
             q = None
+            lost_lanes = set()
             for rec, phase in jobs:
                 if q is None or q.qid != rec.qid:
                     q = state.queue(rec.qid)
@@ -384,6 +397,8 @@ class Store:
                         rec.exception = "the server restarted while this job ran"
                         state._done(q, rec, held_ok=False)
                         n["lost"] += 1
+                        if rec.lane_key is not None:   # its lane's last job now: no failure to remember
+                            lost_lanes.add((rec.qid, bytes(rec.lane_key)))
                 else:   # HELD (its client's callback will not run now) or DONE
                     state._move(q, rec, Phase.WAITING)
                     state._complete(q, rec)
@@ -392,11 +407,13 @@ class Store:
                     n["done"] += 1
                 if rec.phase is not phase:
                     changed.append(rec)
+            forgotten_lanes = self._restore_lanes(state, lane_rows, lost_lanes, changed)
         state.version += 1
         # what the restore changed is the journal's first batch
         self._pending.extend(("U", rec.seq, _mutable(rec)) for rec in changed if rec.phase is not Phase.GONE)
         self._pending.extend(("D", rec.seq) for rec in changed if rec.phase is Phase.GONE)
         self._pending.extend(("ED", e) for e in dropped_envs)
+        self._pending.extend(("L", key, None) for key in forgotten_lanes)
         self._appended = len(self._pending)
         n["seconds"] = time.perf_counter() - t0
         n["jobs"] = len(rows)
@@ -405,6 +422,31 @@ class Store:
                     n["waiting"], n["retried"], n["lost"], n["done"])
         return n
 
+    @staticmethod
+    def _restore_lanes(state, rows: list, lost: set, changed: List[JobRecord]) -> List[tuple]:
+        """(lock held, after the jobs) Each lane whose last job failed
+        remembers it again, and skips its waiting ``stop_on_lane_error`` jobs
+        as it would have (those go to ``changed``). A lane whose running job
+        came back lost forgets it (a lost job is no failure, as in
+        ``QueueState.finish``): the keys to delete are returned."""
+        from .scheduling import Lane
+        forget = []
+        for qid, key, last_id, last_exit in rows:
+            key = bytes(key)
+            if (qid, key) in lost:
+                forget.append((qid, key))
+                continue
+            q = state.queue(qid)
+            lane = q.lanes.get(key)
+            if lane is None:
+                lane = q.lanes[key] = Lane()
+            lane.last_id, lane.last_exit = last_id, last_exit
+            queued = [seq for _, seq in lane.heap]
+            state._settle(q, lane)
+            changed.extend(state.records[seq] for seq in queued
+                           if seq in state.records and state.records[seq].phase is not Phase.WAITING)
+        return forget
+
     # ---------------------------------------------------------- the hooks
     def attach(self, state, service) -> None:
         """Install the hooks and start the journal thread."""
@@ -412,6 +454,7 @@ class Store:
         state.on_move = self.on_move
         state.on_queue = self.on_queue
         state.on_priority = self.on_priority
+        state.on_lane = self.on_lane
         service.on_env = self.on_env
         self._thread = threading.Thread(target=self._run, name="ezpq-journal", daemon=True)
         self._thread.start()
@@ -448,6 +491,17 @@ class Store:
         else:
             self._pending.append(("Q", (q.qid, q.next_id, q.cap, q.max_size, int(q.paused),
                                         int(q.auto_stop), int(q.auto_remove))))
+        self._appended += 1
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def on_lane(self, q, key: bytes, lane) -> None:
+        """(state lock held) A lane's last job failed (kept), or a later one
+        did not (forgotten: a lane without a failure needs no row)."""
+        if lane.last_exit not in (0, None):
+            self._pending.append(("L", (q.qid, key), (q.qid, key, lane.last_id, lane.last_exit)))
+        else:
+            self._pending.append(("L", (q.qid, key), None))
         self._appended += 1
         if not self._wake.is_set():
             self._wake.set()
@@ -541,6 +595,8 @@ class Store:
         dropped: Dict[str, Optional[int]] = {}   # qid -> its id counter (None: forget it)
         envs: Dict[int, Optional[tuple]] = {}
         priorities: Dict[int, int] = {}   # seq -> new priority of a job already on disk
+        lanes: Dict[tuple, Optional[tuple]] = {}   # (qid, lane_key) -> its row (None: delete it)
+        lanes_dropped = set()             # qids dropped: their lanes go (before later rows)
         top = 0
         for e in batch:
             kind = e[0]
@@ -573,6 +629,11 @@ class Store:
             elif kind == "QD":
                 queues[e[1]] = None
                 dropped[e[1]] = e[2]
+                lanes_dropped.add(e[1])
+                for k in [k for k in lanes if k[0] == e[1]]:
+                    del lanes[k]
+            elif kind == "L":
+                lanes[e[1]] = e[2]
             elif kind == "E":
                 envs[e[1][0]] = e[1]
             elif kind == "ED":
@@ -594,6 +655,13 @@ class Store:
                 db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?)",
                                [(k, n) for k, n in dropped.items() if n is not None])
                 db.executemany("DELETE FROM ids WHERE qid=?", [(k,) for k, n in dropped.items() if n is None])
+            if lanes_dropped:
+                db.executemany("DELETE FROM lanes WHERE qid=?", [(qid,) for qid in lanes_dropped])
+            if lanes:
+                db.executemany("INSERT OR REPLACE INTO lanes VALUES (?, ?, ?, ?)",
+                               [v for v in lanes.values() if v is not None])
+                db.executemany("DELETE FROM lanes WHERE qid=? AND lane_key=?",
+                               [k for k, v in lanes.items() if v is None])
             if envs:
                 db.executemany("INSERT OR REPLACE INTO envs VALUES (?, ?, ?, ?)",
                                [v for v in envs.values() if v is not None])
