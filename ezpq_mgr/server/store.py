@@ -73,12 +73,12 @@ import logging
 import os
 import secrets
 import sqlite3
-import stat
 import threading
 import time
 from typing import Callable, Dict, List, Optional
 
 from ..job import JobRecord, JobStatus, Phase
+from .owndir import own_dir_problem
 
 __all__ = ["Store", "StoreError", "SCHEMA_VERSION", "DB_NAME"]
 
@@ -195,18 +195,11 @@ class Store:
         nobody else may write. Then its lock: one server per DIR."""
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            st = os.lstat(self.dir)
+            why = own_dir_problem(self.dir, f"--state-dir {self.dir}", "700")
         except OSError as exc:
             raise StoreError(f"--state-dir {self.dir}: cannot create it: {exc.strerror}") from None
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-            raise StoreError(f"--state-dir {self.dir} is not a directory (or is a symlink)")
-        if st.st_uid != os.geteuid():
-            from .callers import describe_user
-            raise StoreError(f"--state-dir {self.dir} is owned by {describe_user(st.st_uid)}, not by "
-                             f"{describe_user(os.geteuid())} who runs the server; chown it or use another")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise StoreError(f"--state-dir {self.dir} is writable by others (mode {oct(st.st_mode & 0o777)}); "
-                             f"chmod 700 it")
+        if why is not None:
+            raise StoreError(why)
         lock = os.path.join(self.dir, LOCK_NAME)
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
