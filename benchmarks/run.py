@@ -4,7 +4,8 @@
     python benchmarks/run.py --quick   # under 2 minutes
 
 Writes benchmarks/results/<timestamp>.json and the Markdown table in
-benchmarks/README.md; prints the table with each target and its figure.
+benchmarks/README.md (its top part; the "## " sections below are kept);
+prints the table with each target and its figure.
 Every workload checks its outputs (a wrong result aborts the run).
 """
 
@@ -213,8 +214,15 @@ def main():
     header = (f"# Benchmarks\n\n`python benchmarks/run.py{' --quick' if args.quick else ''}` on {machine()}, "
               f"{datetime.date.today()}, {time.time() - started:.0f} s. 2 workers unless said; "
               f"W2 = 60 jobs of 0.05-0.15 s on 6 workers. All figures from one run.\n\n")
-    with open(os.path.join(HERE, "README.md"), "w") as f:
-        f.write(header + md + "\n")
+    readme = os.path.join(HERE, "README.md")
+    kept = ""   # the hand-written sections (A/B comparisons, analyses: "## ..."): kept as they are
+    if os.path.exists(readme):
+        with open(readme) as f:
+            old = f.read()
+        at = old.find("\n## ")
+        kept = old[at:] if at >= 0 else ""
+    with open(readme, "w") as f:
+        f.write(header + md + "\n" + kept)
     print(md)
 
 

@@ -6,6 +6,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -360,3 +361,29 @@ def test_a_version_3_database_migrates_with_no_lane_remembered(where):
     assert db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION == 4
     assert db.execute("SELECT count(*) FROM lanes").fetchone()[0] == 0
     db.close()
+
+
+# ------------------------------------------------------------ coalescing
+def test_moves_nobody_waits_for_share_a_commit_and_a_reply_is_not_held(where, monkeypatch):
+    """A job's start and end, with no reply waiting for them, go to disk in
+    one commit (the journal waits up to COALESCE for more); a reply that
+    waits (barrier) is committed at once, not after the window."""
+    monkeypatch.setattr(store_mod, "COALESCE", 30.0)
+    st, state = _open(where)
+    try:
+        state.add("q", [_rec()])
+        st.barrier()   # a put's reply: at once, though the window is 30 s
+        before = st.batches
+        with state.cond:
+            rec = state.pick()
+        time.sleep(0.05)   # the start alone would be a commit of its own without the window
+        state.finish(rec.seq, Outcome(JobStatus.COMPLETED, 0, output_blob=b"out"))
+        started = time.monotonic()
+        st.barrier()
+        assert time.monotonic() - started < 5, "a waiting reply was held by the window"
+        assert st.batches == before + 1, "the start and the end were not one commit"
+        db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+        assert db.execute("SELECT status FROM jobs").fetchall() == [("completed",)]
+        db.close()
+    finally:
+        st.close()

@@ -22,10 +22,10 @@ a SIGKILL between the commit and the send. A result handed out in the last
 instant before a kill is on the server again after the restart; the client
 knows it by the database's ``state_id`` and the job's id (never reused) and
 drops it (``client/delivered.py``): every result reaches its process once.
-Moves nobody is told about (a job starting, finishing) are written
-by the next group commit, a fraction of a millisecond later; a job that
-started within that window before a SIGKILL may run again instead of
-coming back ``lost``.
+Moves nobody is told about (a job starting, finishing) wait up to
+``COALESCE`` (5 ms) for others, unless a reply needs them sooner: a job
+that starts and ends meanwhile costs one row; a job that started within
+that window before a SIGKILL may run again instead of coming back ``lost``.
 
 Schema (``SCHEMA_VERSION``; ``PRAGMA user_version``, and ``application_id``
 marks the file as ours)::
@@ -88,6 +88,12 @@ SCHEMA_VERSION = 4
 #: PRAGMA application_id: "EZPQ"; a file without it is not ours
 APPLICATION_ID = 0x455A5051
 DB_NAME = "state.db"
+#: How long the journal lets moves nobody waits for pile up before it
+#: commits them (what a reply waits for is committed at once). A W1 of
+#: 5,000 buffered puts: 69 commits instead of 1,516, server CPU per job
+#: 82 us instead of 116. A job started within it before a SIGKILL may run
+#: again rather than come back lost.
+COALESCE = 0.005
 LOCK_NAME = "lock"
 
 #: Columns set when a job is accepted, never changed after (but a waiting
@@ -182,6 +188,7 @@ class Store:
         self._cv = threading.Condition(threading.Lock())
         self._held: List[tuple] = []    # (mark, Deferred) answers waiting for their commit
         self._wake = threading.Event()
+        self._urgent = threading.Event()   # a reply waits for the next commit
         self._closing = False
         self.failed: Optional[str] = None   # why writing stopped (the server stops)
         self.on_failure: Callable[[str], None] = lambda why: None
@@ -525,6 +532,7 @@ class Store:
         mark = self._appended
         if self._committed >= mark:
             return
+        self._urgent.set()
         with self._cv:
             while self._committed < mark and self.failed is None:
                 self._cv.wait()
@@ -541,6 +549,7 @@ class Store:
             if self._committed >= mark:
                 return False
             self._held.append((mark, d))
+        self._urgent.set()
         return True
 
     # ------------------------------------------------------ journal thread
@@ -549,6 +558,12 @@ class Store:
         while True:
             self._wake.wait()
             self._wake.clear()
+            if not self._urgent.is_set() and not self._closing:
+                # nobody waits for these moves (jobs starting, ending): let
+                # more come for a moment, so that a job that starts and ends
+                # meanwhile is one row written, in one commit with the others
+                self._urgent.wait(COALESCE)
+            self._urgent.clear()
             with state.cond:
                 batch, self._pending = self._pending, []
                 mark = self._appended
@@ -675,9 +690,11 @@ class Store:
         if self._thread is not None:
             self._closing = True
             self._wake.set()
+            self._urgent.set()   # not a moment's wait more
             self._thread.join(30)
             if self._thread.is_alive():
                 logger.error("the journal did not finish writing within 30 s")
+        logger.info("journal: %s commits for %s entries", self.batches, self._appended)
         if self.db is not None and self.failed is None:
             try:
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
