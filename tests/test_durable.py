@@ -590,3 +590,67 @@ def test_ids_are_never_reused(durable):
     s.start()
     assert put_collect([5, 6]) == [6, 7], "ids started again after a SIGKILL"
     assert seqs == sorted(set(seqs)), f"a job number came back: {seqs}"
+
+
+# --------------------------------------------------------------- review
+
+
+def test_a_collect_larger_than_the_remembered_ids_is_not_handed_twice(durable):
+    """One collect() hands more results than client/delivered.py remembers
+    (REMEMBERED per qid); the server restarts (a plain SIGTERM) before the
+    client's next request confirmed them, so they are all on the server
+    again. The same process collecting again must get none of them."""
+    from ezpq_mgr.client.delivered import REMEMBERED
+    s = durable(workers=2).start()
+    Q = s.queue("window", buffer_puts=True)
+    n = REMEMBERED + 20
+    for i in range(n):
+        Q.put(return_me, i)
+    Q.flush()
+    assert Q.wait(timeout=120) == 0
+    first = Q.collect()
+    assert len(first) == n
+    s.kill(signal.SIGTERM)   # no request of Q since: nothing confirmed
+    s.start()
+    again = s.queue("window").collect()
+    assert again == [], f"{len(again)} results handed to this process twice (ids {[j['id'] for j in again][:5]}...)"
+
+
+def test_a_result_confirmed_by_nobody_does_not_free_a_reused_environment(durable, tmp_path):
+    """A client collects results and dies before its next request: their
+    rows stay (at least once) but their environment is released and
+    deleted (ED). After a restart, env ids restart after the largest row
+    left in `envs`, so the next client gets the same env id; collecting the
+    lingering results then releases *its* environment: its waiting job
+    runs without its working directory."""
+    s = durable(workers=1).start()
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    script = ("import os, sys, ezpq_mgr as ezpq\n"
+              "Q = ezpq.Queue(address=sys.argv[1], authkey=open(sys.argv[2], 'rb').read().strip(), qid='gone')\n"
+              "[Q.put(os.getcwd) for _ in range(3)]\n"
+              "assert Q.wait(timeout=60) == 0\n"
+              "assert len(Q.collect()) == 3\n"
+              "os._exit(0)   # killed: no further request\n")
+    subprocess.run([sys.executable, "-c", script, s.address, s.keyfile], cwd=a_dir, check=True, timeout=90,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    db = os.path.join(s.state_dir, DB_NAME)
+    _wait_until(lambda: sqlite3.connect(db).execute("SELECT count(*) FROM envs").fetchone()[0] == 0,
+                what="the dead client's environment to be dropped")
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM jobs").fetchone()[0] == 3
+    s.kill(signal.SIGTERM)
+    s.start()
+    cwd = os.getcwd()
+    os.chdir(b_dir)
+    try:
+        Qb = s.queue("mine", auto_start=False)
+        Qb.put(os.getcwd)
+        lingering = s.queue("gone").collect()   # as another process would: at least once
+        assert [j["output"] for j in lingering] == [str(a_dir)] * 3
+        Qb.start()
+        assert Qb.wait(timeout=30) == 0
+        job = Qb.get()
+    finally:
+        os.chdir(cwd)
+    assert job["output"] == str(b_dir), f"the job ran in {job['output']!r}, not its client's directory"
