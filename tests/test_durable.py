@@ -654,3 +654,20 @@ def test_a_result_confirmed_by_nobody_does_not_free_a_reused_environment(durable
     finally:
         os.chdir(cwd)
     assert job["output"] == str(b_dir), f"the job ran in {job['output']!r}, not its client's directory"
+
+
+def test_private_queues_on_a_durable_server_leave_no_memory_in_the_client(durable):
+    """client/delivered.py keeps the ids handed per (state_id, qid) for the
+    process's life. A private queue (no qid: a random name, never used again
+    once disposed) still leaves its entry behind: a process making a
+    Queue per task grows without bound (up to REMEMBERED ids per queue)."""
+    from ezpq_mgr.client.delivered import Delivered
+    s = durable(workers=1).start()
+    before = len(Delivered._seen)
+    for i in range(20):
+        Q = ezpq.Queue(address=s.address, authkey=s.key)
+        Q.put(return_me, i)
+        assert Q.get(wait=True, timeout=30)["output"] == i
+        Q.dispose()
+    assert len(Delivered._seen) - before <= 1, \
+        f"{len(Delivered._seen) - before} disposed private queues still remembered"
