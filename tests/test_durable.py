@@ -671,3 +671,50 @@ def test_private_queues_on_a_durable_server_leave_no_memory_in_the_client(durabl
         Q.dispose()
     assert len(Delivered._seen) - before <= 1, \
         f"{len(Delivered._seen) - before} disposed private queues still remembered"
+
+
+def test_a_script_that_ends_normally_after_get_does_not_leave_its_result_to_be_handed_again(durable, tmp_path):
+    """The usual shared-server script: Queue(qid).get(), then the script
+    ends (no dispose: its other jobs keep running). Its result's row stays
+    on disk (nothing confirmed it), so the next restart, however much later,
+    hands the consumed result to whatever process collects the qid next."""
+    s = durable(workers=1).start()
+    script = ("import sys, ezpq_mgr as ezpq\n"
+              "Q = ezpq.Queue(address=sys.argv[1], authkey=open(sys.argv[2], 'rb').read().strip(), qid='consumed')\n"
+              "Q.put(abs, -5)\n"
+              "assert Q.get(wait=True, timeout=60)['output'] == 5\n")
+    subprocess.run([sys.executable, "-c", script, s.address, s.keyfile], check=True, timeout=90,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    s.kill(signal.SIGTERM)   # a routine restart
+    s.start()
+    again = s.queue("consumed").collect()
+    assert again == [], f"a result its process read and ended with is handed out again: {again}"
+
+
+def test_clean_is_acknowledged_only_once_its_removal_is_committed(durable):
+    """README: 'no reply leaves the server before what it reports is
+    committed'. ``ezpq clean`` replies with the number it removed while the
+    removal is not on disk (D is not in a reply's mark): a SIGKILL then
+    brings the cleaned results back."""
+    s = durable(workers=1).start()
+    Q = s.queue("cleaned")
+    Q.put(return_me, 1)
+    assert Q.wait(timeout=30) == 0
+    db = os.path.join(s.state_dir, DB_NAME)
+    _wait_until(lambda: sqlite3.connect(db).execute(
+        "SELECT count(*) FROM jobs WHERE status='completed'").fetchone()[0] == 1, what="the result on disk")
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")   # nothing can commit now
+    try:
+        got = []
+        t = threading.Thread(target=lambda: got.append(Remote(s.address, s.key).call("clean", "cleaned")))
+        t.start()
+        t.join(4)   # under the journal's 5 s busy timeout
+        replied = list(got)
+        s.kill(signal.SIGKILL)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    s.start()
+    left = s.queue("cleaned").size()
+    assert not (replied == [1] and left == 1), "clean said 1 removed, and after a SIGKILL the result is back"
