@@ -718,3 +718,42 @@ def test_clean_is_acknowledged_only_once_its_removal_is_committed(durable):
     s.start()
     left = s.queue("cleaned").size()
     assert not (replied == [1] and left == 1), "clean said 1 removed, and after a SIGKILL the result is back"
+
+
+def test_flush_returns_only_once_another_threads_in_flight_puts_are_committed(durable, monkeypatch):
+    """flush(): 'returns once the server has them: on a durable server,
+    once they are committed'. Another thread's get(wait=True) took the
+    buffer (put_then) and let the send lock go once the batch was on the
+    wire; flush() then finds nothing to send and returns at once, though
+    nothing is committed (the test holds the database's write lock): a
+    SIGKILL then loses the jobs flush() vouched for."""
+    from ezpq_mgr.client import queue as client_queue
+    monkeypatch.setattr(client_queue, "FLUSH_DELAY", 60.0)   # the flusher thread stays out of it
+    s = durable(workers=1).start()
+    Q = s.queue("flushed", buffer_puts=True, auto_start=False)
+    for i in range(3):
+        Q.put(return_me, i)
+    db = os.path.join(s.state_dir, DB_NAME)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        getter = threading.Thread(target=lambda: _swallow(lambda: Q.get(wait=True, timeout=20)), daemon=True)
+        getter.start()
+        _wait_until(lambda: not Q._buffer and not Q._send_lock.locked(), limit=3, what="the batch on the wire")
+        flushed = threading.Event()
+        threading.Thread(target=lambda: (Q.flush(), flushed.set()), daemon=True).start()
+        returned = flushed.wait(3)   # under the journal's 5 s busy timeout
+        s.kill(signal.SIGKILL)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    s.start()
+    n = s.queue("flushed").size(waiting=True)
+    assert not (returned and n < 3), f"flush() returned, and after a SIGKILL {3 - n} of its 3 jobs are lost"
+
+
+def _swallow(fn):
+    try:
+        fn()
+    except Exception:
+        pass
