@@ -757,3 +757,30 @@ def _swallow(fn):
         fn()
     except Exception:
         pass
+
+
+def test_a_private_queue_name_used_again_does_not_lose_its_results(durable, monkeypatch):
+    """A private queue's name is 8 random hex digits and its id counter is
+    not kept once it is disposed (README), so a later private queue of the
+    same process that draws the same name (the birthday bound: ~1% in 10,000
+    queues) starts at id 1 again. client/delivered.py still remembers ids
+    1.. for that (state_id, qid): the new queue's results are dropped as
+    'redeliveries' and confirmed on the server: lost."""
+    import uuid as uuid_module
+    from ezpq_mgr.client import queue as client_queue
+    fixed, real, calls = uuid_module.UUID("deadbeef" + "0" * 24), uuid_module.uuid4, []
+
+    def uuid4():   # each Queue's first draw (its qid) is the same name; the rest (tokens) random
+        calls.append(None)
+        return fixed if len(calls) % 2 else real()
+    monkeypatch.setattr(client_queue.uuid, "uuid4", uuid4)
+    s = durable(workers=1).start()
+    Q1 = ezpq.Queue(address=s.address, authkey=s.key)
+    assert Q1.put(return_me, "first") == 1
+    assert Q1.get(wait=True, timeout=30)["output"] == "first"
+    Q1.dispose()
+    Q2 = ezpq.Queue(address=s.address, authkey=s.key)
+    assert Q2.put(return_me, "second") == 1
+    got = Q2.get(wait=True, timeout=30)
+    Q2.dispose()
+    assert got is not None and got["output"] == "second", f"the second queue's result was dropped: {got}"
