@@ -136,6 +136,7 @@ def test_the_journal_keeps_a_priority_change(tmp_path):
         assert state.set_priority(2, 3)
         state.cancel("q", 2)
         assert len(state.pop_ids("q", [2])) == 1    # deleted in this batch
+        st.handed_over([2])                         # (its client read it: the row goes)
     st.barrier()
     st.close()
     db = sqlite3.connect(os.path.join(where, DB_NAME))

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Tuple, Union
 from .. import transport
 from ..errors import AuthenticationError, ConnectionError
 from ..messages import RETURN, Reply, Request
+from .delivered import Delivered
 
 __all__ = ["Remote", "parse_address", "describe_address", "default_authkey", "authkey_path", "DEFAULT_PORT"]
 
@@ -86,6 +87,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
+#: Calls whose answer may hand results out (a durable server keeps their
+#: rows until the client acknowledges the answer: client/delivered.py)
+_HANDING = frozenset({"get", "collect", "pop_ids"})
+
+
+def _hands_out(method: str, args: tuple, result) -> bool:
+    """Did this (non-empty) answer hand results out?"""
+    if method == "put_then":
+        method = args[2] if len(args) > 2 else ""
+    if method not in _HANDING:
+        return False
+    return not isinstance(result, list) or any(r is not None for r in result)
+
+
 class Remote:
     """Calls the server's Service, translating failures.
 
@@ -106,6 +121,8 @@ class Remote:
             self._dumps, self._loads = wire.dumps, wire.loads
         else:
             self._dumps, self._loads = _pickle_dumps, pickle.loads
+        ack = self._dumps(Request("ack", ()))
+        self._ack_frame = transport.HEADER.pack(len(ack)) + ack
         self._local = threading.local()
         self.max_message: Optional[int] = None
         self.durable = False   # the server has a --state-dir (learnt at the handshake)
@@ -131,7 +148,7 @@ class Remote:
         self.durable = info.get("durable") is True
         state_id = info.get("state_id")
         self.state_id = state_id if isinstance(state_id, str) else None
-        local.sock, local.generation = sock, _generation
+        local.sock, local.generation, local.acks, local.rest = sock, _generation, 0, b""
         return sock
 
     def call(self, method: str, *args, sent: Optional[Callable[[], None]] = None):
@@ -145,6 +162,7 @@ class Remote:
             raise ValueError(f"this call to {method!r} is {transport.describe_size(len(body))}, over the "
                              f"server's limit of {transport.describe_size(limit)} (ezpq-server --max-message)")
         sock = self._connection()
+        local = self._local
         try:
             if len(body) < 65536:
                 sock.sendall(transport.HEADER.pack(len(body)) + body)
@@ -153,7 +171,12 @@ class Remote:
                 sock.sendall(body)
             if sent is not None:
                 sent()
+            while local.acks:   # the answers to our acks come first (client/delivered.py)
+                self._take_ack(self._loads(self._recv(sock)))
+                local.acks -= 1
             reply = self._loads(self._recv(sock))
+            if local.rest:
+                raise ConnectionError("ezpq protocol error: a reply arrived that nobody asked for")
         except (EOFError, OSError) as exc:
             self._drop()
             raise ConnectionError(f"lost the ezpq server at {self.where}: {exc!r}") from None
@@ -165,10 +188,30 @@ class Remote:
         except (TypeError, ValueError):
             kind, result = type(reply).__name__, None
         if kind == RETURN:
+            if self.durable and result and _hands_out(method, args, result):
+                self._ack(sock)
             return result
         if isinstance(result, BaseException):
             raise result
         raise ConnectionError(f"unexpected answer from the ezpq server at {self.where}: {kind!r}")
+
+    def _ack(self, sock: socket.socket) -> None:
+        """Tell a durable server we read the reply that handed us results,
+        without waiting for its answer (read before the next reply): it
+        deletes their rows then, and answers once that is committed."""
+        try:
+            sock.sendall(self._ack_frame)
+            self._local.acks += 1
+        except OSError:   # gone: the results come back after its restart, and are dropped then
+            self._drop()
+
+    def _take_ack(self, reply) -> None:
+        try:
+            kind, seqs = Reply.parse(reply)
+        except (TypeError, ValueError):
+            return
+        if kind == RETURN and isinstance(seqs, list):
+            Delivered.confirmed(self.state_id, (s for s in seqs if isinstance(s, int)))
 
     def check_record(self, record: dict) -> dict:
         """``ValueError`` now, at ``put()``, for a job the server would refuse
@@ -182,22 +225,24 @@ class Remote:
                                  f"(ezpq-server --max-message)")
         return record
 
-    @staticmethod
-    def _recv(sock: socket.socket):
-        """One reply: header and (usually) body in one read."""
-        data = sock.recv(65536)
+    def _recv(self, sock: socket.socket):
+        """One reply: header and (usually) body in one read. What came after
+        it (an ack's answer is followed by the next reply) waits in ``rest``."""
+        local = self._local
+        data, local.rest = local.rest, b""
         if not data:
-            raise EOFError
+            data = sock.recv(65536)
+            if not data:
+                raise EOFError
         while len(data) < transport.HEADER.size:
             more = sock.recv(65536)
             if not more:
                 raise EOFError
             data += more
         end = transport.HEADER.size + transport.HEADER.unpack_from(data)[0]
-        if len(data) == end:
-            return data[transport.HEADER.size:]
-        if len(data) > end:
-            raise ConnectionError("ezpq protocol error: a reply arrived that nobody asked for")
+        if len(data) >= end:
+            local.rest = data[end:]
+            return data[transport.HEADER.size:end]
         body = bytearray(end - transport.HEADER.size)
         have = len(data) - transport.HEADER.size
         body[:have] = data[transport.HEADER.size:]

@@ -200,8 +200,10 @@ class Queue:
                     error, self._flush_error = self._flush_error, None
                     raise error
                 batch, self._buffer = self._buffer, []
-            if batch and then is not None:
+            if batch and then is not None and not self._remote.durable:
                 return self._remote.call("put_then", self._qid, batch, then, list(args), sent=release)
+            # (a durable server: the put alone first, under the send lock, so
+            # that a flush() on another thread returns only once it is committed)
             if batch:
                 self._remote.call("put", self._qid, batch)
             release()
@@ -598,7 +600,7 @@ class Queue:
     def _first(self, job: dict) -> bool:
         """False for a result a durable server hands out again after a
         restart that this process already had (client/delivered.py)."""
-        return Delivered.first(self._remote.state_id, self._qid, job["id"])
+        return Delivered.first(self._remote.state_id, job["seq"])
 
     def size(self, waiting: bool = False, working: bool = False, completed: bool = False) -> int:
         """Jobs waiting + working + completed (only the ones asked, if any)."""
@@ -726,8 +728,6 @@ class Queue:
             self._disposed = True
             self._buffer.clear()
             self._buffer_cond.notify_all()
-        if not self._collector:   # a private queue: its name (and ids) may be drawn again
-            Delivered.forget(self._remote.state_id, self._qid)
         self._flusher.join(10)
         self._notices.join(10)
         self._remote.close()

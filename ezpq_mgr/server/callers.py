@@ -74,10 +74,10 @@ class Caller:
     call parked; ``hooks``: run with the caller when the connection closes;
     ``held``: what the service's registry keeps for this connection;
     ``handed``: job numbers of the results its last reply carried, whose
-    removal a durable server writes once the client's next request shows
-    that reply was read (server/store.py)."""
+    removal a durable server writes once the client's next request (its
+    ``ack``, client/delivered.py) shows that reply was read (server/store.py).""" 
 
-    __slots__ = ("identity", "conn", "parked", "hooks", "held", "poller", "handed")
+    __slots__ = ("identity", "conn", "parked", "hooks", "held", "poller", "handed", "confirmed")
 
     def __init__(self, identity: Identity, conn: "Optional[PeerConnection]" = None):
         self.identity = identity
@@ -87,6 +87,7 @@ class Caller:
         self.held: Any = None
         self.poller: Any = None   # the serving thread's poll() of conn, made at its first park
         self.handed: List[int] = []
+        self.confirmed: List[int] = []   # those the client's last request confirmed (its ``ack``'s answer)
 
     def reply_channel(self, transform: Callable[[Any], Any]) -> Optional[Callable[[Any], None]]:
         """A sender of ``transform(answer)`` to this caller, or None when it

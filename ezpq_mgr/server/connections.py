@@ -72,6 +72,7 @@ class ConnectionServer:
                 body = conn.read()
                 if caller.handed:   # it read our last reply: what that handed over is its own now
                     handed, caller.handed = caller.handed, []
+                    caller.confirmed = handed   # (its ``ack`` says which, once committed)
                     if self.handed_over is not None:
                         self.handed_over(handed)
             except MessageTooLarge as exc:

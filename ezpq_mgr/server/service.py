@@ -146,7 +146,7 @@ class Service(Control):
     queue-control and ``top`` calls in control.py)."""
 
     EXPOSED = (
-        "hello", "configure", "put", "reserve_ids", "counts", "get", "collect", "pop_ids",
+        "hello", "configure", "put", "reserve_ids", "counts", "get", "collect", "pop_ids", "ack",
         "wait_pending", "wait_client", "wait_free", "cancel", "cancel_all",
         "jobs", "take_notices", "mark_processed",
         "goodbye", "set_workers", "n_workers", "info",
@@ -624,6 +624,13 @@ class Service(Control):
         got = self.state.get(key, schema.check_bool("wait", wait), timeout, caller.reply_channel(visible),
                              schema.check_bool("arrivals", arrivals))
         return _parked(caller, got, visible)
+
+    def ack(self, caller: Caller) -> List[int]:
+        """The client read the reply that handed it results (client/delivered.py):
+        their job numbers, answered once their removal is committed (the
+        connection's reply waits for it, see connections.py and store.py)."""
+        seqs, caller.confirmed = caller.confirmed, []
+        return seqs
 
     def collect(self, caller: Caller, qid: str, n: int) -> List[dict]:
         key = self._key(caller, qid)

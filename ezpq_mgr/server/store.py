@@ -15,17 +15,17 @@ server before everything journaled until it was computed is committed**
 (``barrier`` for a connection's direct replies, ``hold`` for the answers
 of parked calls that other threads send). So a ``put`` is acknowledged only
 once its jobs are committed, and a ``get``/``collect`` hands a result over
-once everything before it is committed. A reply never waits for a job's
-removal (collected, cleaned, expired). The removal of a result handed out
-(``get``, ``collect``, ``pop_ids``) is not even journaled until the client
-read the reply: its next request on that connection says so
-(``handed_over``). So a result is handed over **at least once**, never lost
-to a SIGKILL before the client read it: after the restart it is on the
-server again. The client knows a result it already had by the database's
-``state_id`` and the job's id (never reused) and drops it
+once everything before it is committed. The removal of a result handed
+out (``get``, ``collect``, ``pop_ids``) is not even journaled until the
+client read the reply: it says so at once with an ``ack`` (its next request
+on that connection; ``handed_over``), whose answer comes once the removal is
+committed. So a result is handed over **at least once**, never lost to a
+SIGKILL before the client read it: after the restart it is on the server
+again. The client knows a result it already had by the database's
+``state_id`` and the job's number (never reused) and drops it
 (``client/delivered.py``): every result reaches its process once. A client
-that leaves without another request (killed, or no ``dispose``/``detach``)
-leaves its last results' rows behind: a restart hands them out again.
+killed between the reply and its ``ack`` leaves those rows behind: a
+restart hands them out again.
 Moves nobody is told about (a job starting, finishing) wait up to
 ``COALESCE`` (5 ms) for others, unless a reply needs them sooner: a job
 that starts and ends meanwhile costs one row; a job that started within
@@ -474,14 +474,11 @@ class Store:
         if frm is Phase.NEW:
             self._pending.append(("I", rec.seq, _static(rec), _mutable(rec)))
         elif to is Phase.GONE:
-            # not counted in a reply's mark (a reply never waits for it). A
-            # result handed out (get, collect) is removed on disk only once
-            # its client read the reply (``handed_over``); others now.
-            if not self._state.handing:
-                self._pending.append(("D", rec.seq))
-                if not self._wake.is_set():
-                    self._wake.set()
-            return
+            # a result handed out (get, collect) is removed on disk only once
+            # its client read the reply (``handed_over``); others now
+            if self._state.handing:
+                return
+            self._pending.append(("D", rec.seq))
         else:
             self._pending.append(("U", rec.seq, _mutable(rec)))
         self._appended += 1
@@ -537,6 +534,7 @@ class Store:
         handed out again: at least once, never lost."""
         with self._state.cond:
             self._pending.extend(("D", seq) for seq in seqs)
+            self._appended += len(seqs)   # the ``ack``'s answer waits for them
         if not self._wake.is_set():
             self._wake.set()
 
