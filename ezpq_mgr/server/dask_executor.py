@@ -62,6 +62,9 @@ __all__ = ["DaskExecutor", "DaskUnreachable", "DEFAULT_CONNECT_TIMEOUT"]
 
 DEFAULT_CONNECT_TIMEOUT = 10.0   # seconds
 RECONNECT_INTERVAL = 2.0         # seconds between tries once the client gave up
+#: while jobs run, the cluster's workers are read this often (seconds), in
+#: case a worker left without its event reaching us; an idle queue never looks
+LOOK_INTERVAL = 5.0
 
 
 class DaskUnreachable(ConnectionError):
@@ -99,6 +102,8 @@ class DaskExecutor:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._look = True                    # read the cluster's workers again
+        self._next_look = 0.0                # monotonic time of the next look while jobs run
+        self._comm: Any = None               # the client's scheduler stream we set up
         self._next_try = 0.0                 # monotonic time of the next reconnect
         self._client = self._connect()
 
@@ -111,19 +116,34 @@ class DaskExecutor:
         except ImportError:
             raise RuntimeError("running jobs on Dask needs the distributed package "
                                "(pip install 'ezpq_mgr[dask]')") from None
-        from ..worker.dask_host import PLUGIN_NAME, EzpqPlugin
         try:
             client = Client(self.address, timeout=self.connect_timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as e:
             raise DaskUnreachable(f"cannot reach the Dask scheduler at {self.address}: "
                                   f"{' '.join(str(e).split()) or type(e).__name__}") from None
         try:
-            client.register_plugin(EzpqPlugin(), name=PLUGIN_NAME)
-            client.subscribe_topic("all", self._on_event)
+            self._setup(client)
         except BaseException:
             client.close()
             raise
         return client
+
+    def _setup(self, client) -> None:
+        """On a (new) scheduler: our plugin on every worker, its events followed."""
+        from ..worker.dask_host import PLUGIN_NAME, EzpqPlugin
+        client.register_plugin(EzpqPlugin(), name=PLUGIN_NAME)
+        client.subscribe_topic("all", self._on_event)
+        self._comm = client.scheduler_comm
+        self._look = True
+
+    def _resync(self) -> None:
+        """The client reconnected by itself (a new scheduler stream): the
+        scheduler may be a new one, without our plugin or subscription."""
+        logger.info("dask: reconnected to %s", self.address)
+        try:
+            self._setup(self._client)
+        except Exception as e:
+            logger.warning("dask: cannot set up on %s again: %s", self.address, e)
 
     def start(self, prestart: bool = True) -> None:
         self._thread = threading.Thread(target=self.run, name="ezpq-dask", daemon=True)
@@ -184,11 +204,15 @@ class DaskExecutor:
         while True:
             with self._cv:
                 while not (self._inbox or self._woken or self._stopping):
-                    wait = None
                     if self._client is None:
                         wait = max(0.0, self._next_try - time.monotonic())
-                        if wait == 0.0:
-                            break
+                    elif self._running:   # a worker that left unannounced: looked for this often
+                        wait = max(0.0, self._next_look - time.monotonic())
+                    else:
+                        wait = None
+                    if wait == 0.0:
+                        self._look = True
+                        break
                     self._cv.wait(wait)
                 if self._stopping:
                     return
@@ -211,6 +235,8 @@ class DaskExecutor:
                     left.append(item[1])
         if self._client is None or self._client.status in ("closed", "closing"):
             self._reconnect()
+        elif self._client.status == "running" and self._client.scheduler_comm is not self._comm:
+            self._resync()
         if self._look and self._client is not None:
             self._read_cluster()
         finished: List[_Job] = []
@@ -356,6 +382,7 @@ class DaskExecutor:
 
     # -------------------------------------------------------------- cluster
     def _read_cluster(self) -> None:
+        self._next_look = time.monotonic() + LOOK_INTERVAL
         try:
             cluster = dict(self._client.nthreads())
         except Exception as e:
@@ -384,7 +411,7 @@ class DaskExecutor:
         try:
             self._client = self._connect()
             self._look = True
-            logger.info("dask: connected again to %s", self.address)
+            logger.info("dask: connected to %s again", self.address)
         except Exception as e:
             self._next_try = time.monotonic() + RECONNECT_INTERVAL
             logger.warning("dask: %s (next try in %g s)", e, RECONNECT_INTERVAL)
