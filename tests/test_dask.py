@@ -243,3 +243,54 @@ def test_on_dask_another_user_cannot_read_a_jobs_log(cluster, logroot, users):
         assert seen["file"] == "refused"
     finally:
         assert server.stop() == 0
+
+
+# ------------------------------------------------------- scheduler lost
+def _start_scheduler(port):
+    return subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                             "--port", str(port), "--no-dashboard"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _start_worker(address):
+    return subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                             "--nworkers", "1", "--no-dashboard", "--death-timeout", "60"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_scheduler_lost_running_jobs_lost_waiting_wait_then_reconnected(tmp_path):
+    """A Dask worker closes when its scheduler goes (its deployment starts
+    a new one): here a new scheduler on the same port, then a new worker."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = _start_scheduler(port)
+    worker = _start_worker(address)
+    workers = [worker]
+    try:
+        with ezpq.Queue(2, dask=address) as Q:
+            Q.put(write_pid_and_sleep, str(tmp_path / "pid"), suppress_errors=True)
+            assert wait_for_file(str(tmp_path / "pid"), limit=60)
+            scheduler.kill()
+            scheduler.wait()
+            job = Q.get(wait=True, timeout=60)
+            assert job["status"] == "lost" and "scheduler" in job["exception"]
+            later = Q.put(os.getpid)
+            assert Q.size(waiting=True) == 1
+            assert worker.wait(60) is not None   # it left with its scheduler
+            scheduler = _start_scheduler(port)
+            workers.append(_start_worker(address))
+            job = Q.get(wait=True, timeout=60)
+            assert job["id"] == later and job["status"] == "completed" and job["output"] == job["pid"]
+    finally:
+        for w in workers:
+            _stop(w)
+        _stop(scheduler)

@@ -94,6 +94,9 @@ class DaskExecutor:
         self.connect_timeout = connect_timeout
         self.envs: Dict[int, Any] = {}
         self.token = os.urandom(4).hex()     # keys of two servers (or runs) never meet
+        #: our plugin's name on the workers: each server keeps its own
+        #: processes there, and removing ours at stop leaves another's alone
+        self.plugin = f"ezpq-{self.token}"
         self.cluster: Dict[str, int] = {}    # Dask worker address -> its threads
         self._running: Dict[int, _Job] = {}  # seq -> handed to Dask, not yet done
         self._cv = threading.Condition()
@@ -130,8 +133,8 @@ class DaskExecutor:
 
     def _setup(self, client) -> None:
         """On a (new) scheduler: our plugin on every worker, its events followed."""
-        from ..worker.dask_host import PLUGIN_NAME, EzpqPlugin
-        client.register_plugin(EzpqPlugin(), name=PLUGIN_NAME)
+        from ..worker.dask_host import EzpqPlugin
+        client.register_plugin(EzpqPlugin(self.plugin), name=self.plugin)
         client.subscribe_topic("all", self._on_event)
         self._comm = client.scheduler_comm
         self._look = True
@@ -168,8 +171,7 @@ class DaskExecutor:
             try:
                 if jobs:
                     client.cancel([j.future for j in jobs], force=True)
-                from ..worker.dask_host import PLUGIN_NAME
-                client.unregister_worker_plugin(PLUGIN_NAME)
+                client.unregister_worker_plugin(self.plugin)
                 client.unsubscribe_topic("all")
             except Exception as e:   # the scheduler is gone: its workers' lifelines end the processes
                 logger.debug("dask: could not unregister the plugin: %s", e)
@@ -206,7 +208,9 @@ class DaskExecutor:
                 while not (self._inbox or self._woken or self._stopping):
                     if self._client is None:
                         wait = max(0.0, self._next_try - time.monotonic())
-                    elif self._running:   # a worker that left unannounced: looked for this often
+                    elif self._running or not self.cluster or self._client.status != "running":
+                        # a worker that left unannounced, a cluster with none yet, a
+                        # client that gave up: looked at this often, never while idle
                         wait = max(0.0, self._next_look - time.monotonic())
                     else:
                         wait = None
@@ -237,7 +241,12 @@ class DaskExecutor:
             self._reconnect()
         elif self._client.status == "running" and self._client.scheduler_comm is not self._comm:
             self._resync()
-        if self._look and self._client is not None:
+        if self._client is None or self._client.status != "running":
+            # the scheduler is lost (the client reconnects or gave up): no
+            # worker is known to be there; running jobs are lost, none is handed out
+            self.cluster = {}
+            self._look = True
+        elif self._look:
             self._read_cluster()
         finished: List[_Job] = []
         cancel: List[Any] = []
@@ -338,8 +347,8 @@ class DaskExecutor:
         from ..worker.dask_host import run_job
         seq = job.seq
         try:
-            future = self._client.submit(run_job, fn_blob, args_blob, env, as_thread, timeout, max_memory,
-                                         key=f"ezpq-{self.token}-{seq}", workers=[job.worker],
+            future = self._client.submit(run_job, self.plugin, fn_blob, args_blob, env, as_thread, timeout,
+                                         max_memory, key=f"ezpq-{self.token}-{seq}", workers=[job.worker],
                                          allow_other_workers=False, pure=False, retries=0)
         except Exception as e:
             with self.state.cond:
@@ -357,16 +366,22 @@ class DaskExecutor:
     def _record(self, jobs: List[_Job]) -> None:
         """Fetch finished jobs' results (outside the lock) and record them."""
         try:
-            results = self._client.gather([j.future for j in jobs], errors="skip")
-        except Exception as e:
+            results = self._client.gather([j.future for j in jobs])
+        except Exception:   # one of them is gone (its worker died since): each on its own
             results = []
-            logger.warning("dask: results could not be fetched: %s", e)
+            for job in jobs:
+                try:
+                    results.append(self._client.gather(job.future))
+                except Exception as e:
+                    results.append(e)
         outcomes = []
         for job, res in zip(jobs, results):
-            outcomes.append((job, _outcome(res, job.worker)))
-        for job in jobs[len(results):]:
-            outcomes.append((job, (Outcome(JobStatus.LOST, -9, exception=f"the result of the job could not be "
-                                          f"fetched from the Dask worker {job.worker}"), b"")))
+            if isinstance(res, Exception):
+                outcomes.append((job, (Outcome(JobStatus.LOST, -9, exception=(
+                    f"the result of the job could not be fetched from the Dask worker {job.worker}: "
+                    f"{type(res).__name__}: {res}"), host=_host_of(job.worker)), b"")))
+            else:
+                outcomes.append((job, _outcome(res, job.worker)))
         grown = False
         if self.logs is not None:
             for job, (_, log) in outcomes:

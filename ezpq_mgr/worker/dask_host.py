@@ -160,21 +160,21 @@ class EzpqPlugin(WorkerPlugin):
     """Keeps ezpq worker processes next to one Dask worker and kills the
     one whose task Dask cancels."""
 
-    name = PLUGIN_NAME
     idempotent = True    # registered again (a reconnecting server): the running one stays
 
-    def __init__(self):
+    def __init__(self, name: str = PLUGIN_NAME):
+        self.name = name     # one per ezpq server (dask_executor: ezpq-TOKEN)
         self._lock = threading.Lock()
         self._idle: List[_Process] = []
         self._busy: Dict[str, _Process] = {}
         self._lifeline: Optional[Tuple[int, int]] = None
         self._closed = False
 
-    def __getstate__(self):   # sent to the workers before setup: nothing of ours travels
-        return {}
+    def __getstate__(self):   # sent to the workers before setup: only its name travels
+        return {"name": self.name}
 
     def __setstate__(self, state):
-        self.__init__()
+        self.__init__(state["name"])
 
     def setup(self, worker=None) -> None:
         r, w = os.pipe()   # we hold the only write end: EOF tells them we are gone
@@ -241,24 +241,25 @@ class EzpqPlugin(WorkerPlugin):
             threading.Thread(target=proc.close, name="ezpq-reap", daemon=True).start()
 
 
-def _plugin() -> EzpqPlugin:
-    """This Dask worker's plugin; attached here if the server's registration
-    has not reached it (a scheduler restarted without its plugins)."""
+def _plugin(name: str) -> EzpqPlugin:
+    """This Dask worker's plugin of that server; attached here if the
+    server's registration has not reached it yet (a new scheduler)."""
     worker = get_worker()
-    plugin = worker.plugins.get(PLUGIN_NAME)
+    plugin = worker.plugins.get(name)
     if plugin is None:
-        plugin = EzpqPlugin()
+        plugin = EzpqPlugin(name)
         plugin.setup(worker)
-        worker.plugins[PLUGIN_NAME] = plugin
+        worker.plugins[name] = plugin
     return plugin
 
 
-def run_job(fn_blob: bytes, args_blob: bytes, env: Optional[list], as_thread: bool,
+def run_job(plugin_name: str, fn_blob: bytes, args_blob: bytes, env: Optional[list], as_thread: bool,
             timeout: float, max_memory: Optional[int]) -> HostResult:
     """The Dask task of one ezpq job: run it in an ezpq worker process of
-    this host and return how it ended. Never raises for the job's sake."""
+    this host (kept by the plugin ``plugin_name``, its server's) and
+    return how it ended. Never raises for the job's sake."""
     key = get_worker().get_current_task()
-    plugin = _plugin()
+    plugin = _plugin(plugin_name)
     proc = plugin.take(key)
     try:
         return _run(proc, fn_blob, args_blob, env, as_thread, timeout, max_memory)
