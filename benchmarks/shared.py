@@ -11,9 +11,9 @@ import time
 from jobs import noop
 
 
-def _client(address, key, n, start, results, job=noop):
+def _client(address, key, n, start, results, job=noop, buffer_puts=None):
     import ezpq_mgr
-    with ezpq_mgr.Queue(address=address, authkey=key) as Q:
+    with ezpq_mgr.Queue(address=address, authkey=key, buffer_puts=buffer_puts) as Q:
         results.put("connected")
         start.wait()
         ids = [Q.put(job, i) for i in range(n)]
@@ -23,11 +23,12 @@ def _client(address, key, n, start, results, job=noop):
                  sorted(j["id"] for j in out) == sorted(ids), time.perf_counter()))
 
 
-def w5(clients=4, n=1000, workers=2, job=noop, state_dir=False):
+def w5(clients=4, n=1000, workers=2, job=noop, state_dir=False, buffer_puts=None):
     """Aggregate jobs/s of ``clients`` spawned processes x ``n`` no-op jobs
     (``job``: pass one defined in the caller's main script); and whether
     each client got exactly its own results. ``state_dir``: the server
-    keeps its queue in a state dir (``--state-dir``, a fresh one)."""
+    keeps its queue in a state dir (``--state-dir``, a fresh one);
+    ``buffer_puts``: the clients' ``Queue(buffer_puts=...)``."""
     tmp = tempfile.mkdtemp(prefix="ezpq-bench-")
     sock, keyfile = os.path.join(tmp, "s.sock"), os.path.join(tmp, "key")
     server = subprocess.Popen([sys.executable, "-c", "from ezpq_mgr.cli import server_main; server_main()",
@@ -43,7 +44,7 @@ def w5(clients=4, n=1000, workers=2, job=noop, state_dir=False):
         key = open(keyfile, "rb").read().strip()
         ctx = multiprocessing.get_context("spawn")
         start, results = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_client, args=(sock, key, n, start, results, job)) for _ in range(clients)]
+        procs = [ctx.Process(target=_client, args=(sock, key, n, start, results, job, buffer_puts)) for _ in range(clients)]
         for p in procs:
             p.start()
         for _ in procs:  # every client connected before the clock starts

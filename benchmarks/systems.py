@@ -110,13 +110,16 @@ class _EzpqApi:
 class EzpqMgr(_EzpqApi):
     name = "ezpq_mgr"
 
-    def __init__(self, state_dir=False):
+    def __init__(self, state_dir=False, buffer_puts=None):
         import ezpq_mgr
         self.ezpq = ezpq_mgr
         self.state_dir = state_dir   # each queue in a fresh --state-dir (durable server)
+        self.buffer_puts = buffer_puts   # Queue(buffer_puts=...): None is the default
         self._dirs = []
 
     def make_queue(self, workers, **kw):
+        if self.buffer_puts is not None:
+            kw["buffer_puts"] = self.buffer_puts
         if self.state_dir:
             d = tempfile.mkdtemp(prefix="ezpq-bench-state-")
             self._dirs.append(d)

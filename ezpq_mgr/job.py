@@ -206,11 +206,12 @@ class Job:
         retries = schema.check_retries(retries)
         max_memory = schema.check_max_memory(max_memory)
         schema.check_name(plain_name(name))
-        if after is not None and type(after) is not list and type(after) is not tuple:
-            if isinstance(after, (str, bytes)) or not isinstance(after, collections.abc.Iterable):
-                raise TypeError(f"after must be a list of job ids, not {type(after).__name__}")
-            after = list(after)
-        after = schema.check_after("after", after)
+        if after is not None:   # (the usual job has none: no call on put's path)
+            if type(after) is not list and type(after) is not tuple:
+                if isinstance(after, (str, bytes)) or not isinstance(after, collections.abc.Iterable):
+                    raise TypeError(f"after must be a list of job ids, not {type(after).__name__}")
+                after = list(after)
+            after = schema.check_after("after", after)
         self.function = function
         self.args = normalize_args(args)
         self.kwargs = kwargs

@@ -30,19 +30,24 @@ SESSION_MARK = os.environ.setdefault("EZPQ_TEST_SESSION", uuid.uuid4().hex)
 #: when the session ends. 0755, so that throwaway users reach their sockets.
 #: Made in ``pytest_configure``, not at import: a process that merely imports
 #: this module (a spawned child unpickling a test's function) makes none.
+#: Removed in ``pytest_unconfigure``, which runs whatever ran (a session
+#: fixture would not when every test is deselected, or with --collect-only),
+#: and only by the process that made it.
+_made_root = []
+
+
 def pytest_configure(config):
     if "EZPQ_TEST_TMP_ROOT" not in os.environ:
         os.environ["EZPQ_TEST_TMP_ROOT"] = tempfile.mkdtemp(prefix="ezpq-test-")
         os.chmod(os.environ["EZPQ_TEST_TMP_ROOT"], 0o755)
         os.environ["TMPDIR"] = tempfile.tempdir = os.environ["EZPQ_TEST_TMP_ROOT"]
+        _made_root.append(os.environ["EZPQ_TEST_TMP_ROOT"])
 
 
-@pytest.fixture(scope="session", autouse=True)
-def remove_temporary_directories():
-    yield
-    root = os.environ.get("EZPQ_TEST_TMP_ROOT")
-    if root and os.path.basename(root).startswith("ezpq-test-"):
-        shutil.rmtree(root, ignore_errors=True)
+def pytest_unconfigure(config):
+    for root in _made_root:
+        if os.path.basename(root).startswith("ezpq-test-"):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 STDLIB_HELPERS = ("resource_tracker", "forkserver")  # one per interpreter, by multiprocessing

@@ -19,7 +19,7 @@ import pytest
 import ezpq_mgr as ezpq
 from ezpq_mgr.client.connection import Remote
 from ezpq_mgr.server.store import DB_NAME, SCHEMA_VERSION
-from jobs import return_me, sleep_for
+from jobs import fail, return_me, sleep_for
 from server_fixture import terminate
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (needs root)")
@@ -193,6 +193,54 @@ def test_a_result_handed_out_before_a_kill_reaches_each_process_once(durable):
     assert again is not None and (again["id"], again["status"]) == (job_id, "completed"), \
         "the result handed out before the kill is lost"
     s.queue("once").dispose()
+
+
+def test_buffered_puts_are_committed_once_flush_returns(durable):
+    """Queue(buffer_puts=True) on a durable server: put returns at once
+    with its id, and once flush() returns every job is committed: a SIGKILL
+    right after loses none, and none is there twice."""
+    s = durable(workers=1).start()
+    Q = s.queue("buf", buffer_puts=True, auto_start=False)
+    ids = [Q.put(return_me, i) for i in range(300)]
+    assert ids == list(range(1, 301))
+    Q.flush()
+    s.kill(signal.SIGKILL)
+    s.start()
+    Q2 = s.queue("buf")
+    assert Q2.size(waiting=True) == 300
+    Q2.start()
+    assert Q2.wait(timeout=60) == 0
+    got = Q2.collect()
+    assert sorted(j["id"] for j in got) == ids and sorted(j["output"] for j in got) == list(range(300))
+    Q2.dispose()
+
+
+def test_buffer_puts_is_checked_at_the_call(durable):
+    s = durable().start()
+    with pytest.raises(TypeError, match="buffer_puts"):
+        s.queue("x", buffer_puts="yes")
+    with pytest.raises(ValueError, match="max_size"):
+        s.queue("x", buffer_puts=True, max_size=5)
+
+
+def test_stop_on_lane_error_holds_across_a_sigkill(durable):
+    """A lane's job failed and was collected; the server is SIGKILLed and
+    restarted; the lane's next stop_on_lane_error job is skipped, not run."""
+    s = durable(workers=1).start()
+    Q = s.queue("lanes")
+    Q.put(fail, lane="L")
+    assert Q.wait(timeout=30) == 0
+    first = Q.collect()
+    assert [j["status"] for j in first] == ["failed"]
+    s.kill(signal.SIGKILL)
+    s.start()
+    Q2 = s.queue("lanes")
+    Q2.put(return_me, 1, lane="L", stop_on_lane_error=True)
+    assert Q2.wait(timeout=30) == 0
+    got = Q2.collect()
+    assert [j["status"] for j in got] == ["skipped"], got
+    assert f"preceding job ({first[0]['id']})" in got[0]["exception"]
+    Q2.dispose()
 
 
 def test_retries_run_again_after_a_restart(durable):

@@ -334,3 +334,44 @@ def test_a_durable_server_keeps_logs_across_a_sigkill_and_removes_forgotten_ones
         assert os.listdir(logs) == []
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------- cost of a silent job
+def _say(text):
+    os.write(1, text.encode() + b"\n")   # descriptor 1: pytest's capture replaces sys.stdout
+    return text
+
+
+def test_a_job_that_prints_nothing_leaves_no_log_object():
+    """Only a job that wrote something has a log (an object and a file):
+    100,000 silent jobs waiting to be collected hold nothing here (their
+    objects cost GC time on the server). A real supervisor, workers, pipes."""
+    from ezpq_mgr.job import JobRecord
+    from ezpq_mgr.server.joblogs import LogBook
+    from ezpq_mgr.server.state import QueueState
+    from ezpq_mgr.server.supervisor import Supervisor
+    from ezpq_mgr import serialize
+    d = tempfile.mkdtemp(prefix="ezpq-test-logs-")
+    state = QueueState()
+    book = LogBook(d)
+    sup = Supervisor(state, 1, logs=book)
+    try:
+        sup.start()
+
+        def record(i, fn, arg):
+            return JobRecord(seq=0, qid="", id=0, client="c", user="u", name=f"j{i}", priority=i,
+                             lane_key=None, timeout=0, function=fn.__name__,
+                             fn_blob=serialize.dump_function(fn), args_blob=serialize.dump_call_args([arg], None))
+        state.add("q", [record(1, abs, -1), record(2, _say, "hello"), record(3, abs, -3)])
+        sup.wake()
+        deadline = time.monotonic() + 30
+        while state.queues["q"].n_done < 3:
+            assert time.monotonic() < deadline, "the jobs did not finish"
+            time.sleep(0.01)
+        said = [rec.seq for rec in state.records.values() if rec.name == "j2"]
+        assert sorted(book.logs) == said, "a silent job has a log object"
+        assert book.read(said[0], 0) == b"hello\n"
+    finally:
+        sup.stop()
+        book.close()
+        shutil.rmtree(d, ignore_errors=True)

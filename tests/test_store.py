@@ -6,6 +6,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -165,6 +166,7 @@ def test_a_version_1_database_migrates_and_keeps_its_jobs(where):
     db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
     db.execute("DROP TABLE ids")
     db.execute("ALTER TABLE jobs DROP COLUMN after")   # version 3's
+    db.execute("DROP TABLE lanes")                     # version 4's
     db.execute("PRAGMA user_version=1")
     db.close()
     st2, state2 = _open(where)
@@ -185,6 +187,7 @@ def test_a_version_2_database_migrates_and_its_jobs_wait_for_none(where):
     st.close()
     db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
     db.execute("ALTER TABLE jobs DROP COLUMN after")
+    db.execute("DROP TABLE lanes")
     db.execute("PRAGMA user_version=2")
     db.commit()
     db.close()
@@ -194,7 +197,7 @@ def test_a_version_2_database_migrates_and_its_jobs_wait_for_none(where):
         assert state2.pick().id == 1 and state2.pick().id == 2
     st2.close()
     db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
-    assert db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
     db.close()
 
 
@@ -271,3 +274,116 @@ def test_a_dropped_queue_keeps_its_id_counter(where):
     st3, state3 = _open(where)
     assert state3.add("named", [_rec()]) == [4]
     st3.close()
+
+
+# ------------------------------------------------------------ lanes
+def _fail_lane_then_collect(state, lane=b"L"):
+    """A lane's job runs and fails, and is collected: only the lane's memory is left."""
+    state.add("q", [_rec(lane=lane)])
+    with state.cond:
+        rec = state.pick()
+    state.finish(rec.seq, Outcome(JobStatus.FAILED, 3, exception="boom"))
+    assert [j["id"] for j in state.pop_completed("q", 0)] == [rec.id]
+    return rec
+
+
+def test_a_lane_remembers_its_failed_job_across_a_restart(where):
+    """stop_on_lane_error after a restart: the lane's last job failed (and
+    was collected) before it; the next stop_on_lane_error job of the lane
+    is skipped with that job's exit code, not run."""
+    st, state = _open(where)
+    failed = _fail_lane_then_collect(state)
+    st.close()
+    st2, state2 = _open(where)
+    nxt = _rec(lane=b"L")
+    nxt.stop_on_lane_error = True
+    state2.add("q", [nxt])
+    rec = state2.records[nxt.seq]
+    assert (rec.status, rec.exitcode) == (JobStatus.SKIPPED, 3)
+    assert f"preceding job ({failed.id}) exit code is 3" in rec.exception
+    st2.close()
+
+
+def test_a_lane_whose_later_job_succeeded_forgets_the_failure(where):
+    st, state = _open(where)
+    _fail_lane_then_collect(state)
+    state.add("q", [_rec(lane=b"L")])
+    with state.cond:
+        rec = state.pick()
+    state.finish(rec.seq, Outcome(JobStatus.COMPLETED, 0))
+    st.close()
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    assert db.execute("SELECT count(*) FROM lanes").fetchone()[0] == 0
+    db.close()
+    st2, state2 = _open(where)
+    nxt = _rec(lane=b"L")
+    nxt.stop_on_lane_error = True
+    state2.add("q", [nxt])
+    assert state2.records[nxt.seq].phase is Phase.WAITING
+    st2.close()
+
+
+def test_a_lane_whose_running_job_came_back_lost_forgets_the_failure(where):
+    """Its last job is the lost one now (a lost job is no failure): the
+    next stop_on_lane_error job runs; the row is gone after the restore."""
+    st, state = _open(where)
+    _fail_lane_then_collect(state)
+    state.add("q", [_rec(lane=b"L")])
+    with state.cond:
+        state.pick()
+    st.close()   # a restart with that job running
+    st2, state2 = _open(where)
+    assert [r.status for r in state2.records.values()] == [JobStatus.LOST]
+    nxt = _rec(lane=b"L")
+    nxt.stop_on_lane_error = True
+    state2.add("q", [nxt])
+    assert state2.records[nxt.seq].phase is Phase.WAITING
+    st2.close()
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    assert db.execute("SELECT count(*) FROM lanes").fetchone()[0] == 0
+    db.close()
+
+
+def test_a_version_3_database_migrates_with_no_lane_remembered(where):
+    st, state = _open(where)
+    state.add("q", [_rec(lane=b"L")])
+    st.close()
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    db.execute("DROP TABLE lanes")
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+    st2, state2 = _open(where)
+    with state2.cond:
+        assert state2.pick().id == 1
+    st2.close()
+    db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION == 4
+    assert db.execute("SELECT count(*) FROM lanes").fetchone()[0] == 0
+    db.close()
+
+
+# ------------------------------------------------------------ coalescing
+def test_moves_nobody_waits_for_share_a_commit_and_a_reply_is_not_held(where, monkeypatch):
+    """A job's start and end, with no reply waiting for them, go to disk in
+    one commit (the journal waits up to COALESCE for more); a reply that
+    waits (barrier) is committed at once, not after the window."""
+    monkeypatch.setattr(store_mod, "COALESCE", 30.0)
+    st, state = _open(where)
+    try:
+        state.add("q", [_rec()])
+        st.barrier()   # a put's reply: at once, though the window is 30 s
+        before = st.batches
+        with state.cond:
+            rec = state.pick()
+        time.sleep(0.05)   # the start alone would be a commit of its own without the window
+        state.finish(rec.seq, Outcome(JobStatus.COMPLETED, 0, output_blob=b"out"))
+        started = time.monotonic()
+        st.barrier()
+        assert time.monotonic() - started < 5, "a waiting reply was held by the window"
+        assert st.batches == before + 1, "the start and the end were not one commit"
+        db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
+        assert db.execute("SELECT status FROM jobs").fetchall() == [("completed",)]
+        db.close()
+    finally:
+        st.close()

@@ -77,6 +77,7 @@ class Queue:
         authkey: Optional[bytes] = None,
         start_method: Optional[str] = None,
         state_dir: Optional[str] = None,
+        buffer_puts: Optional[bool] = None,
         dask: Optional[str] = None,
     ):
         self._runner = _runner_name(job_runner)
@@ -92,6 +93,11 @@ class Queue:
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         if qid is not None:
             schema.check_qid(qid)
+        if buffer_puts is not None and not isinstance(buffer_puts, bool):
+            raise TypeError(f"buffer_puts must be True, False or None, not {type(buffer_puts).__name__}")
+        if buffer_puts and max_size:
+            raise ValueError("buffer_puts=True cannot be combined with max_size: a full queue must "
+                             "refuse the put when it is made")
         start_method = start_method or os.environ.get("EZPQ_START_METHOD") or None
         if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
             raise ValueError(f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
@@ -152,9 +158,15 @@ class Queue:
         self._notices.start()
         # put() buffers records; a flusher thread sends them within FLUSH_DELAY
         # (any other call sends them first), so 10,000 puts are not 10,000 round trips.
-        # Not on a durable server (--state-dir): there a put returns once its job
-        # is committed (the server replies after the commit), so none is lost.
-        self._buffered = qid is None and max_size == 0 and not self._remote.durable
+        # By default not on a durable server (--state-dir): there a put returns
+        # once its job is committed (the server replies after the commit), so
+        # none is lost; nor on a shared qid (others see a job once put returns).
+        # ``buffer_puts`` says otherwise: True buffers there too (flush() is
+        # then the point where they are on the server, committed), False never.
+        if buffer_puts is None:
+            self._buffered = qid is None and max_size == 0 and not self._remote.durable
+        else:
+            self._buffered = buffer_puts
         self._buffer: List[dict] = []
         self._buffer_cond = threading.Condition(threading.RLock())
         self._send_lock = threading.Lock()
@@ -242,7 +254,12 @@ class Queue:
 
     def _buffer_put(self, record: dict) -> int:
         with self._buffer_cond:
-            job_id = record["id"] = self._take_id()
+            job_id = self._next_id
+            if job_id == self._id_end:   # the reserved block is used up
+                job_id = self._take_id()
+            else:
+                self._next_id = job_id + 1
+            record["id"] = job_id
             self._buffer.append(record)
             full = len(self._buffer) >= FLUSH_SIZE
             if self._flusher_idle and len(self._buffer) == 1:
@@ -444,7 +461,10 @@ class Queue:
         a ``max_size`` or a durable server (``--state-dir``,
         ``Queue(state_dir=)``) sends it at once (other clients see it when
         put returns; ``QueueFull`` is raised here; on a durable server the
-        job is committed when put returns)."""
+        job is committed when put returns). ``Queue(buffer_puts=True)``
+        buffers on a shared ``qid`` and a durable server too: put returns
+        at once and ``flush()`` (or the queue's next call) is where the jobs
+        are on the server, committed; ``buffer_puts=False`` never buffers."""
         record = self._record(job)
         if self._disposed:
             raise EzpqError(f"queue {self._qid!r} is disposed")
@@ -502,6 +522,16 @@ class Queue:
                 raise TypeError(f"starmapkw items must be dicts, got {type(x).__name__}")
             jobs.append(Job(function, args, {**x, **(kwargs or {})}, timeout=timeout))
         return self._map_jobs(jobs, show_progress)
+
+    def flush(self) -> None:
+        """Send the puts this queue buffered (see ``buffer_puts``); returns
+        once the server has them: on a durable server, once they are
+        committed. Any other call of this queue sends them first too; a
+        queue that does not buffer has nothing to send."""
+        if self._disposed:
+            raise EzpqError(f"queue {self._qid!r} is disposed")
+        if self._buffered:
+            self._flush()
 
     def wait(self, poll: float = 0, timeout: float = 0, show_progress: bool = False) -> int:
         """Block until this queue has no waiting or working job (or ``timeout``).

@@ -35,7 +35,7 @@ import tempfile
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
-from .callers import describe_user
+from .owndir import own_dir_problem
 
 __all__ = ["LogBook", "JobLog", "Echo", "LogDirError", "DEFAULT_MAX_LOG", "truncated_marker"]
 
@@ -82,15 +82,9 @@ def _unlink(path: str) -> None:
 
 
 def _check_dir(path: str, shared_root: bool) -> None:
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise LogDirError(f"log directory {path} is not a directory (or is a symbolic link)")
-    if st.st_uid != os.geteuid():
-        raise LogDirError(f"log directory {path} is owned by {describe_user(st.st_uid)}, not by "
-                          f"{describe_user(os.geteuid())} who runs the server")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise LogDirError(f"log directory {path} is writable by others (mode {oct(st.st_mode & 0o777)}); "
-                          f"chmod 711 it")
+    why = own_dir_problem(path, f"log directory {path}", "711")
+    if why is not None:
+        raise LogDirError(why)
 
 
 class LogBook:
@@ -131,11 +125,15 @@ class LogBook:
 
     # ------------------------------------------------------------ writing
     def sink(self, seq: int, uid: Optional[int]) -> JobLog:
-        """The log of job ``seq`` (made on its first run; a retry goes on
-        in the same one). No file yet: that waits for the first byte."""
+        """The log of job ``seq``, made when its first bytes come (a retry
+        goes on in the same one); the file waits for ``append``. Under the
+        lock: a kill's helper thread may drain the same job's pipes."""
         log = self.logs.get(seq)
         if log is None:
-            log = self.logs[seq] = JobLog(seq, uid if self.chown and uid else None, self.directory)
+            with self._lock:
+                log = self.logs.get(seq)
+                if log is None:
+                    log = self.logs[seq] = JobLog(seq, uid if self.chown and uid else None, self.directory)
         return log
 
     def append(self, log: JobLog, data: bytes) -> bool:

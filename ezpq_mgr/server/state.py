@@ -35,7 +35,7 @@ from __future__ import annotations
 import collections
 import heapq
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..errors import JobNotFound, QueueFull
 from ..job import ERROR_STATES, TRANSITIONS, JobRecord, JobStatus, Phase
@@ -86,6 +86,10 @@ class QueueState(Scheduling, Dependencies, Results, Waits):
         #: (lock held) a waiting job's priority changed (``set_priority``):
         #: the durable server's journal, None otherwise
         self.on_priority: Optional[Callable[[JobRecord], None]] = None
+        #: (lock held) a lane's memory of a failed last job (which skips its
+        #: later ``stop_on_lane_error`` jobs) was set or cleared: (queue,
+        #: lane key, lane); the durable server's journal, None otherwise
+        self.on_lane: Optional[Callable[[QueueInfo, bytes, Any], None]] = None
         #: (lock held) a job's record is deleted (GONE): the service lets go
         #: of its environment then, not at its end, so that a finished job
         #: can be requeued in it (``Service.requeue_job``)
@@ -313,7 +317,10 @@ class QueueState(Scheduling, Dependencies, Results, Waits):
             else:
                 self._done(q, rec)
                 if lane is not None:
+                    was_failed = lane.last_exit not in (0, None)
                     lane.last_exit, lane.last_id, lane.exposed = rec.exitcode, rec.id, None
+                    if self.on_lane is not None and (was_failed or lane.last_exit not in (0, None)):
+                        self.on_lane(q, rec.lane_key, lane)
                     self._settle(q, lane)
                     self._drop_lane_if_idle(q, rec.lane_key, lane)
             self._changed()

@@ -22,10 +22,10 @@ a SIGKILL between the commit and the send. A result handed out in the last
 instant before a kill is on the server again after the restart; the client
 knows it by the database's ``state_id`` and the job's id (never reused) and
 drops it (``client/delivered.py``): every result reaches its process once.
-Moves nobody is told about (a job starting, finishing) are written
-by the next group commit, a fraction of a millisecond later; a job that
-started within that window before a SIGKILL may run again instead of
-coming back ``lost``.
+Moves nobody is told about (a job starting, finishing) wait up to
+``COALESCE`` (5 ms) for others, unless a reply needs them sooner: a job
+that starts and ends meanwhile costs one row; a job that started within
+that window before a SIGKILL may run again instead of coming back ``lost``.
 
 Schema (``SCHEMA_VERSION``; ``PRAGMA user_version``, and ``application_id``
 marks the file as ours)::
@@ -37,6 +37,8 @@ marks the file as ours)::
                                         QueueState.last_ids, so no id is reused
     envs(env_id PRIMARY KEY, uid, cwd, sys_path)   a job's working directory
                                                    and sys.path (JSON list)
+    lanes(qid, lane_key, last_id, last_exit)       a lane whose last job failed (version
+                                        4): its stop_on_lane_error jobs are skipped
     jobs(seq PRIMARY KEY, <STATIC>, <MUTABLE>)     one row per job on the server;
                                         its ``after`` (version 3): the job
                                         numbers it waits for, a JSON list, or NULL
@@ -71,21 +73,27 @@ import logging
 import os
 import secrets
 import sqlite3
-import stat
 import threading
 import time
 from typing import Callable, Dict, List, Optional
 
 from ..job import JobRecord, JobStatus, Phase
+from .owndir import own_dir_problem
 
 __all__ = ["Store", "StoreError", "SCHEMA_VERSION", "DB_NAME"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: PRAGMA application_id: "EZPQ"; a file without it is not ours
 APPLICATION_ID = 0x455A5051
 DB_NAME = "state.db"
+#: How long the journal lets moves nobody waits for pile up before it
+#: commits them (what a reply waits for is committed at once). A W1 of
+#: 5,000 buffered puts: 69 commits instead of 1,516, server CPU per job
+#: 82 us instead of 116. A job started within it before a SIGKILL may run
+#: again rather than come back lost.
+COALESCE = 0.005
 LOCK_NAME = "lock"
 
 #: Columns set when a job is accepted, never changed after (but a waiting
@@ -106,6 +114,8 @@ CREATE TABLE queues(qid TEXT PRIMARY KEY, next_id INTEGER NOT NULL, cap INTEGER,
                     paused INTEGER, auto_stop INTEGER, auto_remove INTEGER);
 CREATE TABLE envs(env_id INTEGER PRIMARY KEY, uid INTEGER, cwd TEXT, sys_path TEXT);
 CREATE TABLE ids(qid TEXT PRIMARY KEY, next_id INTEGER NOT NULL);
+CREATE TABLE lanes(qid TEXT NOT NULL, lane_key BLOB NOT NULL, last_id INTEGER, last_exit INTEGER,
+                   PRIMARY KEY(qid, lane_key));
 CREATE TABLE jobs(seq INTEGER PRIMARY KEY, {", ".join(c for c in STATIC + MUTABLE if c != "seq")});
 """
 
@@ -120,8 +130,15 @@ def _v2_to_v3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN after")
 
 
+def _v3_to_v4(db: sqlite3.Connection) -> None:
+    """Version 4 keeps each lane whose last job failed (``lanes``), so that
+    its later ``stop_on_lane_error`` jobs are still skipped after a restart."""
+    db.execute("CREATE TABLE lanes(qid TEXT NOT NULL, lane_key BLOB NOT NULL, last_id INTEGER, "
+               "last_exit INTEGER, PRIMARY KEY(qid, lane_key))")
+
+
 #: version -> function(conn) that brings a database of that version to the next
-MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 _PRIORITY = STATIC.index("priority")   # a waiting job's priority may change (on_priority)
 _INSERT = f"INSERT OR REPLACE INTO jobs({', '.join(STATIC + MUTABLE)}) VALUES ({', '.join('?' * len(STATIC + MUTABLE))})"
@@ -171,6 +188,7 @@ class Store:
         self._cv = threading.Condition(threading.Lock())
         self._held: List[tuple] = []    # (mark, Deferred) answers waiting for their commit
         self._wake = threading.Event()
+        self._urgent = threading.Event()   # a reply waits for the next commit
         self._closing = False
         self.failed: Optional[str] = None   # why writing stopped (the server stops)
         self.on_failure: Callable[[str], None] = lambda why: None
@@ -184,18 +202,11 @@ class Store:
         nobody else may write. Then its lock: one server per DIR."""
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            st = os.lstat(self.dir)
+            why = own_dir_problem(self.dir, f"--state-dir {self.dir}", "700")
         except OSError as exc:
             raise StoreError(f"--state-dir {self.dir}: cannot create it: {exc.strerror}") from None
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-            raise StoreError(f"--state-dir {self.dir} is not a directory (or is a symlink)")
-        if st.st_uid != os.geteuid():
-            from .callers import describe_user
-            raise StoreError(f"--state-dir {self.dir} is owned by {describe_user(st.st_uid)}, not by "
-                             f"{describe_user(os.geteuid())} who runs the server; chown it or use another")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise StoreError(f"--state-dir {self.dir} is writable by others (mode {oct(st.st_mode & 0o777)}); "
-                             f"chmod 700 it")
+        if why is not None:
+            raise StoreError(why)
         lock = os.path.join(self.dir, LOCK_NAME)
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -288,7 +299,7 @@ class Store:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        missing = {"meta", "queues", "envs", "jobs", "ids"} - tables
+        missing = {"meta", "queues", "envs", "jobs", "ids", "lanes"} - tables
         if missing:
             raise StoreError(f"{self.path} lacks the tables {sorted(missing)}; refusing to start over it")
 
@@ -320,6 +331,7 @@ class Store:
             queues = db.execute(f"SELECT {', '.join(QUEUE_COLUMNS)} FROM queues").fetchall()
             last_ids = db.execute("SELECT qid, next_id FROM ids").fetchall()
             envs = db.execute("SELECT env_id, uid, cwd, sys_path FROM envs").fetchall()
+            lane_rows = db.execute("SELECT qid, lane_key, last_id, last_exit FROM lanes").fetchall()
             rows = db.execute(f"SELECT {', '.join(names)} FROM jobs ORDER BY seq").fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path} is damaged ({exc}); refusing to start over it: "
@@ -359,6 +371,7 @@ class Store:
             dropped_envs = [r[0] for r in envs if r[0] not in refs]
             state.seq = max(state.seq, max_seq)
             q = None
+            lost_lanes = set()
             for rec, phase in jobs:
                 if q is None or q.qid != rec.qid:
                     q = state.queue(rec.qid)
@@ -384,6 +397,8 @@ class Store:
                         rec.exception = "the server restarted while this job ran"
                         state._done(q, rec, held_ok=False)
                         n["lost"] += 1
+                        if rec.lane_key is not None:   # its lane's last job now: no failure to remember
+                            lost_lanes.add((rec.qid, bytes(rec.lane_key)))
                 else:   # HELD (its client's callback will not run now) or DONE
                     state._move(q, rec, Phase.WAITING)
                     state._complete(q, rec)
@@ -392,11 +407,13 @@ class Store:
                     n["done"] += 1
                 if rec.phase is not phase:
                     changed.append(rec)
+            forgotten_lanes = self._restore_lanes(state, lane_rows, lost_lanes, changed)
         state.version += 1
         # what the restore changed is the journal's first batch
         self._pending.extend(("U", rec.seq, _mutable(rec)) for rec in changed if rec.phase is not Phase.GONE)
         self._pending.extend(("D", rec.seq) for rec in changed if rec.phase is Phase.GONE)
         self._pending.extend(("ED", e) for e in dropped_envs)
+        self._pending.extend(("L", key, None) for key in forgotten_lanes)
         self._appended = len(self._pending)
         n["seconds"] = time.perf_counter() - t0
         n["jobs"] = len(rows)
@@ -405,6 +422,31 @@ class Store:
                     n["waiting"], n["retried"], n["lost"], n["done"])
         return n
 
+    @staticmethod
+    def _restore_lanes(state, rows: list, lost: set, changed: List[JobRecord]) -> List[tuple]:
+        """(lock held, after the jobs) Each lane whose last job failed
+        remembers it again, and skips its waiting ``stop_on_lane_error`` jobs
+        as it would have (those go to ``changed``). A lane whose running job
+        came back lost forgets it (a lost job is no failure, as in
+        ``QueueState.finish``): the keys to delete are returned."""
+        from .scheduling import Lane
+        forget = []
+        for qid, key, last_id, last_exit in rows:
+            key = bytes(key)
+            if (qid, key) in lost:
+                forget.append((qid, key))
+                continue
+            q = state.queue(qid)
+            lane = q.lanes.get(key)
+            if lane is None:
+                lane = q.lanes[key] = Lane()
+            lane.last_id, lane.last_exit = last_id, last_exit
+            queued = [seq for _, seq in lane.heap]
+            state._settle(q, lane)
+            changed.extend(state.records[seq] for seq in queued
+                           if seq in state.records and state.records[seq].phase is not Phase.WAITING)
+        return forget
+
     # ---------------------------------------------------------- the hooks
     def attach(self, state, service) -> None:
         """Install the hooks and start the journal thread."""
@@ -412,6 +454,7 @@ class Store:
         state.on_move = self.on_move
         state.on_queue = self.on_queue
         state.on_priority = self.on_priority
+        state.on_lane = self.on_lane
         service.on_env = self.on_env
         self._thread = threading.Thread(target=self._run, name="ezpq-journal", daemon=True)
         self._thread.start()
@@ -419,7 +462,11 @@ class Store:
             self._wake.set()
 
     def on_move(self, rec: JobRecord, frm: Phase, to: Phase) -> None:
-        """(state lock held) Journal one phase change."""
+        """(state lock held) Journal one phase change. RETURNED is not
+        written: on disk the job stays RUNNING, which a restore treats the
+        same way (a row less per job)."""
+        if to is Phase.RETURNED:
+            return
         if frm is Phase.NEW:
             self._pending.append(("I", rec.seq, _static(rec), _mutable(rec)))
         elif to is Phase.GONE:
@@ -444,6 +491,17 @@ class Store:
         else:
             self._pending.append(("Q", (q.qid, q.next_id, q.cap, q.max_size, int(q.paused),
                                         int(q.auto_stop), int(q.auto_remove))))
+        self._appended += 1
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def on_lane(self, q, key: bytes, lane) -> None:
+        """(state lock held) A lane's last job failed (kept), or a later one
+        did not (forgotten: a lane without a failure needs no row)."""
+        if lane.last_exit not in (0, None):
+            self._pending.append(("L", (q.qid, key), (q.qid, key, lane.last_id, lane.last_exit)))
+        else:
+            self._pending.append(("L", (q.qid, key), None))
         self._appended += 1
         if not self._wake.is_set():
             self._wake.set()
@@ -474,6 +532,7 @@ class Store:
         mark = self._appended
         if self._committed >= mark:
             return
+        self._urgent.set()
         with self._cv:
             while self._committed < mark and self.failed is None:
                 self._cv.wait()
@@ -490,6 +549,7 @@ class Store:
             if self._committed >= mark:
                 return False
             self._held.append((mark, d))
+        self._urgent.set()
         return True
 
     # ------------------------------------------------------ journal thread
@@ -498,6 +558,12 @@ class Store:
         while True:
             self._wake.wait()
             self._wake.clear()
+            if not self._urgent.is_set() and not self._closing:
+                # nobody waits for these moves (jobs starting, ending): let
+                # more come for a moment, so that a job that starts and ends
+                # meanwhile is one row written, in one commit with the others
+                self._urgent.wait(COALESCE)
+            self._urgent.clear()
             with state.cond:
                 batch, self._pending = self._pending, []
                 mark = self._appended
@@ -537,6 +603,8 @@ class Store:
         dropped: Dict[str, Optional[int]] = {}   # qid -> its id counter (None: forget it)
         envs: Dict[int, Optional[tuple]] = {}
         priorities: Dict[int, int] = {}   # seq -> new priority of a job already on disk
+        lanes: Dict[tuple, Optional[tuple]] = {}   # (qid, lane_key) -> its row (None: delete it)
+        lanes_dropped = set()             # qids dropped: their lanes go (before later rows)
         top = 0
         for e in batch:
             kind = e[0]
@@ -569,6 +637,11 @@ class Store:
             elif kind == "QD":
                 queues[e[1]] = None
                 dropped[e[1]] = e[2]
+                lanes_dropped.add(e[1])
+                for k in [k for k in lanes if k[0] == e[1]]:
+                    del lanes[k]
+            elif kind == "L":
+                lanes[e[1]] = e[2]
             elif kind == "E":
                 envs[e[1][0]] = e[1]
             elif kind == "ED":
@@ -590,6 +663,13 @@ class Store:
                 db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?)",
                                [(k, n) for k, n in dropped.items() if n is not None])
                 db.executemany("DELETE FROM ids WHERE qid=?", [(k,) for k, n in dropped.items() if n is None])
+            if lanes_dropped:
+                db.executemany("DELETE FROM lanes WHERE qid=?", [(qid,) for qid in lanes_dropped])
+            if lanes:
+                db.executemany("INSERT OR REPLACE INTO lanes VALUES (?, ?, ?, ?)",
+                               [v for v in lanes.values() if v is not None])
+                db.executemany("DELETE FROM lanes WHERE qid=? AND lane_key=?",
+                               [k for k, v in lanes.items() if v is None])
             if envs:
                 db.executemany("INSERT OR REPLACE INTO envs VALUES (?, ?, ?, ?)",
                                [v for v in envs.values() if v is not None])
@@ -610,9 +690,11 @@ class Store:
         if self._thread is not None:
             self._closing = True
             self._wake.set()
+            self._urgent.set()   # not a moment's wait more
             self._thread.join(30)
             if self._thread.is_alive():
                 logger.error("the journal did not finish writing within 30 s")
+        logger.info("journal: %s commits for %s entries", self.batches, self._appended)
         if self.db is not None and self.failed is None:
             try:
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

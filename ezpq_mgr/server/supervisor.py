@@ -72,12 +72,12 @@ import time
 from typing import Any, Deque, Dict, List, NamedTuple, Optional, Tuple
 
 from ..worker import workerproto
-from ..job import JobRecord, JobStatus, death
+from ..job import JobRecord, JobStatus, Phase, death
 from ..stdlib_private import mp_helper_pids
 from ..messages import NO_FIGURES, Env, Figures, LateFigures, Outcome, Ready, Result
 from ..worker.meter import MARK_SIZE, TICKS, ProcMeter, mark_figures
 from ..worker.procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_rss
-from .joblogs import Echo, JobLog, LogBook
+from .joblogs import Echo, LogBook
 from .state import QueueState
 from ..worker.run import HOST, exec_argv, run_call, thread_cpu, worker_main
 
@@ -213,7 +213,7 @@ class WorkerHandle:
     #: the read ends of its output pipes (joblogs.py): [stdout, stderr] for
     #: odd jobs, then for even ones (a job's late bytes never reach the next job's log)
     outs: List[Any] = dataclasses.field(default_factory=list)
-    sinks: List[Optional[JobLog]] = dataclasses.field(default_factory=lambda: [None, None])
+    sinks: List[Optional[JobRecord]] = dataclasses.field(default_factory=lambda: [None, None])   # whose each pair is
     sent: int = 0                      # jobs sent to it (the parity picks the pipes)
     outs_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -486,9 +486,13 @@ class Supervisor:
                     w.outs[i].close()
                     w.outs[i] = None
                     break
-                log = w.sinks[i >> 1]
-                if log is not None:
-                    grown = self.logs.append(log, data) or grown
+                rec = w.sinks[i >> 1]
+                if rec is not None and rec.phase is not Phase.GONE:
+                    # its log is made at its first byte: a job that prints
+                    # nothing costs no object (100,000 of them: GC time)
+                    grown = self.logs.append(self.logs.sink(rec.seq, rec.uid), data) or grown
+                    if rec.phase is Phase.GONE:   # forgotten meanwhile: the file goes too
+                        self.logs.forget(rec.seq)
                 if self.echo is not None:
                     self.echo.put(i & 1, data)
                 if len(data) < _READ_CHUNK:
@@ -675,7 +679,7 @@ class Supervisor:
         worker.idle_check = None
         rec.pid, rec.host = worker.proc.pid, HOST
         if worker.outs:   # the worker takes the other pair of pipes for each job
-            worker.sinks[worker.sent & 1] = self.logs.sink(rec.seq, rec.uid)
+            worker.sinks[worker.sent & 1] = rec
             worker.sent += 1
         self._queue(worker, workerproto.encode_job(rec.fn_blob, rec.args_blob, env, rec.runner == "thread"))
 

@@ -64,14 +64,21 @@ def tree(pid: int) -> List[psutil.Process]:
         return []
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
 def tree_rss(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants, in bytes."""
+    """Resident memory of ``pid`` and all its descendants, in bytes. Found
+    through ``children`` files and ``statm`` (the supervisor asks every 50
+    ms per job with a ``max_memory``: psutil's ``children()`` would read
+    every process's stat on the machine, ~2 ms a look)."""
     total = 0
-    for p in tree(pid):
+    for p in tree_pids(pid):
         try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
+            with open(f"/proc/{p}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            pass   # gone meanwhile
     return total
 
 
