@@ -295,15 +295,13 @@ def test_chaos_five_sigkills(durable):
                     except ezpq.ConnectionError:
                         unacked += 1
                         raise
-                while True:
+                while Q.size() > 0:   # (a get with a timeout on a shared qid waits for arrivals)
                     job = Q.get(wait=True, timeout=30)
-                    if job is None:
-                        if Q.size() == 0:
-                            results[i] = (acked, collected, unacked)
-                            Q.detach()
-                            return
-                        continue
-                    collected.append(job)
+                    if job is not None:
+                        collected.append(job)
+                results[i] = (acked, collected, unacked)
+                Q.detach()
+                return
             except (ezpq.ConnectionError, ezpq.ServerError):
                 time.sleep(0.05)   # the server is down: wait for it to be up again
         results[i] = None

@@ -81,6 +81,7 @@ def test_a_job_put_and_collected_within_one_commit_never_reaches_the_file(where)
         rec = state.pick()
         state.finish(rec.seq, Outcome(JobStatus.COMPLETED, 0, output_blob=b"out"))
         assert len(state.pop_completed("q", 0)) == 1
+        st.handed_over([rec.seq])   # the client's next request: it read the result
     st.barrier()
     st.close()
     db = sqlite3.connect(os.path.join(where, store_mod.DB_NAME))
@@ -103,6 +104,7 @@ def test_restore_keeps_order_results_and_ends_running_jobs(where):
     state.finish(done.seq, Outcome(JobStatus.COMPLETED, 0, output_blob=b"42"))
     state.finish(gone.seq, Outcome(JobStatus.COMPLETED, 0))
     state.pop_ids("q", [gone.id])
+    st.handed_over([gone.seq])   # its client read it (its next request)
     state.finish(held.seq, Outcome(JobStatus.FAILED, 1, exception="boom"))
     assert held.phase is Phase.HELD
     state.add("q", [_rec(priority=5, name="w-late-but-first"), _rec(name="w2"),
@@ -246,7 +248,9 @@ def test_a_dropped_queue_keeps_its_id_counter(where):
     assert state.add("named", [_rec(), _rec()]) == [1, 2]
     assert len(state.pop_completed("named", 0)) == 0
     state.cancel_all("named")
-    assert len(state.pop_completed("named", 0)) == 2
+    got = state.pop_completed("named", 0)
+    assert len(got) == 2
+    st.handed_over([j["seq"] for j in got])   # its client read them
     state.release_queue(q)
     assert "named" not in state.queues and state.last_ids == {"named": 3}
     p = state.hold_queue("private")
@@ -267,7 +271,7 @@ def test_a_dropped_queue_keeps_its_id_counter(where):
     assert state2.add("named", [_rec()]) == [3]
     assert state2.last_ids == {}
     state2.cancel_all("named")
-    state2.pop_completed("named", 0)
+    st2.handed_over([j["seq"] for j in state2.pop_completed("named", 0)])
     state2.release_queue(q)
     assert state2.last_ids == {"named": 4}
     st2.close()
@@ -277,13 +281,14 @@ def test_a_dropped_queue_keeps_its_id_counter(where):
 
 
 # ------------------------------------------------------------ lanes
-def _fail_lane_then_collect(state, lane=b"L"):
+def _fail_lane_then_collect(st, state, lane=b"L"):
     """A lane's job runs and fails, and is collected: only the lane's memory is left."""
     state.add("q", [_rec(lane=lane)])
     with state.cond:
         rec = state.pick()
     state.finish(rec.seq, Outcome(JobStatus.FAILED, 3, exception="boom"))
     assert [j["id"] for j in state.pop_completed("q", 0)] == [rec.id]
+    st.handed_over([rec.seq])
     return rec
 
 
@@ -292,7 +297,7 @@ def test_a_lane_remembers_its_failed_job_across_a_restart(where):
     was collected) before it; the next stop_on_lane_error job of the lane
     is skipped with that job's exit code, not run."""
     st, state = _open(where)
-    failed = _fail_lane_then_collect(state)
+    failed = _fail_lane_then_collect(st, state)
     st.close()
     st2, state2 = _open(where)
     nxt = _rec(lane=b"L")
@@ -306,7 +311,7 @@ def test_a_lane_remembers_its_failed_job_across_a_restart(where):
 
 def test_a_lane_whose_later_job_succeeded_forgets_the_failure(where):
     st, state = _open(where)
-    _fail_lane_then_collect(state)
+    _fail_lane_then_collect(st, state)
     state.add("q", [_rec(lane=b"L")])
     with state.cond:
         rec = state.pick()
@@ -327,7 +332,7 @@ def test_a_lane_whose_running_job_came_back_lost_forgets_the_failure(where):
     """Its last job is the lost one now (a lost job is no failure): the
     next stop_on_lane_error job runs; the row is gone after the restore."""
     st, state = _open(where)
-    _fail_lane_then_collect(state)
+    _fail_lane_then_collect(st, state)
     state.add("q", [_rec(lane=b"L")])
     with state.cond:
         state.pick()
@@ -387,3 +392,26 @@ def test_moves_nobody_waits_for_share_a_commit_and_a_reply_is_not_held(where, mo
         db.close()
     finally:
         st.close()
+
+
+def test_a_result_handed_out_stays_on_disk_until_its_client_read_it(where):
+    """get/collect take a result from the state at once, but its row stays
+    until the client's next request says it read the reply (handed_over):
+    a restart in between brings the result back."""
+    st, state = _open(where)
+    state.add("q", [_rec()])
+    with state.cond:
+        rec = state.pick()
+    state.finish(rec.seq, Outcome(JobStatus.COMPLETED, 0, output_blob=b"out"))
+    assert [j["seq"] for j in state.pop_completed("q", 0)] == [rec.seq]
+    st.barrier()
+    st.close()   # a restart before the client read it
+    st2, state2 = _open(where)
+    assert [r.seq for r in state2.records.values()] == [rec.seq]
+    assert state2.pop_completed("q", 0)[0]["output_blob"] == b"out"
+    st2.handed_over([rec.seq])
+    st2.barrier()
+    st2.close()
+    st3, state3 = _open(where)
+    assert state3.records == {}
+    st3.close()

@@ -72,9 +72,12 @@ class Caller:
     ``identity``: who; ``conn``: where replies go (None: an in-server caller,
     whose waits block instead of parking); ``parked``: the Deferred its last
     call parked; ``hooks``: run with the caller when the connection closes;
-    ``held``: what the service's registry keeps for this connection."""
+    ``held``: what the service's registry keeps for this connection;
+    ``handed``: job numbers of the results its last reply carried, whose
+    removal a durable server writes once the client's next request shows
+    that reply was read (server/store.py)."""
 
-    __slots__ = ("identity", "conn", "parked", "hooks", "held", "poller")
+    __slots__ = ("identity", "conn", "parked", "hooks", "held", "poller", "handed")
 
     def __init__(self, identity: Identity, conn: "Optional[PeerConnection]" = None):
         self.identity = identity
@@ -83,6 +86,7 @@ class Caller:
         self.hooks: List[Callable[["Caller"], None]] = []
         self.held: Any = None
         self.poller: Any = None   # the serving thread's poll() of conn, made at its first park
+        self.handed: List[int] = []
 
     def reply_channel(self, transform: Callable[[Any], Any]) -> Optional[Callable[[Any], None]]:
         """A sender of ``transform(answer)`` to this caller, or None when it

@@ -14,7 +14,7 @@ import math
 import select
 import threading
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 from ..errors import ServerError
 from ..messages import ERROR, RETURN, Reply, Request
@@ -47,6 +47,10 @@ class ConnectionServer:
         #: a durable server's journal: blocks until what a reply reports is
         #: committed (``Store.barrier``); None: reply at once
         self.barrier: Optional[Callable[[], None]] = None
+        #: a durable server's journal: the results a client was handed were
+        #: read (its next request came), their removal may go to disk
+        #: (``Store.handed_over``); None: nothing to write
+        self.handed_over: Optional[Callable[[List[int]], None]] = None
 
     def serve(self, conn: PeerConnection) -> None:
         """The serving thread of one connection, until the client leaves."""
@@ -66,6 +70,10 @@ class ConnectionServer:
                 return
             try:
                 body = conn.read()
+                if caller.handed:   # it read our last reply: what that handed over is its own now
+                    handed, caller.handed = caller.handed, []
+                    if self.handed_over is not None:
+                        self.handed_over(handed)
             except MessageTooLarge as exc:
                 conn.send(Reply(ERROR, ValueError(f"ezpq server: {exc}")))
                 continue

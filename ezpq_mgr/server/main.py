@@ -193,6 +193,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         store.attach(state, service)
         state.outbox.hold = store.hold
         connections.barrier = store.barrier
+        connections.handed_over = store.handed_over
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

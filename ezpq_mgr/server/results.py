@@ -32,12 +32,16 @@ class Results:
         if q is None:
             return []
         out = []
-        while q.completed and (n <= 0 or len(out) < n):
-            _, _, seq = heapq.heappop(q.completed)
-            rec = self.records.get(seq)
-            if rec is not None and rec.qid == qid and rec.phase is DONE:
-                out.append(rec.snapshot())
-                self._forget(q, rec)
+        self.handing = True   # (store.py: a result handed out is removed on disk once it was read)
+        try:
+            while q.completed and (n <= 0 or len(out) < n):
+                _, _, seq = heapq.heappop(q.completed)
+                rec = self.records.get(seq)
+                if rec is not None and rec.qid == qid and rec.phase is DONE:
+                    out.append(rec.snapshot())
+                    self._forget(q, rec)
+        finally:
+            self.handing = False
         if out:
             self._changed()
         return out
@@ -47,13 +51,17 @@ class Results:
         with self.cond:
             q = self.queues.get(qid) or QueueInfo(qid)
             out = []
-            for job_id in ids:
-                rec = self.records.get(q.ids.get(job_id, -1))
-                if rec is None or rec.phase is not DONE:
-                    out.append(None)
-                    continue
-                out.append(rec.snapshot())
-                self._forget(q, rec)
+            self.handing = True
+            try:
+                for job_id in ids:
+                    rec = self.records.get(q.ids.get(job_id, -1))
+                    if rec is None or rec.phase is not DONE:
+                        out.append(None)
+                        continue
+                    out.append(rec.snapshot())
+                    self._forget(q, rec)
+            finally:
+                self.handing = False
             self._changed()
             return out
 

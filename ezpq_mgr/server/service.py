@@ -614,6 +614,8 @@ class Service(Control):
         """The best completed job (None: none, or none before ``timeout``).
         ``arrivals``: wait for jobs put later too (``QueueState.get``)."""
         def visible(answer):
+            if answer[0] is not None:
+                caller.handed.append(answer[0]["seq"])
             return self._snap(answer[0])
 
         key, timeout = self._key(caller, qid), schema.wait_timeout(timeout)
@@ -624,11 +626,15 @@ class Service(Control):
     def collect(self, caller: Caller, qid: str, n: int) -> List[dict]:
         key = self._key(caller, qid)
         n = schema.check_int("n", n, schema.INT64_MIN, schema.INT64_MAX)
-        return [self._snap(s) for s in self.state.pop_completed(key, n)]
+        got = self.state.pop_completed(key, n)
+        caller.handed.extend(s["seq"] for s in got)
+        return [self._snap(s) for s in got]
 
     def pop_ids(self, caller: Caller, qid: str, ids: List[int]) -> List[Optional[dict]]:
         key = self._key(caller, qid)
-        return [self._snap(s) for s in self.state.pop_ids(key, schema.check_ids("ids", ids))]
+        got = self.state.pop_ids(key, schema.check_ids("ids", ids))
+        caller.handed.extend(s["seq"] for s in got if s is not None)
+        return [self._snap(s) for s in got]
 
     def wait_pending(self, caller: Caller, qid: str, below: int, timeout: Optional[float],
                      arrivals: bool = False) -> int:

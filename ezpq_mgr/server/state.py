@@ -90,6 +90,9 @@ class QueueState(Scheduling, Dependencies, Results, Waits):
         #: later ``stop_on_lane_error`` jobs) was set or cleared: (queue,
         #: lane key, lane); the durable server's journal, None otherwise
         self.on_lane: Optional[Callable[[QueueInfo, bytes, Any], None]] = None
+        #: (lock held) True while results.py hands results out (get, collect,
+        #: pop_ids): their records go now, their rows once the reply was read
+        self.handing = False
         #: (lock held) a job's record is deleted (GONE): the service lets go
         #: of its environment then, not at its end, so that a finished job
         #: can be requeued in it (``Service.requeue_job``)

@@ -15,13 +15,17 @@ server before everything journaled until it was computed is committed**
 (``barrier`` for a connection's direct replies, ``hold`` for the answers
 of parked calls that other threads send). So a ``put`` is acknowledged only
 once its jobs are committed, and a ``get``/``collect`` hands a result over
-once everything before it is committed. The one exception is a job's
-removal (collected, cleaned, expired): it goes to disk with the next group,
-after the reply, so a result is handed over **at least once**, never lost to
-a SIGKILL between the commit and the send. A result handed out in the last
-instant before a kill is on the server again after the restart; the client
-knows it by the database's ``state_id`` and the job's id (never reused) and
-drops it (``client/delivered.py``): every result reaches its process once.
+once everything before it is committed. A reply never waits for a job's
+removal (collected, cleaned, expired). The removal of a result handed out
+(``get``, ``collect``, ``pop_ids``) is not even journaled until the client
+read the reply: its next request on that connection says so
+(``handed_over``). So a result is handed over **at least once**, never lost
+to a SIGKILL before the client read it: after the restart it is on the
+server again. The client knows a result it already had by the database's
+``state_id`` and the job's id (never reused) and drops it
+(``client/delivered.py``): every result reaches its process once. A client
+that leaves without another request (killed, or no ``dispose``/``detach``)
+leaves its last results' rows behind: a restart hands them out again.
 Moves nobody is told about (a job starting, finishing) wait up to
 ``COALESCE`` (5 ms) for others, unless a reply needs them sooner: a job
 that starts and ends meanwhile costs one row; a job that started within
@@ -470,12 +474,13 @@ class Store:
         if frm is Phase.NEW:
             self._pending.append(("I", rec.seq, _static(rec), _mutable(rec)))
         elif to is Phase.GONE:
-            # not counted in a reply's mark: a result is handed over before
-            # its removal is committed (at least once; clients drop a result
-            # handed again after a restart by its id: client/delivered.py)
-            self._pending.append(("D", rec.seq))
-            if not self._wake.is_set():
-                self._wake.set()
+            # not counted in a reply's mark (a reply never waits for it). A
+            # result handed out (get, collect) is removed on disk only once
+            # its client read the reply (``handed_over``); others now.
+            if not self._state.handing:
+                self._pending.append(("D", rec.seq))
+                if not self._wake.is_set():
+                    self._wake.set()
             return
         else:
             self._pending.append(("U", rec.seq, _mutable(rec)))
@@ -521,6 +526,17 @@ class Store:
             uid, cwd, path = key
             self._pending.append(("E", (env_id, uid, cwd, json.dumps(list(path)))))
         self._appended += 1
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def handed_over(self, seqs: List[int]) -> None:
+        """(a connection's thread) The client read the reply that handed it
+        these results (its next request came): their rows go with the next
+        commit. Until then a restart brings them back, so a result lost
+        with its reply (the server killed before the client read it) is
+        handed out again: at least once, never lost."""
+        with self._state.cond:
+            self._pending.extend(("D", seq) for seq in seqs)
         if not self._wake.is_set():
             self._wake.set()
 
