@@ -590,3 +590,197 @@ def test_ids_are_never_reused(durable):
     s.start()
     assert put_collect([5, 6]) == [6, 7], "ids started again after a SIGKILL"
     assert seqs == sorted(set(seqs)), f"a job number came back: {seqs}"
+
+
+# --------------------------------------------------------------- review
+
+
+def test_a_collect_larger_than_the_remembered_ids_is_not_handed_twice(durable):
+    """One collect() hands more results than client/delivered.py remembers
+    (REMEMBERED per qid); the server restarts (a plain SIGTERM) before the
+    client's next request confirmed them, so they are all on the server
+    again. The same process collecting again must get none of them."""
+    from ezpq_mgr.client.delivered import REMEMBERED
+    s = durable(workers=2).start()
+    Q = s.queue("window", buffer_puts=True)
+    n = REMEMBERED + 20
+    for i in range(n):
+        Q.put(return_me, i)
+    Q.flush()
+    assert Q.wait(timeout=120) == 0
+    first = Q.collect()
+    assert len(first) == n
+    s.kill(signal.SIGTERM)   # no request of Q since: nothing confirmed
+    s.start()
+    again = s.queue("window").collect()
+    assert again == [], f"{len(again)} results handed to this process twice (ids {[j['id'] for j in again][:5]}...)"
+
+
+def test_a_result_confirmed_by_nobody_does_not_free_a_reused_environment(durable, tmp_path):
+    """A client collects results and dies before its next request: their
+    rows stay (at least once) but their environment is released and
+    deleted (ED). After a restart, env ids restart after the largest row
+    left in `envs`, so the next client gets the same env id; collecting the
+    lingering results then releases *its* environment: its waiting job
+    runs without its working directory."""
+    s = durable(workers=1).start()
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    script = ("import os, sys, ezpq_mgr as ezpq\n"
+              "Q = ezpq.Queue(address=sys.argv[1], authkey=open(sys.argv[2], 'rb').read().strip(), qid='gone')\n"
+              "[Q.put(os.getcwd) for _ in range(3)]\n"
+              "assert Q.wait(timeout=60) == 0\n"
+              "assert len(Q.collect()) == 3\n"
+              "os._exit(0)   # killed: no further request\n")
+    subprocess.run([sys.executable, "-c", script, s.address, s.keyfile], cwd=a_dir, check=True, timeout=90,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    db = os.path.join(s.state_dir, DB_NAME)
+    _wait_until(lambda: sqlite3.connect(db).execute("SELECT count(*) FROM envs").fetchone()[0] == 0,
+                what="the dead client's environment to be dropped")
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM jobs").fetchone()[0] == 3
+    s.kill(signal.SIGTERM)
+    s.start()
+    cwd = os.getcwd()
+    os.chdir(b_dir)
+    try:
+        Qb = s.queue("mine", auto_start=False)
+        Qb.put(os.getcwd)
+        lingering = s.queue("gone").collect()   # as another process would: at least once
+        assert [j["output"] for j in lingering] == [str(a_dir)] * 3
+        Qb.start()
+        assert Qb.wait(timeout=30) == 0
+        job = Qb.get()
+    finally:
+        os.chdir(cwd)
+    assert job["output"] == str(b_dir), f"the job ran in {job['output']!r}, not its client's directory"
+
+
+def test_private_queues_on_a_durable_server_leave_no_memory_in_the_client(durable):
+    """client/delivered.py keeps the ids handed per (state_id, qid) for the
+    process's life. A private queue (no qid: a random name, never used again
+    once disposed) still leaves its entry behind: a process making a
+    Queue per task grows without bound (up to REMEMBERED ids per queue)."""
+    from ezpq_mgr.client.delivered import Delivered
+    s = durable(workers=1).start()
+    before = len(Delivered._seen)
+    for i in range(20):
+        Q = ezpq.Queue(address=s.address, authkey=s.key)
+        Q.put(return_me, i)
+        assert Q.get(wait=True, timeout=30)["output"] == i
+        Q.dispose()
+    assert len(Delivered._seen) - before <= 1, \
+        f"{len(Delivered._seen) - before} disposed private queues still remembered"
+
+
+def test_a_script_that_ends_normally_after_get_does_not_leave_its_result_to_be_handed_again(durable, tmp_path):
+    """The usual shared-server script: Queue(qid).get(), then the script
+    ends (no dispose: its other jobs keep running). Its result's row stays
+    on disk (nothing confirmed it), so the next restart, however much later,
+    hands the consumed result to whatever process collects the qid next."""
+    s = durable(workers=1).start()
+    script = ("import sys, ezpq_mgr as ezpq\n"
+              "Q = ezpq.Queue(address=sys.argv[1], authkey=open(sys.argv[2], 'rb').read().strip(), qid='consumed')\n"
+              "Q.put(abs, -5)\n"
+              "assert Q.get(wait=True, timeout=60)['output'] == 5\n")
+    subprocess.run([sys.executable, "-c", script, s.address, s.keyfile], check=True, timeout=90,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    s.kill(signal.SIGTERM)   # a routine restart
+    s.start()
+    again = s.queue("consumed").collect()
+    assert again == [], f"a result its process read and ended with is handed out again: {again}"
+
+
+def test_clean_is_acknowledged_only_once_its_removal_is_committed(durable):
+    """README: 'no reply leaves the server before what it reports is
+    committed'. ``ezpq clean`` replies with the number it removed while the
+    removal is not on disk (D is not in a reply's mark): a SIGKILL then
+    brings the cleaned results back."""
+    s = durable(workers=1).start()
+    Q = s.queue("cleaned")
+    Q.put(return_me, 1)
+    assert Q.wait(timeout=30) == 0
+    db = os.path.join(s.state_dir, DB_NAME)
+    _wait_until(lambda: sqlite3.connect(db).execute(
+        "SELECT count(*) FROM jobs WHERE status='completed'").fetchone()[0] == 1, what="the result on disk")
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")   # nothing can commit now
+    try:
+        got = []
+        t = threading.Thread(target=lambda: got.append(Remote(s.address, s.key).call("clean", "cleaned")))
+        t.start()
+        t.join(4)   # under the journal's 5 s busy timeout
+        replied = list(got)
+        s.kill(signal.SIGKILL)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    s.start()
+    left = s.queue("cleaned").size()
+    assert not (replied == [1] and left == 1), "clean said 1 removed, and after a SIGKILL the result is back"
+
+
+def test_flush_returns_only_once_another_threads_in_flight_puts_are_committed(durable, monkeypatch):
+    """flush(): 'returns once the server has them: on a durable server,
+    once they are committed'. Another thread's get(wait=True) took the
+    buffer (put_then) and let the send lock go once the batch was on the
+    wire; flush() then finds nothing to send and returns at once, though
+    nothing is committed (the test holds the database's write lock): a
+    SIGKILL then loses the jobs flush() vouched for."""
+    from ezpq_mgr.client import queue as client_queue
+    monkeypatch.setattr(client_queue, "FLUSH_DELAY", 60.0)   # the flusher thread stays out of it
+    s = durable(workers=1).start()
+    Q = s.queue("flushed", buffer_puts=True, auto_start=False)
+    for i in range(3):
+        Q.put(return_me, i)
+    db = os.path.join(s.state_dir, DB_NAME)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        getter = threading.Thread(target=lambda: _swallow(lambda: Q.get(wait=True, timeout=20)), daemon=True)
+        getter.start()
+        _wait_until(lambda: not Q._buffer and not Q._send_lock.locked(), limit=3, what="the batch on the wire")
+        flushed = threading.Event()
+        threading.Thread(target=lambda: (Q.flush(), flushed.set()), daemon=True).start()
+        returned = flushed.wait(3)   # under the journal's 5 s busy timeout
+        s.kill(signal.SIGKILL)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    s.start()
+    n = s.queue("flushed").size(waiting=True)
+    assert not (returned and n < 3), f"flush() returned, and after a SIGKILL {3 - n} of its 3 jobs are lost"
+
+
+def _swallow(fn):
+    try:
+        fn()
+    except Exception:
+        pass
+
+
+def test_a_private_queue_name_used_again_does_not_lose_its_results(durable, monkeypatch):
+    """A private queue's name is 8 random hex digits and its id counter is
+    not kept once it is disposed (README), so a later private queue of the
+    same process that draws the same name (the birthday bound: ~1% in 10,000
+    queues) starts at id 1 again. client/delivered.py still remembers ids
+    1.. for that (state_id, qid): the new queue's results are dropped as
+    'redeliveries' and confirmed on the server: lost."""
+    import uuid as uuid_module
+    from ezpq_mgr.client import queue as client_queue
+    fixed, real, calls = uuid_module.UUID("deadbeef" + "0" * 24), uuid_module.uuid4, []
+
+    def uuid4():   # each Queue's first draw (its qid) is the same name; the rest (tokens) random
+        calls.append(None)
+        return fixed if len(calls) % 2 else real()
+    monkeypatch.setattr(client_queue.uuid, "uuid4", uuid4)
+    s = durable(workers=1).start()
+    Q1 = ezpq.Queue(address=s.address, authkey=s.key)
+    assert Q1.put(return_me, "first") == 1
+    assert Q1.get(wait=True, timeout=30)["output"] == "first"
+    Q1.dispose()
+    Q2 = ezpq.Queue(address=s.address, authkey=s.key)
+    assert Q2.put(return_me, "second") == 1
+    got = Q2.get(wait=True, timeout=30)
+    Q2.dispose()
+    assert got is not None and got["output"] == "second", f"the second queue's result was dropped: {got}"

@@ -57,3 +57,10 @@ class Delivered:
             if len(seen.order) > REMEMBERED:
                 seen.ids.discard(seen.order.popleft())
             return True
+
+    @classmethod
+    def forget(cls, state_id: Optional[str], qid: str) -> None:
+        """A private queue was let go of: its random name may be drawn
+        again, and a new queue of that name counts its ids from 1."""
+        with cls._lock:
+            cls._seen.pop((state_id, qid), None)

@@ -733,6 +733,8 @@ class Queue:
             self._disposed = True
             self._buffer.clear()
             self._buffer_cond.notify_all()
+        if not self._collector:   # a private queue: its name (and ids) may be drawn again
+            Delivered.forget(self._remote.state_id, self._qid)
         self._flusher.join(10)
         self._notices.join(10)
         self._remote.close()

@@ -303,7 +303,9 @@ class Service(Control):
             env.refs = n
             self.supervisor.envs[env_id] = (cwd, shared.list)
             self._count(uid, 1, env.cost)
-        self._next_env = itertools.count(max(envs, default=0) + 1)
+        # after the largest a job still names too: a result handed out but not
+        # confirmed keeps its row after its environment's was dropped (store.py)
+        self._next_env = itertools.count(max(max(envs, default=0), max(refs, default=0)) + 1)
 
     def _env_release(self, env_id: int, n: int = 1) -> None:
         """(lock held) ``n`` references fewer; freed at none (its id is never
