@@ -2,6 +2,7 @@
 
     python benchmarks/run.py           # full run
     python benchmarks/run.py --quick   # under 2 minutes
+    python benchmarks/run.py --dask    # the Dask column alone (needs distributed)
 
 Writes benchmarks/results/<timestamp>.json and the Markdown table in
 benchmarks/README.md (its top part; the "## " sections below are kept);
@@ -132,6 +133,52 @@ def measure(args):
     return res
 
 
+def measure_dask(args):
+    """ezpq over Dask against plain Dask, on one LocalCluster (2 x 1 thread)."""
+    from dask_systems import EzpqOverDask, PlainDask, local_cluster
+    n = 300 if args.quick else 1000
+    rounds = 50 if args.quick else 200
+    res = {}
+    with local_cluster() as cluster:
+        plain = PlainDask(cluster)
+        try:
+            for s in (EzpqOverDask(cluster.scheduler_address), plain):
+                print(f"-- {s.name}", file=sys.stderr)
+                r = res[s.name] = {}
+                r["w1_put"] = statistics.median(s.w1_put(n) for _ in range(args.repeat))
+                r["w1b_map"] = statistics.median(s.w1b_map(n) for _ in range(args.repeat))
+                lat = s.w3(rounds)
+                r["w3_p50_ms"], r["w3_p99_ms"] = pct(lat, 0.5) * 1e3, pct(lat, 0.99) * 1e3
+                r["w4_report_s"], r["w4_child_left"] = s.w4()
+            res[plain.name]["w1_capped"] = statistics.median(plain.w1_capped(n) for _ in range(args.repeat))
+        finally:
+            plain.close()
+    return res
+
+
+def dask_table(res):
+    ez, plain = res["ezpq_mgr over Dask"], res["plain Dask"]
+    rows = ["| system | W1 put jobs/s | W1b map jobs/s | W3 p50 / p99 ms | W4 report s / child left |",
+            "|---|---|---|---|---|"]
+    for name, r in res.items():
+        rows.append(f"| {name} | {fmt(r['w1_put'])} | {fmt(r['w1b_map'])} | "
+                    f"{fmt(r['w3_p50_ms'], 2)} / {fmt(r['w3_p99_ms'], 2)} | "
+                    f"{fmt(r['w4_report_s'], 2)} / {fmt(r['w4_child_left'])} |")
+    rows.append(f"| plain Dask, at most 2 in flight | {fmt(plain['w1_capped'])} | | | |")
+    targets = [
+        ("W1 put vs plain Dask", ">= 0.5x", ez["w1_put"] / plain["w1_put"]),
+        ("W1b map vs plain Dask", "(report)", ez["w1b_map"] / plain["w1b_map"]),
+        ("W1 put vs plain Dask at most 2 in flight", "(report)", ez["w1_put"] / plain["w1_capped"]),
+        ("W3 p50 vs plain Dask", "<= 2x", ez["w3_p50_ms"] / plain["w3_p50_ms"]),
+        ("W4 child left alive", "no", ez["w4_child_left"]),
+    ]
+    rows += ["", "| target | wanted | measured | met |", "|---|---|---|---|"]
+    for name, want, got in targets:
+        shown = fmt(got) if isinstance(got, bool) else fmt(got, 2)
+        rows.append(f"| {name} | {want} | {shown} | {met(want, got, ez)} |")
+    return "\n".join(rows)
+
+
 def fmt(v, digits=0):
     if v is None:
         return "n/a"
@@ -214,9 +261,21 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer jobs and rounds (under 2 minutes)")
     p.add_argument("--repeat", type=int, default=None, help="runs per throughput figure (median)")
+    p.add_argument("--dask", action="store_true",
+                   help="only the Dask column: ezpq over Dask vs plain Dask on one LocalCluster "
+                        "(prints its table and writes results/<timestamp>-dask.json)")
     args = p.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
     started = time.time()
+    if args.dask:
+        res = measure_dask(args)
+        md = dask_table(res)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        with open(os.path.join(HERE, "results", f"{stamp}-dask.json"), "w") as f:
+            json.dump({"machine": machine(), "quick": args.quick, "results": res}, f, indent=1, default=str)
+        print(f"`python benchmarks/run.py --dask` on {machine()}, {datetime.date.today()}, "
+              f"{time.time() - started:.0f} s\n\n{md}")
+        return
     res = measure(args)
     md = table(res)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -4,7 +4,8 @@ show, report, plot, workers; pause, resume, priority, requeue, clean, top).
 
 ``ezpq-server`` exit codes: 0 stopped by SIGTERM/SIGINT, 1 failed while
 serving, 2 refused to start (usage, an unsafe key or log file, a live server
-or something not a socket at ``--socket``, an address in use), with a
+or something not a socket at ``--socket``, an address in use, a Dask
+scheduler that cannot be reached or ``--dask`` as root), with a
 one-line reason on stderr, never a traceback.
 
 ``ezpq`` exit codes: 0 ok, 1 a job failed or was not found, 2 usage error
@@ -191,9 +192,26 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--sync", choices=["normal", "full"], default="normal",
                    help="with --state-dir: normal (default) survives a kill of the server, full also "
                         "a power loss (SQLite synchronous=FULL: an fsync per group commit)")
+    p.add_argument("--dask", default=None, metavar="ADDRESS",
+                   help="run the jobs on the Dask cluster of this scheduler (e.g. tcp://10.0.0.5:8786) "
+                        "instead of local workers; --workers N then caps how many run at once")
+    p.add_argument("--dask-any-user", action="store_true",
+                   help="with --dask on a server run as root: accept that every user's jobs run as the "
+                        "Dask workers' user (refused otherwise)")
+    p.add_argument("--dask-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="with --dask: how long to try reaching the scheduler, at start and after losing "
+                        "it (default 10 seconds; then retried every 2 seconds while running)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    if not 0 < args.dask_timeout < float("inf"):
+        p.error("--dask-timeout must be a finite number of seconds > 0")
+    if args.dask is not None:
+        from .schema import check_dask_address
+        try:
+            check_dask_address(args.dask)
+        except ValueError as exc:
+            p.error(f"--{exc}")
     if not 0 <= args.keep_finished < float("inf"):
         p.error("--keep-finished must be a finite number of seconds >= 0")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -215,8 +233,15 @@ def _serve(args: argparse.Namespace) -> None:
     from .server.accounting import LogFileError
     from .server.joblogs import LogDirError
     from .server.main import ServerDied, serve
+    try:
+        from .server.dask_executor import DaskUnreachable
+    except ImportError:   # distributed is not installed: --dask says so when it is used
+        DaskUnreachable = ()
     from .server.store import StoreError
 
+    if args.dask is not None and os.geteuid() == 0 and not args.dask_any_user:
+        from .server.main import DASK_AS_ROOT
+        raise StartupError(DASK_AS_ROOT)
     key = ensure_authkey(args.authkey_file or authkey_path())
     if args.socket:
         address = args.socket
@@ -236,7 +261,10 @@ def _serve(args: argparse.Namespace) -> None:
         serve(address, key, args.workers, args.start_method, shared=True, log_file=args.log_file,
               on_ready=on_ready, max_message=args.max_message, allow_other_users=args.allow_other_users,
               keep_finished=args.keep_finished or None, state_dir=args.state_dir, sync=args.sync,
-              log_dir=args.log_dir, max_log=args.max_log)
+              log_dir=args.log_dir, max_log=args.max_log, dask=args.dask, dask_any_user=args.dask_any_user,
+              dask_timeout=args.dask_timeout)
+    except DaskUnreachable as exc:
+        raise StartupError(f"--dask: {exc}") from None
     except LogFileError as exc:
         raise StartupError(f"--log-file: {exc}") from None
     except LogDirError as exc:

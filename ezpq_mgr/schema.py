@@ -31,7 +31,7 @@ __all__ = [
     "INT64_MIN", "INT64_MAX", "SETTINGS", "RUNNERS", "check_settings", "check_text", "check_name", "check_int",
     "check_bool", "check_timeout", "check_priority", "check_retries", "check_max_memory",
     "check_qid", "check_token", "check_env", "check_ids", "check_blob", "wait_timeout", "client_timeout",
-    "MAX_AFTER", "check_after",
+    "MAX_AFTER", "check_after", "check_dask_address",
 ]
 
 DAY = 86400.0
@@ -229,6 +229,26 @@ def client_timeout(value: Any) -> float:
     if not value >= 0:
         raise ValueError(f"timeout must be >= 0, got {value!r}")
     return 0.0 if value == math.inf else float(value)
+
+
+_DASK_SCHEMES = ("tcp", "tls", "ucx", "inproc", "ws", "wss")
+
+
+def check_dask_address(value: Any) -> str:
+    """A Dask scheduler's address (``--dask``, ``Queue(dask=)``):
+    ``[SCHEME://]HOST:PORT``, plain text without whitespace or control
+    characters (it is logged and put in error messages)."""
+    if not isinstance(value, str):
+        raise TypeError(f"dask must be a scheduler address (str) such as 'tcp://10.0.0.5:8786', "
+                        f"not {_kind(value)}")
+    if not value or len(value) > MAX_PATH or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"dask must be a scheduler address such as 'tcp://10.0.0.5:8786', got {value!r}")
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme not in _DASK_SCHEMES:
+        raise ValueError(f"dask: unknown scheme {scheme!r} in {value!r} (one of {', '.join(_DASK_SCHEMES)})")
+    if not (rest if sep else value).strip("/"):
+        raise ValueError(f"dask must name a host, got {value!r}")
+    return value
 
 
 # -------------------------------------------------------------- settings

@@ -24,6 +24,7 @@ CASES = {
     "lane_error.py": "> Statuses:",
     "lanes2.py": "> Statuses:",
     "resources.py": "peak",
+    "dask_cluster.py": "all completed: True",
 }
 PLOTS = {"quickstart.py": "quickstart.png", "submit.py": "submit.png", "lanes.py": "lanes.png",
          "lane_error.py": "lane_error.png", "lanes2.py": "lanes2.png", "resources.py": "resources.png"}

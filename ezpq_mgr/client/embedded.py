@@ -67,7 +67,7 @@ class PrivateServer:
     """A server process owned by this client."""
 
     def __init__(self, workers: int, start_method: Optional[str], prestart: bool,
-                 state_dir: Optional[str] = None):
+                 state_dir: Optional[str] = None, dask: Optional[str] = None):
         self.dir = _private_dir()
         self.address = os.path.join(self.dir, SOCKET_NAME)
         self.authkey = os.urandom(32)
@@ -92,7 +92,8 @@ class PrivateServer:
         _LIVE.add(self)
         config = {"address": self.address, "authkey": self.authkey.hex(), "workers": workers,
                   "start_method": start_method, "prestart": prestart, "sys_path": sys.path,
-                  "private_dir": self.dir, "state_dir": state_dir and os.path.abspath(state_dir)}
+                  "private_dir": self.dir, "state_dir": state_dir and os.path.abspath(state_dir),
+                  "dask": dask}
         try:
             self.popen.stdin.write((json.dumps(config) + "\n").encode())
             self.popen.stdin.flush()
@@ -117,9 +118,12 @@ class PrivateServer:
                     code = self.popen.wait(5)
                     raise ServerError(f"the private ezpq server exited during start-up (exit code {code})")
                 data += chunk
-        refused = json.loads(data).get("refused")
+        answer = json.loads(data)
+        refused = answer.get("refused")
         if refused:   # e.g. its state dir is in use or damaged: the server's one line
             self.popen.wait(10)
+            if answer.get("kind") == "DaskUnreachable":   # Queue(dask=): a ConnectionError naming it
+                raise ConnectionError(refused)
             raise ServerError(f"the private ezpq server refused to start: {refused}")
 
     def stop(self, timeout: float = 10.0) -> None:

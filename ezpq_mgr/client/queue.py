@@ -78,6 +78,7 @@ class Queue:
         start_method: Optional[str] = None,
         state_dir: Optional[str] = None,
         buffer_puts: Optional[bool] = None,
+        dask: Optional[str] = None,
     ):
         self._runner = _runner_name(job_runner)
         if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, int)
@@ -118,10 +119,16 @@ class Queue:
         if state_dir is not None and address is not None:
             raise ValueError("state_dir is for the embedded queue; a shared server keeps its "
                              "state with ezpq-server --state-dir")
+        if dask is not None:
+            schema.check_dask_address(dask)
+            if address is not None:
+                raise ValueError("dask is for the embedded queue; a shared server runs its jobs on "
+                                 "Dask with ezpq-server --dask")
         if address is None:
             self._server = PrivateServer(n_workers or os.cpu_count() or 1, start_method,
                                          prestart=self._runner == "process",
-                                         state_dir=None if state_dir is None else os.fspath(state_dir))
+                                         state_dir=None if state_dir is None else os.fspath(state_dir),
+                                         dask=dask)
             address, key = self._server.address, self._server.authkey
         else:
             address = parse_address(address)

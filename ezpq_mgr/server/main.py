@@ -28,6 +28,7 @@ import threading
 from typing import List, Optional, Union
 
 from .. import transport, wire
+from ..schema import check_dask_address
 from . import callers
 from .accounting import AccountingLog
 from .doorman import Doorman
@@ -50,6 +51,10 @@ class ServerDied(Exception):
 
 _WORKER_FRAME_LIMIT = (1 << 32) - 1
 
+#: why a root server refuses --dask without --dask-any-user
+DASK_AS_ROOT = ("--dask on a server run as root would run every user's jobs as the Dask workers' "
+                "user, not as their submitter; add --dask-any-user to accept that")
+
 
 def serve(address: Union[str, tuple], authkey: bytes, workers: int,
           start_method: Optional[str] = None, prestart: bool = True,
@@ -58,7 +63,9 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
           max_message: Optional[int] = transport.DEFAULT_MAX_MESSAGE,
           allow_other_users: bool = False, keep_finished: Optional[float] = None,
           state_dir: Optional[str] = None, sync: str = "normal",
-          log_dir: Optional[str] = None, max_log: int = DEFAULT_MAX_LOG) -> None:
+          log_dir: Optional[str] = None, max_log: int = DEFAULT_MAX_LOG,
+          dask: Optional[str] = None, dask_any_user: bool = False,
+          dask_timeout: Optional[float] = None) -> None:
     """Run a server until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
     ``shared``: several users may connect: JSON on the wire (never pickle),
@@ -82,9 +89,20 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     at the end); ``max_log``: the cap of one job's log, in bytes. An unsafe
     directory raises ``LogDirError`` before anything is served.
 
+    ``dask``: run the jobs on the Dask cluster of that scheduler
+    (dask_executor.py) instead of local workers; ``workers`` then caps how
+    many run at once. Unreachable: ``DaskUnreachable`` (a ConnectionError
+    naming it), within ``dask_timeout`` seconds. A shared server run as
+    root refuses it (``ValueError``) unless ``dask_any_user``: the jobs
+    would run as the Dask workers' user, not as their submitters.
+
     Any thread dying of an unexpected exception is logged and stops the
     server with ``ServerDied`` (exit status 1); so does a state database
     that cannot be written any more (disk full)."""
+    if dask is not None:
+        dask = check_dask_address(dask)
+        if shared and os.geteuid() == 0 and not dask_any_user:
+            raise ValueError(DASK_AS_ROOT)
     stop = stop_event or threading.Event()
     died: List[str] = []
 
@@ -119,8 +137,20 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     # a worker's messages (a job's output) obey the server's limit; a private
     # server has none, so only the worker format's own 4 GiB frame bound holds
     worker_limit = min(max_message, _WORKER_FRAME_LIMIT) if shared and max_message else _WORKER_FRAME_LIMIT
-    supervisor = Supervisor(state, workers, start_method, shared=shared, subreaper=True,
-                            max_message=worker_limit, logs=logs, echo=not shared)
+    if dask is None:
+        supervisor = Supervisor(state, workers, start_method, shared=shared, subreaper=True,
+                                max_message=worker_limit, logs=logs, echo=not shared)
+    else:
+        from .dask_executor import DEFAULT_CONNECT_TIMEOUT, DaskExecutor
+        try:
+            supervisor = DaskExecutor(state, workers, dask, logs=logs,
+                                      connect_timeout=dask_timeout or DEFAULT_CONNECT_TIMEOUT)
+        except BaseException:
+            accounting.close()
+            logs.close()
+            if store is not None:
+                store.close()
+            raise
     logs.on_doomed = supervisor.wake
     service = Service(state, supervisor, shared=shared, accounting=accounting,
                       keep_finished=keep_finished, logs=logs)
@@ -173,7 +203,8 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     for t in threads:
         t.start()
     where = listener.getsockname()
-    logger.info("ezpq server pid %s listening on %s with %s workers", os.getpid(), where, workers)
+    logger.info("ezpq server pid %s listening on %s with %s workers%s", os.getpid(), where, workers,
+                f" on the Dask cluster at {dask}" if dask else "")
     me = callers.owner()
     if shared and me.uid != 0:
         if allow_other_users:
@@ -303,9 +334,10 @@ def embedded_main() -> None:
         serve(config["address"], bytes.fromhex(config["authkey"]), config["workers"],
               config.get("start_method"), config.get("prestart", True), shared=False,
               on_ready=ready, stop_event=stop, state_dir=config.get("state_dir"),
-              log_dir=config.get("private_dir") and os.path.join(config["private_dir"], "logs"))
-    except StoreError as exc:   # Queue(state_dir=...) that cannot be used: the client says why
-        os.write(ready_fd, (json.dumps({"refused": str(exc)}) + "\n").encode())
+              log_dir=config.get("private_dir") and os.path.join(config["private_dir"], "logs"),
+              dask=config.get("dask"))
+    except (StoreError, ConnectionError) as exc:   # Queue(state_dir=/dask=) that cannot be used: the client says why
+        os.write(ready_fd, (json.dumps({"refused": str(exc), "kind": type(exc).__name__}) + "\n").encode())
     except ServerDied as exc:
         logger.critical("%s", exc)
         sys.exit(1)

@@ -1,0 +1,429 @@
+"""The ezpq side of a Dask worker: the plugin that keeps ezpq worker
+processes next to it, and the task that runs one job in one of them.
+
+Runs on a Dask worker host (never in the ezpq server). The server
+(server/dask_executor.py) registers ``EzpqPlugin`` through its Dask client
+and submits each job as a ``run_job`` task. Why processes of our own, not
+the job's code in the Dask worker's thread: a thread cannot be killed, so
+a timeout, a memory limit or a cancel could not stop the job; its CPU and
+memory could not be told from the Dask worker's; and a ``os._exit`` or a
+segfault would take the Dask worker down. So, as on the local server,
+each job runs in a persistent ezpq worker process (worker/run.py, the same
+loop and the same ``workerproto`` channel, its figures from worker/meter.py):
+
+- the plugin starts one per Dask worker thread at setup (a fresh
+  interpreter, ``subprocess``: a Dask worker is a daemonic process that
+  multiprocessing will not let have children), each with its channel (a
+  socketpair), a lifeline (it exits, killing its tree, when the Dask worker
+  is gone) and four output pipes (the job's stdout/stderr, alternating per
+  job as in supervisor.py); a dead one is replaced at the next job;
+- ``run_job`` runs in a Dask worker thread: it takes an idle process, sends
+  the job, and waits for its result and figures while it enforces the
+  job's ``timeout`` (counted from the send) and ``max_memory`` (the tree's
+  RSS every 50 ms), killing the process's whole tree (procutil.kill_tree)
+  when one is passed. It returns plain fields (``HostResult``): the output
+  stays the job's opaque pickle, unpickled only by the submitter.
+- a cancel is Dask's own: the server cancels the task's future, the Dask
+  worker moves the executing task to ``cancelled``, and the plugin's
+  ``transition`` hook kills the tree of the process running that key.
+
+Nothing here reads what a job wrote except through ``workerproto``'s
+strict decoder; a job that breaks the format has its tree killed and fails.
+Jobs run as the Dask worker's OS user (README, *Past one machine*).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+from distributed import WorkerPlugin, get_worker
+
+from ..job import JobStatus, death
+from ..messages import LateFigures, Ready, Result
+from . import workerproto
+from .procutil import kill_tree, tree_rss
+
+__all__ = ["EzpqPlugin", "PLUGIN_NAME", "run_job", "HostResult", "process_main"]
+
+PLUGIN_NAME = "ezpq"
+#: a fresh ezpq worker process must say it is ready within this
+BOOT_TIMEOUT = 60.0
+MEMORY_CHECK_INTERVAL = 0.05
+#: a result's figures must follow within this (as in supervisor.py)
+FIGURES_TIMEOUT = 5.0
+#: the most of one job's stdout+stderr carried back with its result (the
+#: server caps a log again with its own --max-log)
+MAX_OUTPUT = 16 << 20
+_READ = 1 << 16
+
+
+class HostResult(NamedTuple):
+    """One job's end on a Dask host, as plain fields for the server."""
+    status: str                  # a JobStatus value
+    exitcode: Optional[int]
+    started: Optional[float]
+    ended: Optional[float]
+    output: Optional[bytes]      # the job's output pickle, opaque
+    exception: Optional[str]
+    figures: Optional[tuple]     # messages.Figures' fields, or None
+    pid: Optional[int]
+    host: str
+    log: bytes                   # what the job wrote to stdout and stderr
+
+
+HOST = socket.gethostname()
+
+
+def process_main() -> None:
+    """Entry point of an ezpq worker process on a Dask host: ``channel
+    lifeline outputs`` (descriptors). The same loop as the server's own
+    workers (run.py), for the Dask worker's user."""
+    from .procutil import become_subreaper
+    from .run import _exit, _serve, _watch_lifeline
+    channel_fd, lifeline_fd = int(sys.argv[1]), int(sys.argv[2])
+    outputs = [int(x) for x in sys.argv[3].split(",")] if sys.argv[3] != "-" else []
+    _watch_lifeline(lifeline_fd)
+    become_subreaper()
+    if _serve(channel_fd, True, outputs=outputs):
+        _exit()
+
+
+class _Process:
+    """One ezpq worker process next to the Dask worker, and our end of it."""
+
+    def __init__(self, lifeline_fd: int):
+        ours, theirs = socket.socketpair()
+        reads, writes = [], []
+        try:
+            for _ in range(4):
+                r, w = os.pipe()
+                os.set_blocking(r, False)
+                reads.append(r)
+                writes.append(w)
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            code = (f"import sys; sys.path.insert(0, {root!r}); "
+                    f"from ezpq_mgr.worker.dask_host import process_main; process_main()")
+            self.popen = subprocess.Popen(
+                [sys.executable, "-c", code, str(theirs.fileno()), str(lifeline_fd),
+                 ",".join(str(w) for w in writes)],
+                pass_fds=(theirs.fileno(), lifeline_fd, *writes), close_fds=True,
+                stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            for fd in reads:
+                os.close(fd)
+            raise
+        finally:
+            theirs.close()
+            for fd in writes:
+                os.close(fd)
+        self.sock = ours
+        self.fd = ours.fileno()
+        self.outs: List[int] = reads
+        self.pid = self.popen.pid
+        self.reader = workerproto.FrameReader(workerproto.DEFAULT_MAX_MESSAGE)
+        self.ready = False
+        self.sent = 0          # jobs sent (the parity picks the output pipes)
+        self.env = None        # the environment last sent
+        self.key: Optional[str] = None   # the Dask key it runs
+        self.stopped: Optional[Tuple[str, str]] = None   # (status, why) once we kill it
+        self.dead = False
+
+    def kill(self, status: str, why: str) -> None:
+        """End its whole tree (the job's processes included); first reason wins."""
+        if self.stopped is None:
+            self.stopped = (status, why)
+        self.dead = True
+        kill_tree([self.pid])
+
+    def close(self) -> None:
+        self.dead = True
+        try:
+            self.popen.wait(1.0)
+        except subprocess.TimeoutExpired:
+            kill_tree([self.pid])
+            self.popen.wait()
+        self.sock.close()
+        for fd in self.outs:
+            os.close(fd)
+        self.outs = []
+
+
+class EzpqPlugin(WorkerPlugin):
+    """Keeps ezpq worker processes next to one Dask worker and kills the
+    one whose task Dask cancels."""
+
+    idempotent = True    # registered again (a reconnecting server): the running one stays
+
+    def __init__(self, name: str = PLUGIN_NAME):
+        self.name = name     # one per ezpq server (dask_executor: ezpq-TOKEN)
+        self._lock = threading.Lock()
+        self._idle: List[_Process] = []
+        self._busy: Dict[str, _Process] = {}
+        self._lifeline: Optional[Tuple[int, int]] = None
+        self._closed = False
+
+    def __getstate__(self):   # sent to the workers before setup: only its name travels
+        return {"name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["name"])
+
+    def setup(self, worker=None) -> None:
+        r, w = os.pipe()   # we hold the only write end: EOF tells them we are gone
+        os.set_inheritable(r, True)
+        self._lifeline = (r, w)
+        n = getattr(getattr(worker, "state", None), "nthreads", None) or getattr(worker, "nthreads", 1) or 1
+        with self._lock:
+            for _ in range(n):
+                self._idle.append(_Process(r))
+
+    def teardown(self, worker=None) -> None:
+        with self._lock:
+            self._closed = True
+            procs = self._idle + list(self._busy.values())
+            self._idle, self._busy = [], {}
+        if procs:
+            kill_tree([p.pid for p in procs])
+        for p in procs:
+            p.close()
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                os.close(fd)
+            self._lifeline = None
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        """Dask moved a task on this worker: an executing one of ours that
+        was cancelled (its future cancelled by the server) has its tree
+        killed, in a thread (this runs on the Dask worker's event loop)."""
+        if start != "executing" or finish not in ("cancelled", "released", "forgotten"):
+            return
+        with self._lock:
+            proc = self._busy.get(key)
+        if proc is not None and not proc.dead:
+            threading.Thread(target=proc.kill, args=(JobStatus.CANCELLED.value, "cancelled by request"),
+                             name="ezpq-cancel", daemon=True).start()
+
+    def take(self, key: str) -> _Process:
+        """An idle process for the task ``key`` (a new one if none is)."""
+        with self._lock:
+            if self._closed or self._lifeline is None:
+                raise RuntimeError("the ezpq plugin of this Dask worker is closed")
+            while self._idle:
+                proc = self._idle.pop()
+                if proc.popen.poll() is None:
+                    break
+                proc.close()
+            else:
+                proc = _Process(self._lifeline[0])
+            proc.key = key
+            self._busy[key] = proc
+        return proc
+
+    def give_back(self, proc: _Process) -> None:
+        with self._lock:
+            self._busy.pop(proc.key, None)
+            proc.key = None
+            proc.stopped = None
+            if proc.dead or self._closed:
+                dead = True
+            else:
+                dead = False
+                self._idle.append(proc)
+        if dead:
+            threading.Thread(target=proc.close, name="ezpq-reap", daemon=True).start()
+
+
+def _plugin(name: str) -> EzpqPlugin:
+    """This Dask worker's plugin of that server; attached here if the
+    server's registration has not reached it yet (a new scheduler)."""
+    worker = get_worker()
+    plugin = worker.plugins.get(name)
+    if plugin is None:
+        plugin = EzpqPlugin(name)
+        plugin.setup(worker)
+        worker.plugins[name] = plugin
+    return plugin
+
+
+def run_job(plugin_name: str, fn_blob: bytes, args_blob: bytes, env: Optional[list], as_thread: bool,
+            timeout: float, max_memory: Optional[int]) -> HostResult:
+    """The Dask task of one ezpq job: run it in an ezpq worker process of
+    this host (kept by the plugin ``plugin_name``, its server's) and
+    return how it ended. Never raises for the job's sake."""
+    key = get_worker().get_current_task()
+    plugin = _plugin(plugin_name)
+    proc = plugin.take(key)
+    try:
+        return _run(proc, fn_blob, args_blob, env, as_thread, timeout, max_memory)
+    finally:
+        plugin.give_back(proc)
+
+
+def _host_env(env: Optional[list]) -> Optional[tuple]:
+    """The client's environment as it can apply here: its working directory
+    if this host has it, its sys.path then ours (what this host has)."""
+    cwd, path = env if env else (None, None)
+    if cwd is not None and not os.path.isdir(cwd):
+        cwd = None
+    path = list(path or []) + [p for p in sys.path if p not in (path or [])]
+    return (cwd, path)
+
+
+def _run(proc: _Process, fn_blob: bytes, args_blob: bytes, env: Optional[list], as_thread: bool,
+         timeout: float, max_memory: Optional[int]) -> HostResult:
+    log = bytearray()
+    pair = (proc.sent & 1) * 2
+    if not proc.ready:
+        why = _await_ready(proc, log)
+        if why is not None:
+            proc.kill(JobStatus.LOST.value, why)
+            return _ended(proc, None, log, pair)
+    env = _host_env(env)
+    send_env = None if env == proc.env else env
+    proc.env = env
+    proc.sent += 1
+    data = b"".join(workerproto.encode_job(fn_blob, args_blob, send_env, as_thread))
+    start = time.monotonic()
+    deadline = start + timeout if timeout else None
+    try:
+        proc.sock.sendall(data)
+    except OSError:
+        pass   # its death is read below
+    result: Optional[Result] = None
+    figures_due = None
+    check_memory = start
+    while True:
+        if proc.stopped is not None:
+            break
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            proc.kill(JobStatus.TIMEOUT.value, f"timed out after {timeout} s")
+            break
+        if max_memory and now >= check_memory:
+            rss = tree_rss(proc.pid)
+            if rss > max_memory:
+                proc.kill(JobStatus.KILLED.value, f"killed: memory {rss} bytes passed max_memory={max_memory}")
+                break
+            check_memory = now + MEMORY_CHECK_INTERVAL
+        if figures_due is not None and now >= figures_due:
+            proc.kill(JobStatus.FAILED.value, f"protocol violation: no figures within {FIGURES_TIMEOUT:g} s "
+                                              f"of its result (the job's worker was killed)")
+            break
+        wait = 0.5   # a cancel (proc.stopped) is looked at this often at least
+        for t in (deadline, figures_due, check_memory if max_memory else None):
+            if t is not None:
+                wait = min(wait, max(0.0, t - now))
+        readable, _, _ = select.select([proc.fd] + proc.outs[pair:pair + 2], [], [], wait)
+        for fd in readable:
+            if fd != proc.fd:
+                _read_output(fd, log)
+        if proc.fd not in readable:
+            continue
+        try:
+            data = proc.sock.recv(_READ)
+        except OSError:
+            data = b""
+        if not data:   # the process died under its job
+            break
+        try:
+            messages = proc.reader.feed(data)
+        except workerproto.ProtocolError as e:
+            proc.kill(JobStatus.FAILED.value, f"protocol violation: {e} (the job's worker was killed)")
+            break
+        for msg in messages:
+            kind = type(msg)
+            if kind is Result and result is None:
+                result = msg
+                if msg.figures is not None:
+                    return _done(proc, result, msg.figures, msg.leaving, log, pair)
+                figures_due = time.monotonic() + FIGURES_TIMEOUT
+            elif kind is LateFigures and result is not None:
+                return _done(proc, result, msg.figures, msg.leaving, log, pair)
+            else:
+                what = "ready" if kind is Ready else "result" if kind is Result else "figures"
+                proc.kill(JobStatus.FAILED.value, f"protocol violation: a {what} message out of place "
+                                                  f"(the job's worker was killed)")
+                break
+    return _ended(proc, result, log, pair)
+
+
+def _await_ready(proc: _Process, log: bytearray) -> Optional[str]:
+    """Wait for a fresh process's ``Ready``; the reason if it never comes."""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while time.monotonic() < deadline and proc.stopped is None:
+        readable, _, _ = select.select([proc.fd], [], [], min(0.5, max(0.0, deadline - time.monotonic())))
+        if not readable:
+            continue
+        data = proc.sock.recv(_READ)
+        if not data:
+            return f"the ezpq worker process on {HOST} exited while starting (exit code {proc.popen.poll()})"
+        try:
+            messages = proc.reader.feed(data)
+        except workerproto.ProtocolError as e:
+            return f"the ezpq worker process on {HOST} sent garbage while starting: {e}"
+        if messages and type(messages[0]) is Ready:
+            proc.ready = True
+            return None
+    return proc.stopped[1] if proc.stopped else f"the ezpq worker process on {HOST} did not start " \
+                                                 f"within {BOOT_TIMEOUT:g} s"
+
+
+def _read_output(fd: int, log: bytearray) -> None:
+    for _ in range(16):
+        try:
+            data = os.read(fd, _READ)
+        except (BlockingIOError, OSError):
+            return
+        if not data:
+            return
+        if len(log) < MAX_OUTPUT:
+            log += data[:MAX_OUTPUT - len(log)]
+        if len(data) < _READ:
+            return
+
+
+def _drain(proc: _Process, log: bytearray, pair: int) -> bytes:
+    for fd in proc.outs[pair:pair + 2]:
+        _read_output(fd, log)
+    return bytes(log)
+
+
+def _done(proc: _Process, result: Result, figures, leaving: bool, log: bytearray, pair: int) -> HostResult:
+    if leaving:
+        proc.dead = True
+    return HostResult(result.status, result.exitcode, result.started, result.ended, result.output,
+                      result.exception, None if figures is None else tuple(figures), proc.pid, HOST,
+                      _drain(proc, log, pair))
+
+
+def _ended(proc: _Process, result: Optional[Result], log: bytearray, pair: int) -> HostResult:
+    """The job ended without its figures: we killed its tree (timeout,
+    memory, cancel, a violation), or its process died under it."""
+    proc.dead = True
+    if proc.stopped is None:   # died by itself: reap it, then say how
+        kill_tree([proc.pid])
+        try:
+            code = proc.popen.wait(2.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        status, signal_name = death(code)
+        why = (f"the worker process (pid {proc.pid}) on {HOST} died while running the job "
+               f"(exit code {code}{', ' + signal_name if signal_name else ''})")
+        return HostResult(status.value, code if code is not None else -9, None, time.time(), None, why,
+                          None, proc.pid, HOST, _drain(proc, log, pair))
+    try:
+        code = proc.popen.wait(2.0)
+    except subprocess.TimeoutExpired:
+        code = None
+    status, why = proc.stopped
+    exitcode = code if code is not None and code < 0 else -9
+    return HostResult(status, exitcode, None, time.time(), None, why, None, proc.pid, HOST,
+                      _drain(proc, log, pair))

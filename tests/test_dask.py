@@ -1,0 +1,296 @@
+"""The Dask backend (``Queue(dask=)``, ``ezpq-server --dask``) on a real
+``distributed.LocalCluster`` on 127.0.0.1: 2 worker processes x 1 thread.
+
+The ported ezpq parity tests run their bodies (test_parity.py) on it; then
+what a local job has must hold on a Dask host too: timeouts that kill a
+grandchild, cancel of a running job, max_memory, the resource fields, a
+Dask worker killed under its jobs; and the start-up errors.
+"""
+
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+import ezpq_mgr as ezpq  # noqa: E402
+import test_parity as parity  # noqa: E402
+from jobs import (burn_cpu, spawn_sleeper_tree, touch_then_burn, wait_for_file,  # noqa: E402
+                  write_pid_and_sleep)
+from multiuser import USERS, needs_root, run_as, users  # noqa: E402,F401 (fixture)
+from server_fixture import free_port  # noqa: E402
+from test_joblogs import a_reads, a_submits_a_secret, b_tries_to_read, cli, logroot, start_server  # noqa: E402,F401
+
+N = 100   # the parity tests' inputs (1,000 locally): a Dask round trip is ~10 ms
+
+
+def local_cluster(**kw):
+    opts = dict(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, silence_logs=logging.ERROR)
+    opts.update(kw)
+    return distributed.LocalCluster(**opts)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_cluster() as c:
+        yield c
+
+
+@pytest.fixture
+def Q(cluster):
+    queue = ezpq.Queue(5, dask=cluster.scheduler_address)
+    yield queue
+    queue.dispose()
+
+
+@pytest.fixture
+def inputs():
+    values = list(range(N))
+    random.shuffle(values)
+    return tuple(values)
+
+
+# ------------------------------------------------------------------ parity
+@pytest.mark.parametrize("name", ["priority", "map", "starmap", "starmapkw", "lanes", "size"])
+def test_parity_on_dask(Q, inputs, name):
+    getattr(parity, f"test_{name}")(Q, inputs)
+
+
+def test_lane_error_on_dask(Q):
+    parity.test_lane_error(Q)
+
+
+def test_at_most_the_clusters_threads_run_at_once(Q, tmp_path):
+    """5 slots asked, 2 threads in the cluster: 2 jobs work, the rest wait
+    with us (not in Dask's queue), in our order."""
+    for i in range(4):
+        Q.put(write_pid_and_sleep, str(tmp_path / f"p{i}"), priority=i)
+    assert wait_for_file(str(tmp_path / "p0")) and wait_for_file(str(tmp_path / "p1"))
+    assert Q.size(working=True) == 2 and Q.size(waiting=True) == 2
+    assert {j["id"] for j in Q.jobs() if j["status"] == "working"} == {1, 2}
+    assert Q.cancel(1) and Q.cancel(2)
+    assert wait_for_file(str(tmp_path / "p2")) and wait_for_file(str(tmp_path / "p3"))
+    Q.stop_all()
+
+
+# -------------------------------------------------------- limits and kills
+def _alive(pid, created):
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _gone_within(procs, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while any(_alive(*p) for p in procs):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_timeout_kills_the_jobs_tree_on_the_dask_host(Q, tmp_path):
+    pidfile = str(tmp_path / "tree")
+    Q.put(spawn_sleeper_tree, pidfile, timeout=1.5)
+    assert wait_for_file(pidfile)
+    pids = [int(p) for p in open(pidfile).read().split()]
+    procs = [(pid, psutil.Process(pid).create_time()) for pid in pids]
+    job = Q.get(wait=True, timeout=30)
+    assert job["status"] == "timeout" and job["cancelled"] and job["exitcode"] == -9
+    assert "timed out after 1.5 s" in job["exception"]
+    assert not any(_alive(*p) for p in procs)   # gone before the job was recorded
+
+
+def test_cancel_of_a_running_job_kills_it_there(Q, tmp_path):
+    pidfile = str(tmp_path / "pid")
+    job_id = Q.put(write_pid_and_sleep, pidfile)
+    assert wait_for_file(pidfile)
+    pid = int(open(pidfile).read())
+    proc = (pid, psutil.Process(pid).create_time())
+    assert pid != Q._server.popen.pid
+    assert Q.cancel(job_id) is True
+    job = Q.get(wait=True, timeout=30)
+    assert job["status"] == "cancelled" and job["cancelled"]
+    assert _gone_within([proc])
+    assert Q.map(burn_cpu, [0.01])[0]["status"] == "completed"   # its thread is free again
+
+
+def test_max_memory_is_enforced_on_the_dask_host(Q):
+    Q.put(touch_then_burn, [400, 10], max_memory=200 << 20)
+    job = Q.get(wait=True, timeout=30)
+    assert job["status"] == "killed" and job["exitcode"] == -9
+    assert "max_memory=209715200" in job["exception"]
+    assert job["runtime"] < 8
+
+
+def test_resource_fields_are_the_jobs_own(Q, cluster):
+    job = Q.map(touch_then_burn, [60], kwargs={"seconds": 0.3})[0]
+    assert job["status"] == "completed"
+    assert job["cpu_user"] + job["cpu_system"] >= 0.3
+    assert 60 << 20 <= job["max_rss"] < 1 << 30 and job["max_rss_method"] == "vmhwm"
+    assert job["host"] == socket.gethostname()
+    Q.put(os.getpid)
+    pid = Q.get(wait=True)
+    assert pid["output"] == pid["pid"] and pid["pid"] not in (os.getpid(), Q._server.popen.pid)
+    with distributed.Client(cluster) as client:
+        dask_workers = set(client.run(os.getpid).values())
+    assert psutil.Process(pid["pid"]).ppid() in dask_workers   # next to a Dask worker
+
+
+def test_job_output_reaches_its_log(Q):
+    job_id = Q.put(print, "hello from dask")
+    Q.wait()
+    assert Q.log(job_id) == "hello from dask\n"
+
+
+def _rerun_once(marker, pidfile):
+    """First run: leave a marker, write our pid, hang; a second run returns."""
+    if os.path.exists(marker):
+        return "again"
+    open(marker, "w").close()
+    write_pid_and_sleep(pidfile)
+
+
+def test_a_dask_worker_killed_from_outside(tmp_path):
+    """Its jobs are lost, or run again where they have retries left; Dask
+    never re-runs one by itself; the job's process dies with the worker."""
+    with local_cluster(n_workers=1, threads_per_worker=2) as cluster, \
+            ezpq.Queue(2, dask=cluster.scheduler_address) as Q:
+        lost = Q.put(_rerun_once, args=[str(tmp_path / "m1"), str(tmp_path / "p1")], suppress_errors=True)
+        again = Q.put(_rerun_once, args=[str(tmp_path / "m2"), str(tmp_path / "p2")], retries=1)
+        assert wait_for_file(str(tmp_path / "p1")) and wait_for_file(str(tmp_path / "p2"))
+        pids = [int(open(str(tmp_path / f"p{i}")).read()) for i in (1, 2)]
+        procs = [(pid, psutil.Process(pid).create_time()) for pid in pids]
+        dask_worker = psutil.Process(pids[0]).parent()
+        assert dask_worker.pid == psutil.Process(pids[1]).ppid()
+        dask_worker.kill()
+        jobs = {j["id"]: j for j in (Q.get(wait=True, timeout=60), Q.get(wait=True, timeout=60))}
+        assert jobs[lost]["status"] == "lost" and "left while it ran" in jobs[lost]["exception"]
+        assert jobs[again]["status"] == "completed" and jobs[again]["output"] == "again"
+        assert _gone_within(procs)
+        assert jobs[lost]["output"] is None   # ran once: Dask did not run it again by itself
+
+
+# ------------------------------------------------------------- start-up
+def _server_cmd(tmp_path, *extra):
+    return [sys.executable, "-c", "from ezpq_mgr.cli import server_main; server_main()",
+            "--socket", str(tmp_path / "s.sock"), "--authkey-file", str(tmp_path / "key"),
+            "--log-level", "ERROR", *extra]
+
+
+def test_unreachable_scheduler_is_a_connection_error_naming_it(tmp_path):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    r = subprocess.run(_server_cmd(tmp_path, "--dask", address, "--dask-timeout", "0.5", "--dask-any-user"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert address in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_dask_is_checked_at_the_call():
+    with pytest.raises(TypeError, match="scheduler address"):
+        ezpq.Queue(2, dask=8786)
+    with pytest.raises(ValueError, match="scheme"):
+        ezpq.Queue(2, dask="http://x:1")
+    with pytest.raises(ValueError, match="embedded"):
+        ezpq.Queue(2, dask="tcp://127.0.0.1:1", address="127.0.0.1:9")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is a root server's")
+def test_a_root_server_refuses_dask_without_dask_any_user(tmp_path):
+    r = subprocess.run(_server_cmd(tmp_path, "--dask", "tcp://127.0.0.1:1"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--dask-any-user" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_malformed_result_from_a_dask_worker_makes_the_job_lost():
+    from ezpq_mgr.server.dask_executor import _outcome
+    good = ("completed", 0, 1.0, 2.0, b"x", None, (0.1, 0.0, 1, "vmhwm", None), 7, "h", b"")
+    assert _outcome(good, "tcp://w:1")[0].status.value == "completed"
+    for bad in [None, "x", good[:-1], ("weird",) + good[1:], good[:4] + ("text",) + good[5:],
+                good[:7] + ("7",) + good[8:], good[:9] + ("log",), good[:2] + (1,) + good[3:]]:
+        outcome, log = _outcome(bad, "tcp://w:1")
+        assert outcome.status.value == "lost" and "malformed" in outcome.exception and log == b""
+
+
+# ------------------------------------------------------------- two users
+@needs_root
+def test_on_dask_another_user_cannot_read_a_jobs_log(cluster, logroot, users):
+    """A root server with --dask --dask-any-user: a job's output comes back
+    from the Dask host into a log only its submitter reads."""
+    a, b = users[USERS[0]], users[USERS[1]]
+    server = start_server(logroot, "--dask", cluster.scheduler_address, "--dask-any-user")
+    try:
+        job = run_as(a, a_submits_a_secret, server)
+        assert cli(server, "wait", str(job))[0] == 0
+        assert cli(server, "--json", "show", str(job))[1].count('"status": "completed"') == 1
+        path = os.path.join(logroot, "logs", f"{job}.log")
+        st = os.stat(path)
+        assert st.st_uid == a.pw_uid and st.st_mode & 0o777 == 0o600
+        assert run_as(a, a_reads, server, job, path) == (0, "secret-of-a\n", "secret-of-a\n")
+        seen = run_as(b, b_tries_to_read, server, job, path)
+        assert seen["log"][0] == 1 and "secret" not in seen["log"][1] + seen["log"][2]
+        assert seen["job_log"] == seen["wait_log"] == f"refused: no job {job}"
+        assert seen["file"] == "refused"
+    finally:
+        assert server.stop() == 0
+
+
+# ------------------------------------------------------- scheduler lost
+def _start_scheduler(port):
+    return subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                             "--port", str(port), "--no-dashboard"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _start_worker(address):
+    return subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                             "--nworkers", "1", "--no-dashboard", "--death-timeout", "60"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_scheduler_lost_running_jobs_lost_waiting_wait_then_reconnected(tmp_path):
+    """A Dask worker closes when its scheduler goes (its deployment starts
+    a new one): here a new scheduler on the same port, then a new worker."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = _start_scheduler(port)
+    worker = _start_worker(address)
+    workers = [worker]
+    try:
+        with ezpq.Queue(2, dask=address) as Q:
+            Q.put(write_pid_and_sleep, str(tmp_path / "pid"), suppress_errors=True)
+            assert wait_for_file(str(tmp_path / "pid"), limit=60)
+            scheduler.kill()
+            scheduler.wait()
+            job = Q.get(wait=True, timeout=60)
+            assert job["status"] == "lost" and "scheduler" in job["exception"]
+            later = Q.put(os.getpid)
+            assert Q.size(waiting=True) == 1
+            assert worker.wait(60) is not None   # it left with its scheduler
+            scheduler = _start_scheduler(port)
+            workers.append(_start_worker(address))
+            job = Q.get(wait=True, timeout=60)
+            assert job["id"] == later and job["status"] == "completed" and job["output"] == job["pid"]
+    finally:
+        for w in workers:
+            _stop(w)
+        _stop(scheduler)
