@@ -320,10 +320,10 @@ def test_server_dies_with_a_killed_client_and_leaves_no_directory(tmp_path, sign
         pids = [int(p) for p in pidfile.read_text().split()]
         assert len(pids) >= 3  # server + 2 workers
         assert [p.name for p in private_tmp.iterdir()][0].startswith("ezpq-")
+        procs = [psutil.Process(p) for p in pids]   # now, while they run (pid + create time)
         client.send_signal(getattr(signal, signame))
         client.wait()
-        gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
-                                        timeout=5)
+        gone, alive = psutil.wait_procs(procs, timeout=5)
         assert not alive, f"left alive: {alive}"
         assert list(private_tmp.iterdir()) == []
     finally:
