@@ -15,6 +15,7 @@ the ``ezpq-server`` command (``cli.py``) calls ``serve()``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -115,57 +116,40 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
                         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
         stop.set()
 
-    accounting = AccountingLog(log_file)  # first: an unsafe log file refuses the start (LogFileError)
-    store = None
-    if state_dir is not None:
-        from .store import Store
-        try:
+    # what start-up opens is closed again if a later step refuses the start;
+    # once it is listening, the server's own shutdown closes it
+    with contextlib.ExitStack() as opened:
+        accounting = AccountingLog(log_file)  # first: an unsafe log file refuses the start (LogFileError)
+        opened.callback(accounting.close)
+        store = None
+        if state_dir is not None:
+            from .store import Store
             store = Store(state_dir, sync)
-        except BaseException:
-            accounting.close()
-            raise
-    if log_dir is None and state_dir is not None:
-        log_dir = os.path.join(state_dir, "logs")
-    try:
+            opened.callback(store.close)
+        if log_dir is None and state_dir is not None:
+            log_dir = os.path.join(state_dir, "logs")
         logs = LogBook(log_dir, max_log, chown=shared and os.geteuid() == 0)
-    except BaseException:
-        accounting.close()
-        if store is not None:
-            store.close()
-        raise
-    state = QueueState()
-    # a worker's messages (a job's output) obey the server's limit; a private
-    # server has none, so only the worker format's own 4 GiB frame bound holds
-    worker_limit = min(max_message, _WORKER_FRAME_LIMIT) if shared and max_message else _WORKER_FRAME_LIMIT
-    if dask is None:
-        supervisor = Supervisor(state, workers, start_method, shared=shared, subreaper=True,
-                                max_message=worker_limit, logs=logs, echo=not shared)
-    else:
-        from .dask_executor import DEFAULT_CONNECT_TIMEOUT, DaskExecutor
-        try:
+        opened.callback(logs.close)
+        state = QueueState()
+        # a worker's messages (a job's output) obey the server's limit; a private
+        # server has none, so only the worker format's own 4 GiB frame bound holds
+        worker_limit = min(max_message, _WORKER_FRAME_LIMIT) if shared and max_message else _WORKER_FRAME_LIMIT
+        if dask is None:
+            supervisor = Supervisor(state, workers, start_method, shared=shared, subreaper=True,
+                                    max_message=worker_limit, logs=logs, echo=not shared)
+        else:
+            from .dask_executor import DEFAULT_CONNECT_TIMEOUT, DaskExecutor
             supervisor = DaskExecutor(state, workers, dask, logs=logs,
                                       connect_timeout=dask_timeout or DEFAULT_CONNECT_TIMEOUT)
-        except BaseException:
-            accounting.close()
-            logs.close()
-            if store is not None:
-                store.close()
-            raise
-    logs.on_doomed = supervisor.wake
-    service = Service(state, supervisor, shared=shared, accounting=accounting,
-                      keep_finished=keep_finished, logs=logs)
-    try:
+        logs.on_doomed = supervisor.wake
+        service = Service(state, supervisor, shared=shared, accounting=accounting,
+                          keep_finished=keep_finished, logs=logs)
         state.seq = accounting.max_job()   # job numbers continue after the log's largest
         if store is not None:
             store.restore(state, service)
         logs.restore(state.records)   # earlier runs' logs: kept for known jobs, else removed
         listener = transport.listen(address)
-    except BaseException:
-        accounting.close()
-        logs.close()
-        if store is not None:
-            store.close()
-        raise
+        opened.pop_all()
     ours = _identity(address) if isinstance(address, str) else None
     previous_hook = threading.excepthook
     threading.excepthook = thread_died
