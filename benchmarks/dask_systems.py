@@ -33,17 +33,7 @@ class EzpqOverDask(EzpqMgr):
     def make_queue(self, workers, **kw):
         return self.ezpq.Queue(workers, dask=self.address, **kw)
 
-    def w3(self, rounds):
-        lat = []
-        with self.make_queue(2) as Q:
-            self.warm(Q)
-            for _ in range(rounds):
-                t = time.perf_counter()
-                Q.put(noop, 1)
-                job = Q.get(wait=True)
-                lat.append(time.perf_counter() - t)
-                assert job["output"] == 1
-        return lat
+    # w3 is EzpqMgr's, on this make_queue
 
     def w4(self):
         pidfile = tempfile.mktemp()

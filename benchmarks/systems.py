@@ -87,7 +87,7 @@ class _EzpqApi:
 
     def w3(self, rounds):
         lat = []
-        with self.ezpq.Queue(2) as Q:
+        with self.make_queue(2) as Q:
             self.warm(Q)
             for _ in range(rounds):
                 t = time.perf_counter()

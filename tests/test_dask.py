@@ -26,7 +26,8 @@ from jobs import (burn_cpu, spawn_sleeper_tree, touch_then_burn, wait_for_file, 
                   write_pid_and_sleep)
 from multiuser import USERS, needs_root, run_as, users  # noqa: E402,F401 (fixture)
 from server_fixture import free_port  # noqa: E402
-from test_joblogs import a_reads, a_submits_a_secret, b_tries_to_read, cli, logroot, start_server  # noqa: E402,F401
+from test_joblogs import (a_submits_a_secret, check_only_its_submitter_reads_it, cli, logroot,  # noqa: E402,F401
+                          start_server)
 
 N = 100   # the parity tests' inputs (1,000 locally): a Dask round trip is ~10 ms
 
@@ -233,14 +234,7 @@ def test_on_dask_another_user_cannot_read_a_jobs_log(cluster, logroot, users):
         job = run_as(a, a_submits_a_secret, server)
         assert cli(server, "wait", str(job))[0] == 0
         assert cli(server, "--json", "show", str(job))[1].count('"status": "completed"') == 1
-        path = os.path.join(logroot, "logs", f"{job}.log")
-        st = os.stat(path)
-        assert st.st_uid == a.pw_uid and st.st_mode & 0o777 == 0o600
-        assert run_as(a, a_reads, server, job, path) == (0, "secret-of-a\n", "secret-of-a\n")
-        seen = run_as(b, b_tries_to_read, server, job, path)
-        assert seen["log"][0] == 1 and "secret" not in seen["log"][1] + seen["log"][2]
-        assert seen["job_log"] == seen["wait_log"] == f"refused: no job {job}"
-        assert seen["file"] == "refused"
+        check_only_its_submitter_reads_it(server, logroot, a, b, job)
     finally:
         assert server.stop() == 0
 

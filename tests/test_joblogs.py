@@ -249,6 +249,21 @@ def b_tries_to_read(server, job, path):
     return seen
 
 
+def check_only_its_submitter_reads_it(server, logroot, a, b, job) -> dict:
+    """Job ``job`` of user ``a`` (its secret written) has a log file of
+    a's, 0600, that ``a`` reads through the server and the file, and ``b``
+    through neither; returns what ``b`` saw (``b_tries_to_read``)."""
+    path = os.path.join(logroot, "logs", f"{job}.log")
+    st = os.stat(path)
+    assert st.st_uid == a.pw_uid and st.st_mode & 0o777 == 0o600
+    assert run_as(a, a_reads, server, job, path) == (0, "secret-of-a\n", "secret-of-a\n")
+    seen = run_as(b, b_tries_to_read, server, job, path)
+    assert seen["log"][0] == 1 and "secret" not in seen["log"][1] + seen["log"][2]
+    assert seen["job_log"] == seen["wait_log"] == f"refused: no job {job}"
+    assert seen["file"] == "refused"
+    return seen
+
+
 @needs_root
 def test_another_user_cannot_read_a_jobs_log(logroot, users):
     a, b = users[USERS[0]], users[USERS[1]]
@@ -256,15 +271,8 @@ def test_another_user_cannot_read_a_jobs_log(logroot, users):
     try:
         job = run_as(a, a_submits_a_secret, server)
         assert cli(server, "wait", str(job))[0] == 0
-        path = os.path.join(logroot, "logs", f"{job}.log")
-        st = os.stat(path)
-        assert st.st_uid == a.pw_uid and st.st_mode & 0o777 == 0o600
-        assert run_as(a, a_reads, server, job, path) == (0, "secret-of-a\n", "secret-of-a\n")
-        seen = run_as(b, b_tries_to_read, server, job, path)
-        assert seen["log"][0] == 1 and "secret" not in seen["log"][1] + seen["log"][2]
+        seen = check_only_its_submitter_reads_it(server, logroot, a, b, job)
         assert seen["follow"][0] == 1 and "secret" not in seen["follow"][1] + seen["follow"][2]
-        assert seen["job_log"] == seen["wait_log"] == f"refused: no job {job}"
-        assert seen["file"] == "refused"
     finally:
         assert server.stop() == 0
 
