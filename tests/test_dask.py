@@ -154,6 +154,26 @@ def test_a_runners_worker_killed_mid_job_then_a_new_runner_takes_the_next(tmp_pa
         assert list(after.values())[0] != list(before.values())[0]
 
 
+def test_a_job_whose_worker_leaves_before_it_began_waits_again_without_a_retry():
+    """The Dask thread is busy with another client's task, so our runner
+    has not started: the job still waits with us (it is chosen only for a
+    runner that is up); the worker dies; the job runs on the next one,
+    though it has no retries."""
+    with local_cluster(n_workers=1, threads_per_worker=1) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client, \
+            ezpq.Queue(1, dask=cluster.scheduler_address) as Q:
+        (worker,) = client.nthreads()
+        blocker = client.submit(time.sleep, 60, workers=[worker], allow_other_workers=False, pure=False)
+        assert _poll(lambda: client.processing().get(worker), 10)
+        job_id = Q.put(os.getpid)
+        assert _poll(lambda: _runners(client).get(worker), 10)   # our runner, queued behind it
+        assert Q.size(waiting=True) == 1 and Q.size(working=True) == 0
+        psutil.Process(client.run(os.getpid, workers=[worker])[worker]).kill()
+        job = Q.get(wait=True, timeout=60)
+        assert job["id"] == job_id and job["status"] == "completed" and job["output"] == job["pid"]
+        blocker.cancel()
+
+
 # -------------------------------------------------------- limits and kills
 def _alive(pid, created):
     try:

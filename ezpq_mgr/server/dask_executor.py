@@ -108,11 +108,12 @@ class DaskUnreachable(ConnectionError):
 class _Runner:
     """One runner task on a Dask worker (worker/dask_host.run_jobs) and
     the job it is on."""
-    __slots__ = ("key", "worker", "inbox", "future", "seq", "handed", "ended", "idle_since")
+    __slots__ = ("key", "worker", "inbox", "future", "ready", "seq", "handed", "ended", "idle_since")
 
     def __init__(self, key: str, worker: str, inbox: Any):
         self.key, self.worker, self.inbox = key, worker, inbox
         self.future: Any = None
+        self.ready = False               # it said so: it runs on its worker, waiting for a job
         self.seq: Optional[int] = None   # the job handed to it, until its result comes
         self.handed = 0                  # jobs handed to it (its return: how many it took)
         self.ended = False               # retired or over: no more jobs for it
@@ -142,6 +143,10 @@ class DaskExecutor:
         self._running: Dict[int, _Runner] = {}   # seq -> the runner it was handed to
         self._n_runners = 0                  # runners started (their keys' numbers)
         self._next_retire: Optional[float] = None   # monotonic time an idle runner is due to retire
+        #: why runners failed before they were ready: each fails one waiting
+        #: job (as a task per job would), so that a cluster that cannot run
+        #: ours (ezpq_mgr missing there) is told, not retried forever
+        self._start_failures: List[str] = []
         self._cv = threading.Condition()
         self._inbox: "collections.deque[tuple]" = collections.deque()
         self._woken = False
@@ -388,7 +393,7 @@ class DaskExecutor:
         now = time.monotonic()
         retire, self._next_retire = [], None
         for runner in self._runners.values():
-            if runner.seq is None and not runner.ended and runner.inbox is not None:
+            if runner.ready and runner.seq is None and not runner.ended:
                 due = runner.idle_since + RUNNER_IDLE
                 if due <= now:
                     runner.ended = True
@@ -410,6 +415,13 @@ class DaskExecutor:
         the scheduler gone): its job is lost. Caller holds the lock."""
         runner.ended = True
         self._runners.pop(runner.key, None)
+        if not runner.ready and future.status == "error":
+            try:
+                exc = future.exception(timeout=1)
+            except Exception as e:
+                exc = e
+            self._start_failures.append(f"the Dask runner on {runner.worker} failed as it started: "
+                                        f"{type(exc).__name__}: {exc}")
         seq = runner.seq
         if seq is None or self._running.get(seq) is not runner:
             return
@@ -489,61 +501,77 @@ class DaskExecutor:
 
     # ------------------------------------------------------------- dispatch
     def _dispatch(self) -> List[tuple]:
-        """Pick jobs while a runner is free (or a worker has a thread for a
-        new one) and we a slot; a free runner first, the last one used
-        first, so that the others can go idle and retire. Caller holds the lock."""
+        """Hand jobs to free runners while we have a slot, the last one used
+        first (so that the others go idle and retire); when none is free and
+        a job waits, start runners on workers with a thread to spare. A job
+        is picked only for a runner that said it is ready: one that never
+        started (its worker left first, or busy with another's task) holds
+        no job, and the order is decided when a runner can take it. Caller
+        holds the lock."""
         if self._client is None or not self.cluster:
             return []
-        used: Dict[str, int] = collections.Counter(r.worker for r in self._runners.values())
-        spare = {w: n - used.get(w, 0) for w, n in self.cluster.items()}
-        free = [r for r in self._runners.values() if r.seq is None and not r.ended]
-        cap = min(self.slots, sum(self.cluster.values()))
-        sends = []
-        while self.state.n_running < cap:
-            if free:
-                runner = free.pop()
-            else:
-                worker = max(spare, key=spare.get)
-                if spare[worker] <= 0:
-                    break
-                runner = None
+        sends: List[tuple] = []
+        while self._start_failures:
             rec = self.state.pick()
             if rec is None:
                 break
-            if runner is None:
-                spare[worker] -= 1
-                self._n_runners += 1
-                runner = _Runner(f"ezpq-{self.token}-r{self._n_runners}", worker, None)
-                self._runners[runner.key] = runner
+            self.state.finish(rec.seq, Outcome(JobStatus.LOST, -9, exception=self._start_failures.pop(0)))
+        cap = min(self.slots, sum(self.cluster.values()))
+        free = [r for r in self._runners.values() if r.ready and r.seq is None and not r.ended]
+        while self.state.n_running < cap and free:
+            rec = self.state.pick()
+            if rec is None:
+                break
+            runner = free.pop()
             rec.pid, rec.host = None, _host_of(runner.worker)   # the pid is the host's, known at the end
             env = self.envs.get(rec.env_id)
             runner.seq = rec.seq
             runner.handed += 1
             self._running[rec.seq] = runner
+            self._runners[runner.key] = self._runners.pop(runner.key)   # most recently used last
             sends.append((runner, rec.seq, [rec.seq, rec.fn_blob, rec.args_blob,
                                             None if env is None else list(env), rec.runner == "thread",
                                             rec.timeout or 0, rec.max_memory]))
-        if sends:   # runners in this list run their jobs in MRU order next time
-            order = {r.key: i for i, (r, _, _) in enumerate(sends)}
-            for key in sorted(self._runners, key=lambda k: order.get(k, -1)):
-                self._runners[key] = self._runners.pop(key)
+        starting = sum(1 for r in self._runners.values() if not r.ready and not r.ended)
+        room = cap - self.state.n_running - starting
+        if free or room <= 0:
+            return sends
+        seen: List[Any] = []
+        self.state.pick(lambda rec: seen.append(rec) or False)   # only looks: is a job runnable?
+        if not seen:
+            return sends
+        room = min(room, sum(q.n_waiting for q in self.state.queues.values()))
+        used: Dict[str, int] = collections.Counter(r.worker for r in self._runners.values())
+        spare = {w: n - used.get(w, 0) for w, n in self.cluster.items()}
+        for _ in range(room):
+            worker = max(spare, key=spare.get)
+            if spare[worker] <= 0:
+                break
+            spare[worker] -= 1
+            self._n_runners += 1
+            runner = _Runner(f"ezpq-{self.token}-r{self._n_runners}", worker, None)
+            self._runners[runner.key] = runner
+            sends.append((runner, None, None))
         return sends
 
-    def _send(self, runner: _Runner, seq: int, msg: list) -> None:
-        """Put a job in its runner's inbox (starting the runner first if new)."""
+    def _send(self, runner: _Runner, seq: Optional[int], msg: Optional[list]) -> None:
+        """Start a runner (``seq`` None), or put a job in its inbox."""
         from distributed import Queue
         from ..worker.dask_host import run_jobs
         try:
-            if runner.inbox is None:
+            if seq is None:
                 runner.inbox = Queue(f"{runner.key}-in", client=self._client)
                 runner.future = self._client.submit(
                     run_jobs, self.plugin, f"{runner.key}-in", self._outbox_name, RUNNER_ORPHAN, key=runner.key,
                     workers=[runner.worker], allow_other_workers=False, pure=False, retries=0)
                 runner.future.add_done_callback(lambda f, key=runner.key: self._post(("runner", key, f)))
-            runner.inbox.put(msg)
+            else:
+                runner.inbox.put(msg)
         except Exception as e:
             with self.state.cond:
-                if self._running.get(seq) is runner:
+                if seq is None:
+                    self._start_failures.append(f"could not start a Dask runner on {runner.worker}: {e}")
+                elif self._running.get(seq) is runner:
                     self._end(seq, JobStatus.LOST, -9, f"could not hand the job to Dask: {e}")
                 runner.seq = None
             self._post(("runner-broken", runner.key))
@@ -552,7 +580,13 @@ class DaskExecutor:
     def _record(self, results: List[Any]) -> None:
         """Record the results the runners sent (their logs appended outside the lock)."""
         outcomes = []
+        now = time.monotonic()
         for msg in results:
+            if isinstance(msg, (list, tuple)) and len(msg) == 2 and msg[1] is None:   # [key, None]: ready
+                runner = self._runners.get(msg[0])
+                if runner is not None and not runner.ready:
+                    runner.ready, runner.idle_since = True, now
+                continue
             if not (isinstance(msg, (list, tuple)) and len(msg) == 12 and isinstance(msg[0], str)
                     and type(msg[1]) is int):
                 logger.warning("dask: a malformed message in the results queue: dropped")
@@ -577,7 +611,6 @@ class DaskExecutor:
         with self.state.cond:
             if grown:
                 self.state._changed()
-            now = time.monotonic()
             for runner, seq, outcome, _ in outcomes:
                 runner.seq, runner.idle_since = None, now
                 if self._running.get(seq) is runner:   # not ended meanwhile (a cancel)

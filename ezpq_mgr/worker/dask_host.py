@@ -297,7 +297,8 @@ def run_jobs(plugin_name: str, inbox: str, outbox: str, orphan_after: float) -> 
     (kept by the plugin ``plugin_name``, its server's). Jobs come from the
     queue ``inbox`` (this runner's alone) as ``[seq, fn_blob, args_blob,
     env, as_thread, timeout, max_memory]``; each one's ``[key, seq,
-    *HostResult]`` goes to ``outbox``. A ``None`` (the server retires it)
+    *HostResult]`` goes to ``outbox``, after its ``[key, None]`` at start
+    (ready: no job is chosen for a runner before it runs). A ``None`` (the server retires it)
     ends it; it returns how many jobs it took.
 
     The server retires an idle runner itself, so a runner waits without a
@@ -311,6 +312,7 @@ def run_jobs(plugin_name: str, inbox: str, outbox: str, orphan_after: float) -> 
     jobs, results = Queue(inbox), Queue(outbox)
     taken = 0
     try:
+        results.put([key, None])   # ready: the server picks a job for it only now
         while True:
             try:
                 msg = jobs.get(timeout=orphan_after)
