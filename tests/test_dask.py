@@ -226,6 +226,27 @@ def test_max_memory_is_enforced_on_the_dask_host(Q):
     assert job["runtime"] < 8
 
 
+def test_a_job_killed_on_dask_keeps_the_figures_it_had_used(Q, tmp_path):
+    """Timeout, cancel and max_memory: the CPU and peak memory by then, read
+    on the host just before the kill, as a local kill has them."""
+    MiB = 1 << 20
+    Q.put(touch_then_burn, [100, 10], timeout=1.5)
+    timed_out = Q.get(wait=True, timeout=30)
+    path = str(tmp_path / "burning")
+    job_id = Q.put(touch_then_burn, [60, 30, path])
+    assert wait_for_file(path)   # it has used 0.5 s of CPU
+    assert Q.cancel(job_id)
+    cancelled = Q.get(wait=True, timeout=30)
+    Q.put(touch_then_burn, [300, 10], max_memory=200 * MiB)
+    killed = Q.get(wait=True, timeout=30)
+    assert timed_out["status"] == "timeout" and cancelled["status"] == "cancelled" and killed["status"] == "killed"
+    assert timed_out["cpu_user"] + timed_out["cpu_system"] >= 0.5, timed_out
+    assert 100 * MiB <= timed_out["max_rss"] < 200 * MiB and timed_out["max_rss_method"] == "vmhwm", timed_out
+    assert cancelled["cpu_user"] + cancelled["cpu_system"] >= 0.5 and cancelled["max_rss"] >= 60 * MiB, cancelled
+    assert cancelled["exception"] == "cancelled by request" or "cancel" in cancelled["exception"]
+    assert killed["cpu_user"] is not None and killed["max_rss"] >= 200 * MiB, killed
+
+
 def test_resource_fields_are_the_jobs_own(Q, cluster):
     job = Q.map(touch_then_burn, [60], kwargs={"seconds": 0.3})[0]
     assert job["status"] == "completed"

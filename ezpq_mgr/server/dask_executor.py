@@ -147,6 +147,8 @@ class DaskExecutor:
         #: job (as a task per job would), so that a cluster that cannot run
         #: ours (ezpq_mgr missing there) is told, not retried forever
         self._start_failures: List[str] = []
+        #: running jobs we asked their host to kill: seq -> (status, why)
+        self._killing: Dict[int, Tuple[JobStatus, str]] = {}
         self._cv = threading.Condition()
         self._inbox: "collections.deque[tuple]" = collections.deque()
         self._woken = False
@@ -381,8 +383,11 @@ class DaskExecutor:
                 from ..worker.dask_host import kill_job
                 self._client.run(kill_job, self.plugin, runner.key, seq, why, workers=[runner.worker],
                                  wait=False)
-            except Exception as e:
+            except Exception as e:   # recorded now, without its figures
                 logger.warning("dask: cancel of job %s on %s failed: %s", seq, runner.worker, e)
+                with self.state.cond:
+                    if self._running.get(seq) is runner:
+                        self._end(seq, JobStatus.LOST, -9, why)
         for runner, seq, msg in sends:
             self._send(runner, seq, msg)
 
@@ -482,21 +487,27 @@ class DaskExecutor:
             self._drop(runner)
 
     def _end(self, seq: int, status: JobStatus, exitcode: int, why: str) -> None:
-        """Record a job that will send no result. Caller holds the lock."""
+        """Record a job that will send no result (one being killed ends as
+        it was asked to). Caller holds the lock."""
         runner = self._running.pop(seq, None)
+        asked = self._killing.pop(seq, None)
+        if asked is not None:
+            status, why, exitcode = asked[0], asked[1], -9
         host = _host_of(runner.worker) if runner is not None else None
         self.state.finish(seq, Outcome(status, exitcode, exception=why, host=host))
 
     def _take_kills(self) -> List[Tuple[_Runner, int, str]]:
-        """Cancels and skips of running jobs: recorded now; the runners to
-        tell returned. Caller holds the lock."""
+        """Cancels and skips of running jobs: the runners to tell returned.
+        Each is recorded when its runner's result comes (the figures it had
+        used by then, read on its host before the kill, as a local kill
+        has), with the status and reason asked for. Caller holds the lock."""
         kills = []
         for seq, status, why in self.state.take_kill_requests():
             runner = self._running.get(seq)
-            if runner is None:
+            if runner is None or seq in self._killing:
                 continue
-            self._end(seq, status, -9, why)
-            kills.append((runner, seq, why))   # the runner stays busy until its result comes
+            self._killing[seq] = (status, why)
+            kills.append((runner, seq, why))
         return kills
 
     # ------------------------------------------------------------- dispatch
@@ -613,8 +624,13 @@ class DaskExecutor:
                 self.state._changed()
             for runner, seq, outcome, _ in outcomes:
                 runner.seq, runner.idle_since = None, now
-                if self._running.get(seq) is runner:   # not ended meanwhile (a cancel)
+                if self._running.get(seq) is runner:   # not ended meanwhile (its worker left)
                     del self._running[seq]
+                    asked = self._killing.pop(seq, None)
+                    if asked is not None:   # as asked, with what it had used by then
+                        outcome = outcome._replace(status=asked[0], exception=asked[1], output_blob=None,
+                                                   exitcode=outcome.exitcode if outcome.exitcode and
+                                                   outcome.exitcode < 0 else -9)
                     self.state.finish(seq, outcome)
 
     # -------------------------------------------------------------- cluster

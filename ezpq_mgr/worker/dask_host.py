@@ -44,6 +44,7 @@ Jobs run as the Dask worker's OS user (README, *Past one machine*).
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import select
 import socket
@@ -58,6 +59,7 @@ from distributed import Queue, WorkerPlugin, get_worker
 from ..job import JobStatus, death
 from ..messages import LateFigures, Ready, Result
 from . import workerproto
+from .meter import MARK_SIZE, mark_figures
 from .procutil import kill_tree, tree_rss
 
 __all__ = ["EzpqPlugin", "PLUGIN_NAME", "run_jobs", "kill_job", "HostResult", "process_main"]
@@ -93,16 +95,38 @@ HOST = socket.gethostname()
 
 def process_main() -> None:
     """Entry point of an ezpq worker process on a Dask host: ``channel
-    lifeline outputs`` (descriptors). The same loop as the server's own
-    workers (run.py), for the Dask worker's user."""
+    lifeline outputs [mark]`` (descriptors). The same loop as the server's
+    own workers (run.py), for the Dask worker's user; its meter leaves each
+    job's baseline in the shared ``mark`` (as a local worker does), for the
+    figures of a job killed from outside."""
     from .procutil import become_subreaper
     from .run import _exit, _serve, _watch_lifeline
     channel_fd, lifeline_fd = int(sys.argv[1]), int(sys.argv[2])
     outputs = [int(x) for x in sys.argv[3].split(",")] if sys.argv[3] != "-" else []
+    mark = None
+    if len(sys.argv) > 4:
+        mark_fd = int(sys.argv[4])
+        mark = memoryview(mmap.mmap(mark_fd, MARK_SIZE * 8)).cast("d")   # doubles, as a RawArray("d")
+        os.close(mark_fd)
     _watch_lifeline(lifeline_fd)
     become_subreaper()
-    if _serve(channel_fd, True, outputs=outputs):
+    if _serve(channel_fd, True, mark=mark, outputs=outputs):
         _exit()
+
+
+def _shared_mark() -> Tuple[Optional[int], Optional[mmap.mmap]]:
+    """A meter's mark shared with a process we start by ``subprocess``: a
+    memfd (Linux) both sides map; (None, None) where there is none (the
+    figures of a killed job are then unknown, as before)."""
+    if not hasattr(os, "memfd_create"):
+        return None, None
+    fd = os.memfd_create("ezpq-mark")
+    try:
+        os.ftruncate(fd, MARK_SIZE * 8)
+        return fd, mmap.mmap(fd, MARK_SIZE * 8)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class _Process:
@@ -111,6 +135,7 @@ class _Process:
     def __init__(self, lifeline_fd: int):
         ours, theirs = socket.socketpair()
         reads, writes = [], []
+        mark_fd, self._mark_map = _shared_mark()
         try:
             for _ in range(4):
                 r, w = os.pipe()
@@ -122,16 +147,21 @@ class _Process:
                     f"from ezpq_mgr.worker.dask_host import process_main; process_main()")
             self.popen = subprocess.Popen(
                 [sys.executable, "-c", code, str(theirs.fileno()), str(lifeline_fd),
-                 ",".join(str(w) for w in writes)],
-                pass_fds=(theirs.fileno(), lifeline_fd, *writes), close_fds=True,
+                 ",".join(str(w) for w in writes), *([] if mark_fd is None else [str(mark_fd)])],
+                pass_fds=(theirs.fileno(), lifeline_fd, *writes, *([] if mark_fd is None else [mark_fd])),
+                close_fds=True,
                 stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
             for fd in reads:
                 os.close(fd)
+            if self._mark_map is not None:
+                self._mark_map.close()
             raise
         finally:
             theirs.close()
+            if mark_fd is not None:
+                os.close(mark_fd)
             for fd in writes:
                 os.close(fd)
         self.sock = ours
@@ -146,11 +176,24 @@ class _Process:
         self.seq: Optional[int] = None   # the server's number of the job it runs
         self.stopped: Optional[Tuple[str, str]] = None   # (status, why) once we kill it
         self.dead = False
+        #: the job's figures read just before we killed it (meter.mark_figures)
+        self.kill_figures: Optional[tuple] = None
+        self._lock = threading.Lock()
+        self.mark = None if self._mark_map is None else memoryview(self._mark_map).cast("d")
 
     def kill(self, status: str, why: str) -> None:
-        """End its whole tree (the job's processes included); first reason wins."""
-        if self.stopped is None:
-            self.stopped = (status, why)
+        """End its whole tree (the job's processes included), reading the
+        figures of its job by then first, as the local supervisor does;
+        first reason wins."""
+        with self._lock:
+            first = self.stopped is None
+            if first:
+                self.stopped = (status, why)
+                if self.mark is not None and self.seq is not None and self.ready:
+                    try:
+                        self.kill_figures = tuple(mark_figures(self.pid, self.mark))
+                    except (OSError, ValueError, IndexError):
+                        pass
         self.dead = True
         kill_tree([self.pid])
 
@@ -165,6 +208,10 @@ class _Process:
         for fd in self.outs:
             os.close(fd)
         self.outs = []
+        if self.mark is not None:
+            self.mark.release()
+            self.mark = None
+            self._mark_map.close()
 
 
 class EzpqPlugin(WorkerPlugin):
@@ -508,5 +555,5 @@ def _ended(proc: _Process, result: Optional[Result], log: bytearray, pair: int) 
         code = None
     status, why = proc.stopped
     exitcode = code if code is not None and code < 0 else -9
-    return HostResult(status, exitcode, None, time.time(), None, why, None, proc.pid, HOST,
+    return HostResult(status, exitcode, None, time.time(), None, why, proc.kill_figures, proc.pid, HOST,
                       _drain(proc, log, pair))
