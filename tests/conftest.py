@@ -44,6 +44,26 @@ def pytest_configure(config):
         _made_root.append(os.environ["EZPQ_TEST_TMP_ROOT"])
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if one of our ``ezpq-*`` temporary directories outlived
+    it (an embedded server's ``ezpq-XXXX``, a test server's ``ezpq-srv-*``):
+    every test and fixture has ended by now, so anything left is a leak that
+    the root's removal below would otherwise hide. Judged by the process
+    that made the root only (children that import this module have none)."""
+    for root in _made_root:
+        deadline = time.monotonic() + 5   # a server exiting removes its own
+        while True:
+            left = sorted(n for n in os.listdir(root) if n.startswith("ezpq-"))
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if left:
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            reporter.ensure_newline()
+            reporter.write_line(f"temporary directories left behind in {root}: {left}", red=True)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_unconfigure(config):
     for root in _made_root:
         if os.path.basename(root).startswith("ezpq-test-"):
