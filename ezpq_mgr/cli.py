@@ -198,6 +198,10 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--dask-any-user", action="store_true",
                    help="with --dask on a server run as root: accept that every user's jobs run as the "
                         "Dask workers' user (refused otherwise)")
+    p.add_argument("--dask-user", default="nobody", metavar="NAME",
+                   help="with --dask on a server run as root: the user the Dask bridge (the process that "
+                        "holds the connection to the scheduler, dask_bridge.py) runs as (default nobody); "
+                        "whoever reaches the scheduler can run code as this user, never as root")
     p.add_argument("--dask-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="with --dask: how long to try reaching the scheduler, at start and after losing "
                         "it (default 10 seconds; then retried every 2 seconds while running)")
@@ -242,6 +246,12 @@ def _serve(args: argparse.Namespace) -> None:
     if args.dask is not None and os.geteuid() == 0 and not args.dask_any_user:
         from .server.main import DASK_AS_ROOT
         raise StartupError(DASK_AS_ROOT)
+    if args.dask is not None and os.geteuid() == 0:
+        import pwd
+        try:
+            pwd.getpwnam(args.dask_user)
+        except KeyError:
+            raise StartupError(f"--dask-user: no such user: {args.dask_user!r}") from None
     key = ensure_authkey(args.authkey_file or authkey_path())
     if args.socket:
         address = args.socket
@@ -262,7 +272,7 @@ def _serve(args: argparse.Namespace) -> None:
               on_ready=on_ready, max_message=args.max_message, allow_other_users=args.allow_other_users,
               keep_finished=args.keep_finished or None, state_dir=args.state_dir, sync=args.sync,
               log_dir=args.log_dir, max_log=args.max_log, dask=args.dask, dask_any_user=args.dask_any_user,
-              dask_timeout=args.dask_timeout)
+              dask_timeout=args.dask_timeout, dask_user=args.dask_user)
     except DaskUnreachable as exc:
         raise StartupError(f"--dask: {exc}") from None
     except LogFileError as exc:

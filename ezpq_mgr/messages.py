@@ -43,6 +43,23 @@ server never unpickles what a worker sends)::
   ``Figures`` are a job's CPU and memory; ``Env`` the client's working
   directory and sys.path a job runs in.
 
+server ⇄ Dask bridge (``bridgeproto.py``: the same style of frames as the
+worker's; the bridge, dask_bridge.py, is the process that holds the
+``distributed.Client``, and Dask unpickles, so nothing it says is
+believed unchecked)::
+
+    DaskExecutor (server)                   bridge
+                              <──     BridgeConnected() / BridgeUnreachable(why, fatal)
+                              <──     ClusterNow(workers, left) / BridgeDisconnected(why)
+      StartRunner(runner, worker) ──>
+                              <──     RunnerReady(runner)
+      RunOnRunner(runner, seq, ...) ──>
+                              <──     RunnerResult(runner, seq, status, ..., log)
+      KillOnRunner / RetireRunner / ReleaseRunner ──>
+                              <──     RunnerEnded(runner, how, taken, why) / RunnerBroken / KillFailed
+                              <──     BridgeLog(level, text)
+      StopBridge()            ──>
+
 supervisor ⇄ state (one process, under the state's lock): ``Outcome`` (how
 a run ended, for ``QueueState.finish``) and ``KillRequest`` (a job the state
 wants stopped, for the supervisor).
@@ -61,6 +78,9 @@ __all__ = [
     "JOB_FIELDS", "REQUIRED", "FOLDED", "SERVER_FIELDS", "job_record", "job_records", "Processed", "After",
     "Env", "Figures", "NO_FIGURES", "Ready", "RunJob", "Result", "LateFigures", "Stop",
     "Outcome", "KillRequest",
+    "StartRunner", "RunOnRunner", "KillOnRunner", "RetireRunner", "ReleaseRunner", "StopBridge",
+    "BridgeConnected", "BridgeUnreachable", "BridgeDisconnected", "ClusterNow", "RunnerReady",
+    "RunnerResult", "RunnerEnded", "RunnerBroken", "KillFailed", "BridgeLog",
 ]
 
 _new = tuple.__new__   # a record from a tuple of its fields, ~3x faster than Kind(*fields)
@@ -369,3 +389,117 @@ class KillRequest(NamedTuple):
     status: JobStatus
     why: str
 
+
+
+# ================================================================ server ⇄ Dask bridge
+class StartRunner(NamedTuple):
+    """Server: start runner ``runner`` (a Dask task) pinned to ``worker``."""
+    runner: str
+    worker: str
+
+
+class RunOnRunner(NamedTuple):
+    """Server: hand job ``seq`` to ``runner`` (which said it is ready and is free)."""
+    runner: str
+    seq: int
+    fn_blob: bytes
+    args_blob: bytes
+    env: Optional[str]          # the client's Env as JSON, or None
+    as_thread: bool
+    timeout: float              # seconds; 0: none
+    max_memory: Optional[int]   # bytes
+
+
+class KillOnRunner(NamedTuple):
+    """Server: kill job ``seq`` running on ``runner`` (on ``worker``)."""
+    runner: str
+    worker: str
+    seq: int
+    why: str
+
+
+class RetireRunner(NamedTuple):
+    """Server: ``runner`` is idle: tell it to end (its thread goes back)."""
+    runner: str
+
+
+class ReleaseRunner(NamedTuple):
+    """Server: ``runner`` is given up (its worker left): cancel it, free its inbox."""
+    runner: str
+
+
+class StopBridge(NamedTuple):
+    """Server: clean up on the scheduler and exit."""
+
+
+class BridgeConnected(NamedTuple):
+    """Bridge: connected to the scheduler (at start, or again), set up there."""
+
+
+class BridgeUnreachable(NamedTuple):
+    """Bridge: it could not connect (``fatal``: it cannot run Dask at all,
+    e.g. no distributed package); it exits after this."""
+    why: str
+    fatal: bool
+
+
+class BridgeDisconnected(NamedTuple):
+    """Bridge: the scheduler is lost; every runner is gone with it."""
+    why: str
+
+
+class ClusterNow(NamedTuple):
+    """Bridge: the cluster's workers now ({address: threads}) and those
+    that said they left since the last one."""
+    workers: dict
+    left: list
+
+
+class RunnerReady(NamedTuple):
+    """Bridge: ``runner`` runs on its worker and waits for a job."""
+    runner: str
+
+
+class RunnerResult(NamedTuple):
+    """Bridge: job ``seq`` of ``runner`` ended (a dask_host.HostResult's fields)."""
+    runner: str
+    seq: int
+    status: str                  # a JobStatus value
+    exitcode: Optional[int]
+    started: Optional[float]
+    ended: Optional[float]
+    output: Optional[bytes]      # the job's output pickle, opaque
+    exception: Optional[str]
+    figures: Optional[Figures]
+    pid: Optional[int]
+    host: str
+    log: bytes
+
+
+class RunnerEnded(NamedTuple):
+    """Bridge: ``runner``'s task is over: ``how`` "finished" (it returned
+    ``taken``, the jobs it took), "error" or "cancelled" (``why`` says)."""
+    runner: str
+    how: str
+    taken: Optional[int]
+    why: str
+
+
+class RunnerBroken(NamedTuple):
+    """Bridge: ``runner`` could not be started (``seq`` None) or handed job ``seq``."""
+    runner: str
+    seq: Optional[int]
+    why: str
+
+
+class KillFailed(NamedTuple):
+    """Bridge: the kill of job ``seq`` on ``runner`` could not be sent."""
+    runner: str
+    seq: int
+    why: str
+
+
+class BridgeLog(NamedTuple):
+    """Bridge: a line for the server's log (``level``: a logging level)."""
+    level: int
+    text: str

@@ -327,13 +327,13 @@ def test_a_root_server_refuses_dask_without_dask_any_user(tmp_path):
 
 
 def test_a_malformed_result_from_a_dask_worker_makes_the_job_lost():
-    from ezpq_mgr.server.dask_executor import _outcome
+    from ezpq_mgr.server.dask_bridge import check_host_result
     good = ("completed", 0, 1.0, 2.0, b"x", None, (0.1, 0.0, 1, "vmhwm", None), 7, "h", b"")
-    assert _outcome(good, "tcp://w:1")[0].status.value == "completed"
+    assert check_host_result("k", 1, good, "tcp://w:1").status == "completed"
     for bad in [None, "x", good[:-1], ("weird",) + good[1:], good[:4] + ("text",) + good[5:],
                 good[:7] + ("7",) + good[8:], good[:9] + ("log",), good[:2] + (1,) + good[3:]]:
-        outcome, log = _outcome(bad, "tcp://w:1")
-        assert outcome.status.value == "lost" and "malformed" in outcome.exception and log == b""
+        result = check_host_result("k", 1, bad, "tcp://w:1")
+        assert result.status == "lost" and "malformed" in result.exception and result.log == b""
 
 
 # ------------------------------------------------------------- two users

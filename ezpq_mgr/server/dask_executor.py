@@ -13,10 +13,23 @@ Dask worker thread we use, pinned to its worker (``workers=[address]``,
 ``distributed.Queue`` (its inbox), runs it in an ezpq worker process there
 and puts the result in our results queue::
 
-      QueueState ──pick()──> DaskExecutor ──inbox.put(job)──> runner (Dask task, one thread)
-          ^                    │   ^                             │ runs it in an ezpq process
-          └─ finish(Outcome) ──┘   └──── results queue <─────────┘ [key, seq, HostResult]
-                                   topic "all": workers join / leave
+      QueueState ──pick()──> DaskExecutor ══RunOnRunner══> bridge ──inbox.put(job)──> runner (Dask task)
+          ^                    │   ^                       │   ^                        │ runs it in an
+          └─ finish(Outcome) ──┘   └═══RunnerResult════════┘   └── results queue <──────┘ ezpq process
+                                       (bridgeproto: no pickle)    topic "all": workers join / leave
+
+The ``distributed.Client`` lives in the *bridge* (dask_bridge.py), a
+process of its own, never in this one: Dask unpickles what its scheduler
+sends, so whoever reaches the scheduler or a Dask worker could otherwise
+run code in the server (root, on a shared box). On a root server the
+bridge runs as ``--dask-user`` (default ``nobody``). This side keeps every
+decision (which job, which runner, when one starts or retires, what a
+job's end means) and believes nothing the bridge says that it cannot
+check: a RunnerResult only for the job it handed that runner, a
+RunnerReady only for a runner it started; anything malformed, oversize
+or out of turn ends the bridge (its running jobs ``lost``, or waiting
+again while they have retries) and a new one is started after a bounded
+backoff, as the supervisor does for a worker that breaks its protocol.
 
 Why runners: a Dask task round trip (submit, schedule, run, report) is
 ~10 ms here, so a task per job with only as many in flight as threads did
@@ -31,6 +44,9 @@ to worker directly) 0.95x (3.1 ms), as each sync call holds a client
 thread, and actors pin state to a worker; Pub/Sub is gone from
 distributed 2026.8. So: queues both ways. Items are msgpack (bytes, ints,
 strings): the scheduler never unpickles a job.
+
+The bridge's channel costs each job one frame each way (encode and decode
+~10 us, next to the ~2 ms of a hand-over through Dask).
 
 - The order stays ours: a runner is handed a job only when it is free
   (none in its inbox, none running), so at most one job per runner and no
@@ -52,8 +68,8 @@ strings): the scheduler never unpickles a job.
   not taken it yet. The runner stays busy until its (ignored) result comes,
   so the thread is free before the next job goes there.
 - The scheduler lost: Dask cancels every future (running jobs are
-  ``lost``); waiting jobs wait; the client reconnects within
-  ``connect_timeout``, else a new client is tried every
+  ``lost``); waiting jobs wait; the bridge's client reconnects within
+  ``connect_timeout``, else the bridge tries a new client every
   ``RECONNECT_INTERVAL`` s until one connects.
 
 Jobs on Dask run as the Dask workers' OS user (see README, *Past one
@@ -64,30 +80,30 @@ there; the figures are that process's own for that job.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
+import signal
+import socket
+import struct
+import subprocess
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from .. import messages as m
 from ..job import JobStatus
 from ..messages import Outcome
+from . import bridgeproto
+from .dask_bridge import exec_argv
 from .joblogs import LogBook
 from .state import QueueState
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DaskExecutor", "DaskUnreachable", "DEFAULT_CONNECT_TIMEOUT", "RUNNER_IDLE"]
+__all__ = ["DaskExecutor", "DaskUnreachable", "DEFAULT_CONNECT_TIMEOUT", "RUNNER_IDLE", "MISBEHAVE_ENV"]
 
 DEFAULT_CONNECT_TIMEOUT = 10.0   # seconds
-RECONNECT_INTERVAL = 2.0         # seconds between tries once the client gave up
-#: while jobs run, the cluster's workers are read this often (seconds), in
-#: case a worker left without its event reaching us; an idle queue never looks
-LOOK_INTERVAL = 5.0
-#: how often our client sends its batched messages (a runner's submit, a
-#: queue's release) to the scheduler: Dask's client waits up to 10 ms; its
-#: workers use 2 ms
-CLIENT_BATCH_INTERVAL = 0.002
 #: a runner with no job for this long (seconds) ends and gives its Dask
 #: thread back. Long enough that a steady stream with pauses (a client
 #: thinking between puts, a lane's next job) keeps its runners: a new one
@@ -96,50 +112,79 @@ CLIENT_BATCH_INTERVAL = 0.002
 #: retired) sees the threads free before it would decide, and that another
 #: user of the cluster waits little for them.
 RUNNER_IDLE = 2.0
-#: a runner that hears nothing for this long (seconds) takes its server for
-#: dead and ends (the server retires idle ones after RUNNER_IDLE itself)
-RUNNER_ORPHAN = 60.0
+#: how long a bridge may take to start (import distributed) on top of the connect timeout (seconds)
+BRIDGE_BOOT = 60.0
+#: a replaced bridge's successor starts after this (seconds), doubling to BACKOFF_MAX
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
+#: a bridge up this long without breaking resets the backoff (seconds)
+BACKOFF_RESET = 60.0
+#: a write to the bridge that blocks this long (seconds: it reads nothing) ends it
+SEND_TIMEOUT = 10
+#: runners given up whose late messages are still taken quietly (the newest ones)
+KEEP_GONE = 4096
+#: test hook, read from the server's own environment (no client sets it):
+#: "garbage" or "wrong-seq" makes the first bridge break protocol at its first result
+MISBEHAVE_ENV = "EZPQ_TEST_DASK_BRIDGE_MISBEHAVE"
+_USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 class DaskUnreachable(ConnectionError):
     """The Dask scheduler cannot be reached; the message names its address."""
 
 
-class _Runner:
-    """One runner task on a Dask worker (worker/dask_host.run_jobs) and
-    the job it is on."""
-    __slots__ = ("key", "worker", "inbox", "future", "ready", "seq", "handed", "ended", "idle_since")
+class _Violation(Exception):
+    """The bridge said something out of turn."""
 
-    def __init__(self, key: str, worker: str, inbox: Any):
-        self.key, self.worker, self.inbox = key, worker, inbox
-        self.future: Any = None
+
+class _Runner:
+    """One runner task on a Dask worker (worker/dask_host.run_jobs) as the
+    server knows it: what it was handed and what it may still say."""
+    __slots__ = ("key", "worker", "ready", "seq", "expect", "handed", "ended", "idle_since", "over")
+
+    def __init__(self, key: str, worker: str):
+        self.key, self.worker = key, worker
         self.ready = False               # it said so: it runs on its worker, waiting for a job
         self.seq: Optional[int] = None   # the job handed to it, until its result comes
+        self.expect: Optional[int] = None   # the one job whose RunnerResult it may send
         self.handed = 0                  # jobs handed to it (its return: how many it took)
         self.ended = False               # retired or over: no more jobs for it
+        self.over = False                # its RunnerEnded came
         self.idle_since = 0.0            # monotonic time its last job ended
 
 
+class _Bridge:
+    """One bridge process and our end of its channel."""
+
+    def __init__(self, proc: subprocess.Popen, sock: socket.socket, gen: int, reader: bridgeproto.FrameReader):
+        self.proc, self.sock, self.gen, self.reader = proc, sock, gen, reader
+        self.started = time.monotonic()
+
+
 class DaskExecutor:
-    """Runs the state's jobs on a Dask cluster, at most ``slots`` at once
-    (and never more than the cluster's threads). The same face as the
-    Supervisor for the Service: ``slots``, ``envs``, ``wake``,
-    ``dispatch_now``, ``set_slots``, ``start``, ``stop``."""
+    """Runs the state's jobs on a Dask cluster through a bridge process, at
+    most ``slots`` at once (and never more than the cluster's threads). The
+    same face as the Supervisor for the Service: ``slots``, ``envs``,
+    ``wake``, ``dispatch_now``, ``set_slots``, ``start``, ``stop``.
+
+    ``bridge_uid``: the user the bridge runs as (-1: the server's own);
+    raises ``DaskUnreachable`` if its scheduler cannot be reached."""
 
     def __init__(self, state: QueueState, slots: int, address: str,
-                 logs: Optional[LogBook] = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT):
+                 logs: Optional[LogBook] = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 bridge_uid: int = -1, max_message: int = bridgeproto.DEFAULT_MAX_MESSAGE):
         self.state = state
         self.slots = slots
         self.address = address
         self.logs = logs
         self.connect_timeout = connect_timeout
+        self.bridge_uid = bridge_uid
+        self.max_message = max_message
         self.envs: Dict[int, Any] = {}
         self.token = os.urandom(4).hex()     # keys of two servers (or runs) never meet
-        #: our plugin's name on the workers: each server keeps its own
-        #: processes there, and removing ours at stop leaves another's alone
-        self.plugin = f"ezpq-{self.token}"
         self.cluster: Dict[str, int] = {}    # Dask worker address -> its threads
+        self.connected = False               # the bridge is connected to the scheduler
         self._runners: Dict[str, _Runner] = {}   # runner key -> runner
+        self._gone: "collections.OrderedDict[str, _Runner]" = collections.OrderedDict()
         self._running: Dict[int, _Runner] = {}   # seq -> the runner it was handed to
         self._n_runners = 0                  # runners started (their keys' numbers)
         self._next_retire: Optional[float] = None   # monotonic time an idle runner is due to retire
@@ -154,102 +199,173 @@ class DaskExecutor:
         self._woken = False
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
-        #: the results queue (``distributed.Queue``), read by its own thread
-        self._outbox: Any = None
-        self._outbox_name = f"ezpq-{self.token}-results"
-        self._outbox_set = threading.Event()   # a new results queue (a new scheduler)
-        self._reader: Optional[threading.Thread] = None
-        self._look = True                    # read the cluster's workers again
-        self._next_look = 0.0                # monotonic time of the next look while jobs run
-        self._comm: Any = None               # the client's scheduler stream we set up
-        self._next_try = 0.0                 # monotonic time of the next reconnect
-        self._client = self._connect()
+        self._bridge: Optional[_Bridge] = None
+        self._gen = 0                        # bridges started
+        self._next_start: Optional[float] = None   # monotonic time the next bridge is due
+        self._backoff = BACKOFF_FIRST
+        self._launch()
+        self._await_connected()
+
+    # ---------------------------------------------------------------- bridge
+    def _launch(self) -> None:
+        """Start a bridge: a fresh interpreter (exec, never a fork of the
+        server), only its channel open, dropping to ``bridge_uid`` before
+        it imports distributed."""
+        ours, theirs = socket.socketpair()
+        misbehave = os.environ.get(MISBEHAVE_ENV) if self._gen == 0 else None
+        self._gen += 1
+        env = {"PATH": _USER_PATH}
+        if self.bridge_uid < 0 and os.environ.get("HOME"):
+            env["HOME"] = os.environ["HOME"]   # the server's user's Dask config
+        try:
+            proc = subprocess.Popen(
+                exec_argv(theirs.fileno(), self.bridge_uid, self.address, self.connect_timeout, self.token,
+                          f"ezpq-{self.token}-{self._gen}", misbehave),
+                pass_fds=(theirs.fileno(),), close_fds=True, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT, 0))
+        self._bridge = _Bridge(proc, ours, self._gen, bridgeproto.FrameReader(bridgeproto.TO_SERVER,
+                                                                              self.max_message))
+
+    def _await_connected(self) -> None:
+        """At start: the bridge's first word, before the server says it is up."""
+        bridge = self._bridge
+        deadline = time.monotonic() + self.connect_timeout + BRIDGE_BOOT
+        msgs: List[tuple] = []
+        why = None
+        try:
+            while not msgs:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    why = "the Dask bridge did not start in time"
+                    break
+                bridge.sock.settimeout(left)
+                data = bridge.sock.recv(1 << 16)
+                if not data:
+                    why = f"the Dask bridge ended as it started (exit code {bridge.proc.wait(5)})"
+                    break
+                msgs = bridge.reader.feed(data)
+        except (OSError, bridgeproto.ProtocolError, subprocess.TimeoutExpired) as e:
+            why = f"the Dask bridge failed as it started: {e}"
+        finally:
+            bridge.sock.settimeout(None)
+        first = msgs[0] if msgs else None
+        if isinstance(first, m.BridgeConnected):
+            self.connected = True
+            for msg in msgs[1:]:
+                self._post(("msg", bridge.gen, msg))
+            return
+        self._kill_bridge()
+        if isinstance(first, m.BridgeUnreachable):
+            if first.fatal:
+                raise RuntimeError(first.why)
+            raise DaskUnreachable(first.why if self.address in first.why
+                                  else f"cannot reach the Dask scheduler at {self.address}: {first.why}")
+        raise RuntimeError(why or "the Dask bridge said something else than that it connected")
+
+    def _kill_bridge(self) -> None:
+        bridge, self._bridge = self._bridge, None
+        if bridge is None:
+            return
+        try:
+            bridge.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        bridge.sock.close()
+        if bridge.proc.poll() is None:
+            try:
+                bridge.proc.send_signal(signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            bridge.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            logger.warning("dask: the bridge (pid %s) did not end", bridge.proc.pid)
+
+    def _read_bridge(self, bridge: _Bridge) -> None:
+        """The reader thread of one bridge: its messages, decoded and
+        checked here (never under the state's lock), posted to the loop."""
+        while True:
+            try:
+                data = bridge.sock.recv(1 << 20)
+            except OSError as e:
+                self._post(("broken", bridge.gen, f"its channel failed ({e})"))
+                return
+            if not data:
+                code = bridge.proc.poll()
+                self._post(("broken", bridge.gen, "it ended" + ("" if code is None else f" (exit code {code})")))
+                return
+            try:
+                msgs = bridge.reader.feed(data)
+            except bridgeproto.ProtocolError as e:
+                self._post(("broken", bridge.gen, f"it broke protocol ({e})"))
+                return
+            for msg in msgs:
+                self._post(("msg", bridge.gen, msg))
+
+    def _tell(self, msgs: List[tuple]) -> None:
+        """Send the bridge these messages (outside the lock); a bridge that
+        does not take them is ended."""
+        bridge = self._bridge
+        if bridge is None or not msgs:
+            return
+        try:
+            bridge.sock.sendall(b"".join(bridgeproto.encode(msg) for msg in msgs))
+        except OSError as e:
+            self._post(("broken", bridge.gen, f"it does not read its channel ({e})"))
+
+    def _end_bridge(self, why: str) -> None:
+        """End the bridge (it broke the rules, died or cannot connect): its
+        running jobs lost (or waiting again with retries), a new one later."""
+        bridge = self._bridge
+        if bridge is not None and time.monotonic() - bridge.started > BACKOFF_RESET:
+            self._backoff = BACKOFF_FIRST
+        self._kill_bridge()
+        with self.state.cond:
+            self.connected = False
+            self.cluster = {}
+            self._lose_all(f"the Dask bridge was replaced while the job ran: {why}")
+            self._gone.clear()
+        self._next_start = time.monotonic() + self._backoff
+        logger.warning("dask: the bridge to %s was ended: %s; a new one starts in %g s",
+                       self.address, why, self._backoff)
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
 
     # ------------------------------------------------------------ lifecycle
-    def _connect(self):
-        """A client of the scheduler, our plugin registered on every worker
-        (and every later one), its worker events followed."""
-        try:
-            from distributed import Client
-        except ImportError:
-            raise RuntimeError("running jobs on Dask needs the distributed package "
-                               "(pip install 'ezpq_mgr[dask]')") from None
-        try:
-            client = Client(self.address, timeout=self.connect_timeout, set_as_default=False)
-        except (OSError, TimeoutError, ValueError) as e:
-            raise DaskUnreachable(f"cannot reach the Dask scheduler at {self.address}: "
-                                  f"{' '.join(str(e).split()) or type(e).__name__}") from None
-        try:
-            self._setup(client)
-        except BaseException:
-            client.close()
-            raise
-        return client
-
-    def _setup(self, client) -> None:
-        """On a (new) scheduler: our plugin on every worker, its events
-        followed, our results queue there."""
-        from distributed import Queue
-        from ..worker.dask_host import EzpqPlugin
-        client.register_plugin(EzpqPlugin(self.plugin), name=self.plugin)
-        client.subscribe_topic("all", self._on_event)
-        self._comm = client.scheduler_comm
-        if hasattr(self._comm, "interval"):
-            self._comm.interval = CLIENT_BATCH_INTERVAL
-        self._outbox = Queue(self._outbox_name, client=client)
-        self._outbox_set.set()
-        self._look = True
-
-    def _resync(self) -> None:
-        """The client reconnected by itself (a new scheduler stream): the
-        scheduler may be a new one, without our plugin, subscription or
-        queues; the runners of the old one are gone with their jobs."""
-        logger.info("dask: reconnected to %s", self.address)
-        with self.state.cond:
-            self._lose_all()
-        try:
-            self._setup(self._client)
-        except Exception as e:
-            logger.warning("dask: cannot set up on %s again: %s", self.address, e)
-
     def start(self, prestart: bool = True) -> None:
-        self._reader = threading.Thread(target=self._read_results, name="ezpq-dask-results", daemon=True)
-        self._reader.start()
+        self._start_reader()
         self._thread = threading.Thread(target=self.run, name="ezpq-dask", daemon=True)
         self._thread.start()
 
+    def _start_reader(self) -> None:
+        bridge = self._bridge
+        if bridge is not None:
+            threading.Thread(target=self._read_bridge, args=(bridge,), name="ezpq-dask-bridge",
+                             daemon=True).start()
+
     def stop(self) -> None:
-        """Running jobs end ``lost``; the runners are cancelled, our plugin
-        leaves the workers (killing its processes there); the client closes."""
+        """Running jobs end ``lost``; the bridge cancels the runners, takes
+        our plugin off the workers (killing its processes there) and exits."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        self._outbox_set.set()
         if self._thread is not None:
             self._thread.join(10)
         with self.state.cond:
-            runners = list(self._runners.values())
             self._lose_all("the server stopped while it ran")
-        client = self._client
-        if client is not None:
+        bridge = self._bridge
+        if bridge is not None:
+            self._tell([m.StopBridge()])
             try:
-                for r in runners:
-                    self._release(r)
-                client.unregister_worker_plugin(self.plugin)
-                client.unsubscribe_topic("all")
-                if self._outbox is not None:
-                    self._outbox.put(None)   # the reader's last item
-            except Exception as e:   # the scheduler is gone: its workers' lifelines end the processes
-                logger.debug("dask: could not clean up on the scheduler: %s", e)
-        if self._reader is not None:
-            self._reader.join(5)
-        if client is not None:
-            try:
-                if self._outbox is not None:
-                    self._outbox.close()
-            except Exception:
+                bridge.proc.wait(15)
+            except subprocess.TimeoutExpired:
                 pass
-            client.close()
+            self._kill_bridge()
 
     def wake(self) -> None:
         with self._cv:
@@ -269,48 +385,18 @@ class DaskExecutor:
             self._inbox.append(item)
             self._cv.notify()
 
-    def _on_event(self, event) -> None:
-        """The scheduler's topic ``all`` (on the client's event loop: post only)."""
-        msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
-        if isinstance(msg, dict) and msg.get("action") in ("add-worker", "remove-worker"):
-            self._post(("workers", msg.get("worker"), msg.get("action")))
-
-    def _read_results(self) -> None:
-        """The reader thread: each result the runners put, posted to the
-        loop. A blocking get: no wake-ups while nothing runs."""
-        while not self._stopping:
-            outbox = self._outbox
-            try:
-                msg = outbox.get()
-            except Exception as e:   # the scheduler is lost: wait for the next one's queue
-                if self._stopping:
-                    return
-                logger.debug("dask: results queue: %s", e)
-                self._outbox_set.clear()
-                if self._outbox is outbox:
-                    self._outbox_set.wait(RECONNECT_INTERVAL)
-                continue
-            if msg is not None:
-                self._post(("result", msg))
-
     # ----------------------------------------------------------------- loop
     def run(self) -> None:
         while True:
             with self._cv:
                 while not (self._inbox or self._woken or self._stopping):
-                    if self._client is None:
-                        wait = max(0.0, self._next_try - time.monotonic())
-                    elif self._running or not self.cluster or self._client.status != "running":
-                        # a worker that left unannounced, a cluster with none yet, a
-                        # client that gave up: looked at this often, never while idle
-                        wait = max(0.0, self._next_look - time.monotonic())
-                    else:
-                        wait = None
+                    wait = None
                     if self._next_retire is not None:
-                        due = max(0.0, self._next_retire - time.monotonic())
+                        wait = max(0.0, self._next_retire - time.monotonic())
+                    if self._next_start is not None:
+                        due = max(0.0, self._next_start - time.monotonic())
                         wait = due if wait is None else min(wait, due)
                     if wait == 0.0:
-                        self._look = True
                         break
                     self._cv.wait(wait)
                 if self._stopping:
@@ -323,78 +409,133 @@ class DaskExecutor:
                 self.logs.sweep()
 
     def _round(self, items: List[tuple]) -> None:
-        results: List[Any] = []
-        ended: List[Tuple[str, Any]] = []
-        left: List[str] = []
-        broken: List[str] = []
-        for item in items:
-            if item[0] == "result":
-                results.append(item[1])
-            elif item[0] == "runner":
-                ended.append(item[1:])
-            elif item[0] == "runner-broken":
-                broken.append(item[1])
-            else:
-                self._look = True
-                if item[2] == "remove-worker" and item[1]:
-                    left.append(item[1])
-        if self._client is None or self._client.status in ("closed", "closing"):
-            self._reconnect()
-        elif self._client.status == "running" and self._client.scheduler_comm is not self._comm:
-            self._resync()
-        if self._client is None or self._client.status != "running":
-            # the scheduler is lost (the client reconnects or gave up): no
-            # worker is known to be there; running jobs are lost, none is handed out
-            self.cluster = {}
-            self._look = True
-        elif self._look:
-            self._read_cluster()
-        if results:
-            self._record(results)
-        gone: List[_Runner] = []
-        kills: List[Tuple[_Runner, int, str]] = []
-        with self.state.cond:
-            for key, future in ended:
-                runner = self._runners.get(key)
-                if runner is not None and runner.future is future:
-                    self._runner_ended(runner, future)
-                    gone.append(runner)
-            for runner in list(self._runners.values()):
-                if runner.key in broken:
-                    self._drop(runner)
-                    gone.append(runner)
-                elif runner.worker in left or runner.worker not in self.cluster:
-                    if runner.seq is not None and self._running.get(runner.seq) is runner:
-                        self._end(runner.seq, JobStatus.LOST, -9, self._why_lost(runner))
-                    self._drop(runner)
-                    gone.append(runner)
-            kills = self._take_kills()
-            sends = self._dispatch()
-            retire = self._retire_idle()
-        for runner in retire:
+        gen = self._bridge.gen if self._bridge is not None else None
+        msgs = [item[2] for item in items if item[0] == "msg" and item[1] == gen]
+        broken = next((item[2] for item in items if item[0] == "broken" and item[1] == gen), None)
+        if broken is None:
             try:
-                runner.inbox.put(None)   # it returns; its future's end removes it
-            except Exception as e:
-                logger.debug("dask: retiring runner %s: %s", runner.key, e)
-        for runner in gone:
-            self._release(runner)
-        for runner, seq, why in kills:
+                grown = self._append_logs(msgs)
+                tell = self._handle(msgs, grown)
+            except _Unreachable as e:
+                broken, tell = f"it cannot reach the scheduler ({e})", []
+            except _Violation as e:
+                broken, tell = f"it broke protocol ({e})", []
+        if broken is not None:
+            self._end_bridge(broken)
+            tell = []
+        if self._bridge is None and self._next_start is not None and time.monotonic() >= self._next_start:
+            self._next_start = None
             try:
-                from ..worker.dask_host import kill_job
-                self._client.run(kill_job, self.plugin, runner.key, seq, why, workers=[runner.worker],
-                                 wait=False)
-            except Exception as e:   # recorded now, without its figures
-                logger.warning("dask: cancel of job %s on %s failed: %s", seq, runner.worker, e)
-                with self.state.cond:
-                    if self._running.get(seq) is runner:
-                        self._end(seq, JobStatus.LOST, -9, why)
-        for runner, seq, msg in sends:
-            self._send(runner, seq, msg)
+                self._launch()
+                self._start_reader()
+            except OSError as e:
+                self._next_start = time.monotonic() + self._backoff
+                logger.warning("dask: cannot start a bridge: %s", e)
+        self._tell(tell)
 
-    def _retire_idle(self) -> List[_Runner]:
-        """Runners idle for RUNNER_IDLE: no more jobs for them; returned to
-        be told to end. Until their tasks end their threads count as used.
-        Caller holds the lock."""
+    def _known(self, key: str) -> _Runner:
+        runner = self._runners.get(key) or self._gone.get(key)
+        if runner is None:
+            raise _Violation(f"runner {key!r} is not one we started")
+        return runner
+
+    def _append_logs(self, msgs: List[tuple]) -> bool:
+        """Each result's log appended to its job's (outside the lock), after
+        checking that it is the job handed to that runner."""
+        grown = False
+        for msg in msgs:
+            if type(msg) is m.RunnerResult:
+                runner = self._known(msg.runner)
+                if runner.expect != msg.seq:
+                    raise _Violation(f"a result for job {msg.seq}, not the one handed to runner {msg.runner!r}")
+                runner.expect = None
+                if self.logs is not None and msg.log and self._running.get(msg.seq) is runner:
+                    rec = self.state.records.get(msg.seq)
+                    if rec is not None:
+                        grown = self.logs.append(self.logs.sink(msg.seq, rec.uid), msg.log) or grown
+        return grown
+
+    def _handle(self, msgs: List[tuple], grown: bool) -> List[tuple]:
+        """The bridge's messages, in order, under the lock; then what to
+        tell it (kills, retirements, jobs, new runners)."""
+        tell: List[tuple] = []
+        now = time.monotonic()
+        with self.state.cond:
+            if grown:
+                self.state._changed()
+            for msg in msgs:
+                kind = type(msg)
+                if kind is m.RunnerResult:
+                    self._record(msg, now)
+                elif kind is m.RunnerReady:
+                    runner = self._known(msg.runner)
+                    if runner.ready:
+                        raise _Violation(f"runner {msg.runner!r} said it was ready twice")
+                    runner.ready, runner.idle_since = True, now
+                elif kind is m.RunnerEnded:
+                    runner = self._known(msg.runner)
+                    if runner.over:
+                        raise _Violation(f"runner {msg.runner!r} ended twice")
+                    self._runner_ended(runner, msg)
+                elif kind is m.RunnerBroken:
+                    runner = self._known(msg.runner)
+                    if msg.seq is None:
+                        if runner.ready:
+                            raise _Violation(f"runner {msg.runner!r} failed to start once it was ready")
+                        if msg.runner in self._runners:
+                            self._start_failures.append(msg.why)
+                    else:
+                        if runner.expect != msg.seq:
+                            raise _Violation(f"runner {msg.runner!r} was not handed job {msg.seq}")
+                        runner.expect = None
+                        if self._running.get(msg.seq) is runner:
+                            self._end(msg.seq, JobStatus.LOST, -9, msg.why)
+                    if msg.runner in self._runners:
+                        self._drop(runner)
+                        tell.append(m.ReleaseRunner(runner.key))
+                elif kind is m.KillFailed:
+                    runner = self._known(msg.runner)
+                    logger.warning("dask: cancel of job %s on %s failed: %s", msg.seq, runner.worker, msg.why)
+                    if self._running.get(msg.seq) is runner and msg.seq in self._killing:
+                        self._end(msg.seq, JobStatus.LOST, -9, msg.why)
+                elif kind is m.ClusterNow:
+                    self._cluster(msg, tell)
+                elif kind is m.BridgeConnected:
+                    self.connected = True
+                elif kind is m.BridgeDisconnected:
+                    self.connected = False
+                    self.cluster = {}
+                    self._lose_all(f"the connection to the Dask scheduler at {self.address} was lost "
+                                   f"while the job ran")
+                elif kind is m.BridgeUnreachable:
+                    raise _Unreachable(msg.why)
+                elif kind is m.BridgeLog:
+                    logger.log(max(msg.level, logging.DEBUG), "dask bridge: %s", msg.text[:2000])
+                else:
+                    raise _Violation(f"a {kind.__name__} message")
+            for runner, seq, why in self._take_kills():
+                tell.append(m.KillOnRunner(runner.key, runner.worker, seq, why))
+            tell.extend(self._retire_idle())
+            tell.extend(self._dispatch())
+        return tell
+
+    def _cluster(self, msg: m.ClusterNow, tell: List[tuple]) -> None:
+        """The cluster's workers now: the runners of those that left are
+        given up, their jobs lost (or waiting again with retries). Caller holds the lock."""
+        self.cluster = dict(msg.workers)
+        if self.cluster:
+            logger.info("dask: %s workers, %s threads", len(self.cluster), sum(self.cluster.values()))
+        left = set(msg.left)
+        for runner in list(self._runners.values()):
+            if runner.worker in left or runner.worker not in self.cluster:
+                if runner.seq is not None and self._running.get(runner.seq) is runner:
+                    self._end(runner.seq, JobStatus.LOST, -9, self._why_lost(runner))
+                self._drop(runner)
+                tell.append(m.ReleaseRunner(runner.key))
+
+    def _retire_idle(self) -> List[tuple]:
+        """Runners idle for RUNNER_IDLE: no more jobs for them; told to
+        end. Until their tasks end their threads count as used. Caller holds the lock."""
         now = time.monotonic()
         retire, self._next_retire = [], None
         for runner in self._runners.values():
@@ -402,87 +543,68 @@ class DaskExecutor:
                 due = runner.idle_since + RUNNER_IDLE
                 if due <= now:
                     runner.ended = True
-                    retire.append(runner)
+                    retire.append(m.RetireRunner(runner.key))
                 elif self._next_retire is None or due < self._next_retire:
                     self._next_retire = due
         return retire
 
     def _why_lost(self, runner: _Runner) -> str:
-        if self._client is None or self._client.status != "running":
+        if not self.connected:
             return (f"the connection to the Dask scheduler at {self.address} was lost "
                     f"while the job ran")
         return f"the Dask worker {runner.worker} left while it ran the job"
 
-    def _runner_ended(self, runner: _Runner, future: Any) -> None:
+    def _runner_ended(self, runner: _Runner, msg: m.RunnerEnded) -> None:
         """A runner's task is over. It ended by itself (idle, or told to):
         its count says whether it took the job last handed to it, which
         else waits again. Or it failed, or Dask cancelled it (its worker or
         the scheduler gone): its job is lost. Caller holds the lock."""
+        runner.over = True
+        if self._runners.pop(runner.key, None) is not None:
+            self._forget(runner)
         runner.ended = True
-        self._runners.pop(runner.key, None)
-        if not runner.ready and future.status == "error":
-            try:
-                exc = future.exception(timeout=1)
-            except Exception as e:
-                exc = e
-            self._start_failures.append(f"the Dask runner on {runner.worker} failed as it started: "
-                                        f"{type(exc).__name__}: {exc}")
+        if not runner.ready and msg.how == "error":
+            self._start_failures.append(f"the Dask runner on {runner.worker} failed as it started: {msg.why}")
         seq = runner.seq
         if seq is None or self._running.get(seq) is not runner:
             return
-        if future.status == "finished":
-            try:
-                taken = future.result(timeout=1)
-            except Exception:
-                taken = None
-            if taken == runner.handed:
-                return   # it took it: its result is in the results queue, on its way
-            if taken == runner.handed - 1:
+        if msg.how == "finished":
+            if msg.taken == runner.handed:
+                return   # it took it: its result is on its way
+            if msg.taken == runner.handed - 1:
                 del self._running[seq]
-                runner.seq = None
+                runner.seq = runner.expect = None
                 self.state.requeue(seq)   # never began: waits again where it was
                 return
-            why = f"the Dask runner on {runner.worker} ended with a wrong count ({taken!r})"
-        elif future.status == "error":
-            try:
-                exc = future.exception(timeout=1)
-            except Exception as e:
-                exc = e
-            why = f"the Dask runner on {runner.worker} failed: {type(exc).__name__}: {exc}"
-        elif self._client is not None and self._client.status == "running" and runner.worker in self.cluster:
-            why = f"the Dask runner on {runner.worker} was cancelled ({future.status}) while it ran the job"
+            why = f"the Dask runner on {runner.worker} ended with a wrong count ({msg.taken!r})"
+        elif msg.how == "error":
+            why = f"the Dask runner on {runner.worker} failed: {msg.why}"
+        elif self.connected and runner.worker in self.cluster:
+            why = f"the Dask runner on {runner.worker} was cancelled while it ran the job"
         else:
             why = self._why_lost(runner)
         self._end(seq, JobStatus.LOST, -9, why)
 
+    def _forget(self, runner: _Runner) -> None:
+        """Keep a given-up runner a while: its late messages are taken quietly."""
+        self._gone[runner.key] = runner
+        while len(self._gone) > KEEP_GONE:
+            self._gone.popitem(last=False)
+
     def _drop(self, runner: _Runner) -> None:
         """Give up a runner (its worker left). Caller holds the lock."""
         runner.ended = True
-        self._runners.pop(runner.key, None)
+        if self._runners.pop(runner.key, None) is not None:
+            self._forget(runner)
         if runner.seq is not None and self._running.get(runner.seq) is runner:
             del self._running[runner.seq]
         runner.seq = None
 
-    def _release(self, runner: _Runner) -> None:
-        """An ended runner: its task cancelled (Dask must not run it again
-        somewhere; the plugin kills its job's process), told to end (else
-        it would wait for a job until RUNNER_ORPHAN), its inbox released
-        (with whatever is left in it)."""
-        if runner.inbox is None:
-            return
-        try:
-            if runner.future is not None and not runner.future.done():
-                self._client.cancel([runner.future], force=True)
-                runner.inbox.put(None)
-            runner.inbox.close()
-        except Exception as e:
-            logger.debug("dask: releasing runner %s: %s", runner.key, e)
-
-    def _lose_all(self, why: Optional[str] = None) -> None:
-        """Every running job lost, every runner forgotten (the scheduler or
-        the server gone). Caller holds the lock."""
-        for seq, runner in list(self._running.items()):
-            self._end(seq, JobStatus.LOST, -9, why or self._why_lost(runner))
+    def _lose_all(self, why: str) -> None:
+        """Every running job lost, every runner forgotten (the scheduler,
+        the bridge or the server gone). Caller holds the lock."""
+        for seq in list(self._running):
+            self._end(seq, JobStatus.LOST, -9, why)
         for runner in list(self._runners.values()):
             self._drop(runner)
 
@@ -490,6 +612,8 @@ class DaskExecutor:
         """Record a job that will send no result (one being killed ends as
         it was asked to). Caller holds the lock."""
         runner = self._running.pop(seq, None)
+        if runner is not None and runner.seq == seq:
+            runner.seq = None
         asked = self._killing.pop(seq, None)
         if asked is not None:
             status, why, exitcode = asked[0], asked[1], -9
@@ -519,7 +643,7 @@ class DaskExecutor:
         started (its worker left first, or busy with another's task) holds
         no job, and the order is decided when a runner can take it. Caller
         holds the lock."""
-        if self._client is None or not self.cluster:
+        if self._bridge is None or not self.connected or not self.cluster:
             return []
         sends: List[tuple] = []
         while self._start_failures:
@@ -536,13 +660,13 @@ class DaskExecutor:
             runner = free.pop()
             rec.pid, rec.host = None, _host_of(runner.worker)   # the pid is the host's, known at the end
             env = self.envs.get(rec.env_id)
-            runner.seq = rec.seq
+            runner.seq = runner.expect = rec.seq
             runner.handed += 1
             self._running[rec.seq] = runner
             self._runners[runner.key] = self._runners.pop(runner.key)   # most recently used last
-            sends.append((runner, rec.seq, [rec.seq, rec.fn_blob, rec.args_blob,
-                                            None if env is None else list(env), rec.runner == "thread",
-                                            rec.timeout or 0, rec.max_memory]))
+            sends.append(m.RunOnRunner(runner.key, rec.seq, rec.fn_blob, rec.args_blob,
+                                       None if env is None else json.dumps(list(env)), rec.runner == "thread",
+                                       float(rec.timeout or 0), rec.max_memory))
         starting = sum(1 for r in self._runners.values() if not r.ready and not r.ended)
         room = cap - self.state.n_running - starting
         if free or room <= 0:
@@ -560,144 +684,39 @@ class DaskExecutor:
                 break
             spare[worker] -= 1
             self._n_runners += 1
-            runner = _Runner(f"ezpq-{self.token}-r{self._n_runners}", worker, None)
+            runner = _Runner(f"ezpq-{self.token}-{self._gen}-r{self._n_runners}", worker)
             self._runners[runner.key] = runner
-            sends.append((runner, None, None))
+            sends.append(m.StartRunner(runner.key, worker))
         return sends
 
-    def _send(self, runner: _Runner, seq: Optional[int], msg: Optional[list]) -> None:
-        """Start a runner (``seq`` None), or put a job in its inbox."""
-        from distributed import Queue
-        from ..worker.dask_host import run_jobs
-        try:
-            if seq is None:
-                runner.inbox = Queue(f"{runner.key}-in", client=self._client)
-                runner.future = self._client.submit(
-                    run_jobs, self.plugin, f"{runner.key}-in", self._outbox_name, RUNNER_ORPHAN, key=runner.key,
-                    workers=[runner.worker], allow_other_workers=False, pure=False, retries=0)
-                runner.future.add_done_callback(lambda f, key=runner.key: self._post(("runner", key, f)))
-            else:
-                runner.inbox.put(msg)
-        except Exception as e:
-            with self.state.cond:
-                if seq is None:
-                    self._start_failures.append(f"could not start a Dask runner on {runner.worker}: {e}")
-                elif self._running.get(seq) is runner:
-                    self._end(seq, JobStatus.LOST, -9, f"could not hand the job to Dask: {e}")
-                runner.seq = None
-            self._post(("runner-broken", runner.key))
-
     # -------------------------------------------------------------- results
-    def _record(self, results: List[Any]) -> None:
-        """Record the results the runners sent (their logs appended outside the lock)."""
-        outcomes = []
-        now = time.monotonic()
-        for msg in results:
-            if isinstance(msg, (list, tuple)) and len(msg) == 2 and msg[1] is None:   # [key, None]: ready
-                runner = self._runners.get(msg[0])
-                if runner is not None and not runner.ready:
-                    runner.ready, runner.idle_since = True, now
-                continue
-            if not (isinstance(msg, (list, tuple)) and len(msg) == 12 and isinstance(msg[0], str)
-                    and type(msg[1]) is int):
-                logger.warning("dask: a malformed message in the results queue: dropped")
-                continue
-            key, seq = msg[0], msg[1]
-            runner = self._runners.get(key)
-            if runner is None:   # ended: its last result still counts
-                runner = self._running.get(seq)
-                if runner is None or runner.key != key:
-                    continue
-            if runner.seq != seq:
-                continue
-            outcome, log = _outcome(msg[2:], runner.worker)
-            outcomes.append((runner, seq, outcome, log))
-        grown = False
-        if self.logs is not None:
-            for runner, seq, outcome, log in outcomes:
-                if log and self._running.get(seq) is runner:
-                    rec = self.state.records.get(seq)
-                    if rec is not None:
-                        grown = self.logs.append(self.logs.sink(seq, rec.uid), log) or grown
-        with self.state.cond:
-            if grown:
-                self.state._changed()
-            for runner, seq, outcome, _ in outcomes:
-                runner.seq, runner.idle_since = None, now
-                if self._running.get(seq) is runner:   # not ended meanwhile (its worker left)
-                    del self._running[seq]
-                    asked = self._killing.pop(seq, None)
-                    if asked is not None:   # as asked, with what it had used by then
-                        outcome = outcome._replace(status=asked[0], exception=asked[1], output_blob=None,
-                                                   exitcode=outcome.exitcode if outcome.exitcode and
-                                                   outcome.exitcode < 0 else -9)
-                    self.state.finish(seq, outcome)
-
-    # -------------------------------------------------------------- cluster
-    def _read_cluster(self) -> None:
-        self._next_look = time.monotonic() + LOOK_INTERVAL
-        try:
-            cluster = dict(self._client.nthreads())
-        except Exception as e:
-            logger.warning("dask: cannot read the cluster's workers: %s", e)
+    def _record(self, msg: m.RunnerResult, now: float) -> None:
+        """A job's result (checked in _append_logs: the job handed to that
+        runner). Caller holds the lock."""
+        runner = self._known(msg.runner)
+        seq = msg.seq
+        if runner.seq == seq:
+            runner.seq, runner.idle_since = None, now
+        if self._running.get(seq) is not runner:   # ended meanwhile (its worker left)
             return
-        self._look = False
-        if cluster != self.cluster:
-            logger.info("dask: %s workers, %s threads", len(cluster), sum(cluster.values()))
-        self.cluster = cluster
+        del self._running[seq]
+        fig = msg.figures or m.NO_FIGURES
+        outcome = Outcome(JobStatus(msg.status), msg.exitcode, msg.output, msg.exception, fig.cpu_user,
+                          fig.cpu_system, fig.max_rss, fig.max_rss_method, fig.max_rss_children, msg.pid,
+                          msg.host, msg.started, msg.ended)
+        asked = self._killing.pop(seq, None)
+        if asked is not None:   # as asked, with what it had used by then
+            outcome = outcome._replace(status=asked[0], exception=asked[1], output_blob=None,
+                                       exitcode=outcome.exitcode if outcome.exitcode and
+                                       outcome.exitcode < 0 else -9)
+        self.state.finish(seq, outcome)
 
-    def _reconnect(self) -> None:
-        """The client gave up on the scheduler: try a new one now and then."""
-        if time.monotonic() < self._next_try:
-            return
-        old, self._client = self._client, None
-        if old is not None:
-            try:
-                old.close()
-            except Exception:
-                pass
-            with self.state.cond:
-                self._lose_all(f"the connection to the Dask scheduler at {self.address} "
-                               f"was lost while the job ran")
-            self.cluster = {}
-        try:
-            self._client = self._connect()
-            self._look = True
-            logger.info("dask: connected to %s again", self.address)
-        except Exception as e:
-            self._next_try = time.monotonic() + RECONNECT_INTERVAL
-            logger.warning("dask: %s (next try in %g s)", e, RECONNECT_INTERVAL)
+
+class _Unreachable(_Violation):
+    """A (replacement) bridge could not connect: it exits; another is tried later."""
 
 
 def _host_of(worker: str) -> str:
     """The host part of a Dask address (tcp://10.0.0.5:40123 -> 10.0.0.5)."""
     rest = worker.split("://", 1)[-1]
     return rest.rsplit(":", 1)[0].strip("[]") if ":" in rest else rest
-
-
-_STATUSES = {s.value: s for s in JobStatus}
-
-
-def _outcome(res: Any, worker: str) -> Tuple[Outcome, bytes]:
-    """A ``HostResult`` as an ``Outcome`` (and the job's log bytes),
-    checked field by field: anything malformed makes the job ``lost``."""
-    try:
-        status, exitcode, started, ended, output, exception, figures, pid, host, log = res
-        status = _STATUSES[status]
-        if not (exitcode is None or type(exitcode) is int) or not (pid is None or type(pid) is int):
-            raise TypeError("exitcode/pid")
-        if not (output is None or type(output) is bytes) or not (exception is None or type(exception) is str):
-            raise TypeError("output/exception")
-        if type(host) is not str or type(log) is not bytes:
-            raise TypeError("host/log")
-        for t in (started, ended):
-            if t is not None and type(t) is not float:
-                raise TypeError("times")
-        cpu_u = cpu_s = rss = method = children = None
-        if figures is not None:
-            cpu_u, cpu_s, rss, method, children = figures
-        return Outcome(status, exitcode, output, exception, cpu_u, cpu_s, rss, method, children, pid, host,
-                       started, ended), log
-    except (TypeError, ValueError, KeyError) as e:
-        return Outcome(JobStatus.LOST, -9, exception=f"the Dask worker {worker} sent a malformed result "
-                                                     f"({type(e).__name__}: {e})"), b""

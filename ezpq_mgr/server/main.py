@@ -66,7 +66,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
           state_dir: Optional[str] = None, sync: str = "normal",
           log_dir: Optional[str] = None, max_log: int = DEFAULT_MAX_LOG,
           dask: Optional[str] = None, dask_any_user: bool = False,
-          dask_timeout: Optional[float] = None) -> None:
+          dask_timeout: Optional[float] = None, dask_user: str = "nobody") -> None:
     """Run a server until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
     ``shared``: several users may connect: JSON on the wire (never pickle),
@@ -95,7 +95,10 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     many run at once. Unreachable: ``DaskUnreachable`` (a ConnectionError
     naming it), within ``dask_timeout`` seconds. A shared server run as
     root refuses it (``ValueError``) unless ``dask_any_user``: the jobs
-    would run as the Dask workers' user, not as their submitters.
+    would run as the Dask workers' user, not as their submitters. The
+    Dask client lives in a bridge process (dask_bridge.py); a shared root
+    server runs it as ``dask_user`` (an unknown one: ``ValueError``),
+    any other as the server's own user.
 
     Any thread dying of an unexpected exception is logged and stops the
     server with ``ServerDied`` (exit status 1); so does a state database
@@ -104,6 +107,13 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         dask = check_dask_address(dask)
         if shared and os.geteuid() == 0 and not dask_any_user:
             raise ValueError(DASK_AS_ROOT)
+        bridge_uid = -1
+        if shared and os.geteuid() == 0:
+            import pwd
+            try:
+                bridge_uid = pwd.getpwnam(dask_user).pw_uid
+            except KeyError:
+                raise ValueError(f"--dask-user: no such user: {dask_user!r}") from None
     stop = stop_event or threading.Event()
     died: List[str] = []
 
@@ -140,7 +150,8 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
         else:
             from .dask_executor import DEFAULT_CONNECT_TIMEOUT, DaskExecutor
             supervisor = DaskExecutor(state, workers, dask, logs=logs,
-                                      connect_timeout=dask_timeout or DEFAULT_CONNECT_TIMEOUT)
+                                      connect_timeout=dask_timeout or DEFAULT_CONNECT_TIMEOUT,
+                                      bridge_uid=bridge_uid, max_message=worker_limit)
         logs.on_doomed = supervisor.wake
         service = Service(state, supervisor, shared=shared, accounting=accounting,
                           keep_finished=keep_finished, logs=logs)
