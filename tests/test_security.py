@@ -2793,3 +2793,72 @@ def test_rows_read_back_from_the_file_equal_the_rows_kept_in_memory(tmp_path):
     finally:
         on_file.close()
         in_memory.close()
+
+
+# ------------------------------------------- the Dask client unpickles what the scheduler sends it
+def b_makes_the_scheduler_send_ezpq_a_pickle(scheduler, marker):
+    """User B, without the ezpq key: Dask's scheduler has no authentication,
+    so any local user (or any job, on a --dask-any-user server) can run code
+    in it (``run_on_scheduler``). B puts in every ezpq results queue there a
+    ``ToPickle`` object: the scheduler sends it to ezpq's Dask client as a
+    ``__Pickled__`` sub-header, which Dask's protocol unpickles whatever the
+    client's deserializers say. Returns the queues it reached."""
+    import distributed
+
+    def plant(dask_scheduler, marker=marker):
+        from distributed.protocol.serialize import ToPickle
+
+        class Payload:
+            def __reduce__(self):
+                return (exec, (f"import os; open({marker!r}, 'w').write(str(os.getpid()))",))
+
+        queues = dask_scheduler.extensions["queues"].queues
+        names = [name for name in queues if str(name).endswith("-results")]
+        for name in names:
+            queues[name].put_nowait({"type": "msgpack", "value": ToPickle(Payload())})
+        return names
+
+    with distributed.Client(scheduler, timeout=30, set_as_default=False) as client:
+        return client.run_on_scheduler(plant)
+
+
+@needs_root
+def test_what_a_dask_worker_hands_back_runs_nothing_in_the_server(users):
+    """The pickle runs where the Dask client is: the bridge, as --dask-user
+    (nobody), never the root ezpq-server; the queue goes on."""
+    distributed = pytest.importorskip("distributed")
+    import pwd
+    from server_fixture import free_port
+    from test_dask import _start_scheduler, _start_worker, _stop
+    port = free_port()
+    scheduler_address = f"tcp://127.0.0.1:{port}"
+    scheduler = _start_scheduler(port)
+    worker = _start_worker(scheduler_address)
+    server = None
+    where = tempfile.mkdtemp(prefix="ezpq-attack-dask-")
+    os.chmod(where, 0o777)
+    marker = os.path.join(where, "ran-in-the-server")
+    try:
+        with distributed.Client(scheduler_address, timeout=30, set_as_default=False) as c:   # the cluster is up
+            c.wait_for_workers(1, timeout=60)
+        server = Server("unix", workers=2, extra=("--dask", scheduler_address, "--dask-any-user"))
+        os.chmod(server.dir, 0o777)
+        assert len(run_as(users[USERS[1]], b_makes_the_scheduler_send_ezpq_a_pickle, scheduler_address, marker,
+                          cwd=where)) == 1
+        deadline = time.monotonic() + 30
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with ezpq.Queue(address=server.address, authkey=server.key) as Q:   # anybody's next job
+            Q.put(abs, -3)
+            job = Q.get(wait=True, timeout=60)
+        ran = open(marker).read() if os.path.exists(marker) else None
+        assert ran != str(server.proc.pid), "B's code ran in the root ezpq-server"
+        assert ran is not None, "the attack never reached a Dask client"
+        assert os.stat(marker).st_uid == pwd.getpwnam("nobody").pw_uid   # the bridge, as --dask-user
+        assert job["status"] == "completed" and job["output"] == 3, job
+    finally:
+        if server is not None:
+            assert server.stop() == 0
+        _stop(worker)
+        _stop(scheduler)
+        shutil.rmtree(where, ignore_errors=True)
