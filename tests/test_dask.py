@@ -401,3 +401,85 @@ def test_scheduler_lost_running_jobs_lost_waiting_wait_then_reconnected(tmp_path
         for w in workers:
             _stop(w)
         _stop(scheduler)
+
+
+# ------------------------------------------------------------ the bridge
+@pytest.mark.parametrize("how", ["garbage", "wrong-seq"])
+def test_a_bridge_that_breaks_protocol_is_replaced_its_job_lost_or_run_again(cluster, monkeypatch, how):
+    """The first bridge (a test hook in the server's own environment, which
+    no client sets) sends garbage, or a result for a job it was not given,
+    at its first result: it is ended, its job lost (or run again where it
+    has a retry), a new bridge starts and the other jobs go on."""
+    from ezpq_mgr.server.dask_executor import MISBEHAVE_ENV
+    monkeypatch.setenv(MISBEHAVE_ENV, how)
+    with ezpq.Queue(2, dask=cluster.scheduler_address) as Q:
+        first = Q.put(os.getpid, suppress_errors=True)
+        job = Q.get(wait=True, timeout=60)
+        assert job["id"] == first and job["status"] == "lost", job
+        assert "bridge" in job["exception"] and "protocol" in job["exception"], job["exception"]
+        again = Q.put(os.getpid, retries=1)
+        others = [Q.put(abs, -i) for i in range(1, 6)]
+        done = {j["id"]: j for j in (Q.get(wait=True, timeout=60) for _ in range(6))}
+        assert done[again]["status"] == "completed" and done[again]["output"] == done[again]["pid"]
+        assert [done[i]["output"] for i in others] == [1, 2, 3, 4, 5]
+
+
+def test_a_bridge_whose_result_would_be_retried_runs_it_on_the_next_bridge(cluster, monkeypatch):
+    from ezpq_mgr.server.dask_executor import MISBEHAVE_ENV
+    monkeypatch.setenv(MISBEHAVE_ENV, "wrong-seq")
+    with ezpq.Queue(2, dask=cluster.scheduler_address) as Q:
+        first = Q.put(os.getpid, retries=1)
+        job = Q.get(wait=True, timeout=60)
+        assert job["id"] == first and job["status"] == "completed" and job["output"] == job["pid"], job
+
+
+@needs_root
+def test_dask_user_that_does_not_exist_is_refused_in_one_line(tmp_path):
+    r = subprocess.run(_server_cmd(tmp_path, "--dask", "tcp://127.0.0.1:1", "--dask-any-user",
+                                   "--dask-user", "ezbr_no_such_user"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "ezbr_no_such_user" in r.stderr, r.stderr
+
+
+def _fd_targets(pid):
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    return out
+
+
+@needs_root
+def test_on_a_root_server_the_bridge_runs_as_dask_user_holding_only_its_channel(cluster, logroot, users):
+    """The process that holds the Dask client runs as --dask-user, with
+    nothing of the server open but its end of the channel."""
+    import pwd
+    user = USERS[1]
+    server = start_server(logroot, "--dask", cluster.scheduler_address, "--dask-any-user", "--dask-user", user)
+    try:
+        bridges = [p for p in psutil.Process(server.proc.pid).children()
+                   if "dask_bridge" in " ".join(p.cmdline())]
+        assert len(bridges) == 1
+        bridge = bridges[0].pid
+        uid = pwd.getpwnam(user).pw_uid
+        status = open(f"/proc/{bridge}/status").read()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        gids = next(line for line in status.splitlines() if line.startswith("Gid:")).split()[1:]
+        assert uids == [str(uid)] * 4 and gids == [str(pwd.getpwnam(user).pw_gid)] * 4
+        theirs = _fd_targets(bridge)
+        assert all(theirs[fd] == "/dev/null" for fd in (0, 1, 2))
+        ours = set(_fd_targets(server.proc.pid).values())
+        shared = {t for t in theirs.values() if t in ours and t != "/dev/null" and not t.startswith("anon_inode:")}
+        assert not shared, shared   # the server's files, sockets, pipes: none (its channel is its own end)
+        Q = ezpq.Queue(address=server.address, authkey=server.key)
+        try:
+            Q.put(abs, -4)
+            job = Q.get(wait=True, timeout=60)
+        finally:
+            Q.dispose()
+        assert job["status"] == "completed" and job["output"] == 4
+    finally:
+        assert server.stop() == 0

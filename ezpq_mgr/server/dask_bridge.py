@@ -387,6 +387,9 @@ class Bridge:
             self._start(msg.runner, msg.worker)
             return
         runner = self._runners.get(msg.runner)
+        if runner is None and isinstance(msg, m.ReleaseRunner) and msg.runner not in self._started:
+            self._end_orphan(msg.runner)
+            return
         if runner is None:   # gone with its worker or the scheduler: the server hears of it
             if isinstance(msg, m.RunOnRunner):
                 self.send(m.RunnerBroken(msg.runner, msg.seq, "its Dask runner is gone"))
@@ -432,6 +435,17 @@ class Bridge:
             runner.future.add_done_callback(lambda f, key=key: self._post(("runner", key, f)))
         except Exception as e:
             self.send(m.RunnerBroken(key, None, bridgeproto.text(f"could not start a Dask runner on {worker}: {e}")))
+
+    def _end_orphan(self, key: str) -> None:
+        """A runner of the bridge this one replaced: it waits on its inbox,
+        holding its Dask thread, until told to end."""
+        from distributed import Queue
+        try:
+            inbox = Queue(f"{key}-in", client=self._client)
+            inbox.put(None)
+            inbox.close()
+        except Exception as e:
+            logger.debug("dask: ending runner %s of the previous bridge: %s", key, e)
 
     def _release(self, runner: _Runner) -> None:
         """A given-up runner: its task cancelled (Dask must not run it again

@@ -203,6 +203,9 @@ class DaskExecutor:
         self._gen = 0                        # bridges started
         self._next_start: Optional[float] = None   # monotonic time the next bridge is due
         self._backoff = BACKOFF_FIRST
+        #: runners of an ended bridge: they wait on their inboxes, holding a
+        #: Dask thread, until the next bridge tells them to end
+        self._orphans: List[str] = []
         self._launch()
         self._await_connected()
 
@@ -329,6 +332,8 @@ class DaskExecutor:
         with self.state.cond:
             self.connected = False
             self.cluster = {}
+            self._orphans += [r.key for r in self._runners.values()]
+            self._orphans += [r.key for r in self._gone.values() if not r.over]
             self._lose_all(f"the Dask bridge was replaced while the job ran: {why}")
             self._gone.clear()
         self._next_start = time.monotonic() + self._backoff
@@ -502,6 +507,8 @@ class DaskExecutor:
                     self._cluster(msg, tell)
                 elif kind is m.BridgeConnected:
                     self.connected = True
+                    tell.extend(m.ReleaseRunner(key) for key in self._orphans)
+                    self._orphans = []
                 elif kind is m.BridgeDisconnected:
                     self.connected = False
                     self.cluster = {}
