@@ -2793,3 +2793,89 @@ def test_rows_read_back_from_the_file_equal_the_rows_kept_in_memory(tmp_path):
     finally:
         on_file.close()
         in_memory.close()
+
+
+# ============================================================================
+# Second attack pass (2026-12-07)
+# ============================================================================
+# The surface added after issue 10 was worked: per-job logs, queue control
+# and ``top``, dependencies, the durable server, parked calls, the Dask
+# executor. Same rules: a real root ``ezpq-server`` on a Unix socket,
+# throwaway users, the attack done for real, asserting it fails and that
+# another user is still served within 1 s.
+
+
+@pytest.fixture
+def log_server(users):
+    """``input_server`` with a ``--log-dir`` the test knows (a user learns
+    the path from the unit file; the job number from ``ezpq submit``)."""
+    root = tempfile.mkdtemp(prefix="ezpq-attack-logs-")
+    os.chmod(root, 0o755)
+    s = _server("--log-dir", os.path.join(root, "logs"))
+    s.log_dir = os.path.join(root, "logs")
+    yield s
+    assert s.stop() == 0
+    shutil.rmtree(s.dir, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------- a lease on one's own log file
+def a_leases_its_log(log_server, leased, release):
+    """User A (no privilege) submits a job that prints now and then; its log
+    file is A's own (fchown), so A may take a file lease on it: every open
+    for writing by anyone else then blocks until A lets go (or for
+    /proc/sys/fs/lease-break-time, 45 s by default), then A takes it again."""
+    import fcntl
+
+    def print_for_a_while(_ignored):
+        import sys as _sys
+        import time as _time
+        print("first line", flush=True)
+        end = _time.monotonic() + 8
+        while _time.monotonic() < end:
+            _time.sleep(0.1)
+            _sys.stdout.write("more\n")
+            _sys.stdout.flush()
+
+    remote, token, env = connect(log_server)
+    seq = remote.call("submit", "lease", record(token, env, fn=print_for_a_while))["job"]
+    path = os.path.join(log_server.log_dir, f"{seq}.log")
+    signal.signal(signal.SIGIO, signal.SIG_IGN)   # the lease holder ignores the break notice
+    deadline = time.monotonic() + 20
+    while True:
+        assert time.monotonic() < deadline, "the job's log never appeared"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            time.sleep(0.02)
+            continue
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            break
+        except OSError:   # the server has it open right now: again
+            os.close(fd)
+            time.sleep(0.005)
+    leased.set()
+    release.wait(20)
+    os.close(fd)
+    return seq
+
+
+@needs_root
+def test_a_lease_on_ones_own_log_file_stalls_nobody(log_server, users):
+    """A read lease on the log file A owns made the supervisor's next open
+    of it for appending block (in the supervisor thread, under the log
+    book's lock) until A released it: nobody's job started or ended
+    meanwhile. Now the server opens logs without blocking."""
+    leased, release = FORK.Event(), FORK.Event()
+    pa, out = start_as(users[USERS[0]], a_leases_its_log, log_server, leased, release)
+    try:
+        assert leased.wait(30), f"A could not take its lease: {out.get(timeout=1) if not out.empty() else ''}"
+        time.sleep(0.5)   # the job prints meanwhile: the server opens the file
+        assert_b_served(log_server, users)
+    finally:
+        release.set()
+        kind, seq = out.get(timeout=60)
+        pa.join(10)
+    assert kind == "ok", seq
+    assert_b_served(log_server, users)
