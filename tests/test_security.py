@@ -2879,3 +2879,68 @@ def test_a_lease_on_ones_own_log_file_stalls_nobody(log_server, users):
         pa.join(10)
     assert kind == "ok", seq
     assert_b_served(log_server, users)
+
+
+# ------------------------------------------- parked wait_jobs scanned at every change
+def a_parks_wait_jobs_behind_finished_ones(input_server, n_jobs, n_conns, parked, release):
+    """User A holds ``n_jobs`` jobs in a paused queue and one more, last,
+    in another paused queue; parks ``wait_jobs([])`` (all of A's jobs) on
+    ``n_conns`` connections; then cancels the ``n_jobs``. Each parked
+    call's condition is re-run at every change of the server (anyone's put,
+    start, end), and scanned the finished jobs before the one unfinished
+    job at the end: n_jobs x n_conns steps under the state's lock, per change."""
+    remote, token, env = connect(input_server)
+    remote.call("pause_queues", ["many", "last"], True)
+    for start in range(0, n_jobs, 2000):
+        remote.call("put", "many", [record(token, env)] * min(2000, n_jobs - start))
+    remote.call("put", "last", [record(token, env)])
+    remotes = [Remote(input_server.address, input_server.key) for _ in range(n_conns)]
+    answers = []
+
+    socks = {}
+
+    def park(r):
+        try:
+            answers.append(len(r.call("wait_jobs", [], 120.0,
+                                      sent=lambda: socks.__setitem__(r, r._local.sock))))
+        except Exception as exc:
+            answers.append(repr(exc))
+
+    threads = [threading.Thread(target=park, args=(r,), daemon=True) for r in remotes]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while remote.call("info")["parked_calls"] < n_conns:
+        assert time.monotonic() < deadline, "the calls did not park"
+        time.sleep(0.05)
+    assert remote.call("cancel_all", "many", None, False) == n_jobs
+    parked.set()
+    release.wait(60)
+    for r in remotes[1:]:   # withdrawn unanswered (99 answers of 30,001 jobs each: another test's matter)
+        socks[r].shutdown(socket.SHUT_RDWR)
+    remote.call("cancel_all", "last", None, False)   # the one parked call left is answered now
+    for t in threads:
+        t.join(30)
+    remotes[0].close()
+    return answers
+
+
+@needs_root
+@pytest.mark.timeout(600)   # before the fix, A's 99 withdrawals cost minutes at teardown
+def test_parked_wait_jobs_cost_nothing_per_change_for_jobs_already_finished(input_server, users):
+    """30,000 finished jobs x 100 parked calls: 3M steps under the state's
+    lock at every change of the server (0.3-0.5 s each: B's put alone). Now
+    each parked wait_jobs keeps its place: a job is looked at once after it ended."""
+    parked, release = FORK.Event(), FORK.Event()
+    pa, out = start_as(users[USERS[0]], a_parks_wait_jobs_behind_finished_ones, input_server,
+                       30_000, 100, parked, release)
+    try:
+        assert parked.wait(120), f"A did not get its calls parked: {out.get(timeout=1) if not out.empty() else ''}"
+        assert_b_served(input_server, users)
+    finally:
+        release.set()
+        kind, answers = out.get(timeout=500)
+        pa.join(10)
+    assert kind == "ok", answers
+    assert answers.count(30_001) == 1 and len(answers) == 100, answers[:3]
+
