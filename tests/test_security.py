@@ -3003,3 +3003,51 @@ def test_what_a_dask_worker_hands_back_runs_nothing_in_the_server(users):
         _stop(worker)
         _stop(scheduler)
         shutil.rmtree(where, ignore_errors=True)
+
+
+# ------------------------------------------- one user's big listings starve the others
+def a_lists_its_jobs_in_a_loop(input_server, n_jobs, n_conns, looping, release):
+    """User A holds ``n_jobs`` waiting jobs (a paused queue: nothing caps
+    how many jobs one user holds) and asks for all of them (``ezpq status``,
+    ``list_jobs``) on ``n_conns`` connections at once, again and again: each
+    call snapshots them under the state's lock and encodes ~30 MB of JSON
+    on the server's interpreter."""
+    remote, token, env = connect(input_server)
+    remote.call("pause_queues", ["many"], True)
+    for start in range(0, n_jobs, 2000):
+        remote.call("put", "many", [record(token, env)] * min(2000, n_jobs - start))
+    calls = []
+
+    def loop():
+        r = Remote(input_server.address, input_server.key)
+        while not release.is_set():
+            r.call("list_jobs")
+            calls.append(1)
+        r.close()
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(n_conns)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    looping.set()
+    release.wait(120)
+    for t in threads:
+        t.join(60)
+    return len(calls)
+
+
+@needs_root
+@pytest.mark.xfail(strict=True, reason="a call's cost grows with its caller's jobs (no cap on jobs per "
+                   "user, list_jobs/jobs/wait_jobs answer all at once, no per-user share of the server's "
+                   "threads): fix proposed in the second attack pass's report")
+def test_one_users_listings_of_many_jobs_starve_nobody(input_server, users):
+    looping, release = FORK.Event(), FORK.Event()
+    pa, out = start_as(users[USERS[0]], a_lists_its_jobs_in_a_loop, input_server, 50_000, 8, looping, release)
+    try:
+        assert looping.wait(120), f"A did not start: {out.get(timeout=1) if not out.empty() else ''}"
+        assert_b_served(input_server, users)
+    finally:
+        release.set()
+        kind, calls = out.get(timeout=120)
+        pa.join(10)
+    assert kind == "ok", calls
