@@ -2918,6 +2918,10 @@ def a_parks_wait_jobs_behind_finished_ones(input_server, n_jobs, n_conns, parked
     release.wait(60)
     for r in remotes[1:]:   # withdrawn unanswered (99 answers of 30,001 jobs each: another test's matter)
         socks[r].shutdown(socket.SHUT_RDWR)
+    deadline = time.monotonic() + 60
+    while remote.call("info")["parked_calls"] > 1:   # withdrawn before the answer could go out
+        assert time.monotonic() < deadline, "the calls were not withdrawn"
+        time.sleep(0.05)
     remote.call("cancel_all", "last", None, False)   # the one parked call left is answered now
     for t in threads:
         t.join(30)
