@@ -82,6 +82,98 @@ def test_at_most_the_clusters_threads_run_at_once(Q, tmp_path):
     Q.stop_all()
 
 
+# ------------------------------------------------------------- runners
+def _runners(client):
+    """{worker: [our runner tasks it is processing]} (ezpq's Dask keys)."""
+    return {w: [k for k in keys if str(k).startswith("ezpq-")] for w, keys in client.processing().items()}
+
+
+def _poll(what, limit):
+    deadline = time.monotonic() + limit
+    while True:
+        got = what()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def test_an_idle_runner_holds_its_thread_then_retires_and_frees_it(Q, cluster):
+    """Right after a job a runner holds its Dask thread (the next job needs
+    no new task); with nothing to do for RUNNER_IDLE it ends, and the
+    cluster's threads are free again (an adaptive cluster can scale down)."""
+    from ezpq_mgr.server.dask_executor import RUNNER_IDLE
+    with distributed.Client(cluster, set_as_default=False) as client:
+        Q.put(os.getpid)
+        assert Q.get(wait=True, timeout=30)["status"] == "completed"
+        held = [k for keys in _runners(client).values() for k in keys]
+        assert len(held) == 1   # still there, idle
+        assert _poll(lambda: not any(client.processing().values()), RUNNER_IDLE + 15)
+        Q.put(os.getpid)   # the next job starts a new runner
+        job = Q.get(wait=True, timeout=30)
+        assert job["status"] == "completed" and job["output"] == job["pid"]
+        again = _poll(lambda: [k for keys in _runners(client).values() for k in keys], 10)
+        assert len(again) == 1 and again != held
+
+
+def test_a_job_waiting_behind_busy_runners_is_overtaken_by_a_better_one(Q, tmp_path):
+    """Both runners busy: a job put later with a better priority goes
+    first; the order is ours, nothing waits in a runner's inbox or in Dask."""
+    busy = [Q.put(write_pid_and_sleep, str(tmp_path / f"b{i}")) for i in range(2)]
+    assert wait_for_file(str(tmp_path / "b0")) and wait_for_file(str(tmp_path / "b1"))
+    low = Q.put(time.time, priority=50)
+    high = Q.put(time.time, priority=1)
+    assert Q.size(waiting=True) == 2
+    assert Q.cancel(busy[0])   # one runner frees: the better job first, then the other
+    deadline = time.monotonic() + 30
+    while Q.size(waiting=True) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert Q.cancel(busy[1])
+    Q.wait()
+    done = {j["id"]: j for j in Q.collect()}
+    assert done[high]["status"] == done[low]["status"] == "completed"
+    assert done[high]["output"] < done[low]["output"]
+
+
+def test_a_runners_worker_killed_mid_job_then_a_new_runner_takes_the_next(tmp_path):
+    with local_cluster(n_workers=1, threads_per_worker=1) as cluster, \
+            ezpq.Queue(1, dask=cluster.scheduler_address) as Q, \
+            distributed.Client(cluster, set_as_default=False) as client:
+        first = Q.put(write_pid_and_sleep, str(tmp_path / "p"), suppress_errors=True)
+        assert wait_for_file(str(tmp_path / "p"))
+        before = _runners(client)
+        assert [len(keys) for keys in before.values()] == [1]
+        pid = int(open(str(tmp_path / "p")).read())
+        psutil.Process(pid).parent().kill()   # the Dask worker; its nanny starts another
+        job = Q.get(wait=True, timeout=60)
+        assert job["id"] == first and job["status"] == "lost" and "left while it ran" in job["exception"]
+        Q.put(os.getpid)
+        nxt = Q.get(wait=True, timeout=60)
+        assert nxt["status"] == "completed" and nxt["output"] == nxt["pid"] != pid
+        after = _poll(lambda: {w: k for w, k in _runners(client).items() if k}, 10)
+        assert len(after) == 1 and set(after) != set(before)   # a new runner, on the new worker
+        assert list(after.values())[0] != list(before.values())[0]
+
+
+def test_a_job_whose_worker_leaves_before_it_began_waits_again_without_a_retry():
+    """The Dask thread is busy with another client's task, so our runner
+    has not started: the job still waits with us (it is chosen only for a
+    runner that is up); the worker dies; the job runs on the next one,
+    though it has no retries."""
+    with local_cluster(n_workers=1, threads_per_worker=1) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client, \
+            ezpq.Queue(1, dask=cluster.scheduler_address) as Q:
+        (worker,) = client.nthreads()
+        blocker = client.submit(time.sleep, 60, workers=[worker], allow_other_workers=False, pure=False)
+        assert _poll(lambda: client.processing().get(worker), 10)
+        job_id = Q.put(os.getpid)
+        assert _poll(lambda: _runners(client).get(worker), 10)   # our runner, queued behind it
+        assert Q.size(waiting=True) == 1 and Q.size(working=True) == 0
+        psutil.Process(client.run(os.getpid, workers=[worker])[worker]).kill()
+        job = Q.get(wait=True, timeout=60)
+        assert job["id"] == job_id and job["status"] == "completed" and job["output"] == job["pid"]
+        blocker.cancel()
+
+
 # -------------------------------------------------------- limits and kills
 def _alive(pid, created):
     try:
@@ -132,6 +224,27 @@ def test_max_memory_is_enforced_on_the_dask_host(Q):
     assert job["status"] == "killed" and job["exitcode"] == -9
     assert "max_memory=209715200" in job["exception"]
     assert job["runtime"] < 8
+
+
+def test_a_job_killed_on_dask_keeps_the_figures_it_had_used(Q, tmp_path):
+    """Timeout, cancel and max_memory: the CPU and peak memory by then, read
+    on the host just before the kill, as a local kill has them."""
+    MiB = 1 << 20
+    Q.put(touch_then_burn, [100, 10], timeout=1.5)
+    timed_out = Q.get(wait=True, timeout=30)
+    path = str(tmp_path / "burning")
+    job_id = Q.put(touch_then_burn, [60, 30, path])
+    assert wait_for_file(path)   # it has used 0.5 s of CPU
+    assert Q.cancel(job_id)
+    cancelled = Q.get(wait=True, timeout=30)
+    Q.put(touch_then_burn, [300, 10], max_memory=200 * MiB)
+    killed = Q.get(wait=True, timeout=30)
+    assert timed_out["status"] == "timeout" and cancelled["status"] == "cancelled" and killed["status"] == "killed"
+    assert timed_out["cpu_user"] + timed_out["cpu_system"] >= 0.5, timed_out
+    assert 100 * MiB <= timed_out["max_rss"] < 200 * MiB and timed_out["max_rss_method"] == "vmhwm", timed_out
+    assert cancelled["cpu_user"] + cancelled["cpu_system"] >= 0.5 and cancelled["max_rss"] >= 60 * MiB, cancelled
+    assert cancelled["exception"] == "cancelled by request" or "cancel" in cancelled["exception"]
+    assert killed["cpu_user"] is not None and killed["max_rss"] >= 200 * MiB, killed
 
 
 def test_resource_fields_are_the_jobs_own(Q, cluster):

@@ -1,15 +1,17 @@
 """The ezpq side of a Dask worker: the plugin that keeps ezpq worker
-processes next to it, and the task that runs one job in one of them.
+processes next to it, and the runner task that runs the server's jobs in
+them, one at a time.
 
 Runs on a Dask worker host (never in the ezpq server). The server
 (server/dask_executor.py) registers ``EzpqPlugin`` through its Dask client
-and submits each job as a ``run_job`` task. Why processes of our own, not
-the job's code in the Dask worker's thread: a thread cannot be killed, so
-a timeout, a memory limit or a cancel could not stop the job; its CPU and
-memory could not be told from the Dask worker's; and a ``os._exit`` or a
-segfault would take the Dask worker down. So, as on the local server,
-each job runs in a persistent ezpq worker process (worker/run.py, the same
-loop and the same ``workerproto`` channel, its figures from worker/meter.py):
+and starts ``run_jobs`` runners, one per Dask worker thread it uses. Why
+processes of our own, not the job's code in the Dask worker's thread: a
+thread cannot be killed, so a timeout, a memory limit or a cancel could not
+stop the job; its CPU and memory could not be told from the Dask worker's;
+and a ``os._exit`` or a segfault would take the Dask worker down. So, as on
+the local server, each job runs in a persistent ezpq worker process
+(worker/run.py, the same loop and the same ``workerproto`` channel, its
+figures from worker/meter.py):
 
 - the plugin starts one per Dask worker thread at setup (a fresh
   interpreter, ``subprocess``: a Dask worker is a daemonic process that
@@ -17,15 +19,22 @@ loop and the same ``workerproto`` channel, its figures from worker/meter.py):
   socketpair), a lifeline (it exits, killing its tree, when the Dask worker
   is gone) and four output pipes (the job's stdout/stderr, alternating per
   job as in supervisor.py); a dead one is replaced at the next job;
-- ``run_job`` runs in a Dask worker thread: it takes an idle process, sends
-  the job, and waits for its result and figures while it enforces the
-  job's ``timeout`` (counted from the send) and ``max_memory`` (the tree's
-  RSS every 50 ms), killing the process's whole tree (procutil.kill_tree)
-  when one is passed. It returns plain fields (``HostResult``): the output
-  stays the job's opaque pickle, unpickled only by the submitter.
-- a cancel is Dask's own: the server cancels the task's future, the Dask
-  worker moves the executing task to ``cancelled``, and the plugin's
-  ``transition`` hook kills the tree of the process running that key.
+- a runner (``run_jobs``) is one long Dask task holding one Dask worker
+  thread: it takes the next job the server put in its own
+  ``distributed.Queue`` (its inbox), runs it in an idle process, enforcing
+  the job's ``timeout`` (counted from the send) and ``max_memory`` (the
+  tree's RSS every 50 ms) by killing the process's whole tree
+  (procutil.kill_tree), and puts how it ended (``HostResult``: plain
+  fields; the output stays the job's opaque pickle) in the server's
+  results queue. Told to end (the server's ``None`` once it idled), it
+  returns how many jobs it took, and its thread is Dask's again. Why a runner and not a
+  task per job: a Dask task costs ~10 ms of scheduling here, a queue hand-
+  over ~2 ms (figures in the README, *Past one machine*);
+- a cancel: the server calls ``kill_job`` on that worker (``Client.run``);
+  it kills the tree of the process running that job, or, if the runner has
+  not taken it yet, marks it so that the runner skips it. A runner task
+  cancelled by Dask (the server stopped, or gave it up) has its process
+  killed by the plugin's ``transition`` hook.
 
 Nothing here reads what a job wrote except through ``workerproto``'s
 strict decoder; a job that breaks the format has its tree killed and fails.
@@ -34,6 +43,8 @@ Jobs run as the Dask worker's OS user (README, *Past one machine*).
 
 from __future__ import annotations
 
+import asyncio
+import mmap
 import os
 import select
 import socket
@@ -41,16 +52,17 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
-from distributed import WorkerPlugin, get_worker
+from distributed import Queue, WorkerPlugin, get_worker
 
 from ..job import JobStatus, death
 from ..messages import LateFigures, Ready, Result
 from . import workerproto
+from .meter import MARK_SIZE, mark_figures
 from .procutil import kill_tree, tree_rss
 
-__all__ = ["EzpqPlugin", "PLUGIN_NAME", "run_job", "HostResult", "process_main"]
+__all__ = ["EzpqPlugin", "PLUGIN_NAME", "run_jobs", "kill_job", "HostResult", "process_main"]
 
 PLUGIN_NAME = "ezpq"
 #: a fresh ezpq worker process must say it is ready within this
@@ -83,16 +95,38 @@ HOST = socket.gethostname()
 
 def process_main() -> None:
     """Entry point of an ezpq worker process on a Dask host: ``channel
-    lifeline outputs`` (descriptors). The same loop as the server's own
-    workers (run.py), for the Dask worker's user."""
+    lifeline outputs [mark]`` (descriptors). The same loop as the server's
+    own workers (run.py), for the Dask worker's user; its meter leaves each
+    job's baseline in the shared ``mark`` (as a local worker does), for the
+    figures of a job killed from outside."""
     from .procutil import become_subreaper
     from .run import _exit, _serve, _watch_lifeline
     channel_fd, lifeline_fd = int(sys.argv[1]), int(sys.argv[2])
     outputs = [int(x) for x in sys.argv[3].split(",")] if sys.argv[3] != "-" else []
+    mark = None
+    if len(sys.argv) > 4:
+        mark_fd = int(sys.argv[4])
+        mark = memoryview(mmap.mmap(mark_fd, MARK_SIZE * 8)).cast("d")   # doubles, as a RawArray("d")
+        os.close(mark_fd)
     _watch_lifeline(lifeline_fd)
     become_subreaper()
-    if _serve(channel_fd, True, outputs=outputs):
+    if _serve(channel_fd, True, mark=mark, outputs=outputs):
         _exit()
+
+
+def _shared_mark() -> Tuple[Optional[int], Optional[mmap.mmap]]:
+    """A meter's mark shared with a process we start by ``subprocess``: a
+    memfd (Linux) both sides map; (None, None) where there is none (the
+    figures of a killed job are then unknown, as before)."""
+    if not hasattr(os, "memfd_create"):
+        return None, None
+    fd = os.memfd_create("ezpq-mark")
+    try:
+        os.ftruncate(fd, MARK_SIZE * 8)
+        return fd, mmap.mmap(fd, MARK_SIZE * 8)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class _Process:
@@ -101,6 +135,7 @@ class _Process:
     def __init__(self, lifeline_fd: int):
         ours, theirs = socket.socketpair()
         reads, writes = [], []
+        mark_fd, self._mark_map = _shared_mark()
         try:
             for _ in range(4):
                 r, w = os.pipe()
@@ -112,16 +147,21 @@ class _Process:
                     f"from ezpq_mgr.worker.dask_host import process_main; process_main()")
             self.popen = subprocess.Popen(
                 [sys.executable, "-c", code, str(theirs.fileno()), str(lifeline_fd),
-                 ",".join(str(w) for w in writes)],
-                pass_fds=(theirs.fileno(), lifeline_fd, *writes), close_fds=True,
+                 ",".join(str(w) for w in writes), *([] if mark_fd is None else [str(mark_fd)])],
+                pass_fds=(theirs.fileno(), lifeline_fd, *writes, *([] if mark_fd is None else [mark_fd])),
+                close_fds=True,
                 stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
             for fd in reads:
                 os.close(fd)
+            if self._mark_map is not None:
+                self._mark_map.close()
             raise
         finally:
             theirs.close()
+            if mark_fd is not None:
+                os.close(mark_fd)
             for fd in writes:
                 os.close(fd)
         self.sock = ours
@@ -132,14 +172,28 @@ class _Process:
         self.ready = False
         self.sent = 0          # jobs sent (the parity picks the output pipes)
         self.env = None        # the environment last sent
-        self.key: Optional[str] = None   # the Dask key it runs
+        self.key: Optional[str] = None   # the Dask key of the runner it works for
+        self.seq: Optional[int] = None   # the server's number of the job it runs
         self.stopped: Optional[Tuple[str, str]] = None   # (status, why) once we kill it
         self.dead = False
+        #: the job's figures read just before we killed it (meter.mark_figures)
+        self.kill_figures: Optional[tuple] = None
+        self._lock = threading.Lock()
+        self.mark = None if self._mark_map is None else memoryview(self._mark_map).cast("d")
 
     def kill(self, status: str, why: str) -> None:
-        """End its whole tree (the job's processes included); first reason wins."""
-        if self.stopped is None:
-            self.stopped = (status, why)
+        """End its whole tree (the job's processes included), reading the
+        figures of its job by then first, as the local supervisor does;
+        first reason wins."""
+        with self._lock:
+            first = self.stopped is None
+            if first:
+                self.stopped = (status, why)
+                if self.mark is not None and self.seq is not None and self.ready:
+                    try:
+                        self.kill_figures = tuple(mark_figures(self.pid, self.mark))
+                    except (OSError, ValueError, IndexError):
+                        pass
         self.dead = True
         kill_tree([self.pid])
 
@@ -154,6 +208,10 @@ class _Process:
         for fd in self.outs:
             os.close(fd)
         self.outs = []
+        if self.mark is not None:
+            self.mark.release()
+            self.mark = None
+            self._mark_map.close()
 
 
 class EzpqPlugin(WorkerPlugin):
@@ -167,6 +225,8 @@ class EzpqPlugin(WorkerPlugin):
         self._lock = threading.Lock()
         self._idle: List[_Process] = []
         self._busy: Dict[str, _Process] = {}
+        #: (runner key, job seq) cancelled before that runner took the job
+        self._cancelled: Set[Tuple[str, int]] = set()
         self._lifeline: Optional[Tuple[int, int]] = None
         self._closed = False
 
@@ -211,8 +271,33 @@ class EzpqPlugin(WorkerPlugin):
             threading.Thread(target=proc.kill, args=(JobStatus.CANCELLED.value, "cancelled by request"),
                              name="ezpq-cancel", daemon=True).start()
 
-    def take(self, key: str) -> _Process:
-        """An idle process for the task ``key`` (a new one if none is)."""
+    def kill(self, key: str, seq: int, why: str) -> None:
+        """The server cancelled job ``seq`` it handed to runner ``key``:
+        kill the tree running it, or have the runner skip it."""
+        with self._lock:
+            proc = self._busy.get(key)
+            if proc is None or proc.seq != seq:
+                self._cancelled.add((key, seq))
+                return
+        if not proc.dead:
+            threading.Thread(target=proc.kill, args=(JobStatus.CANCELLED.value, why),
+                             name="ezpq-cancel", daemon=True).start()
+
+    def skip(self, key: str, seq: int) -> bool:
+        """Was job ``seq`` cancelled before runner ``key`` took it?"""
+        with self._lock:
+            if (key, seq) in self._cancelled:
+                self._cancelled.discard((key, seq))
+                return True
+            return False
+
+    def forget(self, key: str) -> None:
+        """Runner ``key`` ended: its cancels that came too late go."""
+        with self._lock:
+            self._cancelled = {c for c in self._cancelled if c[0] != key}
+
+    def take(self, key: str, seq: Optional[int] = None) -> _Process:
+        """An idle process for runner ``key``'s job ``seq`` (a new one if none is)."""
         with self._lock:
             if self._closed or self._lifeline is None:
                 raise RuntimeError("the ezpq plugin of this Dask worker is closed")
@@ -223,14 +308,14 @@ class EzpqPlugin(WorkerPlugin):
                 proc.close()
             else:
                 proc = _Process(self._lifeline[0])
-            proc.key = key
+            proc.key, proc.seq = key, seq
             self._busy[key] = proc
         return proc
 
     def give_back(self, proc: _Process) -> None:
         with self._lock:
             self._busy.pop(proc.key, None)
-            proc.key = None
+            proc.key = proc.seq = None
             proc.stopped = None
             if proc.dead or self._closed:
                 dead = True
@@ -253,18 +338,63 @@ def _plugin(name: str) -> EzpqPlugin:
     return plugin
 
 
-def run_job(plugin_name: str, fn_blob: bytes, args_blob: bytes, env: Optional[list], as_thread: bool,
-            timeout: float, max_memory: Optional[int]) -> HostResult:
-    """The Dask task of one ezpq job: run it in an ezpq worker process of
-    this host (kept by the plugin ``plugin_name``, its server's) and
-    return how it ended. Never raises for the job's sake."""
+def run_jobs(plugin_name: str, inbox: str, outbox: str, orphan_after: float) -> int:
+    """A runner: the Dask task that runs the server's jobs on this worker
+    thread, one at a time, each in an ezpq worker process of this host
+    (kept by the plugin ``plugin_name``, its server's). Jobs come from the
+    queue ``inbox`` (this runner's alone) as ``[seq, fn_blob, args_blob,
+    env, as_thread, timeout, max_memory]``; each one's ``[key, seq,
+    *HostResult]`` goes to ``outbox``, after its ``[key, None]`` at start
+    (ready: no job is chosen for a runner before it runs). A ``None`` (the server retires it)
+    ends it; it returns how many jobs it took.
+
+    The server retires an idle runner itself, so a runner waits without a
+    timeout of its own but ``orphan_after`` seconds (far longer than the
+    server lets one idle): only a runner whose server died waits that long,
+    and it then gives its thread back. (A timed-out queue get is logged as
+    an error by the scheduler, and a job put as it gave up would be lost:
+    both are why the server, not the runner, decides when it ends.)"""
     key = get_worker().get_current_task()
     plugin = _plugin(plugin_name)
-    proc = plugin.take(key)
+    jobs, results = Queue(inbox), Queue(outbox)
+    taken = 0
     try:
-        return _run(proc, fn_blob, args_blob, env, as_thread, timeout, max_memory)
+        results.put([key, None])   # ready: the server picks a job for it only now
+        while True:
+            try:
+                msg = jobs.get(timeout=orphan_after)
+            except (TimeoutError, asyncio.TimeoutError):
+                return taken
+            if msg is None:
+                return taken
+            taken += 1
+            seq, fn_blob, args_blob, env, as_thread, timeout, max_memory = msg
+            if plugin.skip(key, seq):
+                res = HostResult(JobStatus.CANCELLED.value, -9, None, time.time(), None,
+                                 "cancelled by request", None, None, HOST, b"")
+            else:
+                proc = plugin.take(key, seq)
+                try:
+                    res = _run(proc, fn_blob, args_blob, env, as_thread, timeout, max_memory)
+                finally:
+                    plugin.give_back(proc)
+            results.put([key, seq, *res])
     finally:
-        plugin.give_back(proc)
+        plugin.forget(key)
+        for q in (jobs, results):
+            try:
+                q.close()
+            except Exception:
+                pass
+
+
+async def kill_job(plugin_name: str, key: str, seq: int, why: str, dask_worker=None) -> None:
+    """Run on the Dask worker's event loop (``Client.run``; a coroutine, so
+    that the server need not wait for it): the server cancelled job ``seq``
+    of runner ``key``."""
+    plugin = (dask_worker or get_worker()).plugins.get(plugin_name)
+    if plugin is not None:
+        plugin.kill(key, seq, why)
 
 
 def _host_env(env: Optional[list]) -> Optional[tuple]:
@@ -425,5 +555,5 @@ def _ended(proc: _Process, result: Optional[Result], log: bytearray, pair: int) 
         code = None
     status, why = proc.stopped
     exitcode = code if code is not None and code < 0 else -9
-    return HostResult(status, exitcode, None, time.time(), None, why, None, proc.pid, HOST,
+    return HostResult(status, exitcode, None, time.time(), None, why, proc.kill_figures, proc.pid, HOST,
                       _drain(proc, log, pair))
