@@ -2953,9 +2953,10 @@ def test_parked_wait_jobs_cost_nothing_per_change_for_jobs_already_finished(inpu
 def b_patches_the_dask_workers(scheduler, marker):
     """User B, without the ezpq key: Dask's scheduler has no authentication,
     so any local user (or any job, on a --dask-any-user server) can run code
-    in the Dask workers (``Client.run``). B makes the next ezpq task return
-    an object whose pickle runs code where it is unpickled: the ezpq
-    server's Dask client (``gather``), root on a root server."""
+    in the Dask workers (``Client.run``). B makes the next ezpq job's result
+    hold objects whose pickle runs code where it is unpickled: the ezpq
+    server's Dask client (the results queue, or ``gather``), root on a root
+    server."""
     import distributed
 
     def patch(marker=marker):
@@ -2965,17 +2966,38 @@ def b_patches_the_dask_workers(scheduler, marker):
             def __reduce__(self):
                 return (exec, (f"import os; open({marker!r}, 'w').write(str(os.getpid()))",))
 
-        host._run = lambda *args, **kwargs: Payload()
+        # what a job's run returns (HostResult's 10 fields), each one the payload
+        host._run = lambda *args, **kwargs: tuple(Payload() for _ in range(10))
+        return True
+
+    def patch_scheduler(dask_scheduler=None, marker=marker):
+        # results that travel through a Dask queue: the scheduler answers the
+        # server's get; B's code there makes each answer a pickle
+        from distributed.protocol.serialize import ToPickle
+
+        class Payload:
+            def __reduce__(self):
+                return (exec, (f"import os; open({marker!r}, 'w').write(str(os.getpid()))",))
+
+        original = dask_scheduler.handlers["queue_get"]
+
+        async def queue_get(*args, **kwargs):
+            out = await original(*args, **kwargs)
+            if isinstance(out, dict) and out.get("type") == "msgpack":
+                out = dict(out, value=ToPickle(Payload()))
+            return out
+
+        dask_scheduler.handlers["queue_get"] = queue_get
         return True
 
     with distributed.Client(scheduler, timeout=30) as client:
-        return list(client.run(patch).values())
+        return list(client.run(patch).values()) + [client.run_on_scheduler(patch_scheduler)]
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="the server's Dask client unpickles task results (Dask's pickle "
-                   "serializer): whoever can reach the scheduler runs code in ezpq-server; fix proposed "
-                   "in the second attack pass's report")
+@pytest.mark.xfail(strict=True, reason="the server is a Dask client, and a Dask client unpickles what "
+                   "the scheduler or a worker sends (__Pickled__ frames, results): whoever can reach the "
+                   "scheduler runs code in ezpq-server; fix proposed in the second attack pass's report")
 def test_what_a_dask_worker_hands_back_runs_nothing_in_the_server(users):
     distributed = pytest.importorskip("distributed")
     from server_fixture import free_port
@@ -2994,7 +3016,7 @@ def test_what_a_dask_worker_hands_back_runs_nothing_in_the_server(users):
         server = Server("unix", workers=2, extra=("--dask", scheduler_address, "--dask-any-user"))
         os.chmod(server.dir, 0o777)
         assert run_as(users[USERS[1]], b_patches_the_dask_workers, scheduler_address, marker,
-                      cwd=where) == [True]
+                      cwd=where) == [True, True]
         with ezpq.Queue(address=server.address, authkey=server.key) as Q:   # anybody's next job
             Q.put(abs, -3)
             job = Q.get(wait=True, timeout=60)
