@@ -38,7 +38,9 @@ class Server:
         if self.log_file:
             cmd += ["--log-file", self.log_file]
         cmd += list(extra)
-        self.proc = subprocess.Popen(cmd)
+        # its temporary files (the jobs' logs without --log-dir) in its own
+        # directory too, so a test that kills it leaves nothing behind
+        self.proc = subprocess.Popen(cmd, env=dict(os.environ, TMPDIR=self.dir))
         deadline = time.monotonic() + 30
         while True:
             assert self.proc.poll() is None, "ezpq-server exited during start-up"

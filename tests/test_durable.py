@@ -40,7 +40,7 @@ class Durable:
         self.proc = None
 
     def start(self):
-        self.proc = subprocess.Popen(self.cmd)
+        self.proc = subprocess.Popen(self.cmd, env=dict(os.environ, TMPDIR=self.dir))   # its temp files too
         deadline = time.monotonic() + 30
         while True:
             assert self.proc.poll() is None, "ezpq-server exited during start-up"
@@ -445,6 +445,7 @@ def test_disk_full_stops_the_server_and_keeps_what_was_committed(durable, tmpfs)
     bigger = os.path.join(s.dir, "state2")
     shutil.copytree(os.path.join(where, "state"), bigger)
     s2 = durable(state_dir=bigger)
+    os.rmdir(s2.dir)   # it goes on in the first server's dir (its key and socket)
     s2.dir, s2.keyfile, s2.address = s.dir, s.keyfile, s.address
     s2.cmd = [a if a != os.path.join(where, "state") else bigger for a in s.cmd]
     s2.start()
