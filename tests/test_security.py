@@ -3063,9 +3063,6 @@ def a_lists_its_jobs_in_a_loop(input_server, n_jobs, n_conns, looping, release):
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="a call's cost grows with its caller's jobs (no cap on jobs per "
-                   "user, list_jobs/jobs/wait_jobs answer all at once, no per-user share of the server's "
-                   "threads): fix proposed in the second attack pass's report")
 def test_one_users_listings_of_many_jobs_starve_nobody(input_server, users):
     looping, release = FORK.Event(), FORK.Event()
     pa, out = start_as(users[USERS[0]], a_lists_its_jobs_in_a_loop, input_server, 50_000, 8, looping, release)
