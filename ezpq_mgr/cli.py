@@ -457,8 +457,8 @@ def _cmd_cancel(link, args):
 
 
 def _cmd_wait(link, args):
-    snaps = link.remote.call("wait_jobs", args.jobs, args.timeout or None)   # answered when all are done
-    done = all(s["status"] not in ("waiting", "working") for s in snaps)
+    done = link.remote.call("wait_jobs", args.jobs, args.timeout or None)   # answered when all are done
+    snaps = link.remote.call("show_jobs", args.jobs)
     if args.json:
         _print_json([_public(s, link.me) for s in snaps])
     else:

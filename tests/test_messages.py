@@ -4,6 +4,7 @@ values; the records survive both wire formats and name themselves again
 on arrival; the handshake's frames are its records."""
 
 import dataclasses
+import json
 import pickle
 
 import pytest
@@ -147,3 +148,22 @@ def test_every_message_is_a_named_tuple():
         if isinstance(obj, type):
             assert issubclass(obj, tuple) and hasattr(obj, "_fields"), name
     assert m.Outcome(JobStatus.FAILED, 1, exception="x").exception == "x"
+
+
+@pytest.mark.parametrize("n", [0, 3, wire._SLICE, wire._SLICE + 1, 2 * wire._SLICE + 7])
+def test_long_lists_are_dumped_in_slices_with_the_same_bytes(n, monkeypatch):
+    """A long listing is written a slice per json call (so the C encoder
+    never holds the interpreter for a whole 28 MB reply): the bytes are
+    those of one call, and it reads back the same, inside a Reply too."""
+    rows = [{"job": i, "args": b"\x00x", "t": (i, None), "__odd": "k"} for i in range(n)]
+    calls = []
+    real = wire.json.dumps
+    monkeypatch.setattr(wire.json, "dumps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for obj in (rows, m.Reply("ok", rows), {"rows": rows, "more": [rows, 1]}):
+        calls.clear()
+        data = wire.dumps(obj)
+        assert data == real(json.loads(data), separators=(",", ":")).encode()
+        back = wire.loads(data)
+        assert (tuple(back) if isinstance(obj, m.Reply) else back) == (tuple(obj) if isinstance(obj, m.Reply) else obj)
+        if n > wire._SLICE:
+            assert len(calls) >= n // wire._SLICE, "a long list was dumped in one call"

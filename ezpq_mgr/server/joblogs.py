@@ -172,8 +172,14 @@ class LogBook:
                 os.close(fd)
 
     def _open(self, log: JobLog) -> int:
-        """The log's file for appending, made safely on first use. Caller holds _lock."""
-        flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        """The log's file for appending, made safely on first use. Caller holds _lock.
+
+        ``O_NONBLOCK``: the file is its submitter's, who may take a file lease
+        on it (``F_SETLEASE``); a blocking open would then wait in the
+        supervisor until they let go (or ``lease-break-time``, 45 s) and stall
+        every job. Non-blocking, such an open fails at once (``EAGAIN``): that
+        job's output is not kept from there on, nobody else's is delayed."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         if log.created:
             return os.open(log.path, flags)
         try:
