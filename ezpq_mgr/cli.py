@@ -5,7 +5,8 @@ show, report, plot, workers; pause, resume, priority, requeue, clean, top).
 ``ezpq-server`` exit codes: 0 stopped by SIGTERM/SIGINT, 1 failed while
 serving, 2 refused to start (usage, an unsafe key or log file, a live server
 or something not a socket at ``--socket``, an address in use, a Dask
-scheduler that cannot be reached or ``--dask`` as root), with a
+scheduler that cannot be reached, ``--dask`` as root without
+``--dask-any-user``, or a ``--dask-user`` that does not exist), with a
 one-line reason on stderr, never a traceback.
 
 ``ezpq`` exit codes: 0 ok, 1 a job failed or was not found, 2 usage error

@@ -517,7 +517,9 @@ class DaskExecutor:
                 elif kind is m.BridgeUnreachable:
                     raise _Unreachable(msg.why)
                 elif kind is m.BridgeLog:
-                    logger.log(max(msg.level, logging.DEBUG), "dask bridge: %s", msg.text[:2000])
+                    # one line of the bridge's own words: no forged lines in our log
+                    logger.log(max(msg.level, logging.DEBUG), "dask bridge: %s",
+                               " ".join(msg.text[:2000].split()).encode("ascii", "backslashreplace").decode())
                 else:
                     raise _Violation(f"a {kind.__name__} message")
             for runner, seq, why in self._take_kills():
