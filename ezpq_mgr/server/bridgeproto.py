@@ -23,8 +23,10 @@ kind known for this direction, reserved bytes, size under
 codes, finite numbers, the message's own rules); anything else raises
 ``ProtocolError``, and the server ends that bridge.
 
-Cost: the generic field loop is ~10 us per job each way (a RunOnRunner
-and a RunnerResult), next to a Dask hand-over of ~2 ms.
+Cost (timeit on the 2-core test VM, a no-op job's messages): a
+RunOnRunner encodes in ~5 us and decodes in ~8 us, a RunnerResult ~6 and
+~7 us; the server's share per job is ~13 us (encode one, decode the
+other), next to a Dask hand-over of ~2 ms.
 """
 
 from __future__ import annotations
