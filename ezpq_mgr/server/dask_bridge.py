@@ -276,8 +276,13 @@ class Bridge:
                 if self._outbox is outbox:
                     self._outbox_set.wait(RECONNECT_INTERVAL)
                 continue
-            if msg is not None:
-                self._post(("result", msg))
+            if msg is not None:   # straight to the server: no hand-off to the loop on the hot path
+                try:
+                    self._result(msg)
+                except OSError:
+                    os._exit(1)   # the server is gone
+                except Exception as e:
+                    logger.warning("dask: a result could not be passed on: %s", e)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -317,9 +322,7 @@ class Bridge:
             self._read_cluster()
         for item in items:
             kind = item[0]
-            if kind == "result":
-                self._result(item[1])
-            elif kind == "runner":
+            if kind == "runner":
                 self._runner_ended(item[1], item[2])
             elif kind == "cmd":
                 if isinstance(item[1], m.StopBridge):
@@ -425,15 +428,16 @@ class Bridge:
         from distributed import Queue
         from ..worker.dask_host import run_jobs
         runner = _Runner(key, worker)
+        self._runners[key] = runner   # before it can say it is ready (read by the results thread)
+        self._started.add(key)
         try:
             runner.inbox = Queue(f"{key}-in", client=self._client)
             runner.future = self._client.submit(
                 run_jobs, self.plugin, f"{key}-in", self._outbox_name, RUNNER_ORPHAN, key=key,
                 workers=[worker], allow_other_workers=False, pure=False, retries=0)
-            self._runners[key] = runner
-            self._started.add(key)
             runner.future.add_done_callback(lambda f, key=key: self._post(("runner", key, f)))
         except Exception as e:
+            self._runners.pop(key, None)
             self.send(m.RunnerBroken(key, None, bridgeproto.text(f"could not start a Dask runner on {worker}: {e}")))
 
     def _end_orphan(self, key: str) -> None:
