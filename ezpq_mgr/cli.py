@@ -153,6 +153,8 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     import faulthandler
     import signal
 
+    from .server.service import DEFAULT_MAX_USER_BYTES, DEFAULT_MAX_USER_JOBS
+
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
     p = argparse.ArgumentParser(prog="ezpq-server", description="Run a shared ezpq_mgr server.",
                                 epilog="exit codes: 0 stopped, 1 failed while serving, 2 refused to start")
@@ -174,6 +176,12 @@ def server_main(argv: Optional[List[str]] = None) -> None:
                    help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL; the log goes to stderr")
     p.add_argument("--max-message", type=_size, default="256M",
                    help="largest request a client may send, e.g. 64M, 1G (default 256M)")
+    p.add_argument("--max-user-jobs", type=_count, default=DEFAULT_MAX_USER_JOBS, metavar="N",
+                   help=f"jobs one user (not root, not this server's user) may have on the server at "
+                        f"once, collected ones not counted (default {DEFAULT_MAX_USER_JOBS:,}; 0: no cap)")
+    p.add_argument("--max-user-bytes", type=_size_or_zero, default=DEFAULT_MAX_USER_BYTES, metavar="SIZE",
+                   help="bytes of functions, arguments and outputs one user's jobs may hold on the server "
+                        "at once, e.g. 512M, 2G (default 1G; 0: no cap)")
     p.add_argument("--allow-other-users", action="store_true",
                    help="a server not run as root: serve every user anyway, running their jobs as "
                         "this server's user (by default it serves only its own user)")
@@ -273,7 +281,8 @@ def _serve(args: argparse.Namespace) -> None:
               on_ready=on_ready, max_message=args.max_message, allow_other_users=args.allow_other_users,
               keep_finished=args.keep_finished or None, state_dir=args.state_dir, sync=args.sync,
               log_dir=args.log_dir, max_log=args.max_log, dask=args.dask, dask_any_user=args.dask_any_user,
-              dask_timeout=args.dask_timeout, dask_user=args.dask_user)
+              dask_timeout=args.dask_timeout, dask_user=args.dask_user, max_user_jobs=args.max_user_jobs,
+              max_user_bytes=args.max_user_bytes)
     except DaskUnreachable as exc:
         raise StartupError(f"--dask: {exc}") from None
     except LogFileError as exc:
@@ -323,6 +332,25 @@ def _size(text: str) -> int:
     if not 1024 <= n < 1 << 62:
         raise argparse.ArgumentTypeError(f"--max-message must be at least 1K, got {text!r}")
     return int(n)
+
+
+def _size_or_zero(text: str) -> int:
+    """``--max-user-bytes``: bytes, or with a K/M/G/T suffix; 0: no cap."""
+    n = _bytes_of(text, {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}, "512M, 2G")
+    if not 0 <= n < 1 << 62:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)")
+    return int(n)
+
+
+def _count(text: str) -> int:
+    """``--max-user-jobs``: a whole number >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n < 1 << 62:
+        raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
+    return n
 
 
 def _socket_mode(address) -> None:

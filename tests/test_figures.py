@@ -57,7 +57,9 @@ def test_a_timed_out_job_has_the_figures_it_used(start_method):
         Q.put(touch_then_burn, [100, 10], timeout=1)
         first, job = Q.get(wait=True), Q.get(wait=True)
     assert first["pid"] == job["pid"] and job["status"] == "timeout"
-    assert 0.5 <= cpu(job) <= 1.6, job
+    # its own burn (it had the CPU for part of its 1 s: 0.44 s on a CI box
+    # loaded 3x over), never the 1.0 s of the job before it on top
+    assert 0.2 <= cpu(job) <= 1.6, job
     assert 100 * MiB <= job["max_rss"] < 200 * MiB and job["max_rss_method"] == "vmhwm", job
 
 

@@ -138,3 +138,39 @@ def test_top_on_ctrl_c_exits_130(server):
         assert "Traceback" not in t.text() and "ezpq: interrupted" in t.text()
     finally:
         t.kill()
+
+
+def test_a_first_sample_pauses_only_its_own_caller():
+    """The sampler pauses FIRST_GAP for a process it has not seen (so its
+    first CPU % covers a moment); that pause used to hold the sampler's one
+    lock, so a user calling top in a loop for new processes made every
+    other caller's top wait behind it (the second attack pass)."""
+    import threading
+    from ezpq_mgr.server import live
+
+    sampler = live.LiveSampler()
+    known = os.getpid()
+    sampler.sample([known])   # seen: no pause for it from now on
+    others = []
+    started = threading.Event()
+    procs = [subprocess.Popen(["sleep", "30"]) for _ in range(20)]
+    try:
+        def newcomer_loop():
+            started.set()
+            for p in procs:            # each a first sample: FIRST_GAP each, 4 s in all
+                sampler.sample([p.pid])
+
+        t = threading.Thread(target=newcomer_loop)
+        t.start()
+        started.wait(5)
+        for _ in range(10):
+            t0 = time.monotonic()
+            pct, rss = sampler.sample([known])[known]
+            others.append(time.monotonic() - t0)
+            assert rss and rss > 0
+        t.join(30)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert max(others) < live.FIRST_GAP / 2, others

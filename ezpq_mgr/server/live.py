@@ -62,33 +62,38 @@ class LiveSampler:
 
     def sample(self, pids: Iterable[int]) -> Dict[int, Tuple[Optional[float], Optional[int]]]:
         """pid -> (CPU % since the previous sample, RSS bytes now); (None,
-        None) for a pid that is gone."""
+        None) for a pid that is gone. The lock only guards the remembered
+        figures: the reads and the pause for a first figure happen outside
+        it, so one user calling ``top`` in a loop on many connections never
+        makes another user's ``top`` wait behind those pauses."""
         pids = list(dict.fromkeys(pids))
         with self._lock:
             now = self._clock()
             last = {pid: v for pid, v in self._last.items() if now - v[0] <= STALE}
-            read = {pid: _tree_figures(pid) for pid in pids}
-            first = [pid for pid, f in read.items()
-                     if f is not None and (pid not in last or last[pid][1] != f[0])]
-            if first:   # a figure from this very call: read those again a moment later
-                for pid in first:
-                    last[pid] = (now,) + read[pid][:2]
-                time.sleep(FIRST_GAP)
-                now = self._clock()
-                for pid in first:
-                    read[pid] = _tree_figures(pid)
-            out: Dict[int, Tuple[Optional[float], Optional[int]]] = {}
-            keep = last
-            for pid, f in read.items():
-                if f is None:
-                    out[pid] = (None, None)
-                    continue
-                created, cpu, rss = f
-                before = last.get(pid)
-                pct = None
-                if before is not None and before[1] == created and now > before[0]:
-                    pct = max(0.0, cpu - before[2]) / (now - before[0]) * 100.0
-                out[pid] = (pct, rss)
-                keep[pid] = (now, created, cpu)
-            self._last = keep
-            return out
+        read = {pid: _tree_figures(pid) for pid in pids}
+        first = [pid for pid, f in read.items()
+                 if f is not None and (pid not in last or last[pid][1] != f[0])]
+        if first:   # a figure from this very call: read those again a moment later
+            for pid in first:
+                last[pid] = (now,) + read[pid][:2]
+            time.sleep(FIRST_GAP)
+            now = self._clock()
+            for pid in first:
+                read[pid] = _tree_figures(pid)
+        out: Dict[int, Tuple[Optional[float], Optional[int]]] = {}
+        seen: Dict[int, Tuple[float, float, float]] = {}
+        for pid, f in read.items():
+            if f is None:
+                out[pid] = (None, None)
+                continue
+            created, cpu, rss = f
+            before = last.get(pid)
+            pct = None
+            if before is not None and before[1] == created and now > before[0]:
+                pct = max(0.0, cpu - before[2]) / (now - before[0]) * 100.0
+            out[pid] = (pct, rss)
+            seen[pid] = (now, created, cpu)
+        with self._lock:
+            self._last = {pid: v for pid, v in self._last.items() if now - v[0] <= STALE}
+            self._last.update(seen)
+        return out

@@ -36,7 +36,7 @@ from .doorman import Doorman
 from .joblogs import DEFAULT_MAX_LOG, LogBook
 from .outgoing import Flusher, PeerConnection
 from .connections import ConnectionServer
-from .service import Service
+from .service import DEFAULT_MAX_USER_BYTES, DEFAULT_MAX_USER_JOBS, Service
 from .state import QueueState
 from .supervisor import Supervisor
 
@@ -66,7 +66,8 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
           state_dir: Optional[str] = None, sync: str = "normal",
           log_dir: Optional[str] = None, max_log: int = DEFAULT_MAX_LOG,
           dask: Optional[str] = None, dask_any_user: bool = False,
-          dask_timeout: Optional[float] = None, dask_user: str = "nobody") -> None:
+          dask_timeout: Optional[float] = None, dask_user: str = "nobody",
+          max_user_jobs: int = DEFAULT_MAX_USER_JOBS, max_user_bytes: int = DEFAULT_MAX_USER_BYTES) -> None:
     """Run a server until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
     ``shared``: several users may connect: JSON on the wire (never pickle),
@@ -89,6 +90,10 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     ``<state_dir>/logs`` with a state dir, else a private directory removed
     at the end); ``max_log``: the cap of one job's log, in bytes. An unsafe
     directory raises ``LogDirError`` before anything is served.
+
+    ``max_user_jobs``, ``max_user_bytes``: what one user other than root
+    and the owner may hold on a shared server at once (jobs not collected;
+    the bytes of their functions, arguments and outputs); 0: no cap.
 
     ``dask``: run the jobs on the Dask cluster of that scheduler
     (dask_executor.py) instead of local workers; ``workers`` then caps how
@@ -159,10 +164,12 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
                                       bridge_uid=bridge_uid, max_message=worker_limit)
         logs.on_doomed = supervisor.wake
         service = Service(state, supervisor, shared=shared, accounting=accounting,
-                          keep_finished=keep_finished, logs=logs)
+                          keep_finished=keep_finished, logs=logs, max_user_jobs=max_user_jobs,
+                          max_user_bytes=max_user_bytes)
         state.seq = accounting.max_job()   # job numbers continue after the log's largest
         if store is not None:
             store.restore(state, service)
+            service.count_restored()
         logs.restore(state.records)   # earlier runs' logs: kept for known jobs, else removed
         listener = transport.listen(address)
         opened.pop_all()

@@ -76,6 +76,12 @@ MAX_WAIT_JOBS = 100_000
 MAX_CLIENTS_PER_USER = 1024
 MAX_ENV_BYTES_PER_USER = 16 * 1024 * 1024
 MAX_QUEUES_PER_USER = 4096
+#: What one user's jobs may hold on a shared server at once (root and the
+#: owner: no cap; ``--max-user-jobs``, ``--max-user-bytes``): jobs not yet
+#: collected, and the bytes of their functions, arguments and outputs. A
+#: waiting job costs ~700 bytes besides its payload: 250,000 jobs ~175 MB.
+DEFAULT_MAX_USER_JOBS = 250_000
+DEFAULT_MAX_USER_BYTES = 1 << 30
 _SLOT = 64   # about what a str, a tuple or a dict entry costs beyond its characters
 #: A listing (list_jobs, jobs) copies this many jobs per hold of the state's
 #: lock: a user's 50,000 jobs listed at once held it ~0.15 s, in which
@@ -162,7 +168,8 @@ class Service(Control):
 
     def __init__(self, state: QueueState, supervisor: Supervisor, shared: bool = False,
                  accounting: Optional[AccountingLog] = None, keep_finished: Optional[float] = None,
-                 logs: Optional[LogBook] = None):
+                 logs: Optional[LogBook] = None, max_user_jobs: int = DEFAULT_MAX_USER_JOBS,
+                 max_user_bytes: int = DEFAULT_MAX_USER_BYTES):
         self.state = state
         self.logs = logs   # the jobs' output (joblogs.py); None: none is captured
         self.supervisor = supervisor
@@ -180,6 +187,13 @@ class Service(Control):
         self._clients: Dict[str, _Client] = {}
         self._holds: Dict[int, List[int]] = {}  # uid -> [clients, bytes of environments] it holds
         self._closed = threading.Event()
+        #: (lock held) uid -> [jobs on the server, bytes of their payloads and
+        #: outputs]; kept on a shared server only (the private one has one
+        #: user, and its put path stays as short as it was)
+        self._jobs_held: Optional[Dict[int, List[int]]] = {} if shared else None
+        self._outputs: Dict[int, int] = {}   # seq -> output bytes counted in _jobs_held
+        self.max_user_jobs = max_user_jobs or None     # 0: no cap
+        self.max_user_bytes = max_user_bytes or None
         #: one listing at a time per user: a user who lists 50,000 jobs on 8
         #: connections at once gets them one after the other, and the other
         #: users' calls share the interpreter with one such listing, not 8
@@ -432,8 +446,55 @@ class Service(Control):
         return me.privileged or rec.uid == me.uid
 
     def _on_final(self, rec: JobRecord) -> None:
-        """(state lock held) A job ended for good: its row."""
+        """(state lock held) A job ended for good: its row; its output now
+        counts in what its user holds (until it is collected)."""
         self.log.record(rec, self._visible_qid(rec.qid))
+        if self._jobs_held is not None:
+            size = len(rec.output_blob or b"")
+            before = self._outputs.pop(rec.seq, 0)   # a requeued job ends again
+            if size:
+                self._outputs[rec.seq] = size
+            self._hold_jobs(rec.uid, 0, size - before)
+
+    # ------------------------------------------------- what a user holds
+    def _hold_jobs(self, uid: int, jobs: int, size: int) -> None:
+        """(lock held) ``uid`` holds ``jobs`` more jobs and ``size`` more bytes."""
+        held = self._jobs_held.get(uid)
+        if held is None:
+            held = self._jobs_held[uid] = [0, 0]
+        held[0] += jobs
+        held[1] += size
+        if held == [0, 0]:
+            del self._jobs_held[uid]
+
+    def _check_share(self, me: Identity, jobs: int, size: int) -> None:
+        """(lock held) ``ServerLimit`` if ``jobs`` more jobs of ``size``
+        payload bytes would take ``me`` past a cap (root and the owner: none)."""
+        if me.privileged:
+            return
+        n, b = self._jobs_held.get(me.uid, (0, 0))
+        if self.max_user_jobs and n + jobs > self.max_user_jobs:
+            raise ServerLimit(f"at most {self.max_user_jobs:,} jobs per user on this server "
+                              f"(--max-user-jobs): {me.user} has {n:,} not collected; collect or "
+                              f"clean finished ones, or put fewer at once")
+        if self.max_user_bytes and b + size > self.max_user_bytes:
+            raise ServerLimit(f"at most {describe_size(self.max_user_bytes)} of jobs' functions, "
+                              f"arguments and outputs per user on this server (--max-user-bytes): "
+                              f"{me.user} holds {describe_size(b)}, these take {describe_size(size)}; "
+                              f"collect or clean finished ones")
+
+    def count_restored(self) -> None:
+        """(before serving) What the jobs restored from a state dir hold."""
+        if self._jobs_held is None:
+            return
+        with self.state.cond:
+            for rec in self.state.records.values():
+                out = len(rec.output_blob or b"")
+                if out and rec.finished:
+                    self._outputs[rec.seq] = out
+                else:
+                    out = 0
+                self._hold_jobs(rec.uid, 1, len(rec.fn_blob) + len(rec.args_blob) + out)
 
     def _on_gone(self, rec: JobRecord) -> None:
         """(state lock held) A job's record is deleted (collected, cleaned,
@@ -446,6 +507,8 @@ class Service(Control):
             self._env_release(rec.env_id)
         if self.logs is not None:
             self.logs.forget(rec.seq)
+        if self._jobs_held is not None:
+            self._hold_jobs(rec.uid, -1, -len(rec.fn_blob) - len(rec.args_blob) - self._outputs.pop(rec.seq, 0))
 
     # --------------------------------------------------------------- clients
     def hello(self, caller: Caller, client: str, cwd: str, sys_path: List[str], holding: bool,
@@ -578,6 +641,11 @@ class Service(Control):
                 env = self._envs.get(env_id) if env_id else None
                 if env_id and (env is None or env.uid != me.uid):
                     raise ValueError(f"env_id: unknown environment {env_id}")
+            held = None
+            if self._jobs_held is not None:
+                held = (len(recs), sum(len(r.fn_blob) + len(r.args_blob) for r in recs))
+                self._check_share(me, *held)
+                self._hold_jobs(me.uid, *held)
             # the jobs hold their environments before they are added: one
             # may end within add (skipped: a job it waits for ended otherwise)
             for env_id, n in envs.items():
@@ -589,6 +657,8 @@ class Service(Control):
                 for env_id, n in envs.items():
                     if env_id:
                         self._envs[env_id].refs -= n
+                if held is not None:
+                    self._hold_jobs(me.uid, -held[0], -held[1])
                 raise
         self.supervisor.dispatch_now()
         return recs
