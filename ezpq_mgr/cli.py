@@ -179,7 +179,7 @@ def server_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--max-user-jobs", type=_count, default=DEFAULT_MAX_USER_JOBS, metavar="N",
                    help=f"jobs one user (not root, not this server's user) may have on the server at "
                         f"once, collected ones not counted (default {DEFAULT_MAX_USER_JOBS:,}; 0: no cap)")
-    p.add_argument("--max-user-bytes", type=_size_or_zero, default=DEFAULT_MAX_USER_BYTES, metavar="SIZE",
+    p.add_argument("--max-user-bytes", type=_job_size, default=DEFAULT_MAX_USER_BYTES, metavar="SIZE",
                    help="bytes of functions, arguments and outputs one user's jobs may hold on the server "
                         "at once, e.g. 512M, 2G (default 1G; 0: no cap)")
     p.add_argument("--allow-other-users", action="store_true",
@@ -331,14 +331,6 @@ def _size(text: str) -> int:
     n = _bytes_of(text, {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}, "256M")
     if not 1024 <= n < 1 << 62:
         raise argparse.ArgumentTypeError(f"--max-message must be at least 1K, got {text!r}")
-    return int(n)
-
-
-def _size_or_zero(text: str) -> int:
-    """``--max-user-bytes``: bytes, or with a K/M/G/T suffix; 0: no cap."""
-    n = _bytes_of(text, {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}, "512M, 2G")
-    if not 0 <= n < 1 << 62:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)")
     return int(n)
 
 
@@ -739,7 +731,8 @@ def _job_numbers(text: str) -> tuple:
 
 
 def _job_size(text: str) -> int:
-    """``--max-memory``: bytes, or with a K/M/G/T suffix (powers of 1024); 0 for none."""
+    """``--max-memory``, ``--max-log``, ``--max-user-bytes``: bytes, or with
+    a K/M/G/T suffix (powers of 1024); 0 for none."""
     n = _bytes_of(text, {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}, "512M, 2G")
     if not 0 <= n < 1 << 62:
         raise argparse.ArgumentTypeError(f"not a size >= 0: {text!r}")

@@ -83,33 +83,9 @@ class _Long(list):
     """An encoded list longer than ``_SLICE``: dumped in slices (``_dump``)."""
 
 
-def _dump(enc: Any, parts: list, depth: int = 0) -> None:
-    """Append ``enc``'s JSON to ``parts``: long lists a slice per C call, so
-    other threads run between slices; only the few top levels of a reply are
-    looked into (a Reply wraps its value in two), the rest in one call."""
-    if isinstance(enc, _Long):
-        parts.append("[")
-        for i in range(0, len(enc), _SLICE):
-            parts.append(("," if i else "") + json.dumps(enc[i:i + _SLICE], separators=_SEPARATORS)[1:-1])
-        parts.append("]")
-    elif depth < 3 and isinstance(enc, list) and any(isinstance(x, (list, dict)) for x in enc):
-        parts.append("[")
-        for i, x in enumerate(enc):
-            if i:
-                parts.append(",")
-            _dump(x, parts, depth + 1)
-        parts.append("]")
-    elif depth < 3 and isinstance(enc, dict) and len(enc) <= 4:
-        parts.append("{")
-        for i, (k, v) in enumerate(enc.items()):
-            parts.append(("," if i else "") + json.dumps(k) + ":")
-            _dump(v, parts, depth + 1)
-        parts.append("}")
-    else:
-        parts.append(json.dumps(enc, separators=_SEPARATORS))
-
-
 def _has_long(enc: Any, depth: int = 0) -> bool:
+    """Whether ``enc`` is or holds a ``_Long`` within the few top levels of
+    a reply that ``_dump`` looks into (a Reply wraps its value in two)."""
     if isinstance(enc, _Long):
         return True
     if depth >= 3:
@@ -119,6 +95,32 @@ def _has_long(enc: Any, depth: int = 0) -> bool:
     if isinstance(enc, dict) and len(enc) <= 4:
         return any(_has_long(v, depth + 1) for v in enc.values())
     return False
+
+
+def _dump(enc: Any, parts: list, depth: int = 0) -> None:
+    """Append ``enc``'s JSON to ``parts``: long lists a slice per C call, so
+    other threads run between slices; a container holding one (``_has_long``)
+    child by child; anything else in one call."""
+    if isinstance(enc, _Long):
+        parts.append("[")
+        for i in range(0, len(enc), _SLICE):
+            parts.append(("," if i else "") + json.dumps(enc[i:i + _SLICE], separators=_SEPARATORS)[1:-1])
+        parts.append("]")
+    elif not _has_long(enc, depth):
+        parts.append(json.dumps(enc, separators=_SEPARATORS))
+    elif isinstance(enc, list):
+        parts.append("[")
+        for i, x in enumerate(enc):
+            if i:
+                parts.append(",")
+            _dump(x, parts, depth + 1)
+        parts.append("]")
+    else:
+        parts.append("{")
+        for i, (k, v) in enumerate(enc.items()):
+            parts.append(("," if i else "") + json.dumps(k) + ":")
+            _dump(v, parts, depth + 1)
+        parts.append("}")
 
 
 def dumps(obj: Any) -> bytes:

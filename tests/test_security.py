@@ -2886,26 +2886,35 @@ def test_a_lease_on_ones_own_log_file_stalls_nobody(log_server, users):
 
 
 # ------------------------------------------- parked wait_jobs scanned at every change
-def a_parks_wait_jobs_behind_finished_ones(input_server, n_jobs, n_conns, parked, release):
-    """User A holds ``n_jobs`` jobs in a paused queue and one more, last,
-    in another paused queue; parks ``wait_jobs([])`` (all of A's jobs) on
-    ``n_conns`` connections; then cancels the ``n_jobs``. Each parked
-    call's condition is re-run at every change of the server (anyone's put,
-    start, end), and scanned the finished jobs before the one unfinished
-    job at the end: n_jobs x n_conns steps under the state's lock, per change."""
-    remote, token, env = connect(input_server)
-    remote.call("pause_queues", ["many", "last"], True)
+def _put_paused(remote, token, env, qid, n_jobs):
+    """``n_jobs`` no-op jobs into the caller's paused queue ``qid`` (nothing runs)."""
+    remote.call("pause_queues", [qid], True)
     for start in range(0, n_jobs, 2000):
-        remote.call("put", "many", [record(token, env)] * min(2000, n_jobs - start))
-    remote.call("put", "last", [record(token, env)])
+        remote.call("put", qid, [record(token, env)] * min(2000, n_jobs - start))
+
+
+def _many_and_last(input_server, n_jobs):
+    """The caller's ``n_jobs`` jobs in paused queue "many" and one more in
+    paused "last": a wait on all of them ends only when "last" does. Its
+    connection."""
+    remote, token, env = connect(input_server)
+    _put_paused(remote, token, env, "many", n_jobs)
+    _put_paused(remote, token, env, "last", 1)
+    return remote
+
+
+def _park_wait_jobs(input_server, remote, n_conns, timeout, socks=None):
+    """``wait_jobs([])`` (all the caller's jobs) parked on ``n_conns`` new
+    connections, each in a thread; returns once the server counts them all
+    parked. (connections, the answers list they append to, the threads);
+    ``socks``: each connection's socket once its call is sent."""
     remotes = [Remote(input_server.address, input_server.key) for _ in range(n_conns)]
     answers = []
 
-    socks = {}
-
     def park(r):
+        sent = None if socks is None else (lambda: socks.__setitem__(r, r._local.sock))
         try:
-            answers.append(r.call("wait_jobs", [], 120.0, sent=lambda: socks.__setitem__(r, r._local.sock)))
+            answers.append(r.call("wait_jobs", [], timeout, sent=sent))
         except Exception as exc:
             answers.append(repr(exc))
 
@@ -2916,6 +2925,19 @@ def a_parks_wait_jobs_behind_finished_ones(input_server, n_jobs, n_conns, parked
     while remote.call("info")["parked_calls"] < n_conns:
         assert time.monotonic() < deadline, "the calls did not park"
         time.sleep(0.05)
+    return remotes, answers, threads
+
+
+def a_parks_wait_jobs_behind_finished_ones(input_server, n_jobs, n_conns, parked, release):
+    """User A holds ``n_jobs`` jobs in a paused queue and one more, last,
+    in another paused queue; parks ``wait_jobs([])`` (all of A's jobs) on
+    ``n_conns`` connections; then cancels the ``n_jobs``. Each parked
+    call's condition is re-run at every change of the server (anyone's put,
+    start, end), and scanned the finished jobs before the one unfinished
+    job at the end: n_jobs x n_conns steps under the state's lock, per change."""
+    remote = _many_and_last(input_server, n_jobs)
+    socks = {}
+    remotes, answers, threads = _park_wait_jobs(input_server, remote, n_conns, 120.0, socks)
     assert remote.call("cancel_all", "many", None, False) == n_jobs
     parked.set()
     release.wait(60)
@@ -2959,28 +2981,9 @@ def a_gets_parked_waits_answered_at_once(input_server, n_jobs, n_conns, parked, 
     once. When each answer listed every job, the thread that ended it built
     n_conns x n_jobs rows under the state's lock and encoded them (100 x
     30,001: minutes in which nobody's job moved)."""
-    remote, token, env = connect(input_server)
-    remote.call("pause_queues", ["many", "last"], True)
-    for start in range(0, n_jobs, 2000):
-        remote.call("put", "many", [record(token, env)] * min(2000, n_jobs - start))
-    remote.call("put", "last", [record(token, env)])
+    remote = _many_and_last(input_server, n_jobs)
     assert remote.call("cancel_all", "many", None, False) == n_jobs
-    remotes = [Remote(input_server.address, input_server.key) for _ in range(n_conns)]
-    answers = []
-
-    def park(r):
-        try:
-            answers.append(r.call("wait_jobs", [], 300.0))
-        except Exception as exc:
-            answers.append(repr(exc))
-
-    threads = [threading.Thread(target=park, args=(r,), daemon=True) for r in remotes]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while remote.call("info")["parked_calls"] < n_conns:
-        assert time.monotonic() < deadline, "the calls did not park"
-        time.sleep(0.05)
+    remotes, answers, threads = _park_wait_jobs(input_server, remote, n_conns, 300.0)
     parked.set()
     go.wait(60)
     answering.set()
@@ -3142,9 +3145,7 @@ def a_lists_its_jobs_in_a_loop(input_server, n_jobs, n_conns, looping, release):
     call snapshots them under the state's lock and encodes ~30 MB of JSON
     on the server's interpreter."""
     remote, token, env = connect(input_server)
-    remote.call("pause_queues", ["many"], True)
-    for start in range(0, n_jobs, 2000):
-        remote.call("put", "many", [record(token, env)] * min(2000, n_jobs - start))
+    _put_paused(remote, token, env, "many", n_jobs)
     calls = []
 
     def loop():
