@@ -55,7 +55,11 @@ _ALLOWED = [[(frm, to) in TRANSITIONS for to in Phase] for frm in Phase]
 FAILED_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED, JobStatus.TIMEOUT)
 
 
-_OUTCOME_FIELDS = Outcome._fields[1:]   # all but status
+# ``finish`` unpacks an Outcome onto the record field by field in this order
+# (one tuple unpacking: the supervisor calls it for every job)
+if Outcome._fields != ("status", "exitcode", "output_blob", "exception", "cpu_user", "cpu_system",
+                       "max_rss", "max_rss_method", "max_rss_children", "pid", "host", "started", "ended"):
+    raise ImportError("messages.Outcome changed its fields: update QueueState.finish")
 
 
 class QueueState(Scheduling, Dependencies, Results, Waits):
@@ -304,10 +308,10 @@ class QueueState(Scheduling, Dependencies, Results, Waits):
             if rec is None or rec.phase not in (RUNNING, RETURNED):
                 return
             q = self.queues[rec.qid]
-            for name in _OUTCOME_FIELDS:
-                value = getattr(outcome, name)
-                if value is not None or name != "started":
-                    setattr(rec, name, value)
+            (_, rec.exitcode, rec.output_blob, rec.exception, rec.cpu_user, rec.cpu_system, rec.max_rss,
+             rec.max_rss_method, rec.max_rss_children, rec.pid, rec.host, started, rec.ended) = outcome
+            if started is not None:   # None: the dispatch time stays
+                rec.started = started
             if rec.ended is None:
                 rec.ended = self.clock()
             rec.status = outcome.status

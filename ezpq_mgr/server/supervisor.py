@@ -81,6 +81,9 @@ from .joblogs import Echo, LogBook
 from .state import QueueState
 from ..worker.run import HOST, exec_argv, run_call, thread_cpu, worker_main
 
+#: a worker's two statuses (workerproto.STATUSES) as the state's, without an Enum call per job
+_WORKER_STATUS = {status: JobStatus(status) for status in workerproto.STATUSES}
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["Supervisor"]
@@ -395,8 +398,10 @@ class Supervisor:
 
     def _has_limits(self) -> bool:
         """Is some job under a deadline or a memory cap (its figures due or not)?"""
-        return any(w.deadline or w.max_memory or w.pending_deadline or w.pending_memory
-                   for w in self.workers)
+        for w in self.workers:   # (a loop, not any(): this runs every round)
+            if w.deadline or w.max_memory or w.pending_deadline or w.pending_memory:
+                return True
+        return False
 
     def _next_timeout(self) -> Optional[float]:
         """Seconds until the nearest timer (also kept in ``_due``): a job's
@@ -616,7 +621,7 @@ class Supervisor:
             if rec.runner == "thread" and not self.shared:
                 return True
             uid = self._run_as(rec)
-            if any(w.idle and w.uid == uid for w in self.workers) or self._cannot_boot(uid):
+            if self._idle_worker(uid) is not None or self._cannot_boot(uid):
                 return True
             self.demand.add(uid)
             return False
@@ -629,13 +634,20 @@ class Supervisor:
                 self._start_thread_job(rec)
                 continue
             uid = self._run_as(rec)
-            worker = next((w for w in self.workers if w.idle and w.uid == uid), None)
+            worker = self._idle_worker(uid)
             if worker is None:  # its user's workers die while starting: say so, do not loop
                 rec.pid, rec.host = None, HOST
                 self.state.finish(rec.seq, Outcome(JobStatus.FAILED, 1, exception=self._boot_failures[uid][2]))
                 continue
             self._send(rec, worker)
         self._top_up()
+
+    def _idle_worker(self, uid: Optional[int]) -> Optional[WorkerHandle]:
+        """A ready worker of ``uid`` with no job, if any."""
+        for w in self.workers:
+            if w.uid == uid and w.ready and w.seq is None and not w.dead:
+                return w
+        return None
 
     def _cannot_boot(self, uid: Optional[int]) -> bool:
         """Have this user's last workers died before they were ready (3 in a
@@ -648,6 +660,8 @@ class Supervisor:
     def _top_up(self) -> None:
         """Start a worker for each user who waits for one (making room by
         retiring idle workers of others); keep the pool at ``slots``."""
+        if not self.demand and len(self.workers) <= self.slots:
+            return   # the usual round: nobody waits for a worker, none too many
         live = self._live()
         for uid in sorted(self.demand, key=lambda u: -1 if u is None else u):
             if any(w.uid == uid and w.seq is None for w in live) or self._cannot_boot(uid):
@@ -871,7 +885,7 @@ class Supervisor:
         if figures is not None and w.gauge is not None and self.accounting:
             figures = self._measured(w, seq, figures)
         cpu_u, cpu_s, rss, method, rss_ch = figures or NO_FIGURES
-        self.state.finish(seq, Outcome(JobStatus(r.status), r.exitcode, r.output, r.exception, cpu_u, cpu_s,
+        self.state.finish(seq, Outcome(_WORKER_STATUS[r.status], r.exitcode, r.output, r.exception, cpu_u, cpu_s,
                                        rss, method, rss_ch, w.proc.pid, HOST, r.started, r.ended))
 
     def _measured(self, w: WorkerHandle, seq: int, told: Figures) -> Figures:
