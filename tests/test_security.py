@@ -3181,3 +3181,69 @@ def test_one_users_listings_of_many_jobs_starve_nobody(input_server, users):
         kind, calls = out.get(timeout=120)
         pa.join(10)
     assert kind == "ok", calls
+
+
+# ============================================================================
+# Third attack pass (2026-12-07)
+# ============================================================================
+# What is newest or least attacked: the per-user caps, the JSON of any
+# request, the Dask bridge. Same rules: a real root ``ezpq-server`` on a
+# Unix socket, throwaway users, the attack done for real, asserting it fails
+# and that another user is still served within 1 s.
+
+
+# ------------------------------------------- bytes that come after the put
+def _held_bytes(jobs):
+    return sum(len(j.get(f) or b"") for j in jobs for f in ("args_blob", "output_blob", "callback_blob"))
+
+
+def a_grows_after_the_put(input_server, how, n, size):
+    """User A's put is small (``bytes`` of a number), so --max-user-bytes
+    lets it in; what the server then holds for her comes later: each job's
+    output (``how="output"``: ``size`` bytes each), or, for a holding
+    client, the pickled result of her callback that she hands back with
+    ``mark_processed`` (``how="callback"``). Neither was counted: n x size
+    bytes held past the cap (the server's memory, with --state-dir its
+    disk). Then A collects everything: what did the server hold for her?"""
+    remote, token, env = connect(input_server)
+    if how == "callback":
+        remote.call("hello", token, input_server.dir, [], True)   # a holding client (callbacks)
+    fn, args = (bytes, (size,)) if how == "output" else (abs, (-1,))
+    remote.call("put", "grow", [record(token, env, fn=fn, args=args, suppress_errors=True)] * n)   # (failed: not held)
+    refusals = []
+    if how == "output":
+        remote.call("wait_pending", "grow", 1, 120.0)
+    else:   # held jobs are not done until processed: their notices say they ended
+        held, deadline = [], time.monotonic() + 60
+        while len(held) < n and time.monotonic() < deadline:
+            held += [j["seq"] for j in remote.call("take_notices", token, 5.0) or []]
+        assert len(held) == n, held
+        for seq in held:
+            try:
+                remote.call("mark_processed", [(seq, b"c" * size)])
+            except ezpq.ServerLimit as exc:
+                refusals.append(str(exc))
+                remote.call("mark_processed", [(seq, None)])   # processed, without a result kept
+    jobs = remote.call("collect", "grow", n)
+    return len(jobs), _held_bytes(jobs), sorted({j["status"] for j in jobs}), refusals, \
+        [j["exception"] for j in jobs if j["exception"]][:1]
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["output", "callback"])
+def test_what_a_job_holds_after_its_put_counts_in_the_users_bytes(users, how):
+    s = _server("--max-user-bytes", "2M")
+    try:
+        n, size = 20, 1_000_000   # 20 MB against a 2 MiB cap
+        got, held, statuses, refusals, why = run_as(users[USERS[0]], a_grows_after_the_put, s, how, n, size,
+                                                    timeout=180)
+        assert got == n, (got, statuses)
+        assert held <= 2 * 1024 * 1024, f"A held {held:,} bytes on the server past the 2 MiB cap"
+        if how == "output":   # the jobs past the cap end failed, saying why
+            assert "failed" in statuses and why and "--max-user-bytes" in why[0], (statuses, why)
+        else:
+            assert refusals and "--max-user-bytes" in refusals[0], refusals
+        assert_b_served(s, users)
+    finally:
+        assert s.stop() == 0
+        shutil.rmtree(s.dir, ignore_errors=True)

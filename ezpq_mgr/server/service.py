@@ -55,7 +55,7 @@ from .joblogs import LogBook
 from ..messages import Env, Processed, job_records
 from .accounting import AccountingLog, report
 from ..errors import JobNotFound, ServerLimit
-from ..job import JobRecord
+from ..job import JobRecord, JobStatus
 from .waits import Deferred
 from .state import QueueState
 from .supervisor import Supervisor
@@ -447,14 +447,26 @@ class Service(Control):
 
     def _on_final(self, rec: JobRecord) -> None:
         """(state lock held) A job ended for good: its row; its output now
-        counts in what its user holds (until it is collected)."""
-        self.log.record(rec, self._visible_qid(rec.qid))
+        counts in what its user holds (until it is collected). An output
+        that would take the user past --max-user-bytes is not kept: the job
+        ends ``failed``, saying why (a put is small, what it returns is not:
+        counted only after, 20 jobs of 1 MB each held 20 MB past a 2 MiB cap)."""
         if self._jobs_held is not None:
             size = len(rec.output_blob or b"")
             before = self._outputs.pop(rec.seq, 0)   # a requeued job ends again
+            if size and self.max_user_bytes and rec.uid not in (0, os.getuid()):
+                held = self._jobs_held.get(rec.uid, (0, 0))[1] - before
+                if held + size > self.max_user_bytes:
+                    rec.status, rec.output_blob = JobStatus.FAILED, None
+                    rec.exception = (f"its output ({describe_size(size)}) is not kept: {rec.user} would "
+                                     f"hold more than {describe_size(self.max_user_bytes)} of jobs' "
+                                     f"functions, arguments and outputs (--max-user-bytes); collect or "
+                                     f"clean finished ones")
+                    size = 0
             if size:
                 self._outputs[rec.seq] = size
             self._hold_jobs(rec.uid, 0, size - before)
+        self.log.record(rec, self._visible_qid(rec.qid))
 
     # ------------------------------------------------- what a user holds
     def _hold_jobs(self, uid: int, jobs: int, size: int) -> None:
@@ -592,10 +604,22 @@ class Service(Control):
         if type(results) is not list and type(results) is not tuple:
             raise TypeError(f"results must be a list of (seq, callback blob), not {type(results).__name__}")
         checked = [Processed.parse(r) for r in results]
+        records = self.state.records
         with self.state.cond:
             mine = [(seq, blob) for seq, blob in checked
-                    if seq in self.state.records and self._may_touch(caller, self.state.records[seq])]
-        self.state.mark_processed(mine)
+                    if seq in records and self._may_touch(caller, records[seq])]
+            kept = [(seq, blob) for seq, blob in mine if blob]
+            if not kept or self._jobs_held is None:
+                self.state.mark_processed(mine)
+                return
+            # the callbacks' results stay on the server until collected: they count in --max-user-bytes
+            self._check_share(caller.identity, 0, sum(len(blob) for _, blob in kept))
+            self.state.mark_processed(mine)
+            for seq, blob in kept:
+                rec = records.get(seq)
+                if rec is not None and rec.callback_blob is blob:   # taken (a held job, processed now)
+                    self._outputs[seq] = self._outputs.get(seq, 0) + len(blob)
+                    self._hold_jobs(rec.uid, 0, len(blob))
 
     # ------------------------------------------------------------------ jobs
     def configure(self, caller: Caller, qid: str, settings: Dict[str, Any]) -> dict:
