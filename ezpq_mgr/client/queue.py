@@ -24,7 +24,7 @@ from .. import schema, serialize
 from .connection import Remote, default_authkey, parse_address
 from .delivered import Delivered
 from .embedded import PrivateServer
-from ..errors import ConnectionError, EzpqError, JobNotFound
+from ..errors import ConnectionError, EzpqError, JobNotFound, ServerLimit
 from ..job import ERROR_STATES, Job, normalize_args, plain_name
 from .jobdict import log_csv, to_job_dict
 from ..messages import Processed
@@ -333,7 +333,11 @@ class Queue:
                     processed.append(Processed(snap["seq"], self._post_process(job)))
             if processed:
                 try:
-                    self._remote.call("mark_processed", processed)
+                    try:
+                        self._remote.call("mark_processed", processed)
+                    except ServerLimit as exc:   # the results do not fit: processed all the same, without them
+                        sys.stderr.write(f"ezpq: callback results not kept: {exc}\n")
+                        self._remote.call("mark_processed", [Processed(p.seq, None) for p in processed])
                 except Exception:
                     return
 
