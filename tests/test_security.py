@@ -3247,3 +3247,65 @@ def test_what_a_job_holds_after_its_put_counts_in_the_users_bytes(users, how):
     finally:
         assert s.stop() == 0
         shutil.rmtree(s.dir, ignore_errors=True)
+
+
+# ------------------------------------------- a request of many small tokens holds the interpreter
+def a_sends_requests_of_many_tokens(input_server, n_items, n_conns, looping, release):
+    """User A (no privilege, within --max-message) sends, on ``n_conns``
+    connections in a loop, a request that is a JSON list of ``n_items``
+    zeros (``pop_ids`` with millions of ids is one legitimately: MAX_IDS is
+    10M). ``json.loads`` is one C call that holds the GIL for the whole
+    parse (~50 ns a token: seconds for tens of millions): no other thread
+    of the server runs meanwhile, whatever the switch interval says. The
+    request is malformed, so nothing but the parse costs the server."""
+    from ezpq_mgr import transport
+    frame = transport.frame(b"[" + b"0," * (n_items - 1) + b"0]")
+    sent = []
+
+    def loop():
+        r = Remote(input_server.address, input_server.key)
+        r.call("info")
+        sock = r._local.sock
+        while not release.is_set():
+            sock.sendall(frame)
+            r._recv(sock)   # "malformed request"
+            sent.append(1)
+        r.close()
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(n_conns)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    looping.set()
+    release.wait(120)
+    for t in threads:
+        t.join(60)
+    return len(sent)
+
+
+@needs_root
+@pytest.mark.timeout(300)
+@pytest.mark.xfail(strict=True, reason="json.loads of one request holds the GIL for the whole parse (50M tokens: "
+                   "~2.5 s); the fix bounds a request's tokens before parsing and has the client split "
+                   "big puts and id lists (not local: put's all-or-nothing across chunks)")
+def test_a_request_of_many_small_tokens_stalls_nobody(input_server, users):
+    """50M zeros (100 MB, under --max-message) on 3 connections: B's
+    round trip took 1.8 to 6.9 s. Fix proposed: count the body's
+    separators before ``json.loads`` (``bytes.count``: ~1 ms per 256 MB) and
+    refuse a request of more than ~1M tokens (~60 ms of parse) with
+    ValueError; the client sends ``put``, ``pop_ids``, ``wait_jobs`` and
+    ``show_jobs`` in chunks under that (``map``'s one all-or-nothing put
+    becomes chunks staged under reserved ids and committed by the last)."""
+    assert_b_served(input_server, users)   # B's worker is up before the attack
+    looping, release = FORK.Event(), FORK.Event()
+    pa, out = start_as(users[USERS[0]], a_sends_requests_of_many_tokens, input_server, 50_000_000, 3,
+                       looping, release)
+    try:
+        assert looping.wait(120), f"A did not start: {out.get(timeout=1) if not out.empty() else ''}"
+        for _ in range(3):
+            assert_b_served(input_server, users)
+    finally:
+        release.set()
+        kind, sent = out.get(timeout=120)
+        pa.join(10)
+    assert kind == "ok", sent
