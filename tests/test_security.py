@@ -3309,3 +3309,107 @@ def test_a_request_of_many_small_tokens_stalls_nobody(input_server, users):
         kind, sent = out.get(timeout=120)
         pa.join(10)
     assert kind == "ok", sent
+
+
+# ------------------------------------------- a Dask bridge taken over floods the root server
+def b_floods_from_the_bridge(scheduler, seconds):
+    """User B, without the ezpq key, reaches the (unauthenticated) scheduler
+    and has it send the bridge a pickle (as above): B's code runs in the
+    bridge, as --dask-user. From there B writes well-formed ``BridgeLog``
+    lines (level CRITICAL, the bridge chooses) on the bridge's channel for
+    ``seconds``: every one was logged by the root server, under the state's
+    lock, with no bound: the server's log (its journal, root's disk) grows
+    at memory speed and the lock is held for the flood."""
+    import distributed
+    code = (
+        "import sys, threading, time, gc\n"
+        "if not getattr(sys, '_ezpq_flood', False):\n"
+        "    sys._ezpq_flood = True\n"
+        "    from ezpq_mgr.server import bridgeproto\n"
+        "    from ezpq_mgr import messages as m\n"
+        "    b = next(o for o in gc.get_objects() if type(o).__name__ == 'Bridge' and hasattr(o, 'send'))\n"
+        "    data = bridgeproto.encode(m.BridgeLog(50, 'B-WAS-HERE ' + 'x' * 1000)) * 100\n"
+        "    def flood(end=time.monotonic() + %r):\n"
+        "        while time.monotonic() < end:\n"
+        "            with b._send_lock:\n"
+        "                b.sock.sendall(data)\n"
+        "    threading.Thread(target=flood, daemon=True).start()\n" % seconds)
+
+    def patch_scheduler(dask_scheduler=None, code=code):
+        from distributed.protocol.serialize import ToPickle
+
+        class Payload:
+            def __reduce__(self):
+                return (exec, (code, {}))
+
+        queues = dask_scheduler.extensions["queues"].queues
+        names = [name for name in queues if str(name).endswith("-results")]
+        for name in names:
+            queues[name].put_nowait({"type": "msgpack", "value": ToPickle(Payload())})
+        return names
+
+    with distributed.Client(scheduler, timeout=30, set_as_default=False) as client:
+        return client.run_on_scheduler(patch_scheduler)
+
+
+def b_calls_the_server(server):
+    """User B's calls that take the state's lock (put in a paused queue,
+    counts, a listing), not a job's run: seconds taken."""
+    t0 = time.monotonic()
+    remote, token, env = connect(server)
+    remote.call("pause_queues", ["b"], True)
+    remote.call("put", "b", [record(token, env)])
+    remote.call("counts", "b")
+    remote.call("list_jobs")
+    remote.call("cancel_all", "b", None, False)
+    remote.call("clean", "b")
+    return time.monotonic() - t0
+
+
+@needs_root
+@pytest.mark.timeout(300)
+def test_a_bridge_taken_over_floods_neither_the_log_nor_the_lock(users, tmp_path):
+    """A taken-over bridge that floods is ended: its lines logged a few a
+    second, never under the state's lock; the server answers B meanwhile.
+    (Jobs on Dask wait for the next bridge: whoever reaches the scheduler
+    can stop the cluster's work anyway; the root server is what is kept.)"""
+    distributed = pytest.importorskip("distributed")
+    from server_fixture import free_port
+    from test_dask import _start_scheduler, _start_worker, _stop
+    port = free_port()
+    scheduler_address = f"tcp://127.0.0.1:{port}"
+    scheduler = _start_scheduler(port)
+    worker = _start_worker(scheduler_address)
+    server = None
+    err = tmp_path / "server-stderr"
+    saved = os.dup(2)
+    try:
+        with distributed.Client(scheduler_address, timeout=30, set_as_default=False) as c:   # the cluster is up
+            c.wait_for_workers(1, timeout=60)
+        with open(err, "wb") as f:   # the server's log (stderr) where the test can count its lines
+            os.dup2(f.fileno(), 2)
+            try:
+                server = Server("unix", workers=2, extra=("--dask", scheduler_address, "--dask-any-user"))
+            finally:
+                os.dup2(saved, 2)
+        os.chmod(server.dir, 0o777)
+        assert_b_served(server, users)   # B's first job on Dask, before the attack
+        seconds = 6
+        assert len(run_as(users[USERS[0]], b_floods_from_the_bridge, scheduler_address, seconds,
+                          cwd=server.dir)) == 1
+        t0, took = time.monotonic(), []
+        while time.monotonic() - t0 < seconds:   # the server itself (jobs on Dask wait for a new bridge)
+            took.append(run_as(users[USERS[1]], b_calls_the_server, server, timeout=60))
+        assert max(took) < 1.0, f"the other user's calls took up to {max(took):.2f} s"
+        time.sleep(1)
+        with open(err, "rb") as f:
+            logged = f.read()
+        lines = logged.count(b"B-WAS-HERE")
+        assert lines > 0, f"the attack reached no bridge: {logged[-2000:]!r}"
+        assert lines <= 100, f"the root server logged {lines:,} lines a taken-over bridge wrote in {seconds} s"
+    finally:
+        os.close(saved)
+        if server is not None:
+            assert server.stop() == 0
+        _stop(worker)
+        _stop(scheduler)

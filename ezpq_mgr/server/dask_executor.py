@@ -97,6 +97,7 @@ from ..job import JobStatus
 from ..messages import Outcome
 from . import bridgeproto
 from .dask_bridge import exec_argv
+from .doorman import RateLimitedLog
 from .joblogs import LogBook
 from .state import QueueState
 
@@ -126,6 +127,14 @@ KEEP_GONE = 4096
 #: test hook, read from the server's own environment (no client sets it):
 #: "garbage" or "wrong-seq" makes the first bridge break protocol at its first result
 MISBEHAVE_ENV = "EZPQ_TEST_DASK_BRIDGE_MISBEHAVE"
+#: messages no request of ours bounds (log lines, cluster news, failed
+#: kills), a ClusterNow counting one more per 1,000 workers in it: a
+#: bridge may send UNASKED_BURST at once and UNASKED_RATE a second more
+#: (its own are a few a minute); past that it is ended. Whoever reaches
+#: the scheduler runs code in the bridge, and a flood of them (handled
+#: under the state's lock, each log line logged) held the lock for 14 s.
+UNASKED_RATE, UNASKED_BURST = 50.0, 500.0
+_UNASKED = (m.BridgeLog, m.ClusterNow, m.KillFailed, m.BridgeConnected, m.BridgeDisconnected)
 _USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -207,6 +216,8 @@ class DaskExecutor:
         #: runners of an ended bridge: they wait on their inboxes, holding a
         #: Dask thread, until the next bridge tells them to end
         self._orphans: List[str] = []
+        #: the bridge's log lines and failed kills: one line each, a few a second (the rest counted)
+        self._bridge_log = RateLimitedLog(logger)
         self._launch()
         self._await_connected()
 
@@ -294,6 +305,7 @@ class DaskExecutor:
     def _read_bridge(self, bridge: _Bridge) -> None:
         """The reader thread of one bridge: its messages, decoded and
         checked here (never under the state's lock), posted to the loop."""
+        tokens, last = UNASKED_BURST, time.monotonic()
         while True:
             try:
                 data = bridge.sock.recv(1 << 20)
@@ -310,6 +322,20 @@ class DaskExecutor:
                 self._post(("broken", bridge.gen, f"it broke protocol ({e})"))
                 return
             for msg in msgs:
+                kind = type(msg)
+                if kind in _UNASKED:
+                    now = time.monotonic()
+                    tokens = min(UNASKED_BURST, tokens + (now - last) * UNASKED_RATE)
+                    last = now
+                    tokens -= 1 + (len(msg.workers) + len(msg.left)) // 1000 if kind is m.ClusterNow else 1
+                    if tokens < 0:
+                        self._post(("broken", bridge.gen, f"it sent more than {UNASKED_BURST:g} messages at "
+                                    f"once, or {UNASKED_RATE:g} a second, that were not answers"))
+                        return
+                    if kind is m.BridgeLog:   # logged here, never under the state's lock, a few a second
+                        self._bridge_log(max(msg.level, logging.DEBUG), "dask bridge: %s", " ".join(
+                            msg.text[:2000].split()).encode("ascii", "backslashreplace").decode())
+                        continue
                 self._post(("msg", bridge.gen, msg))
 
     def _tell(self, msgs: List[tuple]) -> None:
@@ -501,7 +527,8 @@ class DaskExecutor:
                         tell.append(m.ReleaseRunner(runner.key))
                 elif kind is m.KillFailed:
                     runner = self._known(msg.runner)
-                    logger.warning("dask: cancel of job %s on %s failed: %s", msg.seq, runner.worker, msg.why)
+                    self._bridge_log(logging.WARNING, "dask: cancel of job %s on %s failed: %s", msg.seq,
+                                     runner.worker, msg.why)
                     if self._running.get(msg.seq) is runner and msg.seq in self._killing:
                         self._end(msg.seq, JobStatus.LOST, -9, msg.why)
                 elif kind is m.ClusterNow:
@@ -517,10 +544,6 @@ class DaskExecutor:
                                    f"while the job ran")
                 elif kind is m.BridgeUnreachable:
                     raise _Unreachable(msg.why)
-                elif kind is m.BridgeLog:
-                    # one line of the bridge's own words: no forged lines in our log
-                    logger.log(max(msg.level, logging.DEBUG), "dask bridge: %s",
-                               " ".join(msg.text[:2000].split()).encode("ascii", "backslashreplace").decode())
                 else:
                     raise _Violation(f"a {kind.__name__} message")
             for runner, seq, why in self._take_kills():
