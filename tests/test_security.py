@@ -3413,3 +3413,53 @@ def test_a_bridge_taken_over_floods_neither_the_log_nor_the_lock(users, tmp_path
             assert server.stop() == 0
         _stop(worker)
         _stop(scheduler)
+
+
+# ------------------------------------------- requeue: jobs the caps never saw
+def a_requeues_past_her_share(input_server):
+    """User A puts one job (within --max-user-jobs 5) in a paused queue,
+    cancels it (finished), then ``requeue_job``s it again and again: each
+    requeue is a new job, with the same function and arguments, added
+    without the caps' check and without being counted, so (1) A holds as
+    many jobs (and, with --state-dir, copies of their bytes on disk) as she
+    likes; (2) when they go, what they never added is taken off: A's count
+    goes negative and her next puts pass the cap by as much."""
+    remote, token, env = connect(input_server)
+    remote.call("pause_queues", ["rq"], True)
+    remote.call("put", "rq", [record(token, env)])
+    remote.call("cancel_all", "rq", None, False)
+    seq = remote.call("jobs", "rq")[0]["seq"]
+    requeued, refusal = 0, None
+    for _ in range(20):
+        try:
+            remote.call("requeue_job", seq)
+            requeued += 1
+        except ezpq.ServerLimit as exc:
+            refusal = str(exc)
+            break
+    held = len(remote.call("jobs", "rq"))
+    remote.call("cancel_all", "rq", None, False)
+    remote.call("clean", "rq")
+    put = 0
+    for _ in range(20):   # everything is gone: the cap is 5 again
+        try:
+            remote.call("put", "rq", [record(token, env)])
+            put += 1
+        except ezpq.ServerLimit:
+            break
+    remote.call("cancel_all", "rq", None, False)
+    remote.call("clean", "rq")
+    return requeued, held, refusal, put
+
+
+@needs_root
+def test_requeued_jobs_count_in_the_users_share(users):
+    s = _server("--max-user-jobs", "5")
+    try:
+        requeued, held, refusal, put = run_as(users[USERS[0]], a_requeues_past_her_share, s, timeout=120)
+        assert held <= 5 and refusal is not None and "--max-user-jobs" in refusal, (requeued, held, refusal, put)
+        assert put == 5, f"after her requeued jobs went, A put {put} jobs under a cap of 5"
+        assert_b_served(s, users)
+    finally:
+        assert s.stop() == 0
+        shutil.rmtree(s.dir, ignore_errors=True)

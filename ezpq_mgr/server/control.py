@@ -136,7 +136,17 @@ class Control:
             env = self._envs.get(env_id) if env_id else None
             if env_id and env is None:   # the old job left since (collected, cleaned)
                 raise JobNotFound(f"no job {seq}")
-            self.state.add(key, [rec])
+            held = None
+            if self._jobs_held is not None:   # a new job, as any put: within the caps, counted
+                held = (1, len(rec.fn_blob) + len(rec.args_blob))
+                self._check_share(me, *held)
+                self._hold_jobs(me.uid, *held)
+            try:
+                self.state.add(key, [rec])
+            except BaseException:
+                if held is not None:
+                    self._hold_jobs(me.uid, -held[0], -held[1])
+                raise
             if env is not None:
                 env.refs += 1
         self.supervisor.dispatch_now()
