@@ -501,7 +501,7 @@ class Service(Control):
             return
         with self.state.cond:
             for rec in self.state.records.values():
-                out = len(rec.output_blob or b"")
+                out = len(rec.output_blob or b"") + len(rec.callback_blob or b"")
                 if out and rec.finished:
                     self._outputs[rec.seq] = out
                 else:
