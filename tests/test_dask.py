@@ -424,6 +424,36 @@ def test_a_bridge_that_breaks_protocol_is_replaced_its_job_lost_or_run_again(clu
         assert [done[i]["output"] for i in others] == [1, 2, 3, 4, 5]
 
 
+def test_a_replacement_bridge_that_never_speaks_is_ended_and_replaced(cluster, monkeypatch):
+    """The first bridge breaks protocol; the one started in its place never
+    says whether it connected: it is ended after its allowance (a test hook
+    makes that 3 s) and a third one runs the jobs. Before, the silent one
+    was waited for forever and no job ran again."""
+    from ezpq_mgr.server.dask_executor import FIRST_WORD_ENV, MISBEHAVE_ENV
+    monkeypatch.setenv(MISBEHAVE_ENV, "garbage/silent-start")
+    monkeypatch.setenv(FIRST_WORD_ENV, "3")
+    with ezpq.Queue(2, dask=cluster.scheduler_address) as Q:
+        first = Q.put(os.getpid, suppress_errors=True)
+        job = Q.get(wait=True, timeout=60)
+        assert job["id"] == first and job["status"] == "lost", job
+        later = Q.put(abs, -7)
+        job = Q.get(wait=True, timeout=60)   # backoffs 1 + 2 s, the silent one's 3 s, a boot
+        assert job is not None and job["id"] == later and job["output"] == 7, job
+
+
+def test_a_bridge_flooding_the_servers_log_is_rate_limited(cluster, monkeypatch, capfd):
+    """A bridge (that is: whoever controls the cluster) sends 5,000 log
+    lines at once: the server's log takes a burst of them, not all, and
+    the jobs go on."""
+    from ezpq_mgr.server.dask_executor import MISBEHAVE_ENV
+    monkeypatch.setenv(MISBEHAVE_ENV, "log-flood")
+    with ezpq.Queue(2, dask=cluster.scheduler_address) as Q:
+        assert [job["output"] for job in Q.map(abs, [-1, -2, -3])] == [1, 2, 3]
+    err = capfd.readouterr().err
+    flood = [line for line in err.splitlines() if "dask bridge: flood" in line]
+    assert 1 <= len(flood) <= 40, len(flood)
+
+
 def test_a_bridge_whose_result_would_be_retried_runs_it_on_the_next_bridge(cluster, monkeypatch):
     from ezpq_mgr.server.dask_executor import MISBEHAVE_ENV
     monkeypatch.setenv(MISBEHAVE_ENV, "wrong-seq")

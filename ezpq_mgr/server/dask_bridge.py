@@ -63,6 +63,8 @@ CLIENT_BATCH_INTERVAL = 0.002
 #: a runner that hears nothing for this long (seconds) takes its server for
 #: dead and ends (the server retires idle ones long before)
 RUNNER_ORPHAN = 60.0
+#: (test hook "log-flood") how many lines a flooding bridge sends
+LOG_FLOOD = 5000
 
 #: stdlib packages whose submodules are imported before dropping root: the
 #: interpreter's own files may be readable by root only, and distributed
@@ -208,6 +210,8 @@ class Bridge:
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger().addHandler(_ChannelLog(self))
         logging.getLogger("distributed").setLevel(logging.ERROR)
+        if self.misbehave == "silent-start":   # (test hook) never says whether it connected
+            threading.Event().wait()
         try:
             self._client = self._connect()
         except Exception as e:
@@ -215,6 +219,10 @@ class Bridge:
             self.send(m.BridgeUnreachable(bridgeproto.text(str(e)), fatal))
             return
         self.send(m.BridgeConnected())
+        if self.misbehave == "log-flood":   # (test hook) one line of its own words after another
+            self.misbehave = None
+            for i in range(LOG_FLOOD):
+                self.send(m.BridgeLog(logging.WARNING, f"flood {i}"))
         threading.Thread(target=self._read_channel, name="ezpq-bridge-channel", daemon=True).start()
         threading.Thread(target=self._read_results, name="ezpq-bridge-results", daemon=True).start()
         self.run()

@@ -97,8 +97,8 @@ from ..job import JobStatus
 from ..messages import Outcome
 from . import bridgeproto
 from .dask_bridge import exec_argv
-from .doorman import RateLimitedLog
 from .joblogs import LogBook
+from .ratelimit import RateLimitedLog
 from .state import QueueState
 
 logger = logging.getLogger(__name__)
@@ -124,9 +124,15 @@ BACKOFF_RESET = 60.0
 SEND_TIMEOUT = 10
 #: runners given up whose late messages are still taken quietly (the newest ones)
 KEEP_GONE = 4096
-#: test hook, read from the server's own environment (no client sets it):
-#: "garbage" or "wrong-seq" makes the first bridge break protocol at its first result
+#: test hooks, read from the server's own environment (no client sets them).
+#: MISBEHAVE_ENV: what the bridges do wrong, one word per bridge in order
+#: ("a/b": the first does a, the second b): "garbage" or "wrong-seq" breaks
+#: protocol at its first result; "silent-start" never says whether it
+#: connected; "log-flood" sends dask_bridge.LOG_FLOOD log lines at once.
+#: FIRST_WORD_ENV: seconds a replacement bridge has for its first word
+#: (instead of the connect timeout + BRIDGE_BOOT).
 MISBEHAVE_ENV = "EZPQ_TEST_DASK_BRIDGE_MISBEHAVE"
+FIRST_WORD_ENV = "EZPQ_TEST_DASK_BRIDGE_FIRST_WORD"
 #: messages no request of ours bounds (log lines, cluster news, failed
 #: kills), a ClusterNow counting one more per 1,000 workers in it: a
 #: bridge may send UNASKED_BURST at once and UNASKED_RATE a second more
@@ -213,11 +219,16 @@ class DaskExecutor:
         self._gen = 0                        # bridges started
         self._next_start: Optional[float] = None   # monotonic time the next bridge is due
         self._backoff = BACKOFF_FIRST
+        self._first_word_in = float(os.environ.get(FIRST_WORD_ENV) or connect_timeout + BRIDGE_BOOT)
+        #: a new bridge's first word (connected or not) is due by then
+        #: (monotonic); one that says nothing is ended like one that broke
+        self._first_word_by: Optional[float] = None
+        #: the bridge's own log lines and failed kills: whoever controls the
+        #: cluster decides how many (logged by the reader thread, never under the lock)
+        self._bridge_log = RateLimitedLog(logger)
         #: runners of an ended bridge: they wait on their inboxes, holding a
         #: Dask thread, until the next bridge tells them to end
         self._orphans: List[str] = []
-        #: the bridge's log lines and failed kills: one line each, a few a second (the rest counted)
-        self._bridge_log = RateLimitedLog(logger)
         self._launch()
         self._await_connected()
 
@@ -227,7 +238,8 @@ class DaskExecutor:
         server), only its channel open, dropping to ``bridge_uid`` before
         it imports distributed."""
         ours, theirs = socket.socketpair()
-        misbehave = os.environ.get(MISBEHAVE_ENV) if self._gen == 0 else None
+        plan = os.environ.get(MISBEHAVE_ENV, "").split("/")
+        misbehave = (plan[self._gen] or None) if self._gen < len(plan) else None
         self._gen += 1
         env = {"PATH": _USER_PATH}
         if self.bridge_uid < 0 and os.environ.get("HOME"):
@@ -356,6 +368,7 @@ class DaskExecutor:
         if bridge is not None and time.monotonic() - bridge.started > BACKOFF_RESET:
             self._backoff = BACKOFF_FIRST
         self._kill_bridge()
+        self._first_word_by = None
         with self.state.cond:
             self.connected = False
             self.cluster = {}
@@ -425,9 +438,10 @@ class DaskExecutor:
                     wait = None
                     if self._next_retire is not None:
                         wait = max(0.0, self._next_retire - time.monotonic())
-                    if self._next_start is not None:
-                        due = max(0.0, self._next_start - time.monotonic())
-                        wait = due if wait is None else min(wait, due)
+                    for at in (self._next_start, self._first_word_by):
+                        if at is not None:
+                            due = max(0.0, at - time.monotonic())
+                            wait = due if wait is None else min(wait, due)
                     if wait == 0.0:
                         break
                     self._cv.wait(wait)
@@ -452,6 +466,8 @@ class DaskExecutor:
                 broken, tell = f"it cannot reach the scheduler ({e})", []
             except _Violation as e:
                 broken, tell = f"it broke protocol ({e})", []
+        if broken is None and self._first_word_by is not None and time.monotonic() >= self._first_word_by:
+            broken = f"it did not say whether it connected within {self._first_word_in:g} s"
         if broken is not None:
             self._end_bridge(broken)
             tell = []
@@ -460,6 +476,7 @@ class DaskExecutor:
             try:
                 self._launch()
                 self._start_reader()
+                self._first_word_by = time.monotonic() + self._first_word_in
             except OSError as e:
                 self._next_start = time.monotonic() + self._backoff
                 logger.warning("dask: cannot start a bridge: %s", e)
@@ -535,6 +552,7 @@ class DaskExecutor:
                     self._cluster(msg, tell)
                 elif kind is m.BridgeConnected:
                     self.connected = True
+                    self._first_word_by = None
                     tell.extend(m.ReleaseRunner(key) for key in self._orphans)
                     self._orphans = []
                 elif kind is m.BridgeDisconnected:

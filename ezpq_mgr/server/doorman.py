@@ -29,41 +29,15 @@ from typing import Any, Callable, Dict
 
 from .. import transport
 from .callers import Identity, owner, user_name
+from .ratelimit import RateLimitedLog
 
-__all__ = ["Doorman", "RateLimitedLog", "MAX_PER_PEER"]
+__all__ = ["Doorman", "MAX_PER_PEER"]
 
 logger = logging.getLogger(__name__)
 
 MAX_PER_PEER = 256
 _OUT_OF_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _CREDS = struct.Struct("3i")
-
-
-class RateLimitedLog:
-    """At most ``burst`` lines, refilled at ``rate`` per second; what was
-    dropped is counted in the next line that gets through."""
-
-    def __init__(self, log: logging.Logger, rate: float = 5.0, burst: int = 20):
-        self._log, self._rate, self._burst = log, rate, burst
-        self._tokens = float(burst)
-        self._last = time.monotonic()
-        self._dropped = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, level: int, msg: str, *args: Any) -> None:
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-            self._last = now
-            if self._tokens < 1:
-                self._dropped += 1
-                return
-            self._tokens -= 1
-            dropped, self._dropped = self._dropped, 0
-        if dropped:
-            msg += " (%d similar lines suppressed)"
-            args += (dropped,)
-        self._log.log(level, msg, *args)
 
 
 class _Pending:

@@ -29,7 +29,7 @@ import socket
 import threading
 from typing import Any, Callable, Deque, Optional, Set
 
-from .doorman import RateLimitedLog
+from .ratelimit import RateLimitedLog
 from .callers import Identity
 from ..transport import HEADER, describe_size
 

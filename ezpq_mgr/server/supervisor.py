@@ -78,6 +78,7 @@ from ..messages import NO_FIGURES, Env, Figures, LateFigures, Outcome, Ready, Re
 from ..worker.meter import MARK_SIZE, TICKS, ProcMeter, mark_figures
 from ..worker.procutil import become_subreaper, child_pids, is_alive, kill_tree, tree_rss
 from .joblogs import Echo, LogBook
+from .ratelimit import RateLimitedLog
 from .state import QueueState
 from ..worker.run import HOST, exec_argv, run_call, thread_cpu, worker_main
 
@@ -109,26 +110,6 @@ _IDLE_SLACK = IDLE_CHECK_INTERVAL / 4   # looks this close are done in one wake-
 _READ_CHUNK = 1 << 16    # below malloc's mmap threshold: no mmap/mremap/munmap per read
 _READS_PER_EVENT = 16   # (1 MiB) then let the others have their turn
 _IOV_MAX = 512
-
-
-class _RateLimit:
-    """At most ``n`` log lines per ``period`` s for things a job can trigger."""
-
-    def __init__(self, n: int = 10, period: float = 60.0):
-        self.n, self.period = n, period
-        self._start, self._count, self._dropped = 0.0, 0, 0
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        if now - self._start > self.period:
-            if self._dropped:
-                logger.warning("%s similar messages suppressed", self._dropped)
-            self._start, self._count, self._dropped = now, 0, 0
-        self._count += 1
-        if self._count > self.n:
-            self._dropped += 1
-            return False
-        return True
 
 
 def _kill_and_reap(orphans: List[int], live: List[int], in_hand: set) -> None:
@@ -270,7 +251,8 @@ class Supervisor:
         self._thread_jobs = 0                   # thread jobs running in this process
         self._orphans_in_hand: set = set()      # adopted processes being killed and reaped
         self._boot_failures: Dict[Optional[int], Tuple[int, float, str]] = {}  # uid: (n, when, why)
-        self._violations = _RateLimit()
+        #: what a job can trigger: 10 lines, then one a minute
+        self._job_log = RateLimitedLog(logger, rate=1 / 60, burst=10)
         self._due: Optional[float] = None   # the nearest timer (_next_timeout)
 
     # ------------------------------------------------------------ lifecycle
@@ -773,9 +755,8 @@ class Supervisor:
         """A retired worker outlived its grace (stopped, or a job's code holds
         it): kill its tree. Its pidfd then reports it gone."""
         w.retire_by = None
-        if self._violations.allow():
-            logger.warning("worker %s (uid %s) was still there %g s after it was told to stop: killed",
-                           w.proc.pid, w.uid, RETIRE_GRACE)
+        self._job_log(logging.WARNING, "worker %s (uid %s) was still there %g s after it was told to stop: killed",
+                      w.proc.pid, w.uid, RETIRE_GRACE)
         threading.Thread(target=kill_tree, args=([w.proc.pid],), name="ezpq-kill", daemon=True).start()
 
     def _start_thread_job(self, rec: JobRecord) -> None:
@@ -909,9 +890,8 @@ class Supervisor:
         cpu, t_cpu = cpu_u + cpu_s, (t_u or 0.0) + (t_s or 0.0)
         if ((cpu - t_cpu > 0.25 and t_cpu < 0.8 * cpu)
                 or (peak and (t_rss or 0) < 0.8 * peak and peak - (t_rss or 0) > 32 << 20)):
-            if self._violations.allow():
-                logger.warning("worker %s (uid %s): job %s told %.2f s CPU and max_rss %s; it used "
-                               "%.2f s and %s (recorded)", w.proc.pid, w.uid, seq, t_cpu, t_rss, cpu, peak)
+            self._job_log(logging.WARNING, "worker %s (uid %s): job %s told %.2f s CPU and max_rss %s; it used "
+                          "%.2f s and %s (recorded)", w.proc.pid, w.uid, seq, t_cpu, t_rss, cpu, peak)
         return Figures(cpu_u, cpu_s, peak, method, t_children)
 
     def _watch_from_outside(self, w: WorkerHandle) -> None:
@@ -962,8 +942,7 @@ class Supervisor:
         """``w`` broke the protocol: end its tree; its job (the one whose
         figures were due, whose code spoke last; else the one running)
         fails. Caller holds the lock."""
-        if self._violations.allow():
-            logger.warning("worker %s (uid %s): protocol violation: %s", w.proc.pid, w.uid, why)
+        self._job_log(logging.WARNING, "worker %s (uid %s): protocol violation: %s", w.proc.pid, w.uid, why)
         self._kill(w, JobStatus.FAILED, f"protocol violation: {why} (the job's worker was killed)")
 
     def _check_stalls(self) -> None:
