@@ -726,7 +726,9 @@ class DaskExecutor:
         self.state.pick(lambda rec: seen.append(rec) or False)   # only looks: is a job runnable?
         if not seen:
             return sends
-        room = min(room, sum(q.n_waiting for q in self.state.queues.values()))
+        # runners already starting will take as many waiting jobs: only the
+        # rest need new ones (a round before the first is ready starts no second)
+        room = min(room, sum(q.n_waiting for q in self.state.queues.values()) - starting)
         used: Dict[str, int] = collections.Counter(r.worker for r in self._runners.values())
         spare = {w: n - used.get(w, 0) for w, n in self.cluster.items()}
         for _ in range(room):
