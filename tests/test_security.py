@@ -33,7 +33,7 @@ import psutil
 import pytest
 
 import ezpq_mgr as ezpq
-from ezpq_mgr import serialize
+from ezpq_mgr import serialize, wire
 from ezpq_mgr.server import accounting, service
 from ezpq_mgr.server.accounting import AccountingLog, report
 from ezpq_mgr.client.connection import Remote
@@ -3285,20 +3285,15 @@ def a_sends_requests_of_many_tokens(input_server, n_items, n_conns, looping, rel
 
 @needs_root
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="json.loads of one request holds the GIL for the whole parse (50M tokens: "
-                   "~2.5 s); the fix bounds a request's tokens before parsing and has the client split "
-                   "big puts and id lists (not local: put's all-or-nothing across chunks)")
-def test_a_request_of_many_small_tokens_stalls_nobody(input_server, users):
+@pytest.mark.parametrize("n_items", [50_000_000, wire.MAX_VALUES])
+def test_a_request_of_many_small_tokens_stalls_nobody(input_server, users, n_items):
     """50M zeros (100 MB, under --max-message) on 3 connections: B's
-    round trip took 1.8 to 6.9 s. Fix proposed: count the body's
-    separators before ``json.loads`` (``bytes.count``: ~1 ms per 256 MB) and
-    refuse a request of more than ~1M tokens (~60 ms of parse) with
-    ValueError; the client sends ``put``, ``pop_ids``, ``wait_jobs`` and
-    ``show_jobs`` in chunks under that (``map``'s one all-or-nothing put
-    becomes chunks staged under reserved ids and committed by the last)."""
+    round trip took 1.8 to 6.9 s. Now a request of more than
+    wire.MAX_VALUES values is refused before it is parsed (its commas
+    counted); at the bound (about 0.4 s a parse) B is still served."""
     assert_b_served(input_server, users)   # B's worker is up before the attack
     looping, release = FORK.Event(), FORK.Event()
-    pa, out = start_as(users[USERS[0]], a_sends_requests_of_many_tokens, input_server, 50_000_000, 3,
+    pa, out = start_as(users[USERS[0]], a_sends_requests_of_many_tokens, input_server, n_items, 3,
                        looping, release)
     try:
         assert looping.wait(120), f"A did not start: {out.get(timeout=1) if not out.empty() else ''}"
@@ -3309,6 +3304,21 @@ def test_a_request_of_many_small_tokens_stalls_nobody(input_server, users):
         kind, sent = out.get(timeout=120)
         pa.join(10)
     assert kind == "ok", sent
+
+
+@needs_root
+def test_a_call_of_too_many_values_is_refused_at_the_call_and_by_the_server(input_server, monkeypatch):
+    """The client library counts a shared server's request too: ValueError
+    at the call, nothing sent, nothing queued. (The server's own count is
+    what the attack above meets.)"""
+    from ezpq_mgr import wire
+    with ezpq.Queue(address=input_server.address, authkey=input_server.key, qid="values") as Q:
+        monkeypatch.setattr(wire, "MAX_VALUES", 20_000)   # this process only: the server keeps its own
+        with pytest.raises(ValueError, match="values is over"):
+            Q.map(abs, range(5_000))
+        monkeypatch.undo()
+        assert Q.size() == 0
+        assert [j["output"] for j in Q.map(abs, range(-3, 0))] == [3, 2, 1]
 
 
 # ------------------------------------------- a Dask bridge taken over floods the root server

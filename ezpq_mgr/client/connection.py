@@ -116,6 +116,7 @@ class Remote:
         self.address = address
         self.where = describe_address(address)
         self._authkey = bytes(authkey)
+        self._shared = shared
         if shared:
             from .. import wire
             self._dumps, self._loads = wire.dumps, wire.loads
@@ -161,6 +162,11 @@ class Remote:
         if limit is not None and len(body) > limit:
             raise ValueError(f"this call to {method!r} is {transport.describe_size(len(body))}, over the "
                              f"server's limit of {transport.describe_size(limit)} (ezpq-server --max-message)")
+        if self._shared and len(body) > 65536:   # the shared server counts them too
+            from ..wire import values_over_limit
+            why = values_over_limit(body)
+            if why is not None:
+                raise ValueError(f"this call to {method!r} is {why}")
         sock = self._connection()
         local = self._local
         try:

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, List, Optional
 
+from .. import wire
 from ..errors import ServerError
 from ..messages import ERROR, RETURN, Reply, Request
 from .callers import DEFERRED, Caller, send_reply
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: poll() takes an int of milliseconds: a longer deadline is waited in steps
 _MAX_POLL = 86400.0
+#: (bytes) a shared server's request this big has its values counted (wire.values_over_limit) before it is parsed
+BIG_REQUEST = 1 << 18
 
 
 class ConnectionServer:
@@ -51,6 +54,9 @@ class ConnectionServer:
         #: read (its next request came), their removal may go to disk
         #: (``Store.handed_over``); None: nothing to write
         self.handed_over: Optional[Callable[[List[int]], None]] = None
+        #: a shared server (JSON requests): a big one is refused unparsed
+        #: when it holds more than wire.MAX_VALUES values
+        self.shared = False
 
     def serve(self, conn: PeerConnection) -> None:
         """The serving thread of one connection, until the client leaves."""
@@ -80,6 +86,11 @@ class ConnectionServer:
                 continue
             except (EOFError, OSError, MemoryError, OverflowError):
                 return  # gone, or a frame no memory can hold: this connection ends, not the server
+            if self.shared and len(body) > BIG_REQUEST:
+                why = wire.values_over_limit(body)
+                if why is not None:
+                    conn.send(Reply(ERROR, ValueError(f"ezpq server: {why}")))
+                    continue
             try:
                 method, args = Request.parse(self.loads(body))
             except Exception:

@@ -183,6 +183,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     dumps = wire.dumps if shared else _pickle_dumps
     connections = ConnectionServer(service, Service.EXPOSED, state, wire.loads if shared else pickle.loads,
                                    server_stop)
+    connections.shared = shared
 
     def admit(sock, identity, release) -> None:
         conn = PeerConnection(sock, identity, dumps, flusher, max_message, on_close=release)
