@@ -98,7 +98,7 @@ from ..messages import Outcome
 from . import bridgeproto
 from .dask_bridge import exec_argv
 from .joblogs import LogBook
-from .ratelimit import RateLimitedLog
+from .ratelimit import RateLimitedLog, TokenBucket
 from .state import QueueState
 
 logger = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class DaskExecutor:
     def _read_bridge(self, bridge: _Bridge) -> None:
         """The reader thread of one bridge: its messages, decoded and
         checked here (never under the state's lock), posted to the loop."""
-        tokens, last = UNASKED_BURST, time.monotonic()
+        unasked = TokenBucket(UNASKED_RATE, UNASKED_BURST)
         while True:
             try:
                 data = bridge.sock.recv(1 << 20)
@@ -336,11 +336,8 @@ class DaskExecutor:
             for msg in msgs:
                 kind = type(msg)
                 if kind in _UNASKED:
-                    now = time.monotonic()
-                    tokens = min(UNASKED_BURST, tokens + (now - last) * UNASKED_RATE)
-                    last = now
-                    tokens -= 1 + (len(msg.workers) + len(msg.left)) // 1000 if kind is m.ClusterNow else 1
-                    if tokens < 0:
+                    cost = 1 + (len(msg.workers) + len(msg.left)) // 1000 if kind is m.ClusterNow else 1
+                    if not unasked.take(cost):
                         self._post(("broken", bridge.gen, f"it sent more than {UNASKED_BURST:g} messages at "
                                     f"once, or {UNASKED_RATE:g} a second, that were not answers"))
                         return
