@@ -627,7 +627,7 @@ class Supervisor:
     def _idle_worker(self, uid: Optional[int]) -> Optional[WorkerHandle]:
         """A ready worker of ``uid`` with no job, if any."""
         for w in self.workers:
-            if w.uid == uid and w.ready and w.seq is None and not w.dead:
+            if w.uid == uid and w.idle:
                 return w
         return None
 
