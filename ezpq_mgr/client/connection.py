@@ -116,10 +116,12 @@ class Remote:
         self.address = address
         self.where = describe_address(address)
         self._authkey = bytes(authkey)
-        self._shared = shared
+        #: a shared server's bound on one request's values, checked here too (None: a private server)
+        self._values_over_limit: Optional[Callable[[bytes], Optional[str]]] = None
         if shared:
             from .. import wire
             self._dumps, self._loads = wire.dumps, wire.loads
+            self._values_over_limit = wire.values_over_limit
         else:
             self._dumps, self._loads = _pickle_dumps, pickle.loads
         ack = self._dumps(Request("ack", ()))
@@ -162,9 +164,8 @@ class Remote:
         if limit is not None and len(body) > limit:
             raise ValueError(f"this call to {method!r} is {transport.describe_size(len(body))}, over the "
                              f"server's limit of {transport.describe_size(limit)} (ezpq-server --max-message)")
-        if self._shared and len(body) > 65536:   # the shared server counts them too
-            from ..wire import values_over_limit
-            why = values_over_limit(body)
+        if self._values_over_limit is not None:
+            why = self._values_over_limit(body)
             if why is not None:
                 raise ValueError(f"this call to {method!r} is {why}")
         sock = self._connection()

@@ -28,8 +28,6 @@ logger = logging.getLogger(__name__)
 
 #: poll() takes an int of milliseconds: a longer deadline is waited in steps
 _MAX_POLL = 86400.0
-#: (bytes) a shared server's request this big has its values counted (wire.values_over_limit) before it is parsed
-BIG_REQUEST = 1 << 18
 
 
 class ConnectionServer:
@@ -86,7 +84,7 @@ class ConnectionServer:
                 continue
             except (EOFError, OSError, MemoryError, OverflowError):
                 return  # gone, or a frame no memory can hold: this connection ends, not the server
-            if self.shared and len(body) > BIG_REQUEST:
+            if self.shared:
                 why = wire.values_over_limit(body)
                 if why is not None:
                     conn.send(Reply(ERROR, ValueError(f"ezpq server: {why}")))
