@@ -14,7 +14,7 @@ import math
 import select
 import threading
 import time
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from .. import wire
 from ..errors import ServerError
@@ -39,7 +39,7 @@ class ConnectionServer:
     the value, or ``ERROR`` and the exception."""
 
     def __init__(self, service: Any, exposed: Iterable[str], state: Any, loads: Callable[[bytes], Any],
-                 stop_event: threading.Event):
+                 stop_event: threading.Event, one_at_a_time: Iterable[str] = ()):
         self.service = service
         self.exposed = frozenset(exposed)
         self.state = state
@@ -55,6 +55,13 @@ class ConnectionServer:
         #: a shared server (JSON requests): a big one is refused unparsed
         #: when it holds more than wire.MAX_VALUES values
         self.shared = False
+        #: the calls whose answers can be big (listings): a user's are made,
+        #: encoded and queued one at a time, however many connections it
+        #: opens, so the others' calls share the interpreter with one such
+        #: answer, not eight (they never park: the turn is not held waiting)
+        self.one_at_a_time = frozenset(one_at_a_time)
+        self._turns: Dict[int, threading.Lock] = {}   # uid -> its turn at a big answer
+        self._turns_guard = threading.Lock()
 
     def serve(self, conn: PeerConnection) -> None:
         """The serving thread of one connection, until the client leaves."""
@@ -67,7 +74,7 @@ class ConnectionServer:
             caller.disconnected()  # the client left: what the service asked to run then
 
     def _loop(self, conn: PeerConnection, caller: Caller) -> None:
-        service, exposed = self.service, self.exposed
+        exposed = self.exposed
         while not self.stop_event.is_set():
             conn.wait_drained()  # one reply in flight per connection, at most
             if conn.closed:
@@ -95,21 +102,34 @@ class ConnectionServer:
                 conn.send(Reply(ERROR, ValueError("ezpq server: malformed request")))
                 continue
             if method not in exposed:
-                msg = Reply(ERROR, AttributeError(f"method {method[:100]!r} is not exposed"))
+                conn.send(Reply(ERROR, AttributeError(f"method {method[:100]!r} is not exposed")))
+            elif method in self.one_at_a_time:
+                with self._turn(caller):
+                    self._answer(conn, caller, method, args)
             else:
-                try:
-                    msg = Reply(RETURN, getattr(service, method)(caller, *args))
-                except Exception as e:
-                    msg = Reply(ERROR, e)
-            if msg.value is DEFERRED:
-                self._park(conn, caller)
-                continue
-            if self.barrier is not None:
-                try:
-                    self.barrier()
-                except Exception as e:   # the state cannot be saved: say so, never acknowledge
-                    msg = Reply(ERROR, ServerError(str(e)))
-            send_reply(conn, msg)
+                self._answer(conn, caller, method, args)
+
+    def _answer(self, conn: PeerConnection, caller: Caller, method: str, args: tuple) -> None:
+        """Call the service's ``method`` and send its reply, or hold its
+        deadline if the service parked the call."""
+        try:
+            msg = Reply(RETURN, getattr(self.service, method)(caller, *args))
+        except Exception as e:
+            msg = Reply(ERROR, e)
+        if msg.value is DEFERRED:
+            self._park(conn, caller)
+            return
+        if self.barrier is not None:
+            try:
+                self.barrier()
+            except Exception as e:   # the state cannot be saved: say so, never acknowledge
+                msg = Reply(ERROR, ServerError(str(e)))
+        send_reply(conn, msg)
+
+    def _turn(self, caller: Caller) -> threading.Lock:
+        """The caller's user's turn at a big answer (see ``one_at_a_time``)."""
+        with self._turns_guard:
+            return self._turns.setdefault(caller.identity.uid, threading.Lock())
 
     def _park(self, conn: PeerConnection, caller: Caller) -> None:
         """Hold the deadline of our deferred call (sleeping in poll until

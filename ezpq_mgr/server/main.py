@@ -182,7 +182,7 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     flusher = Flusher()
     dumps = wire.dumps if shared else _pickle_dumps
     connections = ConnectionServer(service, Service.EXPOSED, state, wire.loads if shared else pickle.loads,
-                                   server_stop)
+                                   server_stop, one_at_a_time=Service.LISTINGS)
     connections.shared = shared
 
     def admit(sock, identity, release) -> None:
