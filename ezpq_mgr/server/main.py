@@ -108,11 +108,6 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     Any thread dying of an unexpected exception is logged and stops the
     server with ``ServerDied`` (exit status 1); so does a state database
     that cannot be written any more (disk full)."""
-    if shared:
-        # a thread back from a socket call waits up to the switch interval
-        # for the interpreter while another thread computes (one user's big
-        # listing): 1 ms instead of 5 keeps the other users' calls short
-        sys.setswitchinterval(0.001)
     if dask is not None:
         dask = check_dask_address(dask)
         if shared and os.geteuid() == 0 and not dask_any_user:
