@@ -4,7 +4,9 @@ A thread per authenticated connection reads a ``Request``, calls the
 ``Service`` method it names with the connection's ``Caller`` (callers.py)
 first, and sends the ``Reply``; a call the service parked (waits.py) is
 answered by whoever makes its answer possible, while this thread holds its
-deadline, or withdraws it when the client sends again or leaves.
+deadline, or withdraws it when the client sends again or leaves. The
+calls whose answers can be big (listings) are answered one at a time per
+user, so one user's many connections cannot crowd the others out.
 """
 
 from __future__ import annotations
