@@ -3468,3 +3468,86 @@ def test_requeued_jobs_count_in_the_users_share(users):
     finally:
         assert s.stop() == 0
         shutil.rmtree(s.dir, ignore_errors=True)
+
+
+# ============================================================================
+# Fourth attack pass (2026-12-08)
+# ============================================================================
+# The newest change (one user's big answers one at a time, Python's 5 ms
+# switch interval) and several users attacking at once. Same rules: a real
+# root ``ezpq-server`` on a Unix socket, throwaway users, the attack done for
+# real, asserting it fails and that another user is still served within 1 s.
+
+
+# ------------------------------------------- big answers asked for and never read
+def a_asks_big_answers_it_never_reads(input_server, n_jobs, n_conns, out, go):
+    """User A holds ``n_jobs`` jobs with 1 KiB names and function names (a
+    paused queue), then asks for all of them (``list_jobs``, ``ezpq
+    status``) on ``n_conns`` connections of its own and reads none of the
+    answers: the server encodes each (~2.7 KiB a job) and keeps what the
+    socket does not take until the client reads it."""
+    from ezpq_mgr import transport
+    from ezpq_mgr.messages import Request
+    remote, token, env = connect(input_server)
+    remote.call("pause_queues", ["many"], True)
+    job = record(token, env, name="n" * 1024, function="f" * 1024)
+    for start in range(0, n_jobs, 1000):
+        remote.call("put", "many", [job] * min(1000, n_jobs - start))
+    body = wire.dumps(Request("list_jobs", ()))
+    socks = []
+    for _ in range(n_conns):
+        sock = transport.connect(input_server.address, input_server.key)[0]
+        sock.sendall(transport.HEADER.pack(len(body)) + body)
+        socks.append(sock)
+    out.put(("asked", len(socks)))
+    go.wait(120)
+    for sock in socks:
+        sock.close()
+    remote.close()
+
+
+def a_lists_its_jobs(input_server):
+    return len(Remote(input_server.address, input_server.key).call("list_jobs"))
+
+
+def _settled(proc, deadline, grown, bound):
+    """Poll until ``proc`` stops using CPU (under 20 ms in 0.5 s), failing
+    as soon as ``grown()`` passes ``bound``; the last growth seen."""
+    cpu = sum(proc.cpu_times()[:2])
+    while True:
+        g = grown()
+        assert g < bound, f"the server's RSS grew by {g / 2**20:.0f} MiB"
+        assert time.monotonic() < deadline, "the server kept busy"
+        time.sleep(0.5)
+        now = sum(proc.cpu_times()[:2])
+        if now - cpu < 0.02:
+            return grown()
+        cpu = now
+
+
+@needs_root
+def test_big_answers_a_user_never_reads_hold_a_bounded_memory(input_server, users):
+    """The attacker's find: one user's big answers were made one at a time,
+    but each was then kept for its connection until the client read it, and
+    one user may hold 256 connections: 64 listings of 5,000 jobs with 1 KiB
+    names, none read, held ~0.9 GB of a root server (250,000 jobs, the
+    default cap, on 256 connections: some 170 GB, i.e. the OOM killer). Now
+    a user's next big answer waits until its last one was read: the server
+    holds one unread big answer per user (what this user's next big answers
+    wait for is its own client)."""
+    proc = psutil.Process(input_server.proc.pid)
+    assert_b_served(input_server, users)   # warm: B's worker is up
+    idle = vm(proc.pid, "VmRSS")
+    go, out = FORK.Event(), FORK.Queue()
+    p, _ = start_as(users[USERS[0]], a_asks_big_answers_it_never_reads, input_server, 5_000, 64, out, go)
+    try:
+        kind, asked = out.get(timeout=120)
+        assert (kind, asked) == ("asked", 64), (kind, asked)
+        assert_b_served(input_server, users)
+        grown = _settled(proc, time.monotonic() + 90, lambda: vm(proc.pid, "VmRSS") - idle, 150 * 2**20)
+        assert grown < 150 * 2**20, grown
+        assert_b_served(input_server, users)
+    finally:
+        let_go(go, p)
+    # A's connections closed: its next listing is answered at once
+    assert run_as(users[USERS[0]], a_lists_its_jobs, input_server, timeout=30) == 5_000
