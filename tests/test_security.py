@@ -14,6 +14,7 @@ import csv
 import functools
 import math
 import os
+import pwd
 import resource
 import select
 import shutil
@@ -1684,6 +1685,7 @@ def b_round_trip(input_server):
 def assert_b_served(input_server, users):
     took, output = run_as(users[USERS[1]], b_round_trip, input_server, timeout=60)
     assert output == 7, "the other user's job did not run"
+    print("TOOK", round(took, 3))
     assert took < 1.0, f"the other user waited {took:.2f} s"
 
 
@@ -3468,3 +3470,131 @@ def test_requeued_jobs_count_in_the_users_share(users):
     finally:
         assert s.stop() == 0
         shutil.rmtree(s.dir, ignore_errors=True)
+
+
+# ============================================================================
+# Fourth attack pass (2026-12-08)
+# ============================================================================
+# The newest change (one user's big answers one at a time, Python's 5 ms
+# switch interval) and several users attacking at once. Same rules: a real
+# root ``ezpq-server`` on a Unix socket, throwaway users, the attack done for
+# real, asserting it fails and that another user is still served within 1 s.
+
+
+# ------------------------------------------- big answers asked for and never read
+def a_asks_big_answers_it_never_reads(input_server, n_jobs, n_conns, out, go):
+    """User A holds ``n_jobs`` jobs with 1 KiB names and function names (a
+    paused queue), then asks for all of them (``list_jobs``, ``ezpq
+    status``) on ``n_conns`` connections of its own and reads none of the
+    answers: the server encodes each (~2.7 KiB a job) and keeps what the
+    socket does not take until the client reads it."""
+    from ezpq_mgr import transport
+    from ezpq_mgr.messages import Request
+    remote, token, env = connect(input_server)
+    remote.call("pause_queues", ["many"], True)
+    job = record(token, env, name="n" * 1024, function="f" * 1024)
+    for start in range(0, n_jobs, 1000):
+        remote.call("put", "many", [job] * min(1000, n_jobs - start))
+    body = wire.dumps(Request("list_jobs", ()))
+    socks = []
+    for _ in range(n_conns):
+        sock = transport.connect(input_server.address, input_server.key)[0]
+        sock.sendall(transport.HEADER.pack(len(body)) + body)
+        socks.append(sock)
+    out.put(("asked", len(socks)))
+    go.wait(120)
+    for sock in socks:
+        sock.close()
+    remote.close()
+
+
+def a_lists_its_jobs(input_server):
+    return len(Remote(input_server.address, input_server.key).call("list_jobs"))
+
+
+def _settled(proc, deadline, grown, bound):
+    """Poll until ``proc`` stops using CPU (under 20 ms in 0.5 s), failing
+    as soon as ``grown()`` passes ``bound``; the last growth seen."""
+    cpu = sum(proc.cpu_times()[:2])
+    while True:
+        g = grown()
+        assert g < bound, f"the server's RSS grew by {g / 2**20:.0f} MiB"
+        assert time.monotonic() < deadline, "the server kept busy"
+        time.sleep(0.5)
+        now = sum(proc.cpu_times()[:2])
+        if now - cpu < 0.02:
+            return grown()
+        cpu = now
+
+
+@needs_root
+def test_big_answers_a_user_never_reads_hold_a_bounded_memory(input_server, users):
+    """The attacker's find: one user's big answers were made one at a time,
+    but each was then kept for its connection until the client read it, and
+    one user may hold 256 connections: 64 listings of 5,000 jobs with 1 KiB
+    names, none read, held ~0.9 GB of a root server (250,000 jobs, the
+    default cap, on 256 connections: some 170 GB, i.e. the OOM killer). Now
+    a user's next big answer waits until its last one was read: the server
+    holds one unread big answer per user (what this user's next big answers
+    wait for is its own client)."""
+    proc = psutil.Process(input_server.proc.pid)
+    assert_b_served(input_server, users)   # warm: B's worker is up
+    idle = vm(proc.pid, "VmRSS")
+    go, out = FORK.Event(), FORK.Queue()
+    p, _ = start_as(users[USERS[0]], a_asks_big_answers_it_never_reads, input_server, 5_000, 64, out, go)
+    try:
+        kind, asked = out.get(timeout=120)
+        assert (kind, asked) == ("asked", 64), (kind, asked)
+        assert_b_served(input_server, users)
+        grown = _settled(proc, time.monotonic() + 90, lambda: vm(proc.pid, "VmRSS") - idle, 150 * 2**20)
+        assert grown < 150 * 2**20, grown
+        assert_b_served(input_server, users)
+    finally:
+        let_go(go, p)
+    # A's connections closed: its next listing is answered at once
+    assert run_as(users[USERS[0]], a_lists_its_jobs, input_server, timeout=30) == 5_000
+
+
+# ------------------------------------------- several users' big answers at once
+def nameless_users(n):
+    """``n`` uids with no account (61000 on): attackers need no name, and
+    the server learns each uid from SO_PEERCRED all the same."""
+    return [pwd.struct_passwd((str(61000 + i), "x", 61000 + i, 61000 + i, "", "/", "/bin/false"))
+            for i in range(n)]
+
+
+def _b_served_while_several_attack(input_server, users, attackers, attack, *args, rounds=1):
+    """``_b_served_while_a_attacks`` with every user of ``attackers`` running
+    ``attack`` at once; root's ``info`` must be answered within 1 s too."""
+    started = []
+    try:
+        for pw in attackers:
+            looping, release = FORK.Event(), FORK.Event()
+            p, out = start_as(pw, attack, input_server, *args, looping, release)
+            started.append((p, out, looping, release))
+        for p, out, looping, release in started:
+            assert looping.wait(180), f"an attacker did not start: {out.get(timeout=1) if not out.empty() else ''}"
+        for _ in range(rounds):
+            assert_b_served(input_server, users)
+            assert served_within(input_server), "root's ezpq status waited over 1 s"
+    finally:
+        for p, out, looping, release in started:
+            release.set()
+        results = [out.get(timeout=120) for p, out, looping, release in started]
+        for p, *_ in started:
+            p.join(10)
+    assert all(kind == "ok" for kind, _ in results), results
+
+
+@needs_root
+def test_several_users_listings_at_once_starve_nobody(input_server, users):
+    """The attacker's find: one user's big answers are made one at a time,
+    but four users' were made at once, and the others' calls shared the
+    interpreter with all of them: four users listing 50,000 jobs on 8
+    connections each left B's put and get at 0.30-1.14 s (one user: 0.05-0.23
+    s), growing with the number of users. Now one big answer is made at a
+    time server-wide: 0.08-0.10 s. Six users listing 20,000 jobs here."""
+    assert_b_served(input_server, users)
+    attackers = [users[USERS[0]]] + nameless_users(5)
+    _b_served_while_several_attack(input_server, users, attackers, a_lists_its_jobs_in_a_loop, 20_000, 2,
+                                   rounds=5)
