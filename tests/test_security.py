@@ -3597,3 +3597,68 @@ def test_several_users_listings_at_once_starve_nobody(input_server, users):
     attackers = [users[USERS[0]]] + nameless_users(5)
     _b_served_while_several_attack(input_server, users, attackers, a_lists_its_jobs_in_a_loop, 20_000, 2,
                                    rounds=5)
+
+
+# ------------------------------------------- results handed over and never read
+def a_takes_results_and_never_reads(input_server, how, rounds, size, out, go):
+    """User A, ``rounds`` times: one job that returns ``size`` bytes, taken
+    by a new connection of her own whose answer she never reads: collected
+    once done (``how="collect"``), or a parked ``get(wait=True)`` asked
+    before the put and answered by the server when the job ends
+    (``how="get"``). A job handed over no longer counts in her
+    --max-user-bytes, but its answer stays queued in the server for her
+    connection: without a bound, any number of results held by a client
+    that does not read."""
+    from ezpq_mgr import transport
+    from ezpq_mgr.messages import Request
+    remote, token, env = connect(input_server)
+    body = wire.dumps(Request("collect", ("grow", 1)) if how == "collect" else
+                      Request("get", ("grow", True, 120.0, True)))
+    socks = []
+    for _ in range(rounds):
+        sock = transport.connect(input_server.address, input_server.key)[0]
+        socks.append(sock)
+        if how == "get":
+            sock.sendall(transport.HEADER.pack(len(body)) + body)
+        remote.call("put", "grow", [record(token, env, fn=bytes, args=(size,), suppress_errors=True)])
+        assert remote.call("wait_pending", "grow", 1, 120.0) == 0
+        if how == "collect":
+            sock.sendall(transport.HEADER.pack(len(body)) + body)
+        deadline = time.monotonic() + 60   # taken off the queue by that connection's call
+        while remote.call("counts", "grow")["completed"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    out.put(("asked", len(socks)))
+    go.wait(120)
+    for sock in socks:
+        sock.close()
+    remote.close()
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["collect", "get"])
+def test_results_a_user_never_reads_count_in_her_bytes(users, how):
+    """The attacker's find (fourth pass): on a server with
+    --max-user-bytes 16M, 40 jobs of 8 MB each, each collected on a
+    connection whose answer A never read, grew the root server by 992 MiB
+    (860 MiB with a parked get): a collected job leaves A's bytes, its
+    answer stayed. Now the answers queued for a user's connections and not
+    yet taken count in her bytes: the jobs that would pass the cap end
+    failed with nothing kept, and the server's growth stays near the cap."""
+    s = _server("--max-user-bytes", "16M")
+    try:
+        proc = psutil.Process(s.proc.pid)
+        assert_b_served(s, users)   # warm: B's worker is up
+        idle = vm(proc.pid, "VmRSS")
+        go, out = FORK.Event(), FORK.Queue()
+        p, _ = start_as(users[USERS[0]], a_takes_results_and_never_reads, s, how, 40, 8_000_000, out, go)
+        try:
+            kind, asked = out.get(timeout=240)
+            assert (kind, asked) == ("asked", 40), (kind, asked)
+            grown = vm(proc.pid, "VmRSS") - idle
+            assert grown < 120 * 2**20, f"the server's RSS grew by {grown / 2**20:.0f} MiB"
+            assert_b_served(s, users)
+        finally:
+            let_go(go, p)
+    finally:
+        assert s.stop() == 0
+        shutil.rmtree(s.dir, ignore_errors=True)

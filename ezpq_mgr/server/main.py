@@ -34,7 +34,7 @@ from . import callers
 from .accounting import AccountingLog
 from .doorman import Doorman
 from .joblogs import DEFAULT_MAX_LOG, LogBook
-from .outgoing import Flusher, PeerConnection
+from .outgoing import Flusher, PeerConnection, UnsentBytes
 from .connections import ConnectionServer
 from .service import DEFAULT_MAX_USER_BYTES, DEFAULT_MAX_USER_JOBS, Service
 from .state import QueueState
@@ -180,8 +180,12 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
                                    server_stop, one_at_a_time=Service.LISTINGS)
     connections.shared = shared
 
+    unsent = UnsentBytes() if shared else None
+    if unsent is not None:
+        service.unsent = unsent.of
+
     def admit(sock, identity, release) -> None:
-        conn = PeerConnection(sock, identity, dumps, flusher, max_message, on_close=release)
+        conn = PeerConnection(sock, identity, dumps, flusher, max_message, on_close=release, unsent=unsent)
         threading.Thread(target=connections.serve, args=(conn,), name=f"ezpq-client-{identity.user}",
                          daemon=True).start()
 

@@ -27,13 +27,13 @@ import os
 import select
 import socket
 import threading
-from typing import Any, Callable, Deque, Optional, Set
+from typing import Any, Callable, Deque, Dict, Optional, Set
 
 from .ratelimit import RateLimitedLog
 from .callers import Identity
 from ..transport import HEADER, describe_size
 
-__all__ = ["PeerConnection", "Flusher", "MessageTooLarge", "ReadTimeout", "READ_TIMEOUT"]
+__all__ = ["PeerConnection", "Flusher", "UnsentBytes", "MessageTooLarge", "ReadTimeout", "READ_TIMEOUT"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,42 @@ class ReadTimeout(EOFError):
     connection ends as if the peer had gone."""
 
 
+class UnsentBytes:
+    """Per user, the bytes of replies queued for its connections that their
+    sockets have not taken yet: what a user holds in the server besides its
+    jobs. A shared server counts them in the user's ``--max-user-bytes``:
+    a collected result leaves its job's count, and a client that asks and
+    never reads would otherwise have the server hold any number of them
+    (40 collected 8 MB outputs, never read, grew it by 1 GB past a 16 MiB
+    cap). Only replies the socket could not take at once are counted, and
+    as the payload they carry (``of``): collecting her results moves them
+    from her jobs' count to this one, hardly changing her total."""
+
+    def __init__(self) -> None:
+        self._by_uid: Dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, uid: int, n: int) -> None:
+        with self._lock:
+            left = self._by_uid.get(uid, 0) + n
+            if left:
+                self._by_uid[uid] = left
+            else:
+                del self._by_uid[uid]
+
+    def of(self, uid: int) -> int:
+        """The payload bytes of what is queued for ``uid``'s connections and
+        not yet sent: 3/4 of them (a shared server's JSON carries bytes in
+        base64, 4/3 of their size)."""
+        return self._by_uid.get(uid, 0) * 3 // 4
+
+
 class PeerConnection:
     """One authenticated client connection, as the server sees it."""
 
     def __init__(self, sock: socket.socket, identity: Identity, dumps: Callable[[Any], bytes],
                  flusher: "Flusher", max_message: Optional[int] = None,
-                 on_close: Optional[Callable[[], None]] = None):
+                 on_close: Optional[Callable[[], None]] = None, unsent: Optional[UnsentBytes] = None):
         self.sock = sock
         self.fd = sock.fileno()
         self.identity = identity
@@ -76,6 +106,8 @@ class PeerConnection:
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._pending: Deque[memoryview] = collections.deque()
+        self._unsent = unsent   # the users' tally of unsent bytes (None: not kept)
+        self._queued = 0        # what this connection counts in it
         self._poller: Optional[select.poll] = None
         self.closed = False
 
@@ -204,6 +236,7 @@ class PeerConnection:
                     if n == len(data):
                         return
                     self._pending.append(memoryview(data)[n:])
+                self._count_queued()
             self._flusher.add(self)
             return
         parts = [memoryview(HEADER.pack(len(body))), memoryview(body)]
@@ -211,9 +244,20 @@ class PeerConnection:
             if self.closed:
                 return
             self._pending.extend(parts)
-            if len(self._pending) == len(parts) and self._write_some():
+            done = len(self._pending) == len(parts) and self._write_some()
+            self._count_queued()
+            if done:
                 return
         self._flusher.add(self)
+
+    def _count_queued(self) -> None:
+        """(lock held) Tell the users' tally what this connection now holds
+        unsent (its queue is a reply's few buffers: summed, not tracked)."""
+        if self._unsent is not None:
+            now = sum(map(len, self._pending))
+            if now != self._queued:
+                self._unsent.add(self.identity.uid, now - self._queued)
+                self._queued = now
 
     def _write_some(self) -> bool:
         """(lock held) Write what the socket takes; True once nothing is left
@@ -246,7 +290,9 @@ class PeerConnection:
         with self._lock:
             if self.closed:
                 return True
-            return self._write_some()
+            done = self._write_some()
+            self._count_queued()
+            return done
 
     def wait_drained(self) -> None:
         """Block (this connection's serving thread only) until every reply is out."""
@@ -261,6 +307,7 @@ class PeerConnection:
         """(lock held) The peer is gone: drop what was queued, wake the reader."""
         self.closed = True
         self._pending.clear()
+        self._count_queued()
         self._drained.notify_all()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -271,6 +318,7 @@ class PeerConnection:
         with self._lock:
             self.closed = True
             self._pending.clear()
+            self._count_queued()
             self._drained.notify_all()
             self.sock.close()
         if self._on_close is not None:

@@ -200,6 +200,10 @@ class Service(Control):
         self._outputs: Dict[int, int] = {}   # seq -> output bytes counted in _jobs_held
         self.max_user_jobs = max_user_jobs or None     # 0: no cap
         self.max_user_bytes = max_user_bytes or None
+        #: uid -> bytes of replies queued for its connections, not yet sent
+        #: (outgoing.UnsentBytes; a shared server's): they count in
+        #: --max-user-bytes like the jobs' payloads
+        self.unsent: Callable[[int], int] = lambda uid: 0
         #: (lock held) an environment was made (env_id, key) or freed (env_id, None):
         #: the durable server's journal (store.py), None otherwise
         self.on_env: Optional[Callable[[int, Optional[tuple]], None]] = None
@@ -456,7 +460,7 @@ class Service(Control):
             size = len(rec.output_blob or b"")
             before = self._outputs.pop(rec.seq, 0)   # a requeued job ends again
             if size and self.max_user_bytes and rec.uid not in (0, os.getuid()):
-                held = self._jobs_held.get(rec.uid, (0, 0))[1] - before
+                held = self._jobs_held.get(rec.uid, (0, 0))[1] - before + self.unsent(rec.uid)
                 if held + size > self.max_user_bytes:
                     rec.status, rec.output_blob = JobStatus.FAILED, None
                     rec.exception = (f"its output ({describe_size(size)}) is not kept: {rec.user} would "
@@ -486,6 +490,7 @@ class Service(Control):
         if me.privileged:
             return
         n, b = self._jobs_held.get(me.uid, (0, 0))
+        b += self.unsent(me.uid)   # results handed over that her client has not read
         if self.max_user_jobs and n + jobs > self.max_user_jobs:
             raise ServerLimit(f"at most {self.max_user_jobs:,} jobs per user on this server "
                               f"(--max-user-jobs): {me.user} has {n:,} not collected; collect or "
