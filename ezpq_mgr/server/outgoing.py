@@ -305,21 +305,23 @@ class PeerConnection:
     # ------------------------------------------------------------- ending
     def _fail(self) -> None:
         """(lock held) The peer is gone: drop what was queued, wake the reader."""
-        self.closed = True
-        self._pending.clear()
-        self._count_queued()
-        self._drained.notify_all()
+        self._drop_queued()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
+    def _drop_queued(self) -> None:
+        """(lock held) Closed: what was queued is dropped (and leaves its
+        user's tally), and whoever waits for it to drain is woken."""
+        self.closed = True
+        self._pending.clear()
+        self._count_queued()
+        self._drained.notify_all()
+
     def close(self) -> None:
         with self._lock:
-            self.closed = True
-            self._pending.clear()
-            self._count_queued()
-            self._drained.notify_all()
+            self._drop_queued()
             self.sock.close()
         if self._on_close is not None:
             self._on_close()
