@@ -301,6 +301,25 @@ def test_queue_log_has_each_jobs_own_output(start_method):
             Q.log(ids[0])
 
 
+def loud(n):
+    """Write n bytes straight to descriptor 1 (no Python buffer), then return at once."""
+    view = memoryview(b"x" * n)
+    while view:
+        view = view[os.write(1, view):]
+    return n
+
+
+def test_a_loud_jobs_last_bytes_stay_in_its_own_log():
+    """A job's bytes still in its pipe when it returns (the server reads 1 MiB
+    a turn, the next job starts at once) are its own, never the next job's."""
+    with ezpq.Queue(1) as Q:   # one worker: each job starts as soon as the last returns
+        ids = [Q.put(loud, 3 << 20), Q.put(chatty, 2), Q.put(loud, 1 << 20), Q.put(chatty, 1)]
+        Q.wait()
+        assert [Q.log(i) for i in ids] == ["x" * (3 << 20), "out 0\nout 1\nerr 2\n", "x" * (1 << 20),
+                                           "out 0\nerr 1\n"]
+        assert len(Q.collect()) == 4
+
+
 def test_a_timed_out_api_jobs_log_is_kept():
     with ezpq.Queue(1) as Q:
         i = Q.put(chatty_then_sleep, timeout=1)

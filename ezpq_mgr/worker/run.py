@@ -374,7 +374,9 @@ def _serve(fd: int, accounting: bool, strict: bool = False, mark=None,
     ones; each job gets its pair as descriptors 1 and 2 (its children and
     commands inherit them) and the server appends what comes to that job's
     log. Alternating means a byte a job writes late never lands in the next
-    job's log. ``strict`` (a worker of another user than the server's): after a job
+    job's log. The next job's pair is put in place as soon as a job is
+    over, while the worker waits: the two ``dup2`` are then off the path
+    from a job's arrival to its result. ``strict`` (a worker of another user than the server's): after a job
     that left a Python thread running, say so in its last message and
     return (the worker leaves). A worker of the server's own user runs code
     as trusted as the server itself and keeps its hot path as it was."""
@@ -395,6 +397,12 @@ def _serve(fd: int, accounting: bool, strict: bool = False, mark=None,
     chan.send(workerproto.encode_ready())
     no_figures = workerproto.NO_FIGURES
     while True:
+        if outputs:
+            # the next job's pair, set while we wait for it: two system
+            # calls that would otherwise sit between its arrival and its result
+            pair = (jobs & 1) * 2
+            os.dup2(outputs[pair], 1)
+            os.dup2(outputs[pair + 1], 2)
         try:
             kind, body = chan.recv()
         except (EOFError, OSError):
@@ -403,11 +411,7 @@ def _serve(fd: int, accounting: bool, strict: bool = False, mark=None,
             return True
         fn_blob, args_blob, env, as_thread = workerproto.decode_job(body)   # a RunJob
         del body
-        if outputs:
-            pair = (jobs & 1) * 2
-            os.dup2(outputs[pair], 1)
-            os.dup2(outputs[pair + 1], 2)
-            jobs += 1
+        jobs += 1
         try:
             apply_env(env)
         except OSError as e:
