@@ -3662,3 +3662,55 @@ def test_results_a_user_never_reads_count_in_her_bytes(users, how):
     finally:
         assert s.stop() == 0
         shutil.rmtree(s.dir, ignore_errors=True)
+
+
+# ============================================================================
+# Fifth attack pass (2026-12-08)
+# ============================================================================
+# Many queues and names, the server-wide turn at big answers, the jobs'
+# output pipes, what an exec'd worker can reach, the TCP transport before
+# authentication. Same rules: a real root ``ezpq-server`` on a Unix socket,
+# throwaway users, the attack done for real, asserting it fails and that
+# another user is still served within 1 s.
+
+
+# ------------------------------------------- the id counters of dropped queues
+def a_names_many_queues(input_server, rounds, per):
+    """User A names ``per`` new queues of 256 characters on a connection
+    (``reserve_ids``: no job, nothing in her --max-user-jobs or bytes), then
+    closes it, ``rounds`` times: each queue is dropped with its connection
+    and its id counter kept, so that its ids are never given out again.
+    Then she names her first queue again: the id it gives is past the one
+    it gave before (never reused). (first id before, first id again)"""
+    first = None
+    for r in range(rounds):
+        remote = Remote(input_server.address, input_server.key)
+        for i in range(per):
+            got = remote.call("reserve_ids", f"{r}-{i}-" + "q" * (256 - len(f"{r}-{i}-")), 1)
+            first = got if first is None else first
+        remote.close()
+    remote = Remote(input_server.address, input_server.key)
+    again = remote.call("reserve_ids", "0-0-" + "q" * 252, 1)
+    remote.close()
+    return first, again
+
+
+@needs_root
+def test_the_ids_of_many_dropped_queues_hold_a_bounded_memory(input_server, users):
+    """The attacker's find (fifth pass): a dropped queue's id counter was
+    kept by name with no cap per user (``QueueState.last_ids``), and naming
+    a queue costs no job: 40,000 queues of 256 characters named in 6 s grew
+    a root server by 16 MiB, whatever --max-user-jobs and --max-user-bytes
+    say, without end (about 10 GB an hour on one connection). Now one user
+    keeps at most ``state.MAX_KEPT_IDS`` counters by name; past that her
+    oldest go into one floor where her new queues start: ids are still never
+    reused."""
+    from ezpq_mgr.server import state
+    assert_b_served(input_server, users)   # warm: B's worker is up
+    idle = vm(input_server.proc.pid, "VmRSS")
+    first, again = run_as(users[USERS[0]], a_names_many_queues, input_server, 12, 4_000, timeout=120)
+    grown = vm(input_server.proc.pid, "VmRSS") - idle
+    assert (first, again >= 2) == (1, True), (first, again)
+    assert grown < 8 * 2**20, f"the server's RSS grew by {grown / 2**20:.1f} MiB"
+    assert 12 * 4_000 > 4 * state.MAX_KEPT_IDS
+    assert_b_served(input_server, users)

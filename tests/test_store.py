@@ -281,6 +281,33 @@ def test_a_dropped_queue_keeps_its_id_counter(where):
 
 
 # ------------------------------------------------------------ lanes
+def test_one_owners_kept_id_counters_are_capped_into_a_floor(where, monkeypatch):
+    """Past ``MAX_KEPT_IDS`` dropped queues of one owner (a shared server's
+    "uid:qid"), her oldest counter goes into her floor ("uid:\\0"), where
+    her new queues start: bounded, and no id reused, after a restore too."""
+    from ezpq_mgr.server import state as state_mod
+    monkeypatch.setattr(state_mod, "MAX_KEPT_IDS", 3)
+    st, state = _open(where)
+    state.owner_of = lambda qid: qid.partition(":")[0]
+    for i in range(5):
+        q = state.hold_queue(f"7:q{i}")
+        state.reserve_ids(f"7:q{i}", 10 + i)
+        state.release_queue(q)
+    q = state.hold_queue("8:other")
+    state.reserve_ids("8:other", 1)
+    state.release_queue(q)
+    assert state.last_ids == {"7:q2": 13, "7:q3": 14, "7:q4": 25, "7:\0": 12, "8:other": 2}
+    st.barrier()
+    st.close()
+    st2, state2 = _open(where)
+    state2.owner_of = lambda qid: qid.partition(":")[0]
+    assert state2.last_ids == {"7:q2": 13, "7:q3": 14, "7:q4": 25, "7:\0": 12, "8:other": 2}
+    assert state2.reserve_ids("7:q0", 1) == 12   # forgotten by name: from the floor, past its 10 ids
+    assert state2.reserve_ids("7:q3", 1) == 14
+    assert state2.reserve_ids("8:new", 1) == 1
+    st2.close()
+
+
 def _fail_lane_then_collect(st, state, lane=b"L"):
     """A lane's job runs and fails, and is collected: only the lane's memory is left."""
     state.add("q", [_rec(lane=lane)])

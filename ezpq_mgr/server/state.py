@@ -52,6 +52,9 @@ __all__ = ["QueueState", "QueueInfo", "Outcome"]
 #: _ALLOWED[frm][to]: TRANSITIONS as a table (no tuple built per move)
 _ALLOWED = [[(frm, to) in TRANSITIONS for to in Phase] for frm in Phase]
 
+#: dropped queues' id counters one owner keeps by name (QueueState.last_ids)
+MAX_KEPT_IDS = 4096
+
 FAILED_STATES = (JobStatus.FAILED, JobStatus.LOST, JobStatus.KILLED, JobStatus.TIMEOUT)
 
 
@@ -115,7 +118,12 @@ class QueueState(Scheduling, Dependencies, Results, Waits):
         #: qids named by their clients are kept: a private queue (random qid,
         #: no ``qid`` given) its own client disposed of is forgotten
         #: (``_drop_if_empty``), else every ``with Queue():`` would cost one.
+        #: One owner keeps at most ``MAX_KEPT_IDS`` of them (a user naming
+        #: 40,000 queues grew a root server by 16 MiB in 6 s, without end):
+        #: past that its oldest is forgotten into the owner's floor (the key
+        #: ``owner:\0``, no qid's), where its new queues start.
         self.last_ids: Dict[str, int] = {}
+        self._kept_of: Dict[object, Dict[str, None]] = {}   # owner -> its qids in last_ids, oldest first
         self.queues_of: Dict[object, int] = {}   # owner -> how many queues it has
         self._init_dependencies()                # unmet, dependents (dependencies.py)
 
@@ -125,9 +133,14 @@ class QueueState(Scheduling, Dependencies, Results, Waits):
         q = self.queues.get(qid)
         if q is None:
             q = self.queues[qid] = QueueInfo(qid)
-            if self.last_ids:
-                q.next_id = self.last_ids.pop(qid, 1)
             owner = self.owner_of(qid)
+            if self.last_ids:
+                next_id = self.last_ids.pop(qid, None)
+                if next_id is None:
+                    next_id = self.last_ids.get(f"{owner}:\0", 1)
+                else:
+                    self._kept_of.get(owner, {}).pop(qid, None)
+                q.next_id = next_id
             self.queues_of[owner] = self.queues_of.get(owner, 0) + 1
         return q
 
@@ -137,16 +150,33 @@ class QueueState(Scheduling, Dependencies, Results, Waits):
         if self.queues.get(q.qid) is not q:
             return
         del self.queues[q.qid]
+        owner = self.owner_of(q.qid)
         if keep_ids and q.next_id > 1:
-            self.last_ids[q.qid] = q.next_id
+            self.keep_ids(q.qid, q.next_id, owner)
         if self.on_queue is not None:
             self.on_queue(q, dropped=True)
-        owner = self.owner_of(q.qid)
         left = self.queues_of.get(owner, 1) - 1
         if left > 0:
             self.queues_of[owner] = left
         else:
             self.queues_of.pop(owner, None)
+
+    def keep_ids(self, qid: str, next_id: int, owner: object) -> None:
+        """(lock held) Remember a dropped queue's id counter; past
+        ``MAX_KEPT_IDS`` of ``owner``'s, its oldest goes into its floor."""
+        self.last_ids[qid] = next_id
+        if owner is None:   # a private server: one user
+            return
+        kept = self._kept_of.setdefault(owner, {})
+        kept[qid] = None
+        if len(kept) > MAX_KEPT_IDS:
+            old = next(iter(kept))
+            del kept[old]
+            floor = f"{owner}:\0"
+            self.last_ids[floor] = max(self.last_ids.get(floor, 1), self.last_ids.pop(old))
+            if self.on_queue is not None:   # the durable server's ids table follows
+                self.on_queue(QueueInfo(old), dropped=True)
+                self.on_queue(QueueInfo(floor), dropped=True)
 
     def hold_queue(self, qid: str) -> QueueInfo:
         """An open connection uses ``qid`` (creating it): it is kept while

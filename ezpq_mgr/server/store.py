@@ -348,7 +348,11 @@ class Store:
         changed: List[JobRecord] = []
         n = {"waiting": 0, "lost": 0, "retried": 0, "done": 0}
         with state.cond:
-            state.last_ids.update((qid, int(next_id)) for qid, next_id in last_ids)
+            for qid, next_id in last_ids:   # an owner's floor ("owner:\0") is no queue's
+                if qid.endswith("\0"):
+                    state.last_ids[qid] = int(next_id)
+                else:
+                    state.keep_ids(qid, int(next_id), state.owner_of(qid))
             for row in queues:
                 q = state.queue(row[0])
                 q.next_id = max(q.next_id, int(row[1]))
