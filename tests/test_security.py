@@ -3714,3 +3714,63 @@ def test_the_ids_of_many_dropped_queues_hold_a_bounded_memory(input_server, user
     assert grown < 8 * 2**20, f"the server's RSS grew by {grown / 2**20:.1f} MiB"
     assert 12 * 4_000 > 4 * state.MAX_KEPT_IDS
     assert_b_served(input_server, users)
+
+
+# ------------------------------------------- reports over a long accounting log hold the big answers' turn
+def a_reads_her_accounting_in_a_loop(server, n_conns, looping, release):
+    """User A asks for her accounting rows (``ezpq report``'s source) again
+    and again on ``n_conns`` connections: each call reads and parses the
+    whole accounting log, every user's rows, for seconds."""
+    return _in_a_loop_on_connections(server, n_conns, looping, release, 0.5, lambda r: r.call("accounting"))
+
+
+def b_lists_its_jobs(server):
+    """User B's ``ezpq status`` (``list_jobs``): the slowest of 3, seconds."""
+    r = Remote(server.address, server.key)
+    took = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        r.call("list_jobs")
+        took.append(time.monotonic() - t0)
+    r.close()
+    return max(took)
+
+
+@needs_root
+def test_reports_over_a_long_accounting_log_hold_up_no_one_elses_listings(users):
+    """The attacker's find (fifth pass): ``accounting`` and ``report`` read
+    the whole accounting log (every user's rows, every earlier run's) and
+    were made under the server-wide turn at big answers, like a listing:
+    with 150,000 rows of A's tiny jobs in the log (a busy server has
+    millions) one call took 5 s, and A asking again and again left B's
+    ``ezpq status`` and ``ezpq log`` waiting 2.8-4 s each. Now the answers
+    read from the log take turns among themselves, not with the listings."""
+    root = tempfile.mkdtemp(prefix="ezpq-attack-acct-")
+    os.chmod(root, 0o755)
+    path = os.path.join(root, "acct.csv")
+    log = AccountingLog(path)
+    log.record(_record(1, uid=users[USERS[0]].pw_uid), "q")
+    log.close()
+    with open(path) as f:
+        header, row = f.readlines()
+    with open(path, "w") as f:   # A's history of tiny jobs
+        f.write(header + row * 150_000)
+    s = _server("--log-file", path)
+    try:
+        assert_b_served(s, users)   # warm: B's worker is up
+        looping, release = FORK.Event(), FORK.Event()
+        pa, out = start_as(users[USERS[0]], a_reads_her_accounting_in_a_loop, s, 2, looping, release)
+        try:
+            assert looping.wait(60), f"A did not start: {out.get(timeout=1) if not out.empty() else ''}"
+            took = run_as(users[USERS[1]], b_lists_its_jobs, s, timeout=120)
+            assert took < 1.0, f"B's ezpq status waited {took:.2f} s"
+            assert_b_served(s, users)
+        finally:
+            release.set()
+            kind, calls = out.get(timeout=120)
+            pa.join(10)
+        assert kind == "ok" and calls >= 1, (kind, calls)
+    finally:
+        assert s.stop() == 0
+        shutil.rmtree(s.dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)

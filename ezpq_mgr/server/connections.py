@@ -59,7 +59,8 @@ class ConnectionServer:
     the value, or ``ERROR`` and the exception."""
 
     def __init__(self, service: Any, exposed: Iterable[str], state: Any, loads: Callable[[bytes], Any],
-                 stop_event: threading.Event, one_at_a_time: Iterable[str] = ()):
+                 stop_event: threading.Event, one_at_a_time: Iterable[str] = (),
+                 from_the_log: Iterable[str] = ()):
         self.service = service
         self.exposed = frozenset(exposed)
         self.state = state
@@ -88,6 +89,13 @@ class ConnectionServer:
         #: waiting on a client): four users listing 50,000 jobs at once left
         #: a fifth user's put and get at 0.3-1.1 s, growing with their number
         self._one_big = threading.Lock()
+        #: the big answers read from the accounting log (every user's rows,
+        #: every earlier run's: seconds for a long log) take their own turn,
+        #: so that they never hold up the listings: a user asking for her
+        #: report again and again left another's ``ezpq status`` at 3-4 s
+        one_read = threading.Lock()
+        self._big_turn = {m: one_read if m in frozenset(from_the_log) else self._one_big
+                          for m in self.one_at_a_time}
         self._turns_guard = threading.Lock()
 
     def serve(self, conn: PeerConnection) -> None:
@@ -137,7 +145,7 @@ class ConnectionServer:
                         turn.unread.wait_drained()   # read by the user's client, or its connection gone
                     if conn.closed or _hung_up(conn.fd):
                         return   # the client left while it waited: nothing to make
-                    with self._one_big:
+                    with self._big_turn[method]:
                         self._answer(conn, caller, method, args)
                     turn.unread = conn
             else:

@@ -177,7 +177,8 @@ def serve(address: Union[str, tuple], authkey: bytes, workers: int,
     flusher = Flusher()
     dumps = wire.dumps if shared else _pickle_dumps
     connections = ConnectionServer(service, Service.EXPOSED, state, wire.loads if shared else pickle.loads,
-                                   server_stop, one_at_a_time=Service.LISTINGS)
+                                   server_stop, one_at_a_time=Service.LISTINGS,
+                                   from_the_log=Service.FROM_THE_LOG)
     connections.shared = shared
 
     unsent = UnsentBytes() if shared else None

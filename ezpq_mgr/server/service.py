@@ -171,6 +171,9 @@ class Service(Control):
     #: 50,000 jobs on 8 connections at once had 8 threads encoding ~30 MB
     #: each, and another user's put and get took up to 1.2 s instead of 0.02
     LISTINGS = frozenset({"jobs", "list_jobs", "show_jobs", "accounting", "report", "top", "job_log"})
+    #: the listings read from the accounting log: they take turns among
+    #: themselves, not with the others (ConnectionServer.from_the_log)
+    FROM_THE_LOG = frozenset({"accounting", "report"})
 
     def __init__(self, state: QueueState, supervisor: Supervisor, shared: bool = False,
                  accounting: Optional[AccountingLog] = None, keep_finished: Optional[float] = None,
