@@ -7,7 +7,10 @@ reply that fits in the socket buffer (the common case) leaves at once,
 from the thread that made it, with no hand-off; the rest waits in this
 connection's queue and the ``Flusher`` thread writes it as the client reads.
 The connection's serving thread reads its next request only once that queue
-is empty, so at most one reply per connection is ever held in memory.
+is empty, so at most one reply per connection is ever held in memory. What
+a user's connections hold that way, queued and not yet taken by their
+sockets, counts in her ``--max-user-bytes`` (``UnsentBytes``): results she
+has been handed but never reads cannot grow the server past her share.
 
 Reads are the serving thread's own (blocking, on its own connection): a frame
 longer than ``max_message`` is read and thrown away in fixed chunks, never
