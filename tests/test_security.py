@@ -3800,15 +3800,15 @@ def a_fails_in_many_lanes(server, n, batch):
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="a lane whose last job failed is kept with its key (up to 64 KiB) "
-                   "for the server's life, counted nowhere: see the proposed fix in the report")
 def test_lanes_kept_for_their_failure_hold_a_bounded_memory(users):
     """The attacker's find (fifth pass): a lane whose last job failed is
     kept with its key (``Scheduling._drop_lane_if_idle``: it skips later
     ``stop_on_lane_error`` jobs) after its jobs are collected, and counts
     in neither --max-user-jobs nor --max-user-bytes: 1,000 failing jobs in
     lanes of 64 KiB keys, collected, grew a server with --max-user-bytes 16M
-    by 98 MiB in 2 s, without end."""
+    by 98 MiB in 2 s, without end. Now a shared server keeps a long lane key
+    as its SHA-256 (``Service.LANE_KEY_KEPT``), and one user at most
+    ``scheduling.MAX_FAILED_LANES`` lanes for a failure (test_state.py)."""
     s = _server("--max-user-bytes", "16M")
     try:
         assert_b_served(s, users)   # warm: B's worker is up

@@ -334,3 +334,36 @@ def test_a_requeued_job_that_was_asked_to_stop_ends_so(state):
     job = state.pop_completed("q")[0]
     assert job["status"] == "cancelled" and state.take_kill_requests() == []
     assert state.counts("q")["working"] == 0 and state.n_running == 0
+
+
+def test_one_owners_lanes_kept_for_a_failure_are_capped(monkeypatch):
+    """A shared server's user keeps at most MAX_FAILED_LANES lanes only for
+    their failure (fifth attack pass: 1,000 failing lanes of 64 KiB keys grew
+    a root server by 98 MiB, without end): past it her oldest is forgotten
+    (a stop_on_lane_error job put there later runs), another user's are not
+    touched, and a lane whose later job succeeded no longer counts."""
+    from ezpq_mgr.server import scheduling
+    monkeypatch.setattr(scheduling, "MAX_FAILED_LANES", 3)
+    ticks = itertools.count(1000)
+    state = QueueState(clock=lambda: float(next(ticks)))
+    state.owner_of = lambda qid: qid.partition(":")[0]
+    state.add("b:q", [rec(lane="b0", user="b")])
+    run_all(state, exitcodes={1: 1})
+    state.add("a:q", [rec(lane=f"a{i}", user="a") for i in range(4)])
+    run_all(state, exitcodes={1: 1, 2: 1, 3: 1, 4: 1})     # four lanes fail: a0, the oldest, is forgotten
+    assert set(state.queues["a:q"].lanes) == {pickle.dumps(f"a{i}") for i in (1, 2, 3)}
+    state.add("a:q", [rec(lane="a1", user="a")])            # a1 succeeds: no longer kept for a failure
+    run_all(state)
+    assert list(state.failed_lanes_of["a"]) == [("a:q", pickle.dumps("a2")), ("a:q", pickle.dumps("a3"))]
+    state.add("a:r", [rec(lane="a5", user="a")])            # another queue of hers counts the same
+    run_all(state, exitcodes={1: 1})
+    assert list(state.failed_lanes_of["a"])[-1] == ("a:r", pickle.dumps("a5"))
+    assert len(state.failed_lanes_of["a"]) == 3
+    state.add("a:q", [rec(lane="a0", user="a", stop=True), rec(lane="a2", user="a", stop=True)])
+    run_all(state)
+    assert state.job("a:q", 6)["status"] == "completed"     # a0 was forgotten: its job runs
+    assert state.job("a:q", 7)["status"] == "skipped"       # a2 is still kept
+    assert list(state.failed_lanes_of["b"]) == [("b:q", pickle.dumps("b0"))]
+    state.add("b:q", [rec(lane="b0", user="b", stop=True)])
+    run_all(state)
+    assert state.job("b:q", 2)["status"] == "skipped"

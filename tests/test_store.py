@@ -336,6 +336,37 @@ def test_a_lane_remembers_its_failed_job_across_a_restart(where):
     st2.close()
 
 
+def test_one_owners_lanes_kept_for_a_failure_stay_capped_across_a_restart(where, monkeypatch):
+    """A shared server's user keeps at most MAX_FAILED_LANES lanes for a
+    failure: the one forgotten past it loses its row too, and a restore
+    counts the kept ones again (else each restart would let her keep as
+    many more)."""
+    from ezpq_mgr.server import scheduling
+    monkeypatch.setattr(scheduling, "MAX_FAILED_LANES", 2)
+    state = QueueState()
+    state.owner_of = lambda qid: qid.partition(":")[0]
+    st = Store(where)
+    st.restore(state, FakeService())
+    st.attach(state, FakeService())
+    for lane in (b"L0", b"L1", b"L2"):
+        state.add("7:q", [_rec(qid="7:q", lane=lane)])
+        with state.cond:
+            rec = state.pick()
+        state.finish(rec.seq, Outcome(JobStatus.FAILED, 3, exception="boom"))
+        state.pop_completed("7:q", 0)
+        st.handed_over([rec.seq])
+    assert set(state.queues["7:q"].lanes) == {b"L1", b"L2"}
+    st.close()
+    state2 = QueueState()
+    state2.owner_of = lambda qid: qid.partition(":")[0]
+    st2 = Store(where)
+    st2.restore(state2, FakeService())
+    st2.attach(state2, FakeService())
+    assert set(state2.queues["7:q"].lanes) == {b"L1", b"L2"}
+    assert list(state2.failed_lanes_of["7"]) == [("7:q", b"L1"), ("7:q", b"L2")]
+    st2.close()
+
+
 def test_a_lane_whose_later_job_succeeded_forgets_the_failure(where):
     st, state = _open(where)
     _fail_lane_then_collect(st, state)

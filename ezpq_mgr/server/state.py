@@ -114,17 +114,19 @@ class QueueState(Scheduling, Dependencies, Results, Waits):
         #: the qid is named again, so that no id is ever reused. The cost of a
         #: dropped queue that gave out ids: one entry, ~120 bytes + its qid
         #: (<= schema.MAX_QID), and a row of the durable server's ``ids``
-        #: table. Not capped per user (forgetting would mean reusing), but only
-        #: qids named by their clients are kept: a private queue (random qid,
-        #: no ``qid`` given) its own client disposed of is forgotten
-        #: (``_drop_if_empty``), else every ``with Queue():`` would cost one.
-        #: One owner keeps at most ``MAX_KEPT_IDS`` of them (a user naming
-        #: 40,000 queues grew a root server by 16 MiB in 6 s, without end):
-        #: past that its oldest is forgotten into the owner's floor (the key
-        #: ``owner:\0``, no qid's), where its new queues start.
+        #: table. Only qids named by their clients are kept: a private queue
+        #: (random qid, no ``qid`` given) its own client disposed of is
+        #: forgotten (``_drop_if_empty``), else every ``with Queue():`` would
+        #: cost one. One owner keeps at most ``MAX_KEPT_IDS`` of them by name
+        #: (a user naming 40,000 queues grew a root server by 16 MiB in 6 s,
+        #: without end): past that its oldest is forgotten into the owner's
+        #: floor (the key ``owner:\0``, no qid's), where its new queues start,
+        #: so that no id is reused.
         self.last_ids: Dict[str, int] = {}
         self._kept_of: Dict[object, Dict[str, None]] = {}   # owner -> its qids in last_ids, oldest first
         self.queues_of: Dict[object, int] = {}   # owner -> how many queues it has
+        #: owner -> (qid, lane key) of its lanes kept for a failure, oldest first (scheduling.py)
+        self.failed_lanes_of: Dict[object, Dict[Tuple[str, bytes], None]] = {}
         self._init_dependencies()                # unmet, dependents (dependencies.py)
 
     # ----------------------------------------------------------------- queues
@@ -356,8 +358,10 @@ class QueueState(Scheduling, Dependencies, Results, Waits):
                 if lane is not None:
                     was_failed = lane.last_exit not in (0, None)
                     lane.last_exit, lane.last_id, lane.exposed = rec.exitcode, rec.id, None
-                    if self.on_lane is not None and (was_failed or lane.last_exit not in (0, None)):
-                        self.on_lane(q, rec.lane_key, lane)
+                    if was_failed or lane.last_exit not in (0, None):
+                        if self.on_lane is not None:
+                            self.on_lane(q, rec.lane_key, lane)
+                        self._count_failed_lane(q, rec.lane_key, lane)
                     self._settle(q, lane)
                     self._drop_lane_if_idle(q, rec.lane_key, lane)
             self._changed()

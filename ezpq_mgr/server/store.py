@@ -449,6 +449,7 @@ class Store:
             if lane is None:
                 lane = q.lanes[key] = Lane()
             lane.last_id, lane.last_exit = last_id, last_exit
+            state._count_failed_lane(q, key, lane)   # its owner's cap holds across restarts
             queued = [seq for _, seq in lane.heap]
             state._settle(q, lane)
             changed.extend(state.records[seq] for seq in queued
