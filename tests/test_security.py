@@ -3806,9 +3806,10 @@ def test_lanes_kept_for_their_failure_hold_a_bounded_memory(users):
     ``stop_on_lane_error`` jobs) after its jobs are collected, and counts
     in neither --max-user-jobs nor --max-user-bytes: 1,000 failing jobs in
     lanes of 64 KiB keys, collected, grew a server with --max-user-bytes 16M
-    by 98 MiB in 2 s, without end. Now a shared server keeps a long lane key
-    as its SHA-256 (``Service.LANE_KEY_KEPT``), and one user at most
-    ``scheduling.MAX_FAILED_LANES`` lanes for a failure (test_state.py)."""
+    by 98 MiB in 2 s, without end. Now one user keeps at most
+    ``scheduling.MAX_FAILED_LANES`` lanes for a failure and
+    ``MAX_FAILED_LANE_BYTES`` of their keys, her oldest forgotten past
+    either (test_state.py)."""
     s = _server("--max-user-bytes", "16M")
     try:
         assert_b_served(s, users)   # warm: B's worker is up

@@ -367,3 +367,21 @@ def test_one_owners_lanes_kept_for_a_failure_are_capped(monkeypatch):
     state.add("b:q", [rec(lane="b0", user="b", stop=True)])
     run_all(state)
     assert state.job("b:q", 2)["status"] == "skipped"
+    assert state.failed_lane_bytes == {"a": 3 * len(pickle.dumps("a2")), "b": len(pickle.dumps("b0"))}
+
+
+def test_one_owners_lanes_kept_for_a_failure_are_capped_in_bytes_too(monkeypatch):
+    """Lane keys are up to 64 KiB: past MAX_FAILED_LANE_BYTES of them, the
+    owner's oldest failed lanes are forgotten even below MAX_FAILED_LANES."""
+    from ezpq_mgr.server import scheduling
+    monkeypatch.setattr(scheduling, "MAX_FAILED_LANE_BYTES", 250_000)
+    state = QueueState(clock=lambda: 0.0)
+    state.owner_of = lambda qid: qid.partition(":")[0]
+    big = [b"%d" % i + b"k" * (64 * 1024) for i in range(5)]
+    jobs = [rec(user="a") for _ in big]
+    for job, key in zip(jobs, big):
+        job.lane_key = key
+    state.add("a:q", jobs)
+    run_all(state, exitcodes={i: 1 for i in range(1, 6)})
+    assert list(state.queues["a:q"].lanes) == big[2:]      # 3 keys of 64 KiB fit in 250,000 bytes
+    assert state.failed_lane_bytes["a"] == sum(map(len, big[2:]))

@@ -26,14 +26,16 @@ from .queues import RUNNING, WAITING
 if TYPE_CHECKING:
     from .queues import QueueInfo
 
-__all__ = ["Lane", "Scheduling", "MAX_FAILED_LANES"]
+__all__ = ["Lane", "Scheduling", "MAX_FAILED_LANES", "MAX_FAILED_LANE_BYTES"]
 
 #: lanes one owner (a shared server's user) keeps only because their last
-#: job failed: past this, her oldest is forgotten (a ``stop_on_lane_error``
-#: job put in it later then runs). 1,000 failing jobs, each in a lane of
-#: its own, grew a root server by 98 MiB, without end (fifth attack pass);
-#: with the cap and hashed keys (``Service._add``) a user holds a few MiB.
+#: job failed, and the bytes of their keys (up to 64 KiB each): past
+#: either, her oldest is forgotten (a ``stop_on_lane_error`` job put in it
+#: later then runs). 1,000 failing jobs, each in a lane of its own with a
+#: 64 KiB key, grew a root server by 98 MiB, without end (fifth attack pass);
+#: now a user holds at most ~6 MiB of them.
 MAX_FAILED_LANES = 4096
+MAX_FAILED_LANE_BYTES = 4 << 20
 
 
 @dataclasses.dataclass
@@ -51,8 +53,8 @@ class Scheduling:
     """``QueueState``'s waiting heaps and lanes, and ``pick`` (the
     supervisor's: the next job to run). Uses the state's ``records``,
     ``queues``, ``user_running``, ``_move`` and ``_done``; and for the lanes
-    each owner keeps for a failure, ``owner_of``, ``failed_lanes_of`` and
-    ``on_lane``."""
+    each owner keeps for a failure, ``owner_of``, ``failed_lanes_of``,
+    ``failed_lane_bytes`` and ``on_lane``."""
 
     def _enqueue(self, q: QueueInfo, rec: JobRecord) -> None:
         entry = (rec.priority, rec.seq)
@@ -98,18 +100,22 @@ class Scheduling:
     def _count_failed_lane(self, q: QueueInfo, key: bytes, lane: Lane) -> None:
         """(lock held) A lane's last job failed, or a later one did not:
         keep its owner's count of lanes kept for a failure, forgetting her
-        oldest past ``MAX_FAILED_LANES``. A private server (no owners)
-        counts nothing."""
+        oldest past ``MAX_FAILED_LANES`` or ``MAX_FAILED_LANE_BYTES`` of
+        keys. A private server (no owners) counts nothing."""
         owner = self.owner_of(q.qid)
         if owner is None:
             return
         kept = self.failed_lanes_of.setdefault(owner, {})
-        kept.pop((q.qid, key), None)
+        size = self.failed_lane_bytes.get(owner, 0)
+        if kept.pop((q.qid, key), None) is not None:
+            size -= len(key)
         if lane.last_exit not in (0, None):
-            kept[(q.qid, key)] = None
-        while len(kept) > MAX_FAILED_LANES:
+            kept[(q.qid, key)] = True
+            size += len(key)
+        while len(kept) > MAX_FAILED_LANES or size > MAX_FAILED_LANE_BYTES:
             qid, old_key = next(iter(kept))
             del kept[(qid, old_key)]
+            size -= len(old_key)
             old_q = self.queues.get(qid)
             old = old_q.lanes.get(old_key) if old_q is not None else None
             if old is None:
@@ -118,8 +124,11 @@ class Scheduling:
             if self.on_lane is not None:   # the durable server's row goes too
                 self.on_lane(old_q, old_key, old)
             self._drop_lane_if_idle(old_q, old_key, old)
-        if not kept:
+        if kept:
+            self.failed_lane_bytes[owner] = size
+        else:
             del self.failed_lanes_of[owner]
+            self.failed_lane_bytes.pop(owner, None)
 
     def _clean_lane(self, lane: Lane) -> None:
         while lane.heap:

@@ -42,7 +42,6 @@ releases its environment.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
@@ -77,11 +76,6 @@ MAX_WAIT_JOBS = 100_000
 MAX_CLIENTS_PER_USER = 1024
 MAX_ENV_BYTES_PER_USER = 16 * 1024 * 1024
 MAX_QUEUES_PER_USER = 4096
-#: a shared server keeps a lane key longer than this as its SHA-256: keys
-#: are only compared, and its clients show ``lane_text``, never the key.
-#: A lane kept for its failure then holds 32 bytes of key, not up to 64 KiB
-#: (with ``scheduling.MAX_FAILED_LANES``: a few MiB per user at most)
-LANE_KEY_KEPT = 32
 #: What one user's jobs may hold on a shared server at once (root and the
 #: owner: no cap; ``--max-user-jobs``, ``--max-user-bytes``): jobs not yet
 #: collected, and the bytes of their functions, arguments and outputs. A
@@ -667,10 +661,6 @@ class Service(Control):
         me = caller.identity
         key = self._key(caller, qid)
         recs = job_records(records, key, me.user, me.uid)
-        if self.shared:
-            for rec in recs:
-                if rec.lane_key is not None and len(rec.lane_key) > LANE_KEY_KEPT:
-                    rec.lane_key = hashlib.sha256(rec.lane_key).digest()
         clients, envs = set(), {}
         for rec in recs:
             client, env_id = rec.client, rec.env_id

@@ -126,7 +126,8 @@ class QueueState(Scheduling, Dependencies, Results, Waits):
         self._kept_of: Dict[object, Dict[str, None]] = {}   # owner -> its qids in last_ids, oldest first
         self.queues_of: Dict[object, int] = {}   # owner -> how many queues it has
         #: owner -> (qid, lane key) of its lanes kept for a failure, oldest first (scheduling.py)
-        self.failed_lanes_of: Dict[object, Dict[Tuple[str, bytes], None]] = {}
+        self.failed_lanes_of: Dict[object, Dict[Tuple[str, bytes], bool]] = {}
+        self.failed_lane_bytes: Dict[object, int] = {}   # owner -> the bytes of those lanes' keys
         self._init_dependencies()                # unmet, dependents (dependencies.py)
 
     # ----------------------------------------------------------------- queues
