@@ -106,6 +106,18 @@ def test_n_workers_caps_a_connected_queue(server):
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once
 
 
+def test_a_jobs_lane_comes_back_as_it_was_put(server):
+    """The server keeps a lane's key (its pickled value, up to 64 KiB) as
+    sent: its own client shows the lane itself, a long one too (a key
+    the server replaced by a digest came back as "cannot be unpickled")."""
+    lanes = ["L", "a lane named with more than thirty-two characters", ("tuple", 7), "y" * 1000]
+    with ezpq.Queue(1, address=server.address, authkey=server.key, qid="lanes") as Q:
+        for lane in lanes:
+            Q.put(abs, -1, lane=lane)
+        Q.wait()
+        assert [j["lane"] for j in sorted(Q.collect(), key=lambda j: j["id"])] == lanes
+
+
 def test_put_errors_arrive_with_their_type(server):
     with ezpq.Queue(address=server.address, authkey=server.key, max_size=1, auto_start=False) as Q:
         Q.put(square, 1)
