@@ -3016,19 +3016,22 @@ def test_many_parked_waits_answered_at_once_stall_nobody(input_server, users):
 
 
 # ------------------------------------------- what one user may hold on the server
-def a_holds_as_much_as_she_can(input_server, big):
+def a_holds_as_much_as_she_can(input_server, big, lane=0):
     """User A keeps putting jobs in a paused queue (nothing runs, nothing is
     collected) until the server refuses: with no cap, one user could hold
     the server's memory (or, with --state-dir, its disk) alone. Then she
-    makes room (clean) and is served again."""
+    makes room (clean) and is served again. ``lane``: each job also carries
+    a lane key of that many bytes (a job's lane key, up to 64 KiB, was not
+    counted: 250,000 jobs could hold 16 GB past --max-user-bytes)."""
     remote, token, env = connect(input_server)
     remote.call("pause_queues", ["hoard"], True)
     args = (b"x" * big,) if big else (-1,)
+    extra = {"lane_key": b"k" * lane} if lane else {}
     accepted, refusal = 0, None
-    batch = 1 if big else 10
+    batch = 1 if big or lane else 10
     for _ in range(400):
         try:
-            remote.call("put", "hoard", [record(token, env, fn=len if big else abs, args=args)] * batch)
+            remote.call("put", "hoard", [record(token, env, fn=len if big else abs, args=args, **extra)] * batch)
             accepted += batch
         except ezpq.ServerLimit as exc:
             refusal = str(exc)
@@ -3042,11 +3045,12 @@ def a_holds_as_much_as_she_can(input_server, big):
 
 
 @needs_root
-@pytest.mark.parametrize("what, big, cap", [("jobs", 0, 100), ("bytes", 300_000, 6)], ids=["jobs", "bytes"])
-def test_one_user_holds_a_bounded_share_of_the_server(users, what, big, cap):
+@pytest.mark.parametrize("what, big, lane, cap", [("jobs", 0, 0, 100), ("bytes", 300_000, 0, 6),
+                                                 ("bytes", 0, 64 * 1024, 31)], ids=["jobs", "bytes", "lane-keys"])
+def test_one_user_holds_a_bounded_share_of_the_server(users, what, big, lane, cap):
     s = _server("--max-user-jobs", "100", "--max-user-bytes", "2M")
     try:
-        accepted, on_server, refusal, again = run_as(users[USERS[0]], a_holds_as_much_as_she_can, s, big,
+        accepted, on_server, refusal, again = run_as(users[USERS[0]], a_holds_as_much_as_she_can, s, big, lane,
                                                      timeout=120)
         assert refusal is not None and f"--max-user-{what}" in refusal, (accepted, refusal)
         assert 0 < accepted == on_server <= cap, (accepted, on_server)   # the refused batch left nothing

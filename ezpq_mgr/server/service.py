@@ -151,6 +151,17 @@ class _Held:
         self.prune_at = 8
 
 
+def _put_bytes(rec: JobRecord) -> int:
+    """What a job holds of its user's ``--max-user-bytes`` from its put
+    until its record goes: its function and arguments, its lane key (the
+    lane's pickle, up to 64 KiB: 250,000 jobs could hold 16 GB uncounted),
+    and its name, lane text and function name (up to 1 KiB each; a name
+    not given becomes the job's id at its put, and counts 0 both times)."""
+    name = rec.name
+    return (len(rec.fn_blob) + len(rec.args_blob) + len(rec.lane_key or b"") + len(rec.lane_text or "")
+            + len(rec.function) + (len(name) if type(name) is str else 0))
+
+
 class Service(Control):
     """Thread-safe facade over the queue state and the worker pool (its
     queue-control and ``top`` calls in control.py)."""
@@ -515,7 +526,7 @@ class Service(Control):
                     self._outputs[rec.seq] = out
                 else:
                     out = 0
-                self._hold_jobs(rec.uid, 1, len(rec.fn_blob) + len(rec.args_blob) + out)
+                self._hold_jobs(rec.uid, 1, _put_bytes(rec) + out)
 
     def _on_gone(self, rec: JobRecord) -> None:
         """(state lock held) A job's record is deleted (collected, cleaned,
@@ -529,7 +540,7 @@ class Service(Control):
         if self.logs is not None:
             self.logs.forget(rec.seq)
         if self._jobs_held is not None:
-            self._hold_jobs(rec.uid, -1, -len(rec.fn_blob) - len(rec.args_blob) - self._outputs.pop(rec.seq, 0))
+            self._hold_jobs(rec.uid, -1, -_put_bytes(rec) - self._outputs.pop(rec.seq, 0))
 
     # --------------------------------------------------------------- clients
     def hello(self, caller: Caller, client: str, cwd: str, sys_path: List[str], holding: bool,
@@ -676,7 +687,7 @@ class Service(Control):
                     raise ValueError(f"env_id: unknown environment {env_id}")
             held = None
             if self._jobs_held is not None:
-                held = (len(recs), sum(len(r.fn_blob) + len(r.args_blob) for r in recs))
+                held = (len(recs), sum(map(_put_bytes, recs)))
                 self._check_share(me, *held)
                 self._hold_jobs(me.uid, *held)
             # the jobs hold their environments before they are added: one
