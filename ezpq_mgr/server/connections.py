@@ -94,8 +94,8 @@ class ConnectionServer:
         #: so that they never hold up the listings: a user asking for her
         #: report again and again left another's ``ezpq status`` at 3-4 s
         one_read = threading.Lock()
-        self._big_turn = {m: one_read if m in frozenset(from_the_log) else self._one_big
-                          for m in self.one_at_a_time}
+        from_the_log = frozenset(from_the_log)
+        self._big_turn = {m: one_read if m in from_the_log else self._one_big for m in self.one_at_a_time}
         self._turns_guard = threading.Lock()
 
     def serve(self, conn: PeerConnection) -> None:
